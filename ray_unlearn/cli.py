@@ -1,0 +1,367 @@
+"""The ``ray-unlearn`` command: train, forget, status, audit, strategies, demo.
+
+Every command takes ``--json`` and then prints exactly one JSON document on stdout
+(everything else, Ray's output included, goes to stderr), so scripts can drive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+StorageOpt = Annotated[
+    str,
+    typer.Option(
+        "--storage",
+        envvar="RAY_UNLEARN_STORAGE",
+        help="Storage root (local dir or pyarrow.fs URI).",
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        envvar="RAY_ADDRESS",
+        help="Ray cluster to attach to; none = embedded local Ray.",
+    ),
+]
+RunOpt = Annotated[str, typer.Option("--run", help="Run id (printed by `ray-unlearn train`).")]
+
+
+class _Output:
+    """Where results go: a JSON document on the real stdout, or tables for people."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self._stdout_fd: int | None = None
+
+    def __enter__(self) -> _Output:
+        if self.as_json:
+            # Keep stdout for the one JSON document: Ray, torch and workers print freely.
+            sys.stdout.flush()
+            self._stdout_fd = os.dup(1)
+            os.dup2(2, 1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stdout_fd is not None:
+            sys.stdout.flush()
+            os.dup2(self._stdout_fd, 1)
+            os.close(self._stdout_fd)
+            self._stdout_fd = None
+
+    def emit(self, doc: dict[str, Any], table: Any = None) -> None:
+        if self.as_json:
+            os.write(self._stdout_fd, (json.dumps(doc, default=_jsonable) + "\n").encode())
+        elif table is not None:
+            Console().print(table)
+        else:
+            Console().print_json(json.dumps(doc, default=_jsonable))
+
+
+def _jsonable(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, set):
+        return sorted(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _fail(out: _Output, message: str, code: int = 2) -> None:
+    if out.as_json:
+        out.emit({"error": message})
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _errors(out: _Output):
+    """Turn the platform's input errors into a message and exit code 2 (no traceback)."""
+    from ray_unlearn.platform.config import ConfigError
+    from ray_unlearn.platform.data import DataError
+    from ray_unlearn.platform.deletion_log import DeletionLogError
+    from ray_unlearn.platform.plan import PlanError
+    from ray_unlearn.platform.run import RunError
+
+    try:
+        yield
+    except (ConfigError, DataError, DeletionLogError, PlanError, RunError, ValueError) as e:
+        _fail(out, str(e))
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config (see configs/).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. partition.shards=8")
+    ] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Run id to use (default: <name>-<time>-<rand>).")
+    ] = None,
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a sharded, sliced ensemble as a Ray Train job and record every slice version."""
+    from ray_unlearn.platform.config import load_config
+    from ray_unlearn.platform.evaluate import serving_accuracy
+    from ray_unlearn.platform.run import create_run
+    from ray_unlearn.train.job import run_training
+    from ray_unlearn.train.session import connect
+
+    with _Output(as_json) as out, _errors(out):
+        cfg = load_config(config, overrides or [])
+        t0 = time.perf_counter()
+        ctx = create_run(cfg, run_id)
+        err.print(
+            f"run [bold]{ctx.run_id}[/bold] under {ctx.storage.uri}: {cfg.partition.shards} shards x "
+            f"{cfg.partition.slices} slices, {ctx.info['num_train']} training samples"
+        )
+        attached = connect(address)
+        summary = run_training(ctx)
+        acc = serving_accuracy(ctx)
+        doc = {
+            **summary,
+            "storage": ctx.storage.uri,
+            "attached_cluster": attached,
+            "test_accuracy": acc,
+            "shards": cfg.partition.shards,
+            "slices": cfg.partition.slices,
+            "num_train": ctx.info["num_train"],
+            "seconds": time.perf_counter() - t0,
+        }
+        table = Table(title=f"trained {ctx.run_id}")
+        for col in ("run id", "shards x slices", "workers", "train s", "test accuracy"):
+            table.add_column(col)
+        table.add_row(
+            ctx.run_id,
+            f"{cfg.partition.shards} x {cfg.partition.slices}",
+            str(summary["workers"]),
+            f"{summary['train_seconds']:.1f}",
+            f"{acc:.4f}",
+        )
+        out.emit(doc, table)
+
+
+def _parse_ids(samples: str) -> list[int]:
+    try:
+        return [int(s) for s in samples.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--samples takes comma-separated integer sample ids, got {samples!r}"
+        ) from None
+
+
+@app.command()
+def forget(
+    run: RunOpt,
+    owner: Annotated[
+        str | None, typer.Option("--owner", help="Forget every sample of this owner.")
+    ] = None,
+    samples: Annotated[
+        str | None, typer.Option("--samples", help="Comma-separated sample ids to forget.")
+    ] = None,
+    request_id: Annotated[
+        str | None, typer.Option(help="Idempotency key: a repeated id is not executed twice.")
+    ] = None,
+    deadline_s: Annotated[
+        float | None, typer.Option(help="Seconds from now by which the deletion must be done.")
+    ] = None,
+    no_wait: Annotated[
+        bool,
+        typer.Option("--no-wait", help="Log the request durably and return without executing it."),
+    ] = False,
+    storage: StorageOpt = "./runs",
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Log a deletion request durably, then execute it (retrain only the affected shards)."""
+    from ray_unlearn.platform.run import open_run
+    from ray_unlearn.platform.unlearning import submit_request
+
+    with _Output(as_json) as out, _errors(out):
+        if (owner is None) == (samples is None):
+            raise ValueError("give exactly one of --owner or --samples")
+        t0 = time.perf_counter()
+        ctx = open_run(storage, run)
+        ids = _parse_ids(samples) if samples is not None else None
+        # Validate and log in this process: the request is durable before anything else runs.
+        deadline = time.time() + deadline_s if deadline_s is not None else None
+        record, created = submit_request(
+            ctx, owner_id=owner, sample_ids=ids, request_id=request_id, deadline=deadline
+        )
+        rid = record.request.request_id
+        err.print(
+            f"request [bold]{rid}[/bold] {'logged' if created else 'already logged'} "
+            f"({len(record.request.sample_ids)} samples, state {record.state.value})"
+        )
+        ack_s = time.perf_counter() - t0
+        if not no_wait and record.state.value != "done":
+            from ray_unlearn.train.executor import get_executor
+            from ray_unlearn.train.session import connect
+
+            executor = get_executor(ctx.storage.uri, run, detached=connect(address))
+            executor.execute_pending()
+        final = ctx.deletion_log.get(rid)
+        doc = {
+            "run_id": run,
+            "request_id": rid,
+            "created": created,
+            "state": final.state.value,
+            "samples": len(final.request.sample_ids),
+            "ack_seconds": ack_s,
+            "seconds": time.perf_counter() - t0,
+            **_record_summary(final),
+        }
+        out.emit(doc, _request_table(doc))
+
+
+def _record_summary(rec) -> dict[str, Any]:
+    d = rec.details or {}
+    return {
+        "executor": d.get("executor"),
+        "strategy": d.get("strategy"),
+        "shards": d.get("shards", []),
+        "first_slices": d.get("first_slices", {}),
+        "versions_retired": rec.versions_retired,
+        "versions_created": rec.versions_created,
+        "unlearn_seconds": d.get("seconds"),
+        "history": [{"state": h["state"], "at": h["at"]} for h in rec.history],
+    }
+
+
+def _request_table(doc: dict[str, Any]) -> Table:
+    t = Table(title=f"request {doc['request_id']}")
+    for col in ("state", "samples", "shards", "retired", "created", "unlearn s", "total s"):
+        t.add_column(col)
+    us = doc.get("unlearn_seconds")
+    t.add_row(
+        doc["state"],
+        str(doc["samples"]),
+        ",".join(map(str, doc.get("shards", []))),
+        str(len(doc.get("versions_retired", []))),
+        str(len(doc.get("versions_created", []))),
+        f"{us:.2f}" if us is not None else "-",
+        f"{doc['seconds']:.2f}",
+    )
+    return t
+
+
+@app.command()
+def status(
+    run: RunOpt,
+    request_id: Annotated[str, typer.Option(help="The request to show.")],
+    storage: StorageOpt = "./runs",
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a deletion request's state, timestamps and retired versions."""
+    from ray_unlearn.platform.run import open_run
+
+    with _Output(as_json) as out, _errors(out):
+        rec = open_run(storage, run).deletion_log.get(request_id)
+        doc = {
+            "run_id": run,
+            "request_id": request_id,
+            "state": rec.state.value,
+            "samples": len(rec.request.sample_ids),
+            "owner_id": rec.request.owner_id,
+            "received_at": rec.request.received_at,
+            "deadline": rec.request.deadline,
+            "done_at": rec.done_at,
+            "seconds": 0.0,
+            **_record_summary(rec),
+        }
+        out.emit(doc, _request_table(doc))
+
+
+@app.command()
+def audit(
+    run: RunOpt,
+    owner: Annotated[str | None, typer.Option("--owner", help="Audit one owner.")] = None,
+    sample: Annotated[int | None, typer.Option("--sample", help="Audit one sample id.")] = None,
+    storage: StorageOpt = "./runs",
+    as_json: JsonOpt = False,
+) -> None:
+    """List the live model versions containing the data, and the request history."""
+    from ray_unlearn.platform.audit import audit as run_audit
+    from ray_unlearn.platform.run import open_run
+
+    with _Output(as_json) as out, _errors(out):
+        doc = run_audit(open_run(storage, run), owner_id=owner, sample_id=sample)
+        t = Table(title=f"audit of {owner or sample or 'all executed deletions'} in {run}")
+        for col in (
+            "live versions containing it",
+            "requests",
+            "pending",
+            "deleted samples",
+            "verdict",
+        ):
+            t.add_column(col)
+        live = doc["live_versions_containing"]
+        t.add_row(
+            ", ".join(sorted(live)) or "none",
+            str(len(doc["requests"])),
+            str(doc["pending_requests"]),
+            str(doc["deleted_sample_count"]),
+            "clean" if doc["clean"] else f"VIOLATION {doc['violations']}",
+        )
+        out.emit(doc, t)
+        if not doc["clean"]:
+            raise typer.Exit(1)
+
+
+@app.command()
+def strategies(as_json: JsonOpt = False) -> None:
+    """List the registered unlearning strategies."""
+    from ray_unlearn.platform.strategies import available_strategies, get_strategy
+
+    with _Output(as_json) as out:
+        rows = [
+            {"name": n, "exact": get_strategy(n).exact, "description": get_strategy(n).description}
+            for n in available_strategies()
+        ]
+        t = Table(title="unlearning strategies")
+        for col in ("name", "exact", "description"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["name"], str(r["exact"]), r["description"])
+        out.emit({"strategies": rows}, t)
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/digits.yaml"),
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+    deletions: Annotated[int, typer.Option(help="Owner deletions to run.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the digits ensemble on an embedded Ray, forget a few owners, audit, and report."""
+    from ray_unlearn.train.demo import run_demo
+
+    with _Output(as_json) as out, _errors(out):
+        doc, table = run_demo(config, overrides or [], deletions)
+        out.emit(doc, table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

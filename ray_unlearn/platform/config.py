@@ -1,0 +1,206 @@
+"""Typed run configuration, loaded from YAML plus ``key=value`` overrides.
+
+Every problem in a config is reported at once (pydantic collects them), with the field's
+dotted path and what is allowed. A resolved config is stored with each run, so a run can
+always be rebuilt from its own folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ray_unlearn.platform.data import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartitionConfig(_Strict):
+    shards: int = Field(
+        4, ge=1, le=1024, description="K: number of disjoint shards (one model each)."
+    )
+    slices: int = Field(
+        3, ge=1, le=256, description="R: slices per shard (a checkpoint after each)."
+    )
+    group_by: Literal["owner", "sample"] = Field(
+        "owner",
+        description="owner: all samples of an owner share a shard and slice, so one owner's "
+        "deletion retrains one shard from one slice; sample: samples are placed independently.",
+    )
+
+
+class ModelConfig(_Strict):
+    kind: Literal["mlp", "cnn"] = Field(
+        "mlp", description="mlp for tabular rows, cnn for (C, H, W) images."
+    )
+    hidden: list[int] = Field(
+        default_factory=lambda: [128], description="Hidden widths of the MLP."
+    )
+    channels: list[int] = Field(
+        default_factory=lambda: [16, 32], description="Conv channels of the CNN."
+    )
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(w < 1 for w in v):
+            raise ValueError(f"must be a non-empty list of positive widths, got {v}")
+        return v
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(
+        10, ge=1, description="Passes over each shard's data, spread over its slices."
+    )
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    torch_threads: int = Field(
+        0, ge=0, description="Intra-op threads per shard training; 0 = CPUs / concurrent shards."
+    )
+    num_workers: int = Field(
+        0,
+        ge=0,
+        description="Ray Train workers; 0 = one per shard. Worker w owns shards k % W == w.",
+    )
+    cpus_per_worker: float = Field(
+        0.0, ge=0, description="CPUs reserved per worker; 0 = fit the cluster."
+    )
+
+
+class UnlearningConfig(_Strict):
+    strategy: str = Field(
+        "sisa", description="Registered unlearning strategy (see `ray-unlearn strategies`)."
+    )
+    aggregation: Literal["vote", "mean_prob"] = Field(
+        "vote",
+        description="vote: plurality of shard labels; mean_prob: argmax of mean probabilities.",
+    )
+    max_concurrent_shards: int = Field(
+        0, ge=0, description="Shards retrained at once by the executor; 0 = CPUs / torch_threads."
+    )
+
+
+class RunConfig(_Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    seed: int = Field(0, ge=0)
+    storage: str = Field(
+        "./runs", description="Storage root: a local directory or any pyarrow.fs URI."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        from ray_unlearn.platform.strategies import available_strategies
+
+        problems = []
+        if self.unlearning.strategy not in available_strategies():
+            problems.append(
+                f"unlearning.strategy: unknown strategy {self.unlearning.strategy!r}; "
+                f"available: {', '.join(available_strategies())}"
+            )
+        if self.training.num_workers > self.partition.shards:
+            problems.append(
+                f"training.num_workers ({self.training.num_workers}) exceeds partition.shards "
+                f"({self.partition.shards}): a worker would own no shard"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(
+            f"  - {loc}: {msg}"
+            + (
+                f" (got {e['input']!r})"
+                if "input" in e and not isinstance(e["input"], dict)
+                else ""
+            )
+        )
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["partition.shards=8", "model.hidden=[64,64]"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError(
+            f"overrides must look like key=value (dotted keys allowed), got: {', '.join(bad)}"
+        )
+    for o in overrides:
+        key, raw = o.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {source} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(
+                f"config file {source} must hold a mapping, got {type(tree).__name__}"
+            )
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return config_from_dict(tree, source)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "(dict)") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

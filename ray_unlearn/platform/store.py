@@ -1,0 +1,186 @@
+"""Model versions with manifests, the registry of live versions, and audits.
+
+A *version* is one shard's snapshot after one slice: ``s003-r02-g0001`` is shard 3 after
+slice 2, generation 1 (generation 0 comes from the training job; each retrain of a shard
+bumps it). Each version folder is self-describing::
+
+    models/<version>/weights.safetensors   the weights (safetensors: no pickle)
+    models/<version>/samples.parquet       the exact sample ids it was trained on
+    models/<version>/manifest.json         shard, slice, generation, parent, config digest,
+                                           sample count and hash, metrics, state
+
+The registry (``models/registry.json``) names each shard's live chain of versions, one
+per slice. Every version in a live chain is *live*: the last one serves, the earlier ones
+are the restart points of future retrains, and all of them hold data. When a deletion
+retires a version its weights are purged and its manifest says by which request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ray_unlearn.platform.storage import RunLayout, Storage
+
+LIVE, RETIRED = "live", "retired"
+
+
+def version_id(shard: int, stage: int, generation: int) -> str:
+    return f"s{shard:03d}-r{stage:02d}-g{generation:04d}"
+
+
+def sample_hash(sample_ids: np.ndarray) -> str:
+    ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
+    return hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()
+
+
+@dataclass
+class ShardEntry:
+    """One shard in the registry: its live chain (version per slice) and its generation."""
+
+    chain: list[str]
+    generation: int
+    empty: bool = False  # every sample deleted: no model, excluded from the ensemble
+
+    @property
+    def serving(self) -> str | None:
+        return None if self.empty or not self.chain else self.chain[-1]
+
+
+@dataclass
+class Registry:
+    shards: dict[int, ShardEntry] = field(default_factory=dict)
+    updated_at: float = 0.0
+
+    def live_versions(self) -> list[str]:
+        return [v for e in self.shards.values() for v in e.chain]
+
+    def serving_versions(self) -> dict[int, str]:
+        return {k: e.serving for k, e in sorted(self.shards.items()) if e.serving is not None}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "updated_at": self.updated_at,
+            "shards": {
+                str(k): {"chain": e.chain, "generation": e.generation, "empty": e.empty}
+                for k, e in sorted(self.shards.items())
+            },
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Registry:
+        return cls(
+            {
+                int(k): ShardEntry(v["chain"], v["generation"], v.get("empty", False))
+                for k, v in d["shards"].items()
+            },
+            d.get("updated_at", 0.0),
+        )
+
+
+class ModelStore:
+    """Reads and writes a run's model versions and registry."""
+
+    def __init__(self, storage: Storage, layout: RunLayout):
+        self.storage, self.layout = storage, layout
+        self._samples_cache: dict[str, np.ndarray] = {}
+
+    # -- versions --------------------------------------------------------------------
+    def save_version(
+        self,
+        *,
+        shard: int,
+        stage: int,
+        generation: int,
+        state: dict[str, torch.Tensor],
+        sample_ids: np.ndarray,
+        parent: str | None,
+        metrics: dict[str, float],
+        config_digest: str,
+        created_by: str,
+    ) -> dict[str, Any]:
+        """Write weights, sample ids, then the manifest (the manifest's presence = complete)."""
+        vid = version_id(shard, stage, generation)
+        blob = st_save({k: v.contiguous() for k, v in state.items()})
+        ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
+        self.storage.write_bytes(self.layout.version_weights(vid), blob)
+        self.storage.write_table(self.layout.version_samples(vid), pa.table({"sample_id": ids}))
+        manifest = {
+            "version": vid,
+            "run_id": self.layout.run_id,
+            "shard": shard,
+            "slice": stage,
+            "generation": generation,
+            "parent": parent,
+            "config_digest": config_digest,
+            "n_samples": int(len(ids)),
+            "sample_hash": sample_hash(ids),
+            "weights_sha256": hashlib.sha256(blob).hexdigest(),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "created_at": time.time(),
+            "created_by": created_by,
+            "state": LIVE,
+        }
+        self.storage.write_json(self.layout.version_manifest(vid), manifest)
+        self._samples_cache[vid] = ids
+        return manifest
+
+    def manifest(self, vid: str) -> dict[str, Any]:
+        return self.storage.read_json(self.layout.version_manifest(vid))
+
+    def load_state(self, vid: str) -> dict[str, torch.Tensor]:
+        path = self.layout.version_weights(vid)
+        if not self.storage.exists(path):
+            raise FileNotFoundError(
+                f"weights of version {vid} are not in the store (purged or never written)"
+            )
+        return st_load(self.storage.read_bytes(path))
+
+    def sample_ids(self, vid: str) -> np.ndarray:
+        if vid not in self._samples_cache:
+            t = self.storage.read_table(self.layout.version_samples(vid))
+            self._samples_cache[vid] = t["sample_id"].to_numpy()
+        return self._samples_cache[vid]
+
+    def retire(self, vids: list[str], *, request_ids: list[str]) -> None:
+        """Mark versions retired and purge their weights (the manifest stays as evidence)."""
+        now = time.time()
+        for vid in vids:
+            m = self.manifest(vid)
+            m.update(
+                state=RETIRED, retired_at=now, retired_by=list(request_ids), weights_purged=True
+            )
+            self.storage.delete(self.layout.version_weights(vid))
+            self.storage.write_json(self.layout.version_manifest(vid), m)
+
+    # -- registry --------------------------------------------------------------------
+    def registry(self) -> Registry:
+        if not self.storage.exists(self.layout.registry):
+            return Registry()
+        return Registry.from_json(self.storage.read_json(self.layout.registry))
+
+    def write_registry(self, reg: Registry) -> None:
+        reg.updated_at = time.time()
+        self.storage.write_json(self.layout.registry, reg.to_json())
+
+    # -- audit -----------------------------------------------------------------------
+    def live_versions_containing(
+        self, sample_ids, registry: Registry | None = None
+    ) -> dict[str, list[int]]:
+        """version -> the given sample ids it was trained on, over every live version."""
+        reg = registry or self.registry()
+        wanted = np.asarray(sample_ids, dtype=np.int64)
+        out: dict[str, list[int]] = {}
+        for vid in reg.live_versions():
+            hit = wanted[np.isin(wanted, self.sample_ids(vid))]
+            if len(hit):
+                out[vid] = sorted(int(i) for i in hit)
+        return out

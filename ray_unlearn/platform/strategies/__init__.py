@@ -1,0 +1,20 @@
+"""Unlearning strategies. Importing this package registers the built-in ones."""
+
+from ray_unlearn.platform.strategies import sisa as _sisa  # noqa: F401  (registers "sisa")
+from ray_unlearn.platform.strategies.base import (
+    ShardState,
+    ShardUpdate,
+    UnlearningStrategy,
+    available_strategies,
+    get_strategy,
+    register_strategy,
+)
+
+__all__ = [
+    "ShardState",
+    "ShardUpdate",
+    "UnlearningStrategy",
+    "available_strategies",
+    "get_strategy",
+    "register_strategy",
+]

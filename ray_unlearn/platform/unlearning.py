@@ -1,0 +1,203 @@
+"""The unlearning engine: validate, log durably, execute, publish, retire, mark done.
+
+The engine knows *what* to do; a :class:`ShardBackend` knows *where* shard work runs (in
+this process for tests, in long-lived Ray actors in ``ray_unlearn.train.executor``).
+
+Order of effects for a batch of requests, chosen so a crash at any point loses nothing:
+
+1. requests are durable in the log before they are acknowledged (``submit``);
+2. they are marked ``executing``; shards retrain and write their new versions;
+3. the registry switches to the new chains (one atomic write): from here on the old
+   versions serve nothing;
+4. the old versions are retired (weights purged, manifests say by which request);
+5. the requests are marked ``done`` with the versions they retired.
+
+After a crash, unfinished requests are executed again by the next ``execute_pending``; training is
+deterministic, so a repeated step writes the same versions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Protocol
+
+import numpy as np
+
+from ray_unlearn.platform.deletion_log import RequestRecord, RequestState
+from ray_unlearn.platform.plan import TEST
+from ray_unlearn.platform.run import RunContext
+from ray_unlearn.platform.shard import ShardRuntime
+from ray_unlearn.platform.store import ShardEntry
+
+
+class ShardBackend(Protocol):
+    def unlearn(
+        self, per_shard: dict[int, np.ndarray], strategy: str, request_ids: list[str]
+    ) -> list[dict[str, Any]]:
+        """Run ``ShardRuntime.unlearn`` for each shard; results in any order."""
+
+    def retrain_from_scratch(self) -> list[dict[str, Any]]:
+        """Run ``ShardRuntime.retrain_from_scratch`` on every non-empty shard."""
+
+    def predict_proba(self, features: np.ndarray) -> dict[int, np.ndarray]:
+        """shard -> (n, classes) for every non-empty shard."""
+
+
+class LocalShards:
+    """Shard runtimes in this process, worked one after another."""
+
+    def __init__(self, ctx: RunContext, torch_threads: int = 0):
+        deleted = ctx.deletion_log.deleted_sample_ids()
+        self.shards = {
+            k: ShardRuntime(ctx, k, deleted, torch_threads)
+            for k in sorted(ctx.model_store.registry().shards)
+        }
+
+    def unlearn(self, per_shard, strategy, request_ids):
+        return [
+            self.shards[k].unlearn(ids, strategy, request_ids)
+            for k, ids in sorted(per_shard.items())
+        ]
+
+    def retrain_from_scratch(self):
+        return [s.retrain_from_scratch() for s in self.shards.values() if not s.empty]
+
+    def predict_proba(self, features):
+        out = {k: s.predict_proba(features) for k, s in self.shards.items()}
+        return {k: p for k, p in out.items() if p is not None}
+
+
+def resolve_request(ctx: RunContext, owner_id: str | None = None, sample_ids=None) -> np.ndarray:
+    """The sample ids a request names; raises (PlanError) on unknown ids or owners."""
+    if (owner_id is None) == (sample_ids is None or len(sample_ids) == 0):
+        raise ValueError(
+            "a deletion request names exactly one of: an owner id, or a non-empty list of sample ids"
+        )
+    if owner_id is not None:
+        return np.sort(ctx.plan.samples_of_owner(owner_id))
+    ids = np.unique(np.asarray(list(sample_ids), dtype=np.int64))
+    ctx.plan.positions(ids)  # raises on unknown ids, before anything is written
+    return ids
+
+
+def submit_request(
+    ctx: RunContext, *, owner_id=None, sample_ids=None, request_id=None, deadline=None
+) -> tuple[RequestRecord, bool]:
+    """Validate a request and log it durably (no execution). Returns (record, newly created)."""
+    ids = resolve_request(ctx, owner_id, sample_ids)
+    return ctx.deletion_log.submit(
+        ids.tolist(), owner_id=owner_id, request_id=request_id, deadline=deadline
+    )
+
+
+class UnlearningEngine:
+    def __init__(self, ctx: RunContext, backend: ShardBackend, executor_name: str = "local"):
+        self.ctx, self.backend, self.executor_name = ctx, backend, executor_name
+
+    # -- requests --------------------------------------------------------------------
+    def submit(
+        self, *, owner_id=None, sample_ids=None, request_id=None, deadline=None
+    ) -> tuple[RequestRecord, bool]:
+        return submit_request(
+            self.ctx,
+            owner_id=owner_id,
+            sample_ids=sample_ids,
+            request_id=request_id,
+            deadline=deadline,
+        )
+
+    # -- execution -------------------------------------------------------------------
+    def execute_pending(self, strategy: str | None = None) -> list[RequestRecord]:
+        """Execute every unfinished request as one batch; returns their final records."""
+        log = self.ctx.deletion_log
+        todo = log.unfinished()
+        if not todo:
+            return []
+        strategy = strategy or self.ctx.config.unlearning.strategy
+        t0 = time.perf_counter()
+        ids = [r.request.request_id for r in todo]
+        for r in todo:
+            if r.state != RequestState.EXECUTING:
+                log.transition(
+                    r.request.request_id,
+                    RequestState.EXECUTING,
+                    executor=self.executor_name,
+                    strategy=strategy,
+                )
+        try:
+            already = log.deleted_sample_ids()
+            wanted = np.unique(
+                np.concatenate([np.asarray(r.request.sample_ids, dtype=np.int64) for r in todo])
+            )
+            wanted = wanted[
+                ~np.isin(wanted, np.fromiter(already, dtype=np.int64, count=len(already)))
+            ]
+            per_shard = self._group_by_shard(wanted)
+            results = (
+                {res["shard"]: res for res in self.backend.unlearn(per_shard, strategy, ids)}
+                if per_shard
+                else {}
+            )
+            self._publish(results, ids)
+        except Exception as e:
+            for rid in ids:
+                log.transition(rid, RequestState.FAILED, error=f"{type(e).__name__}: {e}")
+            raise
+        seconds = time.perf_counter() - t0
+        done = []
+        for r in todo:
+            shards = sorted(
+                set(self._group_by_shard(np.asarray(r.request.sample_ids, dtype=np.int64)))
+            )
+            touched = [results[k] for k in shards if k in results and results[k].get("changed")]
+            done.append(
+                log.transition(
+                    r.request.request_id,
+                    RequestState.DONE,
+                    executor=self.executor_name,
+                    strategy=strategy,
+                    batch=ids,
+                    shards=shards,
+                    first_slices={str(t["shard"]): t["first_stage"] for t in touched},
+                    versions_retired=[v for t in touched for v in t["retired"]],
+                    versions_created=[v for t in touched for v in t["created"]],
+                    emptied_shards=[t["shard"] for t in touched if t["empty"]],
+                    seconds=seconds,
+                    train_seconds=sum(t.get("train_seconds", 0.0) for t in results.values()),
+                    exact=all(t.get("exact", True) for t in touched),
+                )
+            )
+        return done
+
+    def forget(
+        self, *, owner_id=None, sample_ids=None, request_id=None, deadline=None
+    ) -> RequestRecord:
+        """Submit (durably) and execute one request; idempotent by request id."""
+        record, _ = self.submit(
+            owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
+        )
+        if record.state != RequestState.DONE:
+            self.execute_pending()
+        return self.ctx.deletion_log.get(record.request.request_id)
+
+    def _group_by_shard(self, sample_ids: np.ndarray) -> dict[int, np.ndarray]:
+        if not len(sample_ids):
+            return {}
+        shards, _ = self.ctx.plan.locate(sample_ids)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for sid, k in zip(sample_ids.tolist(), shards.tolist(), strict=True):
+            if k != TEST:
+                groups[k].append(sid)
+        return {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
+
+    def _publish(self, results: dict[int, dict[str, Any]], request_ids: list[str]) -> None:
+        store = self.ctx.model_store
+        reg = store.registry()
+        retired = []
+        for k, res in results.items():
+            if res.get("changed"):
+                reg.shards[k] = ShardEntry(res["chain"], res["generation"], res["empty"])
+                retired += res["retired"]
+        store.write_registry(reg)  # the switch: old versions serve nothing from here on
+        store.retire(retired, request_ids=request_ids)

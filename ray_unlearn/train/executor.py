@@ -1,0 +1,201 @@
+"""The unlearning executor on Ray: long-lived shard actors and the engine that drives them.
+
+* One :class:`ShardActor` per shard keeps the shard's rows and slice snapshots in memory,
+  so a deletion costs its retraining and nothing else.
+* :class:`Executor` wraps the platform's :class:`UnlearningEngine` around those actors.
+  Against a running cluster (``RAY_ADDRESS`` or ``--address``) it lives in a named,
+  detached actor, ``ray-unlearn-executor:<run id>`` in namespace ``ray_unlearn``, which
+  successive ``forget`` calls and the serving gateway reuse. With an embedded Ray, the
+  calling process hosts it and it ends with the process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+from ray_unlearn.platform.audit import audit
+from ray_unlearn.platform.evaluate import ensemble_accuracy
+from ray_unlearn.platform.run import open_run
+from ray_unlearn.platform.shard import ShardRuntime
+from ray_unlearn.platform.unlearning import UnlearningEngine
+from ray_unlearn.train.session import NAMESPACE
+
+
+def executor_actor_name(run_id: str) -> str:
+    return f"ray-unlearn-executor:{run_id}"
+
+
+@ray.remote
+class ShardActor:
+    def __init__(self, storage_uri: str, run_id: str, shard: int, torch_threads: int):
+        ctx = open_run(storage_uri, run_id)
+        self.rt = ShardRuntime(ctx, shard, ctx.deletion_log.deleted_sample_ids(), torch_threads)
+
+    def info(self) -> dict[str, Any]:
+        return self.rt.info()
+
+    def unlearn(self, deleted, strategy: str, request_ids: list[str]) -> dict[str, Any]:
+        return self.rt.unlearn(deleted, strategy, request_ids)
+
+    def retrain_from_scratch(self) -> dict[str, Any] | None:
+        return None if self.rt.empty else self.rt.retrain_from_scratch()
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray | None:
+        return self.rt.predict_proba(features)
+
+
+class RayShards:
+    """A :class:`ShardBackend` of shard actors, at most ``max_concurrent`` training at once."""
+
+    def __init__(
+        self,
+        storage_uri: str,
+        run_id: str,
+        shards: list[int],
+        *,
+        torch_threads: int,
+        max_concurrent: int,
+        cpus_per_actor: float,
+    ):
+        self.max_concurrent = max(1, max_concurrent)
+        self.actors = {
+            k: ShardActor.options(num_cpus=cpus_per_actor, name=None).remote(
+                storage_uri, run_id, k, torch_threads
+            )
+            for k in shards
+        }
+        ray.get([a.info.remote() for a in self.actors.values()])  # surface load errors here
+
+    def _bounded(self, calls: list) -> list:
+        """Run thunks returning ObjectRefs, keeping at most ``max_concurrent`` in flight."""
+        pending, results, queue = [], [], list(calls)
+        while queue or pending:
+            while queue and len(pending) < self.max_concurrent:
+                pending.append(queue.pop(0)())
+            ready, pending = ray.wait(pending, num_returns=1)
+            results += ray.get(ready)
+        return results
+
+    def unlearn(self, per_shard, strategy, request_ids):
+        return self._bounded(
+            [
+                lambda k=k, ids=ids: self.actors[k].unlearn.remote(ids, strategy, request_ids)
+                for k, ids in per_shard.items()
+            ]
+        )
+
+    def retrain_from_scratch(self):
+        res = self._bounded(
+            [lambda a=a: a.retrain_from_scratch.remote() for a in self.actors.values()]
+        )
+        return [r for r in res if r is not None]
+
+    def predict_proba(self, features):
+        ref = ray.put(np.asarray(features, dtype=np.float32))
+        outs = ray.get([a.predict_proba.remote(ref) for a in self.actors.values()])
+        return {k: p for k, p in zip(self.actors, outs, strict=True) if p is not None}
+
+    def shutdown(self) -> None:
+        for a in self.actors.values():
+            ray.kill(a)
+
+
+class Executor:
+    """Engine + shard actors of one run. Methods return plain JSON-able data."""
+
+    def __init__(self, storage_uri: str, run_id: str, name: str = "embedded"):
+        self.ctx = open_run(storage_uri, run_id)
+        cfg = self.ctx.config
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        threads = cfg.training.torch_threads or max(1, int(cpus))
+        concurrent = cfg.unlearning.max_concurrent_shards or max(1, int(cpus // threads))
+        shards = sorted(self.ctx.model_store.registry().shards)
+        # Shard actors mostly wait; the CPU they burn while retraining is bounded by
+        # `concurrent`, so they reserve only a sliver of a CPU each and never starve Ray.
+        self.backend = RayShards(
+            storage_uri,
+            run_id,
+            shards,
+            torch_threads=threads,
+            max_concurrent=concurrent,
+            cpus_per_actor=0.01,
+        )
+        self.engine = UnlearningEngine(self.ctx, self.backend, executor_name=name)
+        self.settings = {
+            "torch_threads": threads,
+            "max_concurrent_shards": concurrent,
+            "shards": len(shards),
+        }
+
+    def ping(self) -> dict[str, Any]:
+        return {"run_id": self.ctx.run_id, **self.settings}
+
+    def forget(
+        self, owner_id=None, sample_ids=None, request_id=None, deadline=None
+    ) -> dict[str, Any]:
+        return self.engine.forget(
+            owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
+        ).to_json()
+
+    def execute_pending(self, strategy: str | None = None) -> list[dict[str, Any]]:
+        return [r.to_json() for r in self.engine.execute_pending(strategy)]
+
+    def status(self, request_id: str) -> dict[str, Any]:
+        return self.ctx.deletion_log.get(request_id).to_json()
+
+    def audit(self, owner_id=None, sample_id=None) -> dict[str, Any]:
+        return audit(self.ctx, owner_id=owner_id, sample_id=sample_id)
+
+    def retrain_from_scratch(self) -> dict[str, Any]:
+        """Time a from-scratch retrain of every live shard (nothing is published)."""
+        import time
+
+        t0 = time.perf_counter()
+        res = self.backend.retrain_from_scratch()
+        return {
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": sum(r["train_seconds"] for r in res),
+            "shards": len(res),
+        }
+
+    def predict_proba(self, features) -> dict[int, np.ndarray]:
+        return self.backend.predict_proba(features)
+
+    def test_accuracy(self) -> float:
+        deleted = self.ctx.deletion_log.deleted_sample_ids()
+        test = self.ctx.split_records("test", deleted)
+        probs = self.backend.predict_proba(test.features)
+        return ensemble_accuracy(probs, test.labels, self.ctx.config.unlearning.aggregation)
+
+
+class _ActorProxy:
+    """Calls a detached executor actor's methods as if it were local (blocking)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def __getattr__(self, name):
+        method = getattr(self._handle, name)
+        return lambda *a, **kw: ray.get(method.remote(*a, **kw))
+
+
+def get_executor(storage_uri: str, run_id: str, *, detached: bool):
+    """The run's executor: a named detached actor (reused if it exists) or an in-process one."""
+    if not detached:
+        return Executor(storage_uri, run_id, name="embedded")
+    handle = (
+        ray.remote(Executor)
+        .options(
+            name=executor_actor_name(run_id),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=1,
+        )
+        .remote(storage_uri, run_id, executor_actor_name(run_id))
+    )
+    return _ActorProxy(handle)

@@ -1,0 +1,164 @@
+"""The SISA training job: a Ray Train run in which worker w trains the shards k with
+k % W == w, slice by slice, and reports one checkpoint per slice round.
+
+Each round's checkpoint holds ``shard_<k>/`` for every shard (Ray Train merges the workers'
+folders). Train's checkpoints are transport only: once the run ends, the driver copies each
+shard's snapshots into the platform's model store (versions with manifests, the record)
+and deletes Train's copies, which would otherwise keep deleted data alive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+
+from ray_unlearn.platform.run import RunContext, open_run
+from ray_unlearn.platform.store import Registry, ShardEntry
+from ray_unlearn.platform.training import configure_threads, init_model, snapshot, train_stage
+
+
+def worker_layout(
+    num_shards: int, num_workers: int, cluster_cpus: float, cpus_per_worker: float, threads: int
+):
+    """(workers, CPUs per worker, torch threads per worker) for a cluster of ``cluster_cpus``.
+
+    Workers get a fraction of a CPU when there are more workers than CPUs, so that no
+    worker waits for a CPU another one holds (see RAY_NOTES: CPU starvation).
+    """
+    workers = num_workers or num_shards
+    cpus = cpus_per_worker or max(0.01, math.floor(min(1.0, cluster_cpus / workers) * 100) / 100)
+    threads = threads or max(1, int(cluster_cpus // workers))
+    return workers, cpus, threads
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    ctx = open_run(config["storage"], config["run_id"])
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    configure_threads(config["threads"])
+    cfg = ctx.config
+    mine = [k for k in range(cfg.partition.shards) if k % world == rank]
+    data = {k: ctx.shard_data(k) for k in mine}
+    models = {
+        k: init_model(cfg.model, ctx.feature_shape, ctx.num_classes, cfg.seed, k) for k in mine
+    }
+    for stage in range(cfg.partition.slices):
+        with tempfile.TemporaryDirectory() as d:
+            losses = []
+            for k in mine:
+                m = train_stage(models[k], data[k], stage, cfg.training, cfg.seed)
+                losses.append(m["loss"])
+                out = Path(d) / f"shard_{k}"
+                out.mkdir()
+                save_file(snapshot(models[k]), str(out / "weights.safetensors"))
+                pq.write_table(
+                    pa.table({"sample_id": data[k].ids_through(stage)}), out / "samples.parquet"
+                )
+                (out / "metrics.json").write_text(json.dumps(m))
+                print(
+                    f"[ray-unlearn] shard {k}: slice {stage + 1}/{cfg.partition.slices} "
+                    f"loss={m['loss']:.4f} rows={int(m['train_rows'])} {m['seconds']:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            # report() is a barrier: every worker reports once per slice round.
+            ray.train.report(
+                {
+                    "stage": stage,
+                    "rank0_mean_loss": float(np.mean(losses)) if losses else float("nan"),
+                },
+                checkpoint=Checkpoint.from_directory(d),
+            )
+
+
+def run_training(ctx: RunContext) -> dict[str, Any]:
+    """Train every shard of ``ctx`` on the connected Ray cluster and record the versions."""
+    cfg = ctx.config
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
+    workers, cpus, threads = worker_layout(
+        cfg.partition.shards,
+        cfg.training.num_workers,
+        cluster_cpus,
+        cfg.training.cpus_per_worker,
+        cfg.training.torch_threads,
+    )
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"storage": ctx.storage.uri, "run_id": ctx.run_id, "threads": threads},
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=ray.train.RunConfig(
+            name="sisa",
+            storage_path=ctx.storage.full(ctx.layout.train_transport),
+            storage_filesystem=ctx.storage.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(
+            f"training job of run {ctx.run_id} failed: {result.error}"
+        ) from result.error
+    train_seconds = time.perf_counter() - t0
+    ingest_seconds = _ingest(ctx, result)
+    return {
+        "run_id": ctx.run_id,
+        "workers": workers,
+        "cpus_per_worker": cpus,
+        "torch_threads": threads,
+        "train_seconds": train_seconds,
+        "ingest_seconds": ingest_seconds,
+    }
+
+
+def _ingest(ctx: RunContext, result) -> float:
+    """Copy every round's shard snapshots into the model store, then drop Train's copies."""
+    t0 = time.perf_counter()
+    cfg = ctx.config
+    rounds = sorted(result.best_checkpoints, key=lambda cm: cm[1]["stage"])
+    if [m["stage"] for _, m in rounds] != list(range(cfg.partition.slices)):
+        raise RuntimeError(
+            f"training job of run {ctx.run_id} reported stages {[m['stage'] for _, m in rounds]}, "
+            f"expected 0..{cfg.partition.slices - 1}"
+        )
+    chains: dict[int, list[str]] = {k: [] for k in range(cfg.partition.shards)}
+    for ckpt, metrics in rounds:
+        stage = metrics["stage"]
+        with ckpt.as_directory() as d:
+            for k in range(cfg.partition.shards):
+                src = Path(d) / f"shard_{k}"
+                if not src.is_dir():
+                    raise RuntimeError(
+                        f"round {stage} checkpoint lacks shard_{k}/ (found {sorted(p.name for p in Path(d).iterdir())})"
+                    )
+                m = ctx.model_store.save_version(
+                    shard=k,
+                    stage=stage,
+                    generation=0,
+                    state=load_file(str(src / "weights.safetensors")),
+                    sample_ids=pq.read_table(src / "samples.parquet")["sample_id"].to_numpy(),
+                    parent=chains[k][-1] if chains[k] else None,
+                    metrics=json.loads((src / "metrics.json").read_text()),
+                    config_digest=ctx.config_digest,
+                    created_by="train-job",
+                )
+                chains[k].append(m["version"])
+    ctx.model_store.write_registry(Registry({k: ShardEntry(c, 0) for k, c in chains.items()}))
+    ctx.storage.delete(ctx.layout.train_transport)
+    return time.perf_counter() - t0

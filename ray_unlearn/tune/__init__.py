@@ -1,0 +1,1 @@
+"""Ray Tune sweeps with MLflow logging. Not built yet: see issue 7."""
