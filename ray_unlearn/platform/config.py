@@ -67,7 +67,11 @@ class TrainingConfig(_Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     torch_threads: int = Field(
-        0, ge=0, description="Intra-op threads per shard training; 0 = CPUs / concurrent shards."
+        0,
+        ge=0,
+        description="Intra-op threads of every training step. Results are bit-for-bit "
+        "reproducible only for a fixed count, so a run pins it when created (0 = this "
+        "machine's CPUs, at most 4) and its retraining uses the same.",
     )
     num_workers: int = Field(
         0,

@@ -7,6 +7,7 @@ the storage root; ``open_run`` rebuilds the same context from there, in any proc
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ class RunContext:
 
 def create_run(cfg: RunConfig, run_id: str | None = None) -> RunContext:
     """Load the data, split it, plan the partition and record all of it under a new run id."""
+    if cfg.training.torch_threads == 0:
+        cfg = cfg.model_copy(deep=True)
+        cfg.training.torch_threads = min(4, os.cpu_count() or 1)
     storage = Storage(cfg.storage)
     layout = RunLayout(run_id or new_run_id(cfg.name))
     if storage.exists(layout.run_info):

@@ -76,8 +76,8 @@ def train_all_shards(ctx: RunContext) -> dict[str, Any]:
 
 
 class ShardRuntime:
-    def __init__(self, ctx: RunContext, shard: int, deleted=(), torch_threads: int = 0):
-        configure_threads(torch_threads)
+    def __init__(self, ctx: RunContext, shard: int, deleted=()):
+        configure_threads(ctx.config.training.torch_threads)
         self.ctx, self.shard = ctx, shard
         entry = ctx.model_store.registry().shards.get(shard)
         if entry is None:

@@ -186,6 +186,7 @@ def train_shard(
     """Train stages ``start_stage..R-1``; stage ``start_stage`` continues from ``start_state``
     (the snapshot of stage ``start_stage - 1``), or from the seeded initial weights when it is 0.
     """
+    configure_threads(train_cfg.torch_threads)  # part of what makes training reproducible
     if start_stage > 0 and start_state is None:
         raise ValueError(f"start_stage={start_stage} needs the snapshot of stage {start_stage - 1}")
     model = init_model(model_cfg, feature_shape, num_classes, seed, data.shard)

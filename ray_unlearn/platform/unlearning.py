@@ -47,10 +47,10 @@ class ShardBackend(Protocol):
 class LocalShards:
     """Shard runtimes in this process, worked one after another."""
 
-    def __init__(self, ctx: RunContext, torch_threads: int = 0):
+    def __init__(self, ctx: RunContext):
         deleted = ctx.deletion_log.deleted_sample_ids()
         self.shards = {
-            k: ShardRuntime(ctx, k, deleted, torch_threads)
+            k: ShardRuntime(ctx, k, deleted)
             for k in sorted(ctx.model_store.registry().shards)
         }
 

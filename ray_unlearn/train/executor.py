@@ -30,9 +30,9 @@ def executor_actor_name(run_id: str) -> str:
 
 @ray.remote
 class ShardActor:
-    def __init__(self, storage_uri: str, run_id: str, shard: int, torch_threads: int):
+    def __init__(self, storage_uri: str, run_id: str, shard: int):
         ctx = open_run(storage_uri, run_id)
-        self.rt = ShardRuntime(ctx, shard, ctx.deletion_log.deleted_sample_ids(), torch_threads)
+        self.rt = ShardRuntime(ctx, shard, ctx.deletion_log.deleted_sample_ids())
 
     def info(self) -> dict[str, Any]:
         return self.rt.info()
@@ -56,15 +56,12 @@ class RayShards:
         run_id: str,
         shards: list[int],
         *,
-        torch_threads: int,
         max_concurrent: int,
         cpus_per_actor: float,
     ):
         self.max_concurrent = max(1, max_concurrent)
         self.actors = {
-            k: ShardActor.options(num_cpus=cpus_per_actor, name=None).remote(
-                storage_uri, run_id, k, torch_threads
-            )
+            k: ShardActor.options(num_cpus=cpus_per_actor).remote(storage_uri, run_id, k)
             for k in shards
         }
         ray.get([a.info.remote() for a in self.actors.values()])  # surface load errors here
@@ -110,7 +107,7 @@ class Executor:
         self.ctx = open_run(storage_uri, run_id)
         cfg = self.ctx.config
         cpus = float(ray.cluster_resources().get("CPU", 1))
-        threads = cfg.training.torch_threads or max(1, int(cpus))
+        threads = cfg.training.torch_threads  # pinned by the run: retraining must match training
         concurrent = cfg.unlearning.max_concurrent_shards or max(1, int(cpus // threads))
         shards = sorted(self.ctx.model_store.registry().shards)
         # Shard actors mostly wait; the CPU they burn while retraining is bounded by
@@ -119,7 +116,6 @@ class Executor:
             storage_uri,
             run_id,
             shards,
-            torch_threads=threads,
             max_concurrent=concurrent,
             cpus_per_actor=0.01,
         )

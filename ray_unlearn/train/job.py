@@ -31,18 +31,16 @@ from ray_unlearn.platform.store import Registry, ShardEntry
 from ray_unlearn.platform.training import configure_threads, init_model, snapshot, train_stage
 
 
-def worker_layout(
-    num_shards: int, num_workers: int, cluster_cpus: float, cpus_per_worker: float, threads: int
-):
-    """(workers, CPUs per worker, torch threads per worker) for a cluster of ``cluster_cpus``.
+def worker_layout(num_shards: int, num_workers: int, cluster_cpus: float, cpus_per_worker: float):
+    """(workers, CPUs per worker) for a cluster of ``cluster_cpus``.
 
     Workers get a fraction of a CPU when there are more workers than CPUs, so that no
-    worker waits for a CPU another one holds (see RAY_NOTES: CPU starvation).
+    worker waits for a CPU another one holds (see RAY_NOTES: CPU starvation). Torch threads
+    are not chosen here: the run pins them (``training.torch_threads``) for exactness.
     """
     workers = num_workers or num_shards
     cpus = cpus_per_worker or max(0.01, math.floor(min(1.0, cluster_cpus / workers) * 100) / 100)
-    threads = threads or max(1, int(cluster_cpus // workers))
-    return workers, cpus, threads
+    return workers, cpus
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -89,12 +87,12 @@ def run_training(ctx: RunContext) -> dict[str, Any]:
     """Train every shard of ``ctx`` on the connected Ray cluster and record the versions."""
     cfg = ctx.config
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
-    workers, cpus, threads = worker_layout(
+    threads = cfg.training.torch_threads
+    workers, cpus = worker_layout(
         cfg.partition.shards,
         cfg.training.num_workers,
         cluster_cpus,
         cfg.training.cpus_per_worker,
-        cfg.training.torch_threads,
     )
     t0 = time.perf_counter()
     trainer = TorchTrainer(

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny runs trained in-process, and one Ray session for the whole test run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ray_unlearn.platform.config import load_config
+from ray_unlearn.platform.run import create_run
+from ray_unlearn.platform.shard import train_all_shards
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+# Small and quick: digits, 3 shards x 3 slices, 2 epochs.
+TINY = ["training.epochs=2", "partition.shards=3", "partition.slices=3", "model.hidden=[32]"]
+
+
+def tiny_config(tmp_path, *overrides: str):
+    return load_config(os.path.join(CONFIGS, "digits.yaml"), [f"storage={tmp_path / 'store'}", *TINY, *overrides])
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A trained tiny run (no Ray): returns its RunContext."""
+    ctx = create_run(tiny_config(tmp_path))
+    train_all_shards(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for every integration test (ray.init takes ~5 s: start it once)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="ray_unlearn", log_to_driver=False)
+    yield ray
+    ray.shutdown()
