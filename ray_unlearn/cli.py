@@ -235,7 +235,7 @@ def forget(
 def _record_summary(rec) -> dict[str, Any]:
     d = rec.details or {}
     return {
-        "executor": d.get("executor"),
+        "executed_by": rec.executed_by,
         "strategy": d.get("strategy"),
         "shards": d.get("shards", []),
         "first_slices": d.get("first_slices", {}),

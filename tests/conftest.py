@@ -17,7 +17,9 @@ TINY = ["training.epochs=2", "partition.shards=3", "partition.slices=3", "model.
 
 
 def tiny_config(tmp_path, *overrides: str):
-    return load_config(os.path.join(CONFIGS, "digits.yaml"), [f"storage={tmp_path / 'store'}", *TINY, *overrides])
+    return load_config(
+        os.path.join(CONFIGS, "digits.yaml"), [f"storage={tmp_path / 'store'}", *TINY, *overrides]
+    )
 
 
 @pytest.fixture

@@ -50,8 +50,7 @@ class LocalShards:
     def __init__(self, ctx: RunContext):
         deleted = ctx.deletion_log.deleted_sample_ids()
         self.shards = {
-            k: ShardRuntime(ctx, k, deleted)
-            for k in sorted(ctx.model_store.registry().shards)
+            k: ShardRuntime(ctx, k, deleted) for k in sorted(ctx.model_store.registry().shards)
         }
 
     def unlearn(self, per_shard, strategy, request_ids):
@@ -122,7 +121,7 @@ class UnlearningEngine:
                 log.transition(
                     r.request.request_id,
                     RequestState.EXECUTING,
-                    executor=self.executor_name,
+                    executed_by=self.executor_name,
                     strategy=strategy,
                 )
         try:
@@ -155,7 +154,7 @@ class UnlearningEngine:
                 log.transition(
                     r.request.request_id,
                     RequestState.DONE,
-                    executor=self.executor_name,
+                    executed_by=self.executor_name,
                     strategy=strategy,
                     batch=ids,
                     shards=shards,

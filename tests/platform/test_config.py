@@ -8,7 +8,9 @@ from ray_unlearn.platform.config import ConfigError, config_to_yaml, load_config
 
 
 def test_defaults_and_overrides(tmp_path):
-    cfg = load_config("configs/digits.yaml", ["partition.shards=8", "model.hidden=[64, 32]", "training.lr=0.01"])
+    cfg = load_config(
+        "configs/digits.yaml", ["partition.shards=8", "model.hidden=[64, 32]", "training.lr=0.01"]
+    )
     assert cfg.partition.shards == 8 and cfg.model.hidden == [64, 32] and cfg.training.lr == 0.01
     assert cfg.data.source == "digits"
     p = tmp_path / "c.yaml"
@@ -18,7 +20,10 @@ def test_defaults_and_overrides(tmp_path):
 
 def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        load_config("configs/digits.yaml", ["partition.shards=0", "training.optimizer=rmsprop", "model.colour=red"])
+        load_config(
+            "configs/digits.yaml",
+            ["partition.shards=0", "training.optimizer=rmsprop", "model.colour=red"],
+        )
     msg = str(e.value)
     assert "3 problem(s)" in msg
     assert "partition.shards" in msg and "training.optimizer" in msg and "'adam' or 'sgd'" in msg

@@ -48,7 +48,9 @@ def test_owner_samples_share_one_shard_and_slice():
         shards, slices = p.locate(p.samples_of_owner(o))
         assert len(set(shards.tolist())) == 1 and len(set(slices.tolist())) == 1
     o = p.owners[0]
-    assert p.affected(p.samples_of_owner(o)) == {int(p.locate(p.samples_of_owner(o))[0][0]): int(p.locate(p.samples_of_owner(o))[1][0])}
+    assert p.affected(p.samples_of_owner(o)) == {
+        int(p.locate(p.samples_of_owner(o))[0][0]): int(p.locate(p.samples_of_owner(o))[1][0])
+    }
 
 
 def test_affected_is_first_slice_per_shard_and_ignores_test_samples():
@@ -80,12 +82,22 @@ def test_too_few_samples_or_owners():
     with pytest.raises(PlanError, match="owners cannot fill"):
         make_plan(np.arange(50), np.array(["a", "b"] * 25), num_shards=2, num_slices=2, seed=0)
     with pytest.raises(PlanError, match="group_by"):
-        make_plan(np.arange(50), np.array(["a"] * 50), num_shards=1, num_slices=1, seed=0, group_by="x")
+        make_plan(
+            np.arange(50), np.array(["a"] * 50), num_shards=1, num_slices=1, seed=0, group_by="x"
+        )
 
 
 def test_roundtrip_through_arrow_with_test_samples():
     ids, own = _data()
-    p = make_plan(ids[:500], own[:500], num_shards=3, num_slices=2, seed=4, test_ids=ids[500:], test_owners=own[500:])
+    p = make_plan(
+        ids[:500],
+        own[:500],
+        num_shards=3,
+        num_slices=2,
+        seed=4,
+        test_ids=ids[500:],
+        test_owners=own[500:],
+    )
     q = PartitionPlan.from_table(p.to_table())
     assert (q.num_shards, q.num_slices) == (3, 2)
     for col in ("sample_ids", "owner_ids", "shards", "slices"):

@@ -14,8 +14,14 @@ from tests.conftest import tiny_config
 
 def _train(ctx, data):
     cfg = ctx.config
-    return train_shard(data, cfg.model, cfg.training, seed=cfg.seed, feature_shape=ctx.feature_shape,
-                       num_classes=ctx.num_classes)
+    return train_shard(
+        data,
+        cfg.model,
+        cfg.training,
+        seed=cfg.seed,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+    )
 
 
 def _equal(a, b) -> bool:

@@ -37,7 +37,9 @@ def test_forget_owner_end_to_end(tiny_run):
     assert rec.state == RequestState.DONE
     after = audit(ctx, owner_id=owner)
     assert after["live_versions_containing"] == {} and after["clean"]
-    assert after["requests"][0]["request_id"] == "gdpr-1" and after["requests"][0]["state"] == "done"
+    assert (
+        after["requests"][0]["request_id"] == "gdpr-1" and after["requests"][0]["state"] == "done"
+    )
     # Only the affected shard's stages from the first affected slice were replaced.
     (shard,) = {int(k) for k in ctx.plan.locate(ids)[0] if k != TEST}
     first = int(min(s for s in ctx.plan.locate(ids)[1] if s != TEST))
@@ -54,8 +56,14 @@ def test_forget_owner_end_to_end(tiny_run):
     # The published model is exactly the shard trained from scratch without the owner.
     torch.set_num_threads(1)
     cfg = ctx.config
-    scratch = train_shard(ctx.shard_data(shard, exclude=ids), cfg.model, cfg.training, seed=cfg.seed,
-                          feature_shape=ctx.feature_shape, num_classes=ctx.num_classes)
+    scratch = train_shard(
+        ctx.shard_data(shard, exclude=ids),
+        cfg.model,
+        cfg.training,
+        seed=cfg.seed,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+    )
     live = ctx.model_store.load_state(reg.shards[shard].chain[-1])
     assert all(torch.equal(live[k], scratch[-1].state[k]) for k in live)
     m = ctx.model_store.manifest(reg.shards[shard].chain[-1])
@@ -92,7 +100,11 @@ def test_held_out_samples_need_no_retraining(tiny_run):
     ctx = tiny_run
     test_id = int(ctx.plan.sample_ids[ctx.plan.shards == TEST][0])
     rec = _engine(ctx).forget(sample_ids=[test_id])
-    assert rec.state == RequestState.DONE and rec.versions_retired == [] and rec.details["shards"] == []
+    assert (
+        rec.state == RequestState.DONE
+        and rec.versions_retired == []
+        and rec.details["shards"] == []
+    )
 
 
 def test_emptied_shard_leaves_the_ensemble(tiny_run):
@@ -104,7 +116,9 @@ def test_emptied_shard_leaves_the_ensemble(tiny_run):
     assert reg.shards[0].empty and reg.shards[0].chain == [] and 0 not in reg.serving_versions()
     assert 0.5 < serving_accuracy(ctx) <= 1.0  # the other shards still answer
     a = audit(ctx)
-    assert a["clean"] and a["live_versions_containing"] == {} and a["deleted_sample_count"] == len(ids)
+    assert (
+        a["clean"] and a["live_versions_containing"] == {} and a["deleted_sample_count"] == len(ids)
+    )
 
 
 def test_batch_of_pending_requests_and_recovery_after_a_crash(tiny_run):

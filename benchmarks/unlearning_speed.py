@@ -1,0 +1,414 @@
+"""How much faster is forgetting one owner than retraining everything? (SISA on Ray)
+
+Run:  .venv/bin/python benchmarks/unlearning_speed.py --out results/unlearning_speed [--quick]
+
+For every (K shards, R slices) on the Purchase-shaped synthetic set (configs/purchase.yaml,
+enlarged so that a full retrain takes >= 30 s on 2 cores), against a local Ray head that this
+script starts on 127.0.0.1 and stops at the end:
+
+* train_s          training the K x R ensemble in this process (``train_all_shards``).
+* full_retrain_s   ``Executor.retrain_from_scratch()``: every shard retrained from scratch by
+                   the executor's long-lived shard actors (the resources unlearning uses).
+* unlearn_s        median over single-owner requests of the time the long-lived (detached)
+                   executor spends executing one ``forget`` (the DONE event's ``seconds``:
+                   retraining the affected shard from its first affected slice, publishing
+                   the new versions, retiring the old ones, writing the log).
+* speedup          full_retrain_s / unlearn_s; expected_speedup = K * 2R / (R + 1), SISA's
+                   expectation for one request hitting a uniformly random slice.
+* plain_torch_s    median over the same requests of the same retraining work in a bare torch
+                   loop in this process (same rows, optimizer, batch size, optimizer steps
+                   and thread count; no Ray, no saving): the compute floor.
+                   overhead_ratio = unlearn_s / plain_torch_s.
+* cli_forget_s     median wall-clock time of ``ray-unlearn forget --json`` run as a subprocess
+                   for further owners (it attaches to the same detached executor), beside the
+                   CLI's own ``unlearn_seconds``.
+* accuracy_ensemble / accuracy_single   test accuracy of the ensemble before the deletions and
+                   of one model trained on all training rows with the same epochs (that model
+                   does not depend on K or R, so it is trained once and reported for every
+                   record).
+Also, on scikit-learn's digits (configs/digits.yaml): ensemble vs single-model accuracy.
+
+Writes <out>/unlearning_speed.json and <out>/unlearning_speed.png and prints a table.
+Targets (reported, not asserted): speedup >= 8 at K=8, R=5; overhead_ratio <= 1.5; digits
+ensemble within 5 points of the single model. Timings are taken on this machine in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+
+from ray_unlearn.platform.config import load_config
+from ray_unlearn.platform.evaluate import model_accuracy, serving_accuracy, train_single_model
+from ray_unlearn.platform.models import build_model
+from ray_unlearn.platform.run import create_run
+from ray_unlearn.platform.shard import train_all_shards
+from ray_unlearn.platform.training import stage_steps
+from ray_unlearn.train.demo import pick_owners
+from ray_unlearn.train.executor import executor_actor_name, get_executor
+from ray_unlearn.train.session import NAMESPACE, connect
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RAY, CLI = str(VENV_BIN / "ray"), str(VENV_BIN / "ray-unlearn")
+
+FULL = {
+    "n_samples": 100_000,  # ~80k training rows (20% held out)
+    "epochs": 30,  # ~2.4M sample-gradients per full retrain: ~30-40 s on 2 cores
+    "shards": [1, 4, 8, 16],
+    "slices": [1, 5],
+    "requests": 5,
+    "cli_requests": 2,
+}
+QUICK = {
+    "n_samples": 3_000,
+    "epochs": 2,
+    "shards": [1, 4],
+    "slices": [1, 2],
+    "requests": 2,
+    "cli_requests": 1,
+}
+
+
+# -- the cluster --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayHead:
+    """``ray start --head --block`` as our own child process; stopping it ends only this
+    cluster (``ray stop`` would end every Ray on the machine, other sessions' included)."""
+
+    def __init__(self):
+        self.temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = Path(self.temp_dir) / "ray_start.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        ports = {
+            "--port": self.port,
+            "--ray-client-server-port": _free_port(),
+            "--dashboard-port": _free_port(),
+            "--dashboard-agent-listen-port": _free_port(),
+            "--dashboard-agent-grpc-port": _free_port(),
+            "--runtime-env-agent-port": _free_port(),
+            "--metrics-export-port": _free_port(),
+        }
+        cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
+        cmd += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
+        cmd += [f"{k}={v}" for k, v in ports.items()]
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        t0 = time.time()
+        while "Ray runtime started" not in self.log.read_text():
+            if self.proc.poll() is not None or time.time() - t0 > timeout:
+                raise RuntimeError(f"ray start failed:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        self.start_s = time.time() - t0
+        text = self.log.read_text()
+        self.auth = "Token authentication is enabled" in text
+        self.node_ip = next(
+            (ln.split("Local node IP")[1].strip(": \x1b[0123456789m;") for ln in text.splitlines()
+             if "Local node IP" in ln), None,
+        )
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)  # drains, then stops this node's processes
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # our own process group only
+            self.proc.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def wait_actors_gone(timeout: float = 60.0) -> None:
+    """After killing an executor, wait until its shard actors have released their CPU."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0) - 1e-6:
+            return
+        time.sleep(0.5)
+
+
+# -- the compute floor ----------------------------------------------------------------------
+
+
+def plain_retrain_seconds(ctx, shard: int, first: int, deleted: set[int], threads: int) -> float:
+    """The retraining of one request in a bare torch loop: stages first..R-1 of ``shard`` on its
+    remaining rows, from the (live, not retired) stage first-1 snapshot, or a fresh model."""
+    cfg, tr = ctx.config, ctx.config.training
+    data = ctx.shard_data(shard, exclude=deleted)
+    model = build_model(cfg.model, ctx.feature_shape, ctx.num_classes)
+    if first > 0:
+        model.load_state_dict(ctx.model_store.load_state(ctx.model_store.registry().shards[shard].chain[first - 1]))
+    torch.set_num_threads(threads)
+    x, y, slices = data.features, data.labels, torch.from_numpy(data.slices)
+    gen = torch.Generator().manual_seed(shard)
+    t0 = time.perf_counter()
+    model.train()
+    for stage in range(first, data.num_slices):
+        rows = torch.nonzero(slices <= stage).flatten()
+        steps = stage_steps(int((slices == stage).sum()), tr.epochs, tr.batch_size)
+        if tr.optimizer == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=tr.lr, momentum=0.9, weight_decay=tr.weight_decay)
+        done = 0
+        while done < steps:
+            perm = rows[torch.randperm(len(rows), generator=gen)]
+            for i in range(0, len(perm), tr.batch_size):
+                if done == steps:
+                    break
+                idx = perm[i : i + tr.batch_size]
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                done += 1
+    return time.perf_counter() - t0
+
+
+# -- one (K, R) case ---------------------------------------------------------------------------
+
+
+def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) -> dict:
+    cfg = load_config(
+        REPO / "configs/purchase.yaml",
+        [f"name=bench-k{K}-r{R}", f"storage={root}", f"partition.shards={K}", f"partition.slices={R}",
+         f"data.synthetic.n_samples={p['n_samples']}", f"training.epochs={p['epochs']}"],
+    )
+    ctx = create_run(cfg)
+    print(f"[K={K} R={R}] run {ctx.run_id}: {ctx.info['num_train']} training rows", flush=True)
+    train_s = train_all_shards(ctx)["train_seconds"]
+    if not single:  # the same for every (K, R): same split, seed and epochs
+        model, single_s = train_single_model(ctx)
+        test = ctx.split_records("test")
+        single.update(accuracy=model_accuracy(model, test.features, test.labels), train_s=single_s)
+
+    t0 = time.perf_counter()
+    executor = get_executor(ctx.storage.uri, ctx.run_id, detached=True)
+    settings = executor.ping()
+    start_s = time.perf_counter() - t0
+    print(f"[K={K} R={R}] trained in {train_s:.1f} s; executor up in {start_s:.1f} s {settings}", flush=True)
+    full = executor.retrain_from_scratch()
+    acc_ens = executor.test_accuracy()
+    print(f"[K={K} R={R}] full retrain {full['seconds']:.1f} s, ensemble accuracy {acc_ens:.4f}", flush=True)
+
+    owners = pick_owners(ctx, p["requests"] + p["cli_requests"], seed=cfg.seed)
+    deleted: set[int] = set()
+    reqs = []
+    for owner in owners[: p["requests"]]:
+        t0 = time.perf_counter()
+        rec = executor.forget(owner_id=owner)
+        wall = time.perf_counter() - t0
+        assert rec["state"] == "done", rec
+        d = rec["history"][-1]["details"]
+        deleted |= set(rec["sample_ids"])
+        ((shard, first),) = ((int(k), int(s)) for k, s in d["first_slices"].items())
+        plain = plain_retrain_seconds(ctx, shard, first, deleted, settings["torch_threads"])
+        reqs.append({
+            "owner_id": owner, "samples": len(rec["sample_ids"]), "shard": shard,
+            "first_slice": first, "unlearn_s": d["seconds"], "executor_train_s": d["train_seconds"],
+            "wall_s": wall, "plain_torch_s": plain,
+        })
+        print(f"[K={K} R={R}] forget {owner}: shard {shard} from slice {first + 1}/{R}, "
+              f"unlearn {d['seconds']:.2f} s, plain torch {plain:.2f} s", flush=True)
+
+    cli = []
+    env = {**os.environ, "RAY_AUTH_MODE": "token"} if os.environ.get("RAY_AUTH_MODE") else dict(os.environ)
+    for owner in owners[p["requests"] :]:
+        cmd = [CLI, "forget", "--run", ctx.run_id, "--owner", owner, "--storage", ctx.storage.uri,
+               "--address", address, "--json"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        doc = json.loads(proc.stdout)
+        first = {int(k): int(s) for k, s in doc["first_slices"].items()}
+        cli.append({"owner_id": owner, "wall_s": wall, "unlearn_seconds": doc["unlearn_seconds"],
+                    "cli_seconds": doc["seconds"], "state": doc["state"], "first_slices": first})
+        print(f"[K={K} R={R}] CLI forget {owner}: {wall:.2f} s wall, "
+              f"{doc['unlearn_seconds']:.2f} s in the executor", flush=True)
+    acc_after = executor.test_accuracy()
+
+    ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))  # shard actors go too
+    wait_actors_gone()
+    shutil.rmtree(ctx.storage.local_path(ctx.layout.root), ignore_errors=True)
+
+    unlearn = statistics.median(r["unlearn_s"] for r in reqs)
+    plain = statistics.median(r["plain_torch_s"] for r in reqs)
+    return {
+        "K": K, "R": R,
+        "full_retrain_s": full["seconds"],
+        "unlearn_s": unlearn,
+        "speedup": full["seconds"] / unlearn,
+        "expected_speedup": K * 2 * R / (R + 1),
+        "plain_torch_s": plain,
+        "overhead_ratio": unlearn / plain,
+        "accuracy_ensemble": acc_ens,
+        "accuracy_single": single["accuracy"],
+        "cli_forget_s": statistics.median(c["wall_s"] for c in cli) if cli else None,
+        "cli_unlearn_s": statistics.median(c["unlearn_seconds"] for c in cli) if cli else None,
+        "train_s": train_s,
+        "n_requests": len(reqs),
+        "num_train": ctx.info["num_train"],
+        "full_retrain_train_s": full["train_seconds"],
+        "executor_start_s": start_s,
+        "executor": settings,
+        "single_model_train_s": single["train_s"],
+        "accuracy_after_deletions": acc_after,
+        "requests": reqs,
+        "cli_requests": cli,
+    }
+
+
+def run_digits(root: Path) -> dict:
+    ctx = create_run(load_config(REPO / "configs/digits.yaml", [f"storage={root}", "name=bench-digits"]))
+    train_s = train_all_shards(ctx)["train_seconds"]
+    model, single_s = train_single_model(ctx)
+    test = ctx.split_records("test")
+    ens, one = serving_accuracy(ctx), model_accuracy(model, test.features, test.labels)
+    cfg = ctx.config
+    return {
+        "dataset": "digits", "K": cfg.partition.shards, "R": cfg.partition.slices,
+        "epochs": cfg.training.epochs, "num_train": ctx.info["num_train"], "num_test": ctx.info["num_test"],
+        "accuracy_ensemble": ens, "accuracy_single": one, "gap_points": 100 * (one - ens),
+        "train_s": train_s, "single_model_train_s": single_s,
+    }
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, R in enumerate(sorted({r["R"] for r in records})):
+        rs = sorted((r for r in records if r["R"] == R), key=lambda r: r["K"])
+        ks = [r["K"] for r in rs]
+        a.plot(ks, [r["speedup"] for r in rs], "o-", color=f"C{i}", label=f"measured, R={R}")
+        a.plot(ks, [r["expected_speedup"] for r in rs], "--", color=f"C{i}", label=f"K*2R/(R+1), R={R}")
+    a.set(xscale="log", yscale="log", xlabel="K (shards)", ylabel="full retrain / unlearn",
+          title="speedup of one owner's deletion")
+    a.set_xticks(sorted({r["K"] for r in records}), [str(k) for k in sorted({r["K"] for r in records})])
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3, which="both")
+    xs = np.arange(len(records))
+    b.bar(xs - 0.2, [r["unlearn_s"] for r in records], 0.4, label="unlearn_s (Ray executor)")
+    b.bar(xs + 0.2, [r["plain_torch_s"] for r in records], 0.4, label="plain_torch_s (bare loop)")
+    b.set_xticks(xs, [f"K={r['K']}\nR={r['R']}" for r in records], fontsize=8)
+    b.set(yscale="log", ylabel="seconds (median per request)", title="unlearning vs compute floor")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_table(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="unlearning speed (medians per single-owner request)")
+    cols = ["K", "R", "train s", "full retrain s", "unlearn s", "speedup", "expected", "plain torch s",
+            "overhead", "CLI s", "acc ensemble", "acc single"]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in doc["records"]:
+        t.add_row(str(r["K"]), str(r["R"]), f"{r['train_s']:.1f}", f"{r['full_retrain_s']:.1f}",
+                  f"{r['unlearn_s']:.2f}", f"{r['speedup']:.1f}x", f"{r['expected_speedup']:.1f}x",
+                  f"{r['plain_torch_s']:.2f}", f"{r['overhead_ratio']:.2f}",
+                  f"{r['cli_forget_s']:.2f}" if r["cli_forget_s"] is not None else "-",
+                  f"{r['accuracy_ensemble']:.4f}", f"{r['accuracy_single']:.4f}")
+    Console().print(t)
+    d = doc["digits"]
+    Console().print(f"digits: ensemble {d['accuracy_ensemble']:.4f} vs single {d['accuracy_single']:.4f} "
+                    f"({d['gap_points']:+.1f} points single - ensemble)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("results/unlearning_speed"))
+    ap.add_argument("--quick", action="store_true", help="tiny data, K in {1,4}, R in {1,2}")
+    ap.add_argument("--cases", help="only these K:R pairs, e.g. '8:5,16:1' (to rerun a noisy case)")
+    args = ap.parse_args()
+    p = dict(QUICK if args.quick else FULL)
+    cases = [(K, R) for K in p["shards"] for R in p["slices"]]
+    if args.cases:
+        cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    root = (args.out / "runs").resolve()
+    if Path.home().joinpath(".ray", "auth_token").exists():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # `ray start` turns auth on when a token exists
+
+    t_start = time.perf_counter()
+    head = LocalRayHead()
+    records, single = [], {}
+    try:
+        head.start()
+        print(f"Ray head at {head.address} (node IP {head.node_ip}, token auth {head.auth}) "
+              f"up in {head.start_s:.1f} s", flush=True)
+        connect(head.address)
+        for K, R in cases:
+            records.append(run_case(K, R, p, root, head.address, single))
+    finally:
+        ray.shutdown()
+        head.stop()
+    digits = run_digits(root)
+    shutil.rmtree(root / "runs", ignore_errors=True)
+
+    doc = {
+        "machine": {
+            "cpu_count": os.cpu_count(), "torch_threads_driver": torch.get_num_threads(),
+            "executor_torch_threads": records[0]["executor"]["torch_threads"] if records else None,
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "numpy": np.__version__, "platform": platform.platform(),
+            "ray_node_ip": head.node_ip, "ray_token_auth": head.auth,
+            "ray_auth_mode_env": os.environ.get("RAY_AUTH_MODE"),
+        },
+        "params": {**p, "cases": [list(c) for c in cases], "quick": args.quick,
+                   "config": "configs/purchase.yaml", "requests_seed": "config seed (pick_owners)",
+                   "plain_torch_start": "the live stage first-1 snapshot (a fresh model when first=0)",
+                   "single_model": "trained once; identical for every (K, R)"},
+        "records": records,
+        "digits": digits,
+        "seconds": time.perf_counter() - t_start,
+    }
+    (args.out / "unlearning_speed.json").write_text(json.dumps(doc, indent=2))
+    plot(records, args.out / "unlearning_speed.png")
+    print_table(doc)
+    print(f"wrote {args.out / 'unlearning_speed.json'} and {args.out / 'unlearning_speed.png'} "
+          f"in {doc['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The `ray-unlearn` command as a user runs it: every command's --json document, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "ray_unlearn.cli"]
+TINY = ["training.epochs=1", "partition.shards=2", "partition.slices=2", "model.hidden=[16]"]
+
+
+def run_cli(*args: str, check: bool = True) -> tuple[int, dict]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run(
+        [*CLI, *args, "--json"], capture_output=True, text=True, env=env, timeout=600
+    )
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, (
+        f"stdout must hold exactly one JSON document, got:\n{p.stdout}\nstderr:\n{p.stderr[-3000:]}"
+    )
+    doc = json.loads(lines[0])
+    if check:
+        assert p.returncode == 0, f"exit {p.returncode}: {doc}\n{p.stderr[-3000:]}"
+    return p.returncode, doc
+
+
+def test_strategies_lists_sisa():
+    _, doc = run_cli("strategies")
+    assert {"name": "sisa", "exact": True}.items() <= doc["strategies"][0].items()
+
+
+def test_bad_config_is_reported_without_a_traceback(tmp_path):
+    code, doc = run_cli(
+        "train",
+        "--config",
+        "configs/digits.yaml",
+        "partition.shards=0",
+        f"storage={tmp_path}",
+        check=False,
+    )
+    assert code == 2 and "partition.shards" in doc["error"]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.ray
+def test_train_forget_status_audit(tmp_path):
+    store = str(tmp_path / "store")
+    _, trained = run_cli("train", "--config", "configs/digits.yaml", f"storage={store}", *TINY)
+    run = trained["run_id"]
+    assert (
+        trained["shards"] == 2 and trained["workers"] == 2 and 0.3 < trained["test_accuracy"] <= 1
+    )
+
+    # Unknown owner: a clear error, exit 2, and nothing written to the deletion log.
+    code, bad = run_cli(
+        "forget", "--run", run, "--owner", "nobody", "--storage", store, check=False
+    )
+    assert code == 2 and "unknown owner id 'nobody'" in bad["error"]
+    assert not os.path.exists(os.path.join(store, "runs", run, "deletions", "requests"))
+
+    from ray_unlearn.platform.plan import TEST
+    from ray_unlearn.platform.run import open_run
+
+    ctx = open_run(store, run)
+    owner = str(ctx.plan.owner_ids[ctx.plan.shards != TEST][0])
+    _, done = run_cli(
+        "forget", "--run", run, "--owner", owner, "--storage", store, "--request-id", "cli-1"
+    )
+    assert done["request_id"] == "cli-1" and done["state"] == "done" and done["created"]
+    assert done["versions_retired"] and done["unlearn_seconds"] > 0
+
+    _, again = run_cli(
+        "forget", "--run", run, "--owner", owner, "--storage", store, "--request-id", "cli-1"
+    )
+    assert not again["created"] and again["state"] == "done" and again["history"] == done["history"]
+
+    _, status = run_cli("status", "--run", run, "--request-id", "cli-1", "--storage", store)
+    assert status["state"] == "done" and [h["state"] for h in status["history"]] == [
+        "pending",
+        "executing",
+        "done",
+    ]
+
+    _, audited = run_cli("audit", "--run", run, "--owner", owner, "--storage", store)
+    assert audited["clean"] and audited["live_versions_containing"] == {}
+    assert audited["requests"][0]["request_id"] == "cli-1"
+
+    _, whole = run_cli("audit", "--run", run, "--storage", store)
+    assert whole["clean"] and whole["deleted_sample_count"] == len(
+        done and ctx.plan.samples_of_owner(owner)
+    )
+
+    code, missing = run_cli("audit", "--run", "no-such-run", "--storage", store, check=False)
+    assert code == 2 and "no run 'no-such-run'" in missing["error"]

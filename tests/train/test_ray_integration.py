@@ -1,0 +1,99 @@
+"""Ray integration: the Ray Train job, the executor's shard actors, the detached executor.
+
+All tests share one embedded Ray session (tests/conftest.py: ``ray_session``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ray_unlearn.platform.audit import audit
+from ray_unlearn.platform.plan import TEST
+from ray_unlearn.platform.run import create_run
+from ray_unlearn.platform.training import train_shard
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """A tiny run trained by the real Ray Train job (3 workers, one per shard)."""
+    from ray_unlearn.train.job import run_training
+
+    ctx = create_run(tiny_config(tmp_path_factory.mktemp("ray")))
+    summary = run_training(ctx)
+    return ctx, summary
+
+
+def test_train_job_records_every_slice_version(trained):
+    ctx, summary = trained
+    assert summary["workers"] == 3
+    reg = ctx.model_store.registry()
+    assert sorted(reg.shards) == [0, 1, 2]
+    for k, entry in reg.shards.items():
+        assert entry.chain == [f"s{k:03d}-r{r:02d}-g0000" for r in range(3)]
+        for r, vid in enumerate(entry.chain):
+            m = ctx.model_store.manifest(vid)
+            assert (
+                m["parent"] == (entry.chain[r - 1] if r else None)
+                and m["created_by"] == "train-job"
+            )
+            ids, slices = ctx.plan.shard_members(k)
+            assert np.array_equal(ctx.model_store.sample_ids(vid), np.sort(ids[slices <= r]))
+    # Train's checkpoints were transport only: gone, so no stray copy keeps deleted data.
+    assert not ctx.storage.exists(ctx.layout.train_transport)
+
+
+def test_train_job_weights_equal_in_process_training(trained):
+    """A Ray Train worker and this process compute the same bits (same seed, same threads)."""
+    ctx, _ = trained
+    cfg = ctx.config
+    k = 2
+    stages = train_shard(
+        ctx.shard_data(k),
+        cfg.model,
+        cfg.training,
+        seed=cfg.seed,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+    )
+    for st, vid in zip(stages, ctx.model_store.registry().shards[k].chain, strict=True):
+        stored = ctx.model_store.load_state(vid)
+        assert all(torch.equal(stored[n], st.state[n]) for n in stored)
+
+
+def test_executor_forgets_through_shard_actors(trained):
+    from ray_unlearn.train.executor import Executor
+
+    ctx, _ = trained
+    ex = Executor(ctx.storage.uri, ctx.run_id)
+    acc_before = ex.test_accuracy()
+    owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
+    rec = ex.forget(owner_id=str(owners[0]), request_id="ray-1")
+    assert rec["state"] == "done" and rec["versions_retired"] and rec["executed_by"] == "embedded"
+    assert audit(ctx, owner_id=str(owners[0]))["live_versions_containing"] == {}
+    assert abs(ex.test_accuracy() - acc_before) < 0.1
+    timing = ex.retrain_from_scratch()
+    assert timing["shards"] == 3 and timing["seconds"] > 0
+    ex.backend.shutdown()
+
+
+def test_detached_executor_is_named_and_reused(trained):
+    import ray
+
+    from ray_unlearn.train.executor import NAMESPACE, executor_actor_name, get_executor
+
+    ctx, _ = trained
+    a = get_executor(ctx.storage.uri, ctx.run_id, detached=True)
+    owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
+    try:
+        rec = a.forget(owner_id=str(owners[1]))
+        assert rec["state"] == "done" and rec["executed_by"] == executor_actor_name(ctx.run_id)
+        b = get_executor(ctx.storage.uri, ctx.run_id, detached=True)  # same actor, not a new one
+        assert b._handle._actor_id == a._handle._actor_id
+        assert b.status(rec["request_id"])["state"] == "done"
+    finally:
+        ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))
