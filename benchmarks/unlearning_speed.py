@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -131,10 +131,8 @@ class LocalRayHead:
         self.start_s = time.time() - t0
         text = self.log.read_text()
         self.auth = "Token authentication is enabled" in text
-        self.node_ip = next(
-            (ln.split("Local node IP")[1].strip(": \x1b[0123456789m;") for ln in text.splitlines()
-             if "Local node IP" in ln), None,
-        )
+        m = re.search(r"Local node IP\D*(\d+\.\d+\.\d+\.\d+)", text)
+        self.node_ip = m.group(1) if m else None  # Ray replaces 127.0.0.1 by a routable IP
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -167,7 +165,9 @@ def plain_retrain_seconds(ctx, shard: int, first: int, deleted: set[int], thread
     data = ctx.shard_data(shard, exclude=deleted)
     model = build_model(cfg.model, ctx.feature_shape, ctx.num_classes)
     if first > 0:
-        model.load_state_dict(ctx.model_store.load_state(ctx.model_store.registry().shards[shard].chain[first - 1]))
+        model.load_state_dict(
+            ctx.model_store.load_state(ctx.model_store.registry().shards[shard].chain[first - 1])
+        )
     torch.set_num_threads(threads)
     x, y, slices = data.features, data.labels, torch.from_numpy(data.slices)
     gen = torch.Generator().manual_seed(shard)
@@ -179,7 +179,9 @@ def plain_retrain_seconds(ctx, shard: int, first: int, deleted: set[int], thread
         if tr.optimizer == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
         else:
-            opt = torch.optim.SGD(model.parameters(), lr=tr.lr, momentum=0.9, weight_decay=tr.weight_decay)
+            opt = torch.optim.SGD(
+                model.parameters(), lr=tr.lr, momentum=0.9, weight_decay=tr.weight_decay
+            )
         done = 0
         while done < steps:
             perm = rows[torch.randperm(len(rows), generator=gen)]
@@ -200,8 +202,14 @@ def plain_retrain_seconds(ctx, shard: int, first: int, deleted: set[int], thread
 def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) -> dict:
     cfg = load_config(
         REPO / "configs/purchase.yaml",
-        [f"name=bench-k{K}-r{R}", f"storage={root}", f"partition.shards={K}", f"partition.slices={R}",
-         f"data.synthetic.n_samples={p['n_samples']}", f"training.epochs={p['epochs']}"],
+        [
+            f"name=bench-k{K}-r{R}",
+            f"storage={root}",
+            f"partition.shards={K}",
+            f"partition.slices={R}",
+            f"data.synthetic.n_samples={p['n_samples']}",
+            f"training.epochs={p['epochs']}",
+        ],
     )
     ctx = create_run(cfg)
     print(f"[K={K} R={R}] run {ctx.run_id}: {ctx.info['num_train']} training rows", flush=True)
@@ -215,10 +223,16 @@ def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) ->
     executor = get_executor(ctx.storage.uri, ctx.run_id, detached=True)
     settings = executor.ping()
     start_s = time.perf_counter() - t0
-    print(f"[K={K} R={R}] trained in {train_s:.1f} s; executor up in {start_s:.1f} s {settings}", flush=True)
+    print(
+        f"[K={K} R={R}] trained in {train_s:.1f} s; executor up in {start_s:.1f} s {settings}",
+        flush=True,
+    )
     full = executor.retrain_from_scratch()
     acc_ens = executor.test_accuracy()
-    print(f"[K={K} R={R}] full retrain {full['seconds']:.1f} s, ensemble accuracy {acc_ens:.4f}", flush=True)
+    print(
+        f"[K={K} R={R}] full retrain {full['seconds']:.1f} s, ensemble accuracy {acc_ens:.4f}",
+        flush=True,
+    )
 
     owners = pick_owners(ctx, p["requests"] + p["cli_requests"], seed=cfg.seed)
     deleted: set[int] = set()
@@ -232,40 +246,76 @@ def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) ->
         deleted |= set(rec["sample_ids"])
         ((shard, first),) = ((int(k), int(s)) for k, s in d["first_slices"].items())
         plain = plain_retrain_seconds(ctx, shard, first, deleted, settings["torch_threads"])
-        reqs.append({
-            "owner_id": owner, "samples": len(rec["sample_ids"]), "shard": shard,
-            "first_slice": first, "unlearn_s": d["seconds"], "executor_train_s": d["train_seconds"],
-            "wall_s": wall, "plain_torch_s": plain,
-        })
-        print(f"[K={K} R={R}] forget {owner}: shard {shard} from slice {first + 1}/{R}, "
-              f"unlearn {d['seconds']:.2f} s, plain torch {plain:.2f} s", flush=True)
+        reqs.append(
+            {
+                "owner_id": owner,
+                "samples": len(rec["sample_ids"]),
+                "shard": shard,
+                "first_slice": first,
+                "unlearn_s": d["seconds"],
+                "executor_train_s": d["train_seconds"],
+                "wall_s": wall,
+                "plain_torch_s": plain,
+            }
+        )
+        print(
+            f"[K={K} R={R}] forget {owner}: shard {shard} from slice {first + 1}/{R}, "
+            f"unlearn {d['seconds']:.2f} s, plain torch {plain:.2f} s",
+            flush=True,
+        )
 
     cli = []
-    env = {**os.environ, "RAY_AUTH_MODE": "token"} if os.environ.get("RAY_AUTH_MODE") else dict(os.environ)
     for owner in owners[p["requests"] :]:
-        cmd = [CLI, "forget", "--run", ctx.run_id, "--owner", owner, "--storage", ctx.storage.uri,
-               "--address", address, "--json"]
+        cmd = [
+            CLI,
+            "forget",
+            "--run",
+            ctx.run_id,
+            "--owner",
+            owner,
+            "--storage",
+            ctx.storage.uri,
+            "--address",
+            address,
+            "--json",
+        ]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
         doc = json.loads(proc.stdout)
         first = {int(k): int(s) for k, s in doc["first_slices"].items()}
-        cli.append({"owner_id": owner, "wall_s": wall, "unlearn_seconds": doc["unlearn_seconds"],
-                    "cli_seconds": doc["seconds"], "state": doc["state"], "first_slices": first})
-        print(f"[K={K} R={R}] CLI forget {owner}: {wall:.2f} s wall, "
-              f"{doc['unlearn_seconds']:.2f} s in the executor", flush=True)
+        cli.append(
+            {
+                "owner_id": owner,
+                "wall_s": wall,
+                "unlearn_seconds": doc["unlearn_seconds"],
+                "cli_seconds": doc["seconds"],
+                "state": doc["state"],
+                "first_slices": first,
+            }
+        )
+        print(
+            f"[K={K} R={R}] CLI forget {owner}: {wall:.2f} s wall, "
+            f"{doc['unlearn_seconds']:.2f} s in the executor",
+            flush=True,
+        )
     acc_after = executor.test_accuracy()
 
-    ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))  # shard actors go too
+    ray.kill(
+        ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE)
+    )  # shard actors go too
     wait_actors_gone()
     shutil.rmtree(ctx.storage.local_path(ctx.layout.root), ignore_errors=True)
 
     unlearn = statistics.median(r["unlearn_s"] for r in reqs)
     plain = statistics.median(r["plain_torch_s"] for r in reqs)
     return {
-        "K": K, "R": R,
+        "K": K,
+        "R": R,
         "full_retrain_s": full["seconds"],
         "unlearn_s": unlearn,
         "speedup": full["seconds"] / unlearn,
@@ -290,17 +340,26 @@ def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) ->
 
 
 def run_digits(root: Path) -> dict:
-    ctx = create_run(load_config(REPO / "configs/digits.yaml", [f"storage={root}", "name=bench-digits"]))
+    ctx = create_run(
+        load_config(REPO / "configs/digits.yaml", [f"storage={root}", "name=bench-digits"])
+    )
     train_s = train_all_shards(ctx)["train_seconds"]
     model, single_s = train_single_model(ctx)
     test = ctx.split_records("test")
     ens, one = serving_accuracy(ctx), model_accuracy(model, test.features, test.labels)
     cfg = ctx.config
     return {
-        "dataset": "digits", "K": cfg.partition.shards, "R": cfg.partition.slices,
-        "epochs": cfg.training.epochs, "num_train": ctx.info["num_train"], "num_test": ctx.info["num_test"],
-        "accuracy_ensemble": ens, "accuracy_single": one, "gap_points": 100 * (one - ens),
-        "train_s": train_s, "single_model_train_s": single_s,
+        "dataset": "digits",
+        "K": cfg.partition.shards,
+        "R": cfg.partition.slices,
+        "epochs": cfg.training.epochs,
+        "num_train": ctx.info["num_train"],
+        "num_test": ctx.info["num_test"],
+        "accuracy_ensemble": ens,
+        "accuracy_single": one,
+        "gap_points": 100 * (one - ens),
+        "train_s": train_s,
+        "single_model_train_s": single_s,
     }
 
 
@@ -318,10 +377,19 @@ def plot(records: list[dict], path: Path) -> None:
         rs = sorted((r for r in records if r["R"] == R), key=lambda r: r["K"])
         ks = [r["K"] for r in rs]
         a.plot(ks, [r["speedup"] for r in rs], "o-", color=f"C{i}", label=f"measured, R={R}")
-        a.plot(ks, [r["expected_speedup"] for r in rs], "--", color=f"C{i}", label=f"K*2R/(R+1), R={R}")
-    a.set(xscale="log", yscale="log", xlabel="K (shards)", ylabel="full retrain / unlearn",
-          title="speedup of one owner's deletion")
-    a.set_xticks(sorted({r["K"] for r in records}), [str(k) for k in sorted({r["K"] for r in records})])
+        a.plot(
+            ks, [r["expected_speedup"] for r in rs], "--", color=f"C{i}", label=f"K*2R/(R+1), R={R}"
+        )
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="K (shards)",
+        ylabel="full retrain / unlearn",
+        title="speedup of one owner's deletion",
+    )
+    a.set_xticks(
+        sorted({r["K"] for r in records}), [str(k) for k in sorted({r["K"] for r in records})]
+    )
     a.legend(fontsize=8)
     a.grid(alpha=0.3, which="both")
     xs = np.arange(len(records))
@@ -339,20 +407,43 @@ def print_table(doc: dict) -> None:
     from rich.table import Table
 
     t = Table(title="unlearning speed (medians per single-owner request)")
-    cols = ["K", "R", "train s", "full retrain s", "unlearn s", "speedup", "expected", "plain torch s",
-            "overhead", "CLI s", "acc ensemble", "acc single"]
+    cols = [
+        "K",
+        "R",
+        "train s",
+        "full retrain s",
+        "unlearn s",
+        "speedup",
+        "expected",
+        "plain torch s",
+        "overhead",
+        "CLI s",
+        "acc ensemble",
+        "acc single",
+    ]
     for c in cols:
         t.add_column(c, justify="right")
     for r in doc["records"]:
-        t.add_row(str(r["K"]), str(r["R"]), f"{r['train_s']:.1f}", f"{r['full_retrain_s']:.1f}",
-                  f"{r['unlearn_s']:.2f}", f"{r['speedup']:.1f}x", f"{r['expected_speedup']:.1f}x",
-                  f"{r['plain_torch_s']:.2f}", f"{r['overhead_ratio']:.2f}",
-                  f"{r['cli_forget_s']:.2f}" if r["cli_forget_s"] is not None else "-",
-                  f"{r['accuracy_ensemble']:.4f}", f"{r['accuracy_single']:.4f}")
+        t.add_row(
+            str(r["K"]),
+            str(r["R"]),
+            f"{r['train_s']:.1f}",
+            f"{r['full_retrain_s']:.1f}",
+            f"{r['unlearn_s']:.2f}",
+            f"{r['speedup']:.1f}x",
+            f"{r['expected_speedup']:.1f}x",
+            f"{r['plain_torch_s']:.2f}",
+            f"{r['overhead_ratio']:.2f}",
+            f"{r['cli_forget_s']:.2f}" if r["cli_forget_s"] is not None else "-",
+            f"{r['accuracy_ensemble']:.4f}",
+            f"{r['accuracy_single']:.4f}",
+        )
     Console().print(t)
     d = doc["digits"]
-    Console().print(f"digits: ensemble {d['accuracy_ensemble']:.4f} vs single {d['accuracy_single']:.4f} "
-                    f"({d['gap_points']:+.1f} points single - ensemble)")
+    Console().print(
+        f"digits: ensemble {d['accuracy_ensemble']:.4f} vs single {d['accuracy_single']:.4f} "
+        f"({d['gap_points']:+.1f} points single - ensemble)"
+    )
 
 
 def main() -> None:
@@ -368,15 +459,20 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     root = (args.out / "runs").resolve()
     if Path.home().joinpath(".ray", "auth_token").exists():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # `ray start` turns auth on when a token exists
+        os.environ.setdefault(
+            "RAY_AUTH_MODE", "token"
+        )  # `ray start` turns auth on when a token exists
 
     t_start = time.perf_counter()
     head = LocalRayHead()
     records, single = [], {}
     try:
         head.start()
-        print(f"Ray head at {head.address} (node IP {head.node_ip}, token auth {head.auth}) "
-              f"up in {head.start_s:.1f} s", flush=True)
+        print(
+            f"Ray head at {head.address} (node IP {head.node_ip}, token auth {head.auth}) "
+            f"up in {head.start_s:.1f} s",
+            flush=True,
+        )
         connect(head.address)
         for K, R in cases:
             records.append(run_case(K, R, p, root, head.address, single))
@@ -388,17 +484,27 @@ def main() -> None:
 
     doc = {
         "machine": {
-            "cpu_count": os.cpu_count(), "torch_threads_driver": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads_driver": torch.get_num_threads(),
             "executor_torch_threads": records[0]["executor"]["torch_threads"] if records else None,
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "numpy": np.__version__, "platform": platform.platform(),
-            "ray_node_ip": head.node_ip, "ray_token_auth": head.auth,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+            "ray_node_ip": head.node_ip,
+            "ray_token_auth": head.auth,
             "ray_auth_mode_env": os.environ.get("RAY_AUTH_MODE"),
         },
-        "params": {**p, "cases": [list(c) for c in cases], "quick": args.quick,
-                   "config": "configs/purchase.yaml", "requests_seed": "config seed (pick_owners)",
-                   "plain_torch_start": "the live stage first-1 snapshot (a fresh model when first=0)",
-                   "single_model": "trained once; identical for every (K, R)"},
+        "params": {
+            **p,
+            "cases": [list(c) for c in cases],
+            "quick": args.quick,
+            "config": "configs/purchase.yaml",
+            "requests_seed": "config seed (pick_owners)",
+            "plain_torch_start": "the live stage first-1 snapshot (a fresh model when first=0)",
+            "single_model": "trained once; identical for every (K, R)",
+        },
         "records": records,
         "digits": digits,
         "seconds": time.perf_counter() - t_start,
@@ -406,8 +512,10 @@ def main() -> None:
     (args.out / "unlearning_speed.json").write_text(json.dumps(doc, indent=2))
     plot(records, args.out / "unlearning_speed.png")
     print_table(doc)
-    print(f"wrote {args.out / 'unlearning_speed.json'} and {args.out / 'unlearning_speed.png'} "
-          f"in {doc['seconds']:.0f} s")
+    print(
+        f"wrote {args.out / 'unlearning_speed.json'} and {args.out / 'unlearning_speed.png'} "
+        f"in {doc['seconds']:.0f} s"
+    )
 
 
 if __name__ == "__main__":
