@@ -213,11 +213,18 @@ def forget(
         )
         ack_s = time.perf_counter() - t0
         if not no_wait and record.state.value != "done":
-            from ray_unlearn.train.executor import get_executor
-            from ray_unlearn.train.session import connect
+            if address:
+                # A cluster: the run's detached executor (shard snapshots already in memory).
+                from ray_unlearn.train.executor import get_executor
+                from ray_unlearn.train.session import connect
 
-            executor = get_executor(ctx.storage.uri, run, detached=connect(address))
-            executor.execute_pending()
+                connect(address)
+                get_executor(ctx.storage.uri, run, detached=True).execute_pending()
+            else:
+                # No cluster: this one process does the work, loading only the affected shards.
+                from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+
+                UnlearningEngine(ctx, LocalShards(ctx), executor_name="cli").execute_pending()
         final = ctx.deletion_log.get(rid)
         doc = {
             "run_id": run,

@@ -79,15 +79,28 @@ class ShardRuntime:
     def __init__(self, ctx: RunContext, shard: int, deleted=()):
         configure_threads(ctx.config.training.torch_threads)
         self.ctx, self.shard = ctx, shard
-        entry = ctx.model_store.registry().shards.get(shard)
+        self._load(deleted)
+
+    def _load(self, deleted) -> None:
+        entry = self.ctx.model_store.registry().shards.get(self.shard)
         if entry is None:
             raise ValueError(
-                f"shard {shard} is not in run {ctx.run_id}'s registry: was the run trained?"
+                f"shard {self.shard} is not in run {self.ctx.run_id}'s registry: was the run trained?"
             )
-        self.data = ctx.shard_data(shard, exclude=deleted)
+        self.data = self.ctx.shard_data(self.shard, exclude=deleted)
         self.chain, self.generation, self.empty = list(entry.chain), entry.generation, entry.empty
-        self.snapshots = [ctx.model_store.load_state(v) for v in self.chain]
+        self.snapshots = [self.ctx.model_store.load_state(v) for v in self.chain]
         self._model: torch.nn.Module | None = None
+
+    def refresh(self) -> bool:
+        """Reload if another process published a newer generation of this shard (say, a
+        one-off ``forget`` run without the cluster): retraining from a stale chain or stale
+        rows would bring deleted samples back. Returns True when it reloaded."""
+        entry = self.ctx.model_store.registry().shards.get(self.shard)
+        if entry is not None and entry.generation == self.generation:
+            return False
+        self._load(self.ctx.deletion_log.deleted_sample_ids())
+        return True
 
     def info(self) -> dict[str, Any]:
         return {
@@ -101,6 +114,7 @@ class ShardRuntime:
     def unlearn(self, deleted, strategy: str, request_ids: list[str]) -> dict[str, Any]:
         """Remove ``deleted`` ids (those live in this shard) and publish new versions."""
         t0 = time.perf_counter()
+        self.refresh()
         deleted = np.asarray(deleted, dtype=np.int64)
         deleted = deleted[np.isin(deleted, self.data.sample_ids)]
         out: dict[str, Any] = {

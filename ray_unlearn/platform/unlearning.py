@@ -45,25 +45,34 @@ class ShardBackend(Protocol):
 
 
 class LocalShards:
-    """Shard runtimes in this process, worked one after another."""
+    """Shard runtimes in this process, loaded on first use and worked one after another.
+
+    Loading is lazy so that a one-off ``forget`` pays only for the shards it touches.
+    """
 
     def __init__(self, ctx: RunContext):
-        deleted = ctx.deletion_log.deleted_sample_ids()
-        self.shards = {
-            k: ShardRuntime(ctx, k, deleted) for k in sorted(ctx.model_store.registry().shards)
-        }
+        self.ctx = ctx
+        self.shard_ids = sorted(ctx.model_store.registry().shards)
+        self._loaded: dict[int, ShardRuntime] = {}
+
+    def shard(self, k: int) -> ShardRuntime:
+        if k not in self._loaded:
+            deleted = self.ctx.deletion_log.deleted_sample_ids()
+            self._loaded[k] = ShardRuntime(self.ctx, k, deleted)
+        return self._loaded[k]
 
     def unlearn(self, per_shard, strategy, request_ids):
         return [
-            self.shards[k].unlearn(ids, strategy, request_ids)
+            self.shard(k).unlearn(ids, strategy, request_ids)
             for k, ids in sorted(per_shard.items())
         ]
 
     def retrain_from_scratch(self):
-        return [s.retrain_from_scratch() for s in self.shards.values() if not s.empty]
+        shards = [self.shard(k) for k in self.shard_ids]
+        return [s.retrain_from_scratch() for s in shards if not s.empty]
 
     def predict_proba(self, features):
-        out = {k: s.predict_proba(features) for k, s in self.shards.items()}
+        out = {k: self.shard(k).predict_proba(features) for k in self.shard_ids}
         return {k: p for k, p in out.items() if p is not None}
 
 

@@ -174,3 +174,32 @@ def test_audit_detects_a_violation(tiny_run):
     ctx.model_store.write_registry(reg)
     a = audit(ctx, owner_id=owner)
     assert not a["clean"] and set(a["violations"]) & set(stale)
+
+
+def test_a_long_lived_executor_notices_deletions_made_elsewhere(tiny_run):
+    """Executor A holds shard state in memory; a one-off process B forgets an owner of the
+    same shard. A's next deletion must start from B's result, not bring B's owner back."""
+    ctx = tiny_run
+    by_shard: dict[int, list[str]] = {}
+    for o in np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST]):
+        k = int(ctx.plan.locate(ctx.plan.samples_of_owner(o))[0].max())
+        by_shard.setdefault(k, []).append(str(o))
+    shard, (x, y) = next((k, v[:2]) for k, v in by_shard.items() if len(v) >= 2)
+    a = _engine(ctx)
+    a.backend.shard(shard)  # loaded before B acts
+    _engine(ctx).forget(owner_id=x)
+    a.forget(owner_id=y)
+    assert audit(ctx, owner_id=x)["live_versions_containing"] == {}
+    assert audit(ctx, owner_id=y)["live_versions_containing"] == {}
+    gone = np.concatenate([ctx.plan.samples_of_owner(x), ctx.plan.samples_of_owner(y)])
+    cfg = ctx.config
+    scratch = train_shard(
+        ctx.shard_data(shard, exclude=gone),
+        cfg.model,
+        cfg.training,
+        seed=cfg.seed,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+    )
+    live = ctx.model_store.load_state(ctx.model_store.registry().shards[shard].chain[-1])
+    assert all(torch.equal(live[n], scratch[-1].state[n]) for n in live)
