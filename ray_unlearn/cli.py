@@ -352,6 +352,96 @@ def strategies(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def serve(
+    run: RunOpt,
+    policy: Annotated[
+        str, typer.Option(help="Serving policy preset (see `ray-unlearn policies`).")
+    ] = "double-lazy-wait",
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    protect_predict: Annotated[
+        bool, typer.Option(help="Require the bearer token on /v1/predict too.")
+    ] = False,
+    detach: Annotated[
+        bool, typer.Option(help="Deploy and return (needs a cluster: --address).")
+    ] = False,
+    storage: StorageOpt = "./runs",
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve predictions with ERASER gating, plus /v1/forget, /v1/audit, /metrics (HTTP)."""
+    from ray_unlearn.platform.policies import get_policy
+    from ray_unlearn.platform.run import open_run
+
+    with _Output(as_json) as out, _errors(out):
+        ctx = open_run(storage, run)
+        get_policy(policy)
+        if detach and not address:
+            raise ValueError(
+                "--detach needs a running cluster (--address or RAY_ADDRESS): an embedded Ray ends with this process"
+            )
+        from ray import serve as ray_serve
+
+        from ray_unlearn.serve.app import build_app
+        from ray_unlearn.train.session import connect
+
+        connect(address)
+        ray_serve.start(http_options={"host": host, "port": port})
+        t0 = time.perf_counter()
+        ray_serve.run(
+            build_app(
+                {
+                    "storage": ctx.storage.uri,
+                    "run_id": run,
+                    "policy": policy,
+                    "protect_predict": protect_predict,
+                }
+            ),
+            name="ray-unlearn",
+            route_prefix="/",
+        )
+        url = f"http://{host}:{port}"
+        doc = {
+            "run_id": run,
+            "url": url,
+            "policy": policy,
+            "docs": f"{url}/docs",
+            "startup_seconds": time.perf_counter() - t0,
+            "token_configured": bool(os.environ.get("RAY_UNLEARN_API_TOKEN")),
+        }
+        if not doc["token_configured"]:
+            err.print(
+                "[yellow]RAY_UNLEARN_API_TOKEN is not set: /v1/forget and /v1/audit will answer 503[/yellow]"
+            )
+        out.emit(doc)
+        if detach:
+            return
+        err.print(f"serving {run} at {url} (policy {policy}); Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            ray_serve.shutdown()
+
+
+@app.command()
+def policies(as_json: JsonOpt = False) -> None:
+    """List the serving policy presets."""
+    from ray_unlearn.platform.policies import PRESETS
+
+    with _Output(as_json) as out:
+        rows = [p.model_dump() for p in PRESETS.values()]
+        t = Table(title="serving policies")
+        for col in ("name", "contexts", "timing", "uncertified", "description"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["name"], r["contexts"], r["timing"], r["uncertified"], r["description"])
+        out.emit({"policies": rows}, t)
+
+
+@app.command()
 def demo(
     config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/digits.yaml"),
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,

@@ -178,11 +178,11 @@ class _ActorProxy:
         return lambda *a, **kw: ray.get(method.remote(*a, **kw))
 
 
-def get_executor(storage_uri: str, run_id: str, *, detached: bool):
-    """The run's executor: a named detached actor (reused if it exists) or an in-process one."""
-    if not detached:
-        return Executor(storage_uri, run_id, name="embedded")
-    handle = (
+def executor_handle(storage_uri: str, run_id: str):
+    """The run's named detached executor actor, created on first use and shared after that
+    by every ``forget`` client and the serving gateway (one executor per run: its calls run
+    one at a time, so two clients never retrain the same shard at once)."""
+    return (
         ray.remote(Executor)
         .options(
             name=executor_actor_name(run_id),
@@ -194,4 +194,10 @@ def get_executor(storage_uri: str, run_id: str, *, detached: bool):
         )
         .remote(storage_uri, run_id, executor_actor_name(run_id))
     )
-    return _ActorProxy(handle)
+
+
+def get_executor(storage_uri: str, run_id: str, *, detached: bool):
+    """The run's executor: the named detached actor (blocking proxy), or an in-process one."""
+    if not detached:
+        return Executor(storage_uri, run_id, name="embedded")
+    return _ActorProxy(executor_handle(storage_uri, run_id))

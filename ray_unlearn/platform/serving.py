@@ -1,0 +1,147 @@
+"""The serving gateway's decisions, without Ray: which deletions are pending on which shards,
+and how each inference instance is answered under a policy.
+
+The Ray Serve gateway (``ray_unlearn.serve.gateway``) keeps a :class:`DeletionTracker` in
+memory, asks :func:`answer_batch` what to do with the instances of a request, queries only
+the shards that answer needs, and waits or executes deletions as the policy says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ray_unlearn.platform.certify import aggregate_subset, certify
+from ray_unlearn.platform.deletion_log import RequestRecord
+from ray_unlearn.platform.plan import TEST, PartitionPlan
+from ray_unlearn.platform.policies import PendingView, ServingPolicy, answer_mode
+
+
+@dataclass
+class Pending:
+    request_id: str
+    shards: frozenset[int]  # shards whose live models hold the request's samples
+    received_at: float
+    deadline: float | None
+    executing: bool = False
+
+
+@dataclass
+class DeletionTracker:
+    """In-memory view of the unfinished deletion requests (the log is the record)."""
+
+    plan: PartitionPlan
+    items: dict[str, Pending] = field(default_factory=dict)
+
+    def add(self, record: RequestRecord) -> Pending:
+        rid = record.request.request_id
+        if rid not in self.items:
+            shards, _ = self.plan.locate(record.request.sample_ids)
+            self.items[rid] = Pending(
+                rid,
+                frozenset(int(k) for k in shards if k != TEST),
+                record.request.received_at,
+                record.request.deadline,
+            )
+        return self.items[rid]
+
+    def sync(self, unfinished: list[RequestRecord]) -> None:
+        """Match the log: add requests logged elsewhere, drop the ones no longer unfinished."""
+        ids = {r.request.request_id for r in unfinished}
+        for r in unfinished:
+            self.add(r)
+        for rid in list(self.items):
+            if rid not in ids:
+                del self.items[rid]
+
+    def affected(self) -> set[int]:
+        return {k for p in self.items.values() for k in p.shards}
+
+    def executing_shards(self) -> set[int]:
+        return {k for p in self.items.values() if p.executing for k in p.shards}
+
+    def waiting(self) -> list[Pending]:
+        return [p for p in self.items.values() if not p.executing]
+
+    def views(self) -> list[PendingView]:
+        return [PendingView(p.received_at, p.deadline) for p in self.waiting()]
+
+    def begin_execution(self) -> list[str]:
+        ids = [p.request_id for p in self.waiting()]
+        for rid in ids:
+            self.items[rid].executing = True
+        return ids
+
+    def abort_execution(self, ids: list[str]) -> None:
+        for rid in ids:
+            if rid in self.items:
+                self.items[rid].executing = False
+
+
+@dataclass
+class InstanceAnswer:
+    mode: str  # certified | excluded | wait | reject | stale
+    label: int | None = None
+    scores: list[float] | None = None
+
+
+def shards_to_query(policy: ServingPolicy, live: list[int], affected: set[int]) -> list[int]:
+    """Only the naive baseline ever needs an affected shard's current (stale) model."""
+    if policy.expose_stale:
+        return list(live)
+    return [k for k in live if k not in affected]
+
+
+def answer_batch(
+    policy: ServingPolicy,
+    rule: str,
+    live: list[int],
+    affected: set[int],
+    probs: dict[int, np.ndarray],
+    *,
+    n: int,
+    pending: bool,
+    shard_busy: bool = False,
+) -> list[InstanceAnswer]:
+    """Answer ``n`` instances from ``probs`` (shard -> (n, classes), the shards queried).
+
+    ``live``: the shards with a serving model; ``affected``: those with a deletion pending or
+    executing. Instances whose mode is "wait" or "reject" get no label here.
+    """
+    affected = {k for k in affected if k in live}
+    mask = np.array([k in affected for k in live], dtype=bool)
+    unaffected = [k for k in live if k not in affected]
+    classes = next(iter(probs.values())).shape[1] if probs else None
+    if classes is None:  # nothing to certify with: every live shard is affected
+        return [
+            InstanceAnswer(
+                answer_mode(policy, False, shard_busy, pending=pending, any_unaffected=False)
+            )
+            for _ in range(n)
+        ]
+    # Rows of shards not queried are zeros: a certificate never reads them (it depends on
+    # the unaffected shards and on m only), and zeros act as "this shard dropped out".
+    stack = np.stack([probs.get(k, np.zeros((n, classes))) for k in live])  # (K, n, C)
+    certified = certify(stack, mask, rule)[1] if unaffected else np.zeros(n, dtype=bool)
+    keep = ~mask
+    safe_labels, safe_scores = aggregate_subset(stack, keep, rule) if unaffected else (None, None)
+    stale_labels, stale_scores = (
+        aggregate_subset(stack, np.ones(len(live), dtype=bool), rule)
+        if policy.expose_stale
+        else (None, None)
+    )
+    out = []
+    for i in range(n):
+        mode = answer_mode(
+            policy, bool(certified[i]), shard_busy, pending=pending, any_unaffected=bool(unaffected)
+        )
+        if mode in ("certified", "excluded"):
+            # A certified label equals the unaffected shards' aggregate (the certificate
+            # covers every affected shard dropping out), so both modes answer from it.
+            out.append(InstanceAnswer(mode, int(safe_labels[i]), safe_scores[i].tolist()))
+        elif mode == "stale":
+            out.append(InstanceAnswer(mode, int(stale_labels[i]), stale_scores[i].tolist()))
+        else:
+            out.append(InstanceAnswer(mode))
+    return out

@@ -1,0 +1,40 @@
+"""Building the Serve application: one ``ShardModel`` deployment per shard + the gateway.
+
+``build_app`` is the import path ``serve run`` / ``serve deploy`` use (configs/serve.yaml);
+``ray-unlearn serve`` calls it too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from ray_unlearn.platform.policies import get_policy
+from ray_unlearn.platform.run import open_run
+from ray_unlearn.serve.gateway import Gateway, GatewaySettings
+from ray_unlearn.serve.shard import ShardModel
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """``args``: the fields of :class:`GatewaySettings` (storage, run_id, policy, ...), plus
+    optional ``shard_cpus`` (CPUs reserved per shard replica, default 0.1)."""
+    args = dict(args)
+    shard_cpus = float(args.pop("shard_cpus", 0.1))
+    settings = GatewaySettings(**args)
+    get_policy(settings.policy)  # fail here, with the list of presets, not in a replica
+    ctx = open_run(settings.storage, settings.run_id)
+    shards = sorted(ctx.model_store.registry().shards)
+    if not shards:
+        raise ValueError(
+            f"run {settings.run_id} has no trained shards: run `ray-unlearn train` first"
+        )
+    handles = [
+        ShardModel.options(name=f"shard_{k}", ray_actor_options={"num_cpus": shard_cpus}).bind(
+            ctx.storage.uri, settings.run_id, k
+        )
+        for k in shards
+    ]
+    return Gateway.options(name="gateway").bind(
+        settings.model_dump() | {"storage": ctx.storage.uri}, *handles
+    )

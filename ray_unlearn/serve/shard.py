@@ -1,0 +1,62 @@
+"""Shard deployments: one per shard, computing that shard's class probabilities.
+
+The gateway names the model version it wants with every call, so a version swap needs no
+broadcast and no restart: a replica that sees a new version id loads its weights from the
+store (milliseconds) and answers with it. Calls already in flight keep the version they
+named, from a small cache, so a swap never fails or drops a request.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from ray import serve
+
+from ray_unlearn.platform.models import build_model
+from ray_unlearn.platform.run import open_run
+from ray_unlearn.platform.training import configure_threads, predict_proba
+
+_CACHED_VERSIONS = 3
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+class ShardModel:
+    def __init__(self, storage_uri: str, run_id: str, shard: int):
+        configure_threads(1)  # many small batches on a shared machine: one thread each
+        self.ctx = open_run(storage_uri, run_id)
+        self.shard = shard
+        self._models: OrderedDict[str, torch.nn.Module] = OrderedDict()
+
+    def _model(self, version: str) -> torch.nn.Module:
+        if version in self._models:
+            self._models.move_to_end(version)
+            return self._models[version]
+        m = build_model(self.ctx.config.model, self.ctx.feature_shape, self.ctx.num_classes)
+        m.load_state_dict(self.ctx.model_store.load_state(version))
+        m.eval()
+        self._models[version] = m
+        while len(self._models) > _CACHED_VERSIONS:
+            self._models.popitem(last=False)
+        return m
+
+    def loaded_versions(self) -> list[str]:
+        return list(self._models)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def predict(self, calls: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+        """Each call: (version, (n, D) float32) -> (n, classes). Calls are grouped by version."""
+        out: list[np.ndarray | None] = [None] * len(calls)
+        by_version: dict[str, list[int]] = {}
+        for i, (version, _) in enumerate(calls):
+            by_version.setdefault(version, []).append(i)
+        for version, idx in by_version.items():
+            x = np.concatenate([calls[i][1] for i in idx])
+            probs = predict_proba(self._model(version), torch.from_numpy(x)).numpy()
+            start = 0
+            for i in idx:
+                n = len(calls[i][1])
+                out[i] = probs[start : start + n]
+                start += n
+        return out  # type: ignore[return-value]
