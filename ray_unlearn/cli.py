@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -418,12 +420,21 @@ def serve(
         out.emit(doc)
         if detach:
             return
-        err.print(f"serving {run} at {url} (policy {policy}); Ctrl-C to stop")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            ray_serve.shutdown()
+        err.print(f"serving {run} at {url} (policy {policy}); Ctrl-C or SIGTERM to stop")
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        err.print("stopping: shutting Serve down")
+        # Bounded: if a signal to the whole process group already took Ray's own processes
+        # down, Serve's graceful shutdown would wait forever.
+        closer = threading.Thread(target=ray_serve.shutdown, daemon=True)
+        closer.start()
+        closer.join(timeout=20)
+        if not address:
+            import ray
+
+            ray.shutdown()
 
 
 @app.command()

@@ -102,11 +102,19 @@ class RunContext:
         )
 
 
+def _pin_threads(cfg: RunConfig) -> RunConfig:
+    """Fix ``training.torch_threads`` (0 = this machine's CPUs, at most 4): results are only
+    bit-for-bit reproducible for a fixed thread count, so a run keeps one for good."""
+    if cfg.training.torch_threads:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.training.torch_threads = min(4, os.cpu_count() or 1)
+    return cfg
+
+
 def create_run(cfg: RunConfig, run_id: str | None = None) -> RunContext:
     """Load the data, split it, plan the partition and record all of it under a new run id."""
-    if cfg.training.torch_threads == 0:
-        cfg = cfg.model_copy(deep=True)
-        cfg.training.torch_threads = min(4, os.cpu_count() or 1)
+    cfg = _pin_threads(cfg)
     storage = Storage(cfg.storage)
     layout = RunLayout(run_id or new_run_id(cfg.name))
     if storage.exists(layout.run_info):
@@ -148,6 +156,8 @@ def open_run(storage_root: str, run_id: str) -> RunContext:
         known = storage.listdir("runs")
         hint = f"; runs there: {', '.join(known[-5:])}" if known else "; no runs there yet"
         raise RunError(f"no run {run_id!r} under storage root {storage.uri}{hint}")
-    cfg = config_from_dict(yaml.safe_load(storage.read_bytes(layout.config)), layout.config)
+    cfg = _pin_threads(
+        config_from_dict(yaml.safe_load(storage.read_bytes(layout.config)), layout.config)
+    )
     plan = PartitionPlan.from_table(storage.read_table(layout.plan))
     return RunContext(storage, layout, cfg, plan, storage.read_json(layout.run_info))

@@ -249,6 +249,7 @@ class Gateway:
             done = await self._executor_handle().execute_pending.remote()
         except Exception:
             self.tracker.abort_execution(ids)
+            self._executor = None  # a dead executor actor is recreated on the next try
             raise
         reg = await asyncio.to_thread(self.ctx.model_store.registry)
         new_versions = reg.serving_versions()
