@@ -345,6 +345,14 @@ def strategies(as_json: JsonOpt = False) -> None:
             {"name": n, "exact": get_strategy(n).exact, "description": get_strategy(n).description}
             for n in available_strategies()
         ]
+        rows.append(
+            {
+                "name": "s3t",
+                "exact": True,
+                "description": "exact, a run kind: sliced LoRA "
+                "training on a frozen backbone; deletions deactivate the stages that saw the data",
+            }
+        )
         t = Table(title="unlearning strategies")
         for col in ("name", "exact", "description"):
             t.add_column(col)

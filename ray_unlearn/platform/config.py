@@ -7,6 +7,7 @@ always be rebuilt from its own folder.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -96,6 +97,140 @@ class UnlearningConfig(_Strict):
     )
 
 
+class S3TConfig(BaseModel):
+    """S3T settings. Cross-checks against a model and a partition: :func:`check_s3t`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    budget: int = Field(3, ge=1, description="B: slice orders trained per shard.")
+    selection: Literal["cyclic", "bms"] = Field(
+        "cyclic", description="cyclic rotation or bipartite-matching selection of the orders."
+    )
+    deletion_prior: list[float] | None = Field(
+        None, description="bms only: per-slice deletion probabilities (None = uniform)."
+    )
+    lora_rank: int = Field(4, ge=1, description="r of every LoRA adapter.")
+    lora_alpha: float = Field(8.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    block_names: list[str] | None = Field(
+        None,
+        description="Module names of the L adapted blocks, bottom to top; None = the "
+        "model's hidden Linear layers (MLP: body.0, body.2, ...) or conv layers (CNN).",
+    )
+    public_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Part of the training data (by owner) that pre-trains the backbone; "
+        "declared public: not subject to deletion.",
+    )
+    pretrain_epochs: int = Field(20, ge=0, description="Backbone passes over the public data.")
+    epochs: int = Field(
+        10, ge=1, description="Per order: passes over the shard's data (like training.epochs)."
+    )
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate of the adapters and heads.")
+    pretrain_lr: float = Field(
+        2e-3,
+        gt=0,
+        description="Adam learning rate of full-weight training (the backbone, and the full "
+        "fine-tuning reference); LoRA usually wants a larger rate than full training.",
+    )
+    batch_size: int = Field(32, ge=1)
+    retrain_depth_threshold: int = Field(
+        1,
+        ge=1,
+        description="A shard is queued for retraining when its best surviving prefix falls "
+        "below this depth (1: only when it is dead).",
+    )
+
+    @field_validator("block_names")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must name at least one block, or be null for the model's defaults")
+        bad = [n for n in v if not isinstance(n, str) or not n.strip()]
+        if bad:
+            raise ValueError(f"block names must be non-empty strings, got {bad}")
+        dup = sorted({n for n in v if v.count(n) > 1})
+        if dup:
+            raise ValueError(f"each block can be adapted once; repeated: {', '.join(dup)}")
+        return v
+
+    @field_validator("deletion_prior")
+    @classmethod
+    def _prior(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (
+            not v or any(not math.isfinite(p) or p < 0 for p in v) or sum(v) <= 0
+        ):
+            raise ValueError(f"must be finite non-negative probabilities, not all 0; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> S3TConfig:
+        if self.deletion_prior is not None and self.selection != "bms":
+            raise ValueError(
+                "deletion_prior is only used by selection=bms; drop it or set selection: bms"
+            )
+        return self
+
+
+class HybridConfig(_Strict):
+    """Hybrid exact/approximate unlearning (strategies ``dpus``, ``hs``, ``ohs``)."""
+
+    record: bool = Field(
+        False,
+        description="Record each training batch's parameter update and sample ids beside "
+        "every slice checkpoint (what DPUS subtracts). Needed by dpus/hs/ohs.",
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Encoding of the recorded updates (storage vs. precision)."
+    )
+    threshold: float = Field(
+        0.05,
+        ge=0,
+        description="HS/OHS: exact retraining when the predicted retraining time of a batch "
+        "of requests is <= this; otherwise a direct parameter update (DPUS).",
+    )
+    threshold_unit: Literal["fraction", "seconds"] = Field(
+        "fraction",
+        description="fraction: of the predicted time of a full retrain of every shard; "
+        "seconds: predicted seconds.",
+    )
+    scope: Literal["batch", "shard"] = Field(
+        "batch",
+        description="batch: one decision for a whole batch of requests (its workload summed "
+        "over the affected shards); shard: one decision per affected shard.",
+    )
+    dpus_scale: Literal["batch", "share"] = Field(
+        "batch",
+        description="batch: subtract the whole update of every batch that held a revoked "
+        "sample; share: subtract the revoked samples' share of it (count / batch size).",
+    )
+    ohs_slices: Literal["last", "affected", "all"] = Field(
+        "last",
+        description="OHS fine-tunes the serving model on the remaining rows of: the last "
+        "slice, the first affected slice onward, or all slices.",
+    )
+    ohs_validation_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of the shard's remaining rows held out (not trained on) to stop "
+        "OHS fine-tuning when their loss stops improving.",
+    )
+    ohs_max_epochs: int = Field(10, ge=0, description="Cap on OHS fine-tuning passes.")
+    ohs_patience: int = Field(
+        1, ge=1, description="Passes without a lower validation loss before OHS stops."
+    )
+    ohs_lr: float | None = Field(
+        None, gt=0, description="OHS fine-tuning learning rate; None = training.lr."
+    )
+
+
+APPROXIMATE_STRATEGIES = ("dpus", "hs", "ohs")  # need hybrid.record
+
+
 class RunConfig(_Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     seed: int = Field(0, ge=0)
@@ -107,16 +242,31 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
+    s3t: S3TConfig | None = Field(
+        None,
+        description="S3T settings; used when unlearning.strategy is s3t (defaults if omitted).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         from ray_unlearn.platform.strategies import available_strategies
 
         problems = []
-        if self.unlearning.strategy not in available_strategies():
+        if self.unlearning.strategy not in [*available_strategies(), "s3t"]:
             problems.append(
                 f"unlearning.strategy: unknown strategy {self.unlearning.strategy!r}; "
-                f"available: {', '.join(available_strategies())}"
+                f"available: {', '.join([*available_strategies(), 's3t'])}"
+            )
+        if self.unlearning.strategy in APPROXIMATE_STRATEGIES and not self.hybrid.record:
+            problems.append(
+                f"unlearning.strategy={self.unlearning.strategy} subtracts recorded training "
+                "updates: set hybrid.record=true (contributions are recorded while training)"
+            )
+        if self.hybrid.threshold_unit == "fraction" and self.hybrid.threshold > 1:
+            problems.append(
+                f"hybrid.threshold ({self.hybrid.threshold}) is a fraction of a full retrain "
+                "(hybrid.threshold_unit=fraction): it must be <= 1"
             )
         if self.training.num_workers > self.partition.shards:
             problems.append(

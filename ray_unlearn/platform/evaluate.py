@@ -63,8 +63,8 @@ def serving_accuracy(ctx: RunContext) -> float:
     test = ctx.split_records("test", ctx.deletion_log.deleted_sample_ids())
     x = torch.from_numpy(np.ascontiguousarray(test.features))
     probs = {}
+    from ray_unlearn.platform.s3t_runtime import load_serving_model
+
     for k, vid in ctx.model_store.registry().serving_versions().items():
-        m = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
-        m.load_state_dict(ctx.model_store.load_state(vid))
-        probs[k] = predict_proba(m, x).numpy()
+        probs[k] = predict_proba(load_serving_model(ctx, vid), x).numpy()
     return ensemble_accuracy(probs, test.labels, ctx.config.unlearning.aggregation)

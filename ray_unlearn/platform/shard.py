@@ -51,11 +51,24 @@ def persist_stages(
     return vids
 
 
+def make_runtime(ctx: RunContext, shard: int, deleted=()):
+    """The shard runtime for the run's kind: SISA slices, or S3T orders and stages."""
+    from ray_unlearn.platform import s3t_runtime
+
+    if s3t_runtime.is_s3t(ctx):
+        return s3t_runtime.S3TShardRuntime(ctx, shard, deleted)
+    return ShardRuntime(ctx, shard, deleted)
+
+
 def train_all_shards(ctx: RunContext) -> dict[str, Any]:
     """Train every shard in this process and record generation 0 (no Ray: tests, small runs).
 
     The Ray Train job (``ray_unlearn.train.job``) does the same work spread over workers.
     """
+    from ray_unlearn.platform import s3t_runtime
+
+    if s3t_runtime.is_s3t(ctx):
+        return s3t_runtime.train_s3t_run(ctx)
     from ray_unlearn.platform.store import Registry, ShardEntry
 
     cfg = ctx.config

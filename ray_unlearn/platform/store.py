@@ -49,19 +49,48 @@ class ShardEntry:
     chain: list[str]
     generation: int
     empty: bool = False  # every sample deleted: no model, excluded from the ensemble
+    # S3T shards keep several orders' stages live; the one that serves is named here, and
+    # ``meta`` holds the orders and the slices hit by deletions (platform/s3t_runtime.py).
+    serving_version: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def serving(self) -> str | None:
-        return None if self.empty or not self.chain else self.chain[-1]
+        if self.empty or not self.chain:
+            return None
+        return self.serving_version or self.chain[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "chain": self.chain,
+            "generation": self.generation,
+            "empty": self.empty,
+        }
+        if self.serving_version is not None:
+            d["serving_version"] = self.serving_version
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+    @classmethod
+    def from_json(cls, v: dict[str, Any]) -> ShardEntry:
+        return cls(
+            v["chain"],
+            v["generation"],
+            v.get("empty", False),
+            v.get("serving_version"),
+            v.get("meta", {}),
+        )
 
 
 @dataclass
 class Registry:
     shards: dict[int, ShardEntry] = field(default_factory=dict)
     updated_at: float = 0.0
+    shared: list[str] = field(default_factory=list)  # live versions of no shard (S3T backbone)
 
     def live_versions(self) -> list[str]:
-        return [v for e in self.shards.values() for v in e.chain]
+        return [*self.shared, *(v for e in self.shards.values() for v in e.chain)]
 
     def serving_versions(self) -> dict[int, str]:
         return {k: e.serving for k, e in sorted(self.shards.items()) if e.serving is not None}
@@ -69,20 +98,16 @@ class Registry:
     def to_json(self) -> dict[str, Any]:
         return {
             "updated_at": self.updated_at,
-            "shards": {
-                str(k): {"chain": e.chain, "generation": e.generation, "empty": e.empty}
-                for k, e in sorted(self.shards.items())
-            },
+            "shared": self.shared,
+            "shards": {str(k): e.to_json() for k, e in sorted(self.shards.items())},
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Registry:
         return cls(
-            {
-                int(k): ShardEntry(v["chain"], v["generation"], v.get("empty", False))
-                for k, v in d["shards"].items()
-            },
+            {int(k): ShardEntry.from_json(v) for k, v in d["shards"].items()},
             d.get("updated_at", 0.0),
+            d.get("shared", []),
         )
 
 
@@ -106,9 +131,13 @@ class ModelStore:
         metrics: dict[str, float],
         config_digest: str,
         created_by: str,
+        vid: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write weights, sample ids, then the manifest (the manifest's presence = complete)."""
-        vid = version_id(shard, stage, generation)
+        """Write weights, sample ids, then the manifest (the manifest's presence = complete).
+
+        ``vid`` overrides the SISA naming; ``extra`` adds fields to the manifest."""
+        vid = vid or version_id(shard, stage, generation)
         blob = st_save({k: v.contiguous() for k, v in state.items()})
         ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
         self.storage.write_bytes(self.layout.version_weights(vid), blob)
@@ -128,6 +157,7 @@ class ModelStore:
             "created_at": time.time(),
             "created_by": created_by,
             "state": LIVE,
+            **(extra or {}),
         }
         self.storage.write_json(self.layout.version_manifest(vid), manifest)
         self._samples_cache[vid] = ids

@@ -27,7 +27,7 @@ import numpy as np
 from ray_unlearn.platform.deletion_log import RequestRecord, RequestState
 from ray_unlearn.platform.plan import TEST
 from ray_unlearn.platform.run import RunContext
-from ray_unlearn.platform.shard import ShardRuntime
+from ray_unlearn.platform.shard import ShardRuntime, make_runtime
 from ray_unlearn.platform.store import ShardEntry
 
 
@@ -39,6 +39,9 @@ class ShardBackend(Protocol):
 
     def retrain_from_scratch(self) -> list[dict[str, Any]]:
         """Run ``ShardRuntime.retrain_from_scratch`` on every non-empty shard."""
+
+    def restore(self, shards: list[int], request_ids: list[str]) -> list[dict[str, Any]]:
+        """Retrain whole shards whose depth fell too low (S3T); results like ``unlearn``."""
 
     def predict_proba(self, features: np.ndarray) -> dict[int, np.ndarray]:
         """shard -> (n, classes) for every non-empty shard."""
@@ -58,7 +61,7 @@ class LocalShards:
     def shard(self, k: int) -> ShardRuntime:
         if k not in self._loaded:
             deleted = self.ctx.deletion_log.deleted_sample_ids()
-            self._loaded[k] = ShardRuntime(self.ctx, k, deleted)
+            self._loaded[k] = make_runtime(self.ctx, k, deleted)
         return self._loaded[k]
 
     def unlearn(self, per_shard, strategy, request_ids):
@@ -70,6 +73,9 @@ class LocalShards:
     def retrain_from_scratch(self):
         shards = [self.shard(k) for k in self.shard_ids]
         return [s.retrain_from_scratch() for s in shards if not s.empty]
+
+    def restore(self, shards, request_ids):
+        return [self.shard(k).restore(request_ids) for k in shards]
 
     def predict_proba(self, features):
         out = {k: self.shard(k).predict_proba(features) for k in self.shard_ids}
@@ -83,9 +89,24 @@ def resolve_request(ctx: RunContext, owner_id: str | None = None, sample_ids=Non
             "a deletion request names exactly one of: an owner id, or a non-empty list of sample ids"
         )
     if owner_id is not None:
-        return np.sort(ctx.plan.samples_of_owner(owner_id))
+        return _not_public(ctx, np.sort(ctx.plan.samples_of_owner(owner_id)))
     ids = np.unique(np.asarray(list(sample_ids), dtype=np.int64))
     ctx.plan.positions(ids)  # raises on unknown ids, before anything is written
+    return _not_public(ctx, ids)
+
+
+def _not_public(ctx: RunContext, ids: np.ndarray) -> np.ndarray:
+    """S3T runs pre-train a backbone on a public split declared not subject to deletion:
+    a request for those samples is refused before it is logged."""
+    from ray_unlearn.platform import s3t_runtime
+
+    if s3t_runtime.is_s3t(ctx):
+        public = ids[np.isin(ids, s3t_runtime.public_sample_ids(ctx))]
+        if len(public):
+            raise ValueError(
+                f"sample ids {public[:5].tolist()} are in the public split that pre-trained this S3T run's "
+                "backbone, declared not subject to deletion; forgetting them needs a new run"
+            )
     return ids
 
 
@@ -102,6 +123,7 @@ def submit_request(
 class UnlearningEngine:
     def __init__(self, ctx: RunContext, backend: ShardBackend, executor_name: str = "local"):
         self.ctx, self.backend, self.executor_name = ctx, backend, executor_name
+        self.last_restore: dict[str, Any] | None = None
 
     # -- requests --------------------------------------------------------------------
     def submit(
@@ -176,6 +198,13 @@ class UnlearningEngine:
                     exact=all(t.get("exact", True) for t in touched),
                 )
             )
+        # S3T: a deletion only deactivates stages, so it is done above in microseconds; a
+        # shard left too shallow is retrained now, after the requests are already honoured.
+        shallow = sorted(k for k, t in results.items() if t.get("needs_retrain"))
+        if shallow:
+            restored = self.backend.restore(shallow, ids)
+            self._publish({r["shard"]: r for r in restored}, ids)
+            self.last_restore = {"shards": shallow, "seconds": sum(r["seconds"] for r in restored)}
         return done
 
     def forget(
@@ -205,7 +234,13 @@ class UnlearningEngine:
         retired = []
         for k, res in results.items():
             if res.get("changed"):
-                reg.shards[k] = ShardEntry(res["chain"], res["generation"], res["empty"])
+                reg.shards[k] = ShardEntry(
+                    res["chain"],
+                    res["generation"],
+                    res["empty"],
+                    res.get("serving"),
+                    res.get("meta", {}),
+                )
                 retired += res["retired"]
         store.write_registry(reg)  # the switch: old versions serve nothing from here on
         store.retire(retired, request_ids=request_ids)

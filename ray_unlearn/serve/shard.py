@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from ray import serve
 
-from ray_unlearn.platform.models import build_model
 from ray_unlearn.platform.run import open_run
+from ray_unlearn.platform.s3t_runtime import load_serving_model
 from ray_unlearn.platform.training import configure_threads, predict_proba
 
 _CACHED_VERSIONS = 3
@@ -33,9 +33,7 @@ class ShardModel:
         if version in self._models:
             self._models.move_to_end(version)
             return self._models[version]
-        m = build_model(self.ctx.config.model, self.ctx.feature_shape, self.ctx.num_classes)
-        m.load_state_dict(self.ctx.model_store.load_state(version))
-        m.eval()
+        m = load_serving_model(self.ctx, version)  # a SISA snapshot or an S3T stage
         self._models[version] = m
         while len(self._models) > _CACHED_VERSIONS:
             self._models.popitem(last=False)

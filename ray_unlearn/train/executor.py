@@ -19,7 +19,7 @@ import ray
 from ray_unlearn.platform.audit import audit
 from ray_unlearn.platform.evaluate import ensemble_accuracy
 from ray_unlearn.platform.run import open_run
-from ray_unlearn.platform.shard import ShardRuntime
+from ray_unlearn.platform.shard import make_runtime
 from ray_unlearn.platform.unlearning import UnlearningEngine
 from ray_unlearn.train.session import NAMESPACE
 
@@ -32,13 +32,16 @@ def executor_actor_name(run_id: str) -> str:
 class ShardActor:
     def __init__(self, storage_uri: str, run_id: str, shard: int):
         ctx = open_run(storage_uri, run_id)
-        self.rt = ShardRuntime(ctx, shard, ctx.deletion_log.deleted_sample_ids())
+        self.rt = make_runtime(ctx, shard, ctx.deletion_log.deleted_sample_ids())
 
     def info(self) -> dict[str, Any]:
         return self.rt.info()
 
     def unlearn(self, deleted, strategy: str, request_ids: list[str]) -> dict[str, Any]:
         return self.rt.unlearn(deleted, strategy, request_ids)
+
+    def restore(self, request_ids: list[str]) -> dict[str, Any]:
+        return self.rt.restore(request_ids)
 
     def retrain_from_scratch(self) -> dict[str, Any] | None:
         return None if self.rt.empty else self.rt.retrain_from_scratch()
@@ -82,6 +85,11 @@ class RayShards:
                 lambda k=k, ids=ids: self.actors[k].unlearn.remote(ids, strategy, request_ids)
                 for k, ids in per_shard.items()
             ]
+        )
+
+    def restore(self, shards, request_ids):
+        return self._bounded(
+            [lambda k=k: self.actors[k].restore.remote(request_ids) for k in shards]
         )
 
     def retrain_from_scratch(self):

@@ -97,3 +97,38 @@ def test_detached_executor_is_named_and_reused(trained):
         assert b.status(rec["request_id"])["state"] == "done"
     finally:
         ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))
+
+
+def test_s3t_train_job_and_instant_forget(ray_session, tmp_path):
+    """S3T as a Ray Train job of the same shape (worker k owns shard k, a checkpoint per
+    stage round), then a deletion through the shard actors: deactivation, no training."""
+    from ray_unlearn.platform.s3t_runtime import BACKBONE, public_sample_ids
+    from ray_unlearn.train.executor import Executor
+    from ray_unlearn.train.job import run_training
+
+    ctx = create_run(
+        tiny_config(
+            tmp_path,
+            "unlearning.strategy=s3t",
+            "model.hidden=[16,16,16]",
+            "s3t.epochs=1",
+            "s3t.pretrain_epochs=1",
+            "s3t.budget=2",
+        )
+    )
+    assert run_training(ctx)["workers"] == 3
+    reg = ctx.model_store.registry()
+    assert reg.shared == [BACKBONE] and all(len(e.chain) == 6 for e in reg.shards.values())
+    assert not ctx.storage.exists(ctx.layout.train_transport)
+    pub = set(public_sample_ids(ctx).tolist())
+    owner = next(
+        str(o)
+        for o in np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
+        if not set(ctx.plan.samples_of_owner(o).tolist()) & pub
+    )
+    ex = Executor(ctx.storage.uri, ctx.run_id)
+    rec = ex.forget(owner_id=owner)
+    assert rec["state"] == "done" and rec["versions_retired"] and rec["versions_created"] == []
+    assert rec["history"][-1]["details"]["train_seconds"] == 0.0
+    assert audit(ctx, owner_id=owner)["live_versions_containing"] == {}
+    ex.backend.shutdown()
