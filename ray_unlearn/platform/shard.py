@@ -160,6 +160,7 @@ class ShardRuntime:
             ShardState(self.data, self.snapshots, self.chain), deleted
         )
         train_s = sum(s.metrics.get("seconds", 0.0) for s in update.stages)
+        train_cpu = sum(s.metrics.get("cpu_seconds", 0.0) for s in update.stages)
         gen = self.generation + 1
         first = update.first_stage
         parent = self.chain[first - 1] if first > 0 else None
@@ -180,6 +181,7 @@ class ShardRuntime:
             "created": created,
             "retired": retired,
             "train_seconds": train_s,
+            "train_cpu_seconds": train_cpu,
             "exact": update.exact,
             "seconds": time.perf_counter() - t0,
         }

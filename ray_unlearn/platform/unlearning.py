@@ -195,6 +195,9 @@ class UnlearningEngine:
                     emptied_shards=[t["shard"] for t in touched if t["empty"]],
                     seconds=seconds,
                     train_seconds=sum(t.get("train_seconds", 0.0) for t in results.values()),
+                    train_cpu_seconds=sum(
+                        t.get("train_cpu_seconds", 0.0) for t in results.values()
+                    ),
                     exact=all(t.get("exact", True) for t in touched),
                 )
             )
