@@ -22,6 +22,10 @@ script starts on 127.0.0.1 and stops at the end:
 * cli_forget_s     median wall-clock time of ``ray-unlearn forget --json`` run as a subprocess
                    for further owners (it attaches to the same detached executor), beside the
                    CLI's own ``unlearn_seconds``.
+* *_cpu_s, speedup_cpu, overhead_ratio_cpu   the same in CPU seconds (executor + shard actor
+                   processes, read with psutil; this process for the bare loop), beside the
+                   wall-clock figures because other sessions may share the 2 cores: their load
+                   stretches wall time far more than CPU time (loadavg is recorded too).
 * accuracy_ensemble / accuracy_single   test accuracy of the ensemble before the deletions and
                    of one model trained on all training rows with the same epochs (that model
                    does not depend on K or R, so it is trained once and reported for every
@@ -51,10 +55,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import ray
 import torch
 import torch.nn.functional as F
 
+import ray_unlearn
 from ray_unlearn.platform.config import load_config
 from ray_unlearn.platform.evaluate import model_accuracy, serving_accuracy, train_single_model
 from ray_unlearn.platform.models import build_model
@@ -130,8 +136,11 @@ class LocalRayHead:
             time.sleep(0.5)
         self.start_s = time.time() - t0
         text = self.log.read_text()
-        self.auth = "Token authentication is enabled" in text
-        m = re.search(r"Local node IP\D*(\d+\.\d+\.\d+\.\d+)", text)
+        # `ray start` warns about token auth only when it turns it on implicitly (token file).
+        self.auth = (
+            os.environ.get("RAY_AUTH_MODE") == "token" or "Token authentication is enabled" in text
+        )
+        m = re.search(r"Local node IP.*?(\d+\.\d+\.\d+\.\d+)", text)
         self.node_ip = m.group(1) if m else None  # Ray replaces 127.0.0.1 by a routable IP
 
     def stop(self) -> None:
@@ -146,6 +155,29 @@ class LocalRayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def warm_torch() -> None:
+    """Pay torch's one-off lazy imports (``torch._dynamo``, 1-2 s on 2 cores) now: the first
+    optimizer built in a fresh process triggers them, which would otherwise land in the first
+    timed retraining of each shard actor (K of them in full_retrain_s)."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
+def actors_cpu_s(head: LocalRayHead) -> float:
+    """CPU seconds (user + system, all threads) used so far by this cluster's executor and shard
+    actor processes. Other sessions share this 2-core machine: wall-clock figures then stretch,
+    CPU seconds much less, so the CPU figures are reported beside them."""
+    total = 0.0
+    for proc in psutil.Process(head.proc.pid).children(recursive=True):
+        try:
+            title = (proc.cmdline() or [""])[0]
+            if title.startswith(("ray::ShardActor", "ray::Executor")):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def wait_actors_gone(timeout: float = 60.0) -> None:
     """After killing an executor, wait until its shard actors have released their CPU."""
     t0 = time.time()
@@ -158,9 +190,12 @@ def wait_actors_gone(timeout: float = 60.0) -> None:
 # -- the compute floor ----------------------------------------------------------------------
 
 
-def plain_retrain_seconds(ctx, shard: int, first: int, deleted: set[int], threads: int) -> float:
+def plain_retrain(
+    ctx, shard: int, first: int, deleted: set[int], threads: int
+) -> tuple[float, float]:
     """The retraining of one request in a bare torch loop: stages first..R-1 of ``shard`` on its
-    remaining rows, from the (live, not retired) stage first-1 snapshot, or a fresh model."""
+    remaining rows, from the (live, not retired) stage first-1 snapshot, or a fresh model.
+    Returns (wall seconds, CPU seconds of this process)."""
     cfg, tr = ctx.config, ctx.config.training
     data = ctx.shard_data(shard, exclude=deleted)
     model = build_model(cfg.model, ctx.feature_shape, ctx.num_classes)
@@ -171,7 +206,7 @@ def plain_retrain_seconds(ctx, shard: int, first: int, deleted: set[int], thread
     torch.set_num_threads(threads)
     x, y, slices = data.features, data.labels, torch.from_numpy(data.slices)
     gen = torch.Generator().manual_seed(shard)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.train()
     for stage in range(first, data.num_slices):
         rows = torch.nonzero(slices <= stage).flatten()
@@ -193,13 +228,13 @@ def plain_retrain_seconds(ctx, shard: int, first: int, deleted: set[int], thread
                 F.cross_entropy(model(x[idx]), y[idx]).backward()
                 opt.step()
                 done += 1
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 # -- one (K, R) case ---------------------------------------------------------------------------
 
 
-def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) -> dict:
+def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: dict) -> dict:
     cfg = load_config(
         REPO / "configs/purchase.yaml",
         [
@@ -213,7 +248,9 @@ def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) ->
     )
     ctx = create_run(cfg)
     print(f"[K={K} R={R}] run {ctx.run_id}: {ctx.info['num_train']} training rows", flush=True)
+    c0 = time.process_time()
     train_s = train_all_shards(ctx)["train_seconds"]
+    train_cpu = time.process_time() - c0
     if not single:  # the same for every (K, R): same split, seed and epochs
         model, single_s = train_single_model(ctx)
         test = ctx.split_records("test")
@@ -227,10 +264,13 @@ def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) ->
         f"[K={K} R={R}] trained in {train_s:.1f} s; executor up in {start_s:.1f} s {settings}",
         flush=True,
     )
+    c0 = actors_cpu_s(head)
     full = executor.retrain_from_scratch()
+    full_cpu, full_load = actors_cpu_s(head) - c0, os.getloadavg()[0]
     acc_ens = executor.test_accuracy()
     print(
-        f"[K={K} R={R}] full retrain {full['seconds']:.1f} s, ensemble accuracy {acc_ens:.4f}",
+        f"[K={K} R={R}] full retrain {full['seconds']:.1f} s ({full_cpu:.1f} CPU-s), "
+        f"ensemble accuracy {acc_ens:.4f}",
         flush=True,
     )
 
@@ -238,29 +278,33 @@ def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) ->
     deleted: set[int] = set()
     reqs = []
     for owner in owners[: p["requests"]]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), actors_cpu_s(head)
         rec = executor.forget(owner_id=owner)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, actors_cpu_s(head) - c0
         assert rec["state"] == "done", rec
         d = rec["history"][-1]["details"]
         deleted |= set(rec["sample_ids"])
         ((shard, first),) = ((int(k), int(s)) for k, s in d["first_slices"].items())
-        plain = plain_retrain_seconds(ctx, shard, first, deleted, settings["torch_threads"])
+        plain, plain_cpu = plain_retrain(ctx, shard, first, deleted, settings["torch_threads"])
         reqs.append(
             {
                 "owner_id": owner,
                 "samples": len(rec["sample_ids"]),
                 "shard": shard,
-                "first_slice": first,
+                "first_slices": d["first_slices"],  # shard -> first retrained stage (0-based)
                 "unlearn_s": d["seconds"],
                 "executor_train_s": d["train_seconds"],
                 "wall_s": wall,
+                "cpu_s": cpu,
                 "plain_torch_s": plain,
+                "plain_torch_cpu_s": plain_cpu,
+                "loadavg_1m": os.getloadavg()[0],  # > ~2 here: another session was busy too
             }
         )
         print(
             f"[K={K} R={R}] forget {owner}: shard {shard} from slice {first + 1}/{R}, "
-            f"unlearn {d['seconds']:.2f} s, plain torch {plain:.2f} s",
+            f"unlearn {d['seconds']:.2f} s ({cpu:.1f} CPU-s), plain torch {plain:.2f} s "
+            f"({plain_cpu:.1f} CPU-s), load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
 
@@ -276,7 +320,7 @@ def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) ->
             "--storage",
             ctx.storage.uri,
             "--address",
-            address,
+            head.address,
             "--json",
         ]
         t0 = time.perf_counter()
@@ -313,6 +357,8 @@ def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) ->
 
     unlearn = statistics.median(r["unlearn_s"] for r in reqs)
     plain = statistics.median(r["plain_torch_s"] for r in reqs)
+    unlearn_cpu = statistics.median(r["cpu_s"] for r in reqs)
+    plain_cpu = statistics.median(r["plain_torch_cpu_s"] for r in reqs)
     return {
         "K": K,
         "R": R,
@@ -327,6 +373,15 @@ def run_case(K: int, R: int, p: dict, root: Path, address: str, single: dict) ->
         "cli_forget_s": statistics.median(c["wall_s"] for c in cli) if cli else None,
         "cli_unlearn_s": statistics.median(c["unlearn_seconds"] for c in cli) if cli else None,
         "train_s": train_s,
+        # the same figures in CPU seconds (executor + shard actor processes; this process for
+        # the bare loop and the in-process training), robust to other sessions' load
+        "full_retrain_cpu_s": full_cpu,
+        "unlearn_cpu_s": unlearn_cpu,
+        "plain_torch_cpu_s": plain_cpu,
+        "speedup_cpu": full_cpu / unlearn_cpu,
+        "overhead_ratio_cpu": unlearn_cpu / plain_cpu,
+        "train_cpu_s": train_cpu,
+        "loadavg_1m_after_full_retrain": full_load,
         "n_requests": len(reqs),
         "num_train": ctx.info["num_train"],
         "full_retrain_train_s": full["train_seconds"],
@@ -371,6 +426,7 @@ def plot(records: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, R in enumerate(sorted({r["R"] for r in records})):
@@ -387,9 +443,11 @@ def plot(records: list[dict], path: Path) -> None:
         ylabel="full retrain / unlearn",
         title="speedup of one owner's deletion",
     )
-    a.set_xticks(
-        sorted({r["K"] for r in records}), [str(k) for k in sorted({r["K"] for r in records})]
-    )
+    ks = sorted({r["K"] for r in records})
+    a.xaxis.set_minor_formatter(NullFormatter())
+    a.yaxis.set_major_formatter(ScalarFormatter())
+    a.yaxis.set_minor_formatter(NullFormatter())
+    a.set_xticks(ks, [str(k) for k in ks])
     a.legend(fontsize=8)
     a.grid(alpha=0.3, which="both")
     xs = np.arange(len(records))
@@ -417,6 +475,8 @@ def print_table(doc: dict) -> None:
         "expected",
         "plain torch s",
         "overhead",
+        "speedup CPU",
+        "overhead CPU",
         "CLI s",
         "acc ensemble",
         "acc single",
@@ -434,11 +494,13 @@ def print_table(doc: dict) -> None:
             f"{r['expected_speedup']:.1f}x",
             f"{r['plain_torch_s']:.2f}",
             f"{r['overhead_ratio']:.2f}",
+            f"{r['speedup_cpu']:.1f}x",
+            f"{r['overhead_ratio_cpu']:.2f}",
             f"{r['cli_forget_s']:.2f}" if r["cli_forget_s"] is not None else "-",
             f"{r['accuracy_ensemble']:.4f}",
             f"{r['accuracy_single']:.4f}",
         )
-    Console().print(t)
+    Console(width=170).print(t)
     d = doc["digits"]
     Console().print(
         f"digits: ensemble {d['accuracy_ensemble']:.4f} vs single {d['accuracy_single']:.4f} "
@@ -446,7 +508,28 @@ def print_table(doc: dict) -> None:
     )
 
 
+def _git_commit() -> str | None:
+    """The checked-out commit (with '+dirty' when the tree has changes), if REPO is a git tree."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+        if head.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return None
+
+
 def main() -> None:
+    # `ray start` turns token auth on when ~/.ray/auth_token exists; then every client (this
+    # process, the CLI) needs RAY_AUTH_MODE=token, and Ray reads it at import: re-exec with it.
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("results/unlearning_speed"))
     ap.add_argument("--quick", action="store_true", help="tiny data, K in {1,4}, R in {1,2}")
@@ -458,10 +541,6 @@ def main() -> None:
         cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     root = (args.out / "runs").resolve()
-    if Path.home().joinpath(".ray", "auth_token").exists():
-        os.environ.setdefault(
-            "RAY_AUTH_MODE", "token"
-        )  # `ray start` turns auth on when a token exists
 
     t_start = time.perf_counter()
     head = LocalRayHead()
@@ -473,13 +552,25 @@ def main() -> None:
             f"up in {head.start_s:.1f} s",
             flush=True,
         )
-        connect(head.address)
+        # Every worker process (the executor, its shard actors) warms torch up when it starts,
+        # so the timings below hold retraining, not torch's lazy imports (see warm_torch).
+        ray.init(
+            address=head.address,
+            namespace=NAMESPACE,
+            runtime_env={"worker_process_setup_hook": warm_torch},
+        )
+        assert connect(head.address)  # the package's own session sees the attached cluster
+        warm_torch()
         for K, R in cases:
-            records.append(run_case(K, R, p, root, head.address, single))
+            records.append(run_case(K, R, p, root, head, single))
     finally:
         ray.shutdown()
+        t0 = time.perf_counter()
         head.stop()
+        print(f"Ray head stopped in {time.perf_counter() - t0:.1f} s", flush=True)
+    t0 = time.perf_counter()
     digits = run_digits(root)
+    print(f"digits done in {time.perf_counter() - t0:.1f} s", flush=True)
     shutil.rmtree(root / "runs", ignore_errors=True)
 
     doc = {
@@ -492,6 +583,8 @@ def main() -> None:
             "ray": ray.__version__,
             "numpy": np.__version__,
             "platform": platform.platform(),
+            "ray_unlearn_path": str(Path(ray_unlearn.__file__).parent),
+            "ray_unlearn_commit": _git_commit(),
             "ray_node_ip": head.node_ip,
             "ray_token_auth": head.auth,
             "ray_auth_mode_env": os.environ.get("RAY_AUTH_MODE"),

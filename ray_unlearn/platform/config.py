@@ -187,7 +187,7 @@ class HybridConfig(_Strict):
         "float16", description="Encoding of the recorded updates (storage vs. precision)."
     )
     threshold: float = Field(
-        0.05,
+        0.08,
         ge=0,
         description="HS/OHS: exact retraining when the predicted retraining time of a batch "
         "of requests is <= this; otherwise a direct parameter update (DPUS).",
@@ -207,8 +207,14 @@ class HybridConfig(_Strict):
         description="batch: subtract the whole update of every batch that held a revoked "
         "sample; share: subtract the revoked samples' share of it (count / batch size).",
     )
+    dpus_momentum: bool = Field(
+        False,
+        description="Remove each revoked batch's gradient as it acted through the optimizer's "
+        "momentum (this and the following steps) rather than its step's raw update, which "
+        "with momentum (Adam, SGD 0.9) mostly carries earlier batches' gradients.",
+    )
     ohs_slices: Literal["last", "affected", "all"] = Field(
-        "last",
+        "affected",
         description="OHS fine-tunes the serving model on the remaining rows of: the last "
         "slice, the first affected slice onward, or all slices.",
     )

@@ -30,6 +30,10 @@ from ray_unlearn.platform.config import ModelConfig, TrainingConfig
 from ray_unlearn.platform.models import build_model
 
 StateDict = dict[str, torch.Tensor]
+# on_step(stage, step, batch_sample_ids, params_before, params_after): called after each
+# optimizer step with the parameters (by name) before and after it; ``params_after`` are the
+# live tensors (copy what you keep). Used to record contributions (platform/contributions.py).
+StepHook = Callable[[int, int, np.ndarray, StateDict, StateDict], None]
 
 _INIT, _BATCHES = 0x494E4954, 0x42415443  # "INIT", "BATC": separate seed streams
 
@@ -138,24 +142,42 @@ def stage_batches(
 
 
 def train_stage(
-    model: nn.Module, data: ShardData, stage: int, cfg: TrainingConfig, seed: int
+    model: nn.Module,
+    data: ShardData,
+    stage: int,
+    cfg: TrainingConfig,
+    seed: int,
+    *,
+    on_step: StepHook | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place for one stage; returns metrics (loss, steps, samples, seconds)."""
+    """Train ``model`` in place for one stage; returns metrics (loss, steps, samples, seconds).
+
+    ``on_step`` (optional) sees every optimizer step; it reads, never changes, the training
+    (the copies it costs are made only when it is given).
+    """
     rows = np.flatnonzero(data.slices <= stage)
     new = int((data.slices == stage).sum())
     steps = stage_steps(new, cfg.epochs, cfg.batch_size) if len(rows) else 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     model.train()
     opt = _optimizer(model, cfg)
     x_all, y_all = data.features[torch.from_numpy(rows)], data.labels[torch.from_numpy(rows)]
     loss_sum, seen = 0.0, 0
-    for batch in stage_batches(len(rows), steps, cfg.batch_size, seed, data.shard, stage):
+    params = dict(model.named_parameters()) if on_step is not None else None
+    batches = stage_batches(len(rows), steps, cfg.batch_size, seed, data.shard, stage)
+    for step, batch in enumerate(batches):
         idx = torch.from_numpy(batch)
         xb, yb = x_all[idx], y_all[idx]
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
-        opt.step()
+        if params is None:
+            opt.step()
+        else:
+            before = {k: p.detach().clone() for k, p in params.items()}
+            opt.step()
+            after = {k: p.detach() for k, p in params.items()}
+            on_step(stage, step, data.sample_ids[rows[batch]], before, after)
         loss_sum += float(loss.detach()) * len(batch)
         seen += len(batch)
     return {
@@ -164,6 +186,9 @@ def train_stage(
         "samples_seen": float(seen),
         "train_rows": float(len(rows)),
         "seconds": time.perf_counter() - t0,
+        # CPU seconds of this process (all torch threads): the work done, unlike wall time
+        # not inflated when serving or other jobs compete for the cores.
+        "cpu_seconds": time.process_time() - cpu0,
     }
 
 
@@ -182,9 +207,11 @@ def train_shard(
     start_stage: int = 0,
     start_state: StateDict | None = None,
     on_stage: Callable[[StageResult], None] | None = None,
+    on_step: StepHook | None = None,
 ) -> list[StageResult]:
     """Train stages ``start_stage..R-1``; stage ``start_stage`` continues from ``start_state``
     (the snapshot of stage ``start_stage - 1``), or from the seeded initial weights when it is 0.
+    ``on_step``: see :func:`train_stage`.
     """
     configure_threads(train_cfg.torch_threads)  # part of what makes training reproducible
     if start_stage > 0 and start_state is None:
@@ -194,7 +221,7 @@ def train_shard(
         model.load_state_dict(start_state)
     results = []
     for stage in range(start_stage, data.num_slices):
-        metrics = train_stage(model, data, stage, train_cfg, seed)
+        metrics = train_stage(model, data, stage, train_cfg, seed, on_step=on_step)
         res = StageResult(stage, snapshot(model), data.ids_through(stage), metrics)
         if on_stage is not None:
             on_stage(res)

@@ -1,0 +1,520 @@
+"""Contributions: each training batch's parameter update, with the ids of its samples.
+
+What DPUS (direct parameter update) subtracts. While a shard trains, every optimizer step
+``t`` of stage ``r`` is recorded as ``delta_t = params_after - params_before`` and the
+sample ids of its batch; so a stage snapshot is, up to rounding, its parent plus the sum
+of its stage's updates: ``W_r = W_{r-1} + sum_t delta_t``.
+
+Storage, per slice version, beside its checkpoint (:func:`contribution_path`): one
+safetensors file ``models/<version>/contributions.safetensors`` holding
+
+    delta.<param>    (steps, *param shape) in the recording dtype: every step's update
+    batch.offsets    int64 (steps + 1,): step t's batch is ids[offsets[t]:offsets[t + 1]]
+    batch.ids        int64: the sample ids of every step's batch, one after another
+    batch.segments   int64: the first step of each optimizer run (training, then any OHS
+                     fine-tuning): momentum does not cross them
+
+and metadata (format, stage, dtype, steps, the digest of the snapshot the updates lead to).
+One file, written atomically: a version has contributions or it has none, and
+:func:`load_contributions` checks the digest against its weights, so contributions of another
+attempt are never used. Size: ``epochs / batch_size`` steps per sample, each a full parameter
+update: about ``epochs / batch_size * n_params * bytes`` per training sample.
+
+Contributions are derived from their batch's samples: after a deletion they must go with
+the data. DPUS writes the new versions' contributions without the revoked samples'
+updates; a retired version's contributions must be purged with its weights
+(:func:`purge_contributions`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ray_unlearn.platform.storage import RunLayout, Storage
+from ray_unlearn.platform.training import StateDict
+
+if TYPE_CHECKING:
+    from ray_unlearn.platform.run import RunContext
+
+FORMAT = "ray-unlearn-contributions/1"
+CONTRIBUTIONS_FILE = "contributions.safetensors"
+_DELTA, _OFFSETS, _IDS, _SEGMENTS = "delta.", "batch.offsets", "batch.ids", "batch.segments"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class MissingContributions(FileNotFoundError):
+    """A version has no (matching) recorded contributions: DPUS cannot unlearn from it."""
+
+
+def contribution_path(layout: RunLayout, version_id: str) -> str:
+    """Where a version's contributions live (beside its weights)."""
+    return f"{layout.version_dir(version_id)}/{CONTRIBUTIONS_FILE}"
+
+
+def state_digest(state: StateDict) -> str:
+    """A content hash of a state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"unsupported contribution dtype {dtype}; allowed: {', '.join(DTYPES)}")
+
+
+@dataclass
+class StageContributions:
+    """The recorded updates of one stage: step ``t`` moved the weights by ``deltas[k][t]``
+    and was computed on the samples ``ids[offsets[t]:offsets[t + 1]]``."""
+
+    stage: int
+    deltas: dict[str, torch.Tensor]  # name -> (steps, *param shape), recording dtype
+    offsets: np.ndarray  # int64 (steps + 1,)
+    ids: np.ndarray  # int64, every step's batch one after another
+    digest: str = ""  # state_digest of the snapshot these updates lead to
+    # first step of each optimizer run (training; OHS fine-tuning appended later): momentum
+    # never crosses a segment start
+    segments: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        seg = [0] if self.segments is None else self.segments
+        self.segments = np.unique(np.asarray(seg, dtype=np.int64))
+        n = {int(v.shape[0]) for v in self.deltas.values()}
+        if n - {self.steps} or not len(self.offsets) or self.offsets[-1] != len(self.ids):
+            raise ValueError("inconsistent contributions: steps of deltas, offsets and ids differ")
+
+    @property
+    def steps(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.deltas.values())).dtype if self.deltas else torch.float32
+
+    def batch_sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def batch_ids(self, step: int) -> np.ndarray:
+        return self.ids[self.offsets[step] : self.offsets[step + 1]]
+
+    def hits(self, deleted) -> np.ndarray:
+        """(steps,) how many of ``deleted`` each step's batch held."""
+        hit = np.isin(self.ids, np.asarray(deleted, dtype=np.int64))
+        step_of = np.repeat(np.arange(self.steps), self.batch_sizes())
+        return np.bincount(step_of[hit], minlength=self.steps)
+
+    def total(self, weights: np.ndarray | None = None) -> StateDict:
+        """float32 ``sum_t w_t delta_t`` (all steps with weight 1 when ``weights`` is None)."""
+        if weights is None:
+            return {k: v.float().sum(0) for k, v in self.deltas.items()}
+        w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
+        return {k: torch.tensordot(w, v.float(), dims=1) for k, v in self.deltas.items()}
+
+    def _weights(self, deleted, scale: str) -> tuple[np.ndarray, np.ndarray]:
+        counts = self.hits(deleted)
+        if scale == "batch":
+            return counts, (counts > 0).astype(np.float32)
+        if scale == "share":
+            return counts, (counts / np.maximum(self.batch_sizes(), 1)).astype(np.float32)
+        raise ValueError(f"unknown DPUS scale {scale!r}; allowed: 'batch', 'share'")
+
+    def without(
+        self,
+        deleted,
+        scale: str = "batch",
+        *,
+        momentum: float = 0.0,
+        bias_correction: bool = False,
+    ) -> tuple[StateDict, StageContributions, int]:
+        """Remove ``deleted`` samples' updates.
+
+        Returns (the float32 update to subtract, the contributions that remain, the number
+        of steps touched). ``scale="batch"``: every step whose batch held a deleted sample is
+        removed whole. ``scale="share"``: such a step loses the share ``d / |batch|`` of its
+        update (``d`` deleted samples in it) and the deleted ids; the share of each remaining
+        sample stays ``delta / |original batch|``, so later removals stay consistent.
+
+        ``momentum`` > 0 (see :meth:`_without_momentum`): remove a batch's *gradient* as it
+        acted through the optimizer's momentum on this and the following steps, instead of
+        its step's update (which mostly carries earlier batches' gradients).
+        """
+        counts, w = self._weights(deleted, scale)
+        if momentum > 0:
+            return self._without_momentum(deleted, counts, w, momentum, bias_correction)
+        touched = np.flatnonzero(counts)
+        t_idx = torch.from_numpy(touched)
+        t_w = torch.from_numpy(w[touched])
+        removed = {
+            k: torch.tensordot(t_w, v[t_idx].float(), dims=1) for k, v in self.deltas.items()
+        }
+        keep_step = w < 1.0  # steps with something left
+        step_of = np.repeat(np.arange(self.steps), self.batch_sizes())
+        keep_id = keep_step[step_of] & ~np.isin(self.ids, np.asarray(deleted, dtype=np.int64))
+        sizes = np.bincount(step_of[keep_id], minlength=self.steps)[keep_step]
+        kept_steps = np.flatnonzero(keep_step)
+        partial = np.flatnonzero(counts[kept_steps] > 0)  # positions among the kept steps
+        deltas = {}
+        for k, v in self.deltas.items():
+            if len(kept_steps) == self.steps:
+                kept = v.clone() if len(partial) else v
+            else:
+                kept = v[torch.from_numpy(kept_steps)]
+            if len(partial):
+                p = torch.from_numpy(partial)
+                left = torch.from_numpy(1.0 - w[kept_steps[partial]])
+                left = left.reshape((-1,) + (1,) * (kept.dim() - 1))
+                kept[p] = (kept[p].float() * left).to(v.dtype)
+            deltas[k] = kept
+        new_index = np.cumsum(keep_step) - 1  # old step -> new step (kept ones)
+        seg = self.segments[self.segments < self.steps]
+        seg = new_index[seg][keep_step[seg]] if len(seg) else seg
+        rest = StageContributions(
+            self.stage,
+            deltas,
+            np.concatenate([[0], np.cumsum(sizes)]),
+            self.ids[keep_id],
+            "",
+            seg if len(seg) else None,
+        )
+        return removed, rest, len(touched)
+
+    def _without_momentum(
+        self, deleted, counts: np.ndarray, w: np.ndarray, beta: float, bias_correction: bool
+    ) -> tuple[StateDict, StageContributions, int]:
+        """Momentum-aware removal (heavy-ball SGD, or Adam's first moment).
+
+        With momentum ``beta`` the update of step t is ``u_t = beta * u_{t-1} + i_t`` where
+        ``i_t`` is step t's own gradient term (Adam: in ``c_t * u_t`` units, ``c_t = 1 -
+        beta**(t+1)`` its bias correction, treating the second-moment scaling as constant).
+        Batch t's gradient reaches step ``s >= t`` as ``beta**(s-t) * i_t``. So the removal of
+        weight ``w_t`` of batch t's gradient is ``r_s = beta * r_{s-1} + w_s * i_s`` on every
+        later step of its optimizer run, and the steps keep ``u_s - r_s``: recomputing ``i``
+        from what is kept gives ``(1 - w_t) * i_t``, so later removals stay consistent. Every
+        step is kept (its update still carries other batches' gradients); the removed ids
+        leave its batch (a batch whose gradient is gone whole keeps no id).
+        """
+        touched = np.flatnonzero(counts)
+        n = self.steps
+        # position of each step in its optimizer run (bias correction restarts per run)
+        starts = self.segments[self.segments < n]
+        run_start = starts[np.searchsorted(starts, np.arange(n), side="right") - 1] if n else []
+        pos = np.arange(n) - run_start
+        c = (1.0 - beta ** (pos + 1.0)) if bias_correction else np.ones(n)
+        c = c.astype(np.float32)
+        is_start = np.zeros(n, dtype=bool)
+        is_start[starts] = True
+        removed, deltas = {}, {}
+        first = int(touched[0]) if len(touched) else n
+        for k, v in self.deltas.items():
+            if first >= n:
+                removed[k] = torch.zeros(v.shape[1:], dtype=torch.float32)
+                deltas[k] = v
+                continue
+            new = v.clone()
+            r_tilde = torch.zeros(v.shape[1:], dtype=torch.float32)
+            prev = torch.zeros_like(r_tilde)  # c * u of the previous step of the run
+            if first > 0 and not is_start[first]:
+                prev = v[first - 1].float() * float(c[first - 1])
+            total = torch.zeros_like(r_tilde)
+            for s in range(first, n):
+                if is_start[s]:
+                    r_tilde.zero_()
+                    prev.zero_()
+                u_tilde = v[s].float() * float(c[s])
+                if w[s] > 0:
+                    r_tilde.mul_(beta).add_(u_tilde - beta * prev, alpha=float(w[s]))
+                else:
+                    r_tilde.mul_(beta)
+                prev = u_tilde
+                r = r_tilde / float(c[s])
+                total += r
+                new[s] = (v[s].float() - r).to(v.dtype)
+            removed[k], deltas[k] = total, new
+        step_of = np.repeat(np.arange(n), self.batch_sizes())
+        gone = np.isin(self.ids, np.asarray(deleted, dtype=np.int64)) | (w[step_of] >= 1.0)
+        sizes = np.bincount(step_of[~gone], minlength=n)
+        rest = StageContributions(
+            self.stage,
+            deltas,
+            np.concatenate([[0], np.cumsum(sizes)]),
+            self.ids[~gone],
+            "",
+            self.segments,
+        )
+        return removed, rest, len(touched)
+
+    def head(self, n: int) -> StageContributions:
+        """The first ``n`` steps."""
+        n = max(0, min(n, self.steps))
+        return StageContributions(
+            self.stage,
+            {k: v[:n] for k, v in self.deltas.items()},
+            self.offsets[: n + 1],
+            self.ids[: self.offsets[n]],
+            self.digest,
+            self.segments[self.segments < max(n, 1)],
+        )
+
+    def extended(self, other: StageContributions) -> StageContributions:
+        """These steps followed by ``other``'s (same parameters)."""
+        if set(other.deltas) != set(self.deltas):
+            raise ValueError("contributions of different parameter sets cannot be joined")
+        deltas = {k: torch.cat([v, other.deltas[k].to(v.dtype)]) for k, v in self.deltas.items()}
+        offsets = np.concatenate([self.offsets, self.offsets[-1] + other.offsets[1:]])
+        segments = np.concatenate([self.segments, self.steps + other.segments])
+        return StageContributions(
+            self.stage,
+            deltas,
+            offsets,
+            np.concatenate([self.ids, other.ids]),
+            other.digest,
+            segments,
+        )
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.deltas.values()) + self.ids.nbytes
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        meta = {
+            "format": FORMAT,
+            "stage": str(self.stage),
+            "dtype": _dtype_name(self.dtype),
+            "digest": self.digest,
+            "steps": str(self.steps),
+        }
+        tensors = {_DELTA + k: v.contiguous() for k, v in self.deltas.items()}
+        tensors[_OFFSETS] = torch.from_numpy(self.offsets)
+        tensors[_IDS] = torch.from_numpy(self.ids)
+        tensors[_SEGMENTS] = torch.from_numpy(self.segments)
+        return st_save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> StageContributions:
+        meta = _safetensors_metadata(blob)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not a contributions file (format {meta.get('format')!r})")
+        t = st_load(blob)
+        deltas = {k[len(_DELTA) :]: v for k, v in t.items() if k.startswith(_DELTA)}
+        return cls(
+            int(meta["stage"]),
+            deltas,
+            t[_OFFSETS].numpy(),
+            t[_IDS].numpy(),
+            meta.get("digest", ""),
+            t[_SEGMENTS].numpy() if _SEGMENTS in t else None,
+        )
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
+
+
+class ContributionRecorder:
+    """An ``on_step`` hook for :func:`~ray_unlearn.platform.training.train_shard`: keeps every
+    step's update (in ``dtype``) and batch ids, per stage."""
+
+    def __init__(self, dtype: str | torch.dtype = "float16"):
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        _dtype_name(self.dtype)
+        self._deltas: dict[int, list[StateDict]] = {}
+        self._ids: dict[int, list[np.ndarray]] = {}
+        self._empty: dict[str, torch.Tensor] = {}
+
+    def __call__(
+        self, stage: int, step: int, sample_ids, before: StateDict, after: StateDict
+    ) -> None:
+        self._deltas.setdefault(stage, []).append(
+            {k: (after[k] - before[k]).to(self.dtype) for k in after}
+        )
+        self._ids.setdefault(stage, []).append(np.asarray(sample_ids, dtype=np.int64))
+        if not self._empty:
+            self._empty = {
+                k: torch.empty((0, *v.shape), dtype=self.dtype) for k, v in after.items()
+            }
+
+    def set_parameters(self, state: StateDict) -> None:
+        """Name the parameters (needed only to build a stage that took no step)."""
+        self._empty = {k: torch.empty((0, *v.shape), dtype=self.dtype) for k, v in state.items()}
+
+    def stages(self) -> list[int]:
+        return sorted(self._deltas)
+
+    def take(self, stage: int, digest: str = "") -> StageContributions:
+        """The stage's contributions (removed from the recorder)."""
+        steps = self._deltas.pop(stage, [])
+        ids = self._ids.pop(stage, [])
+        if steps:
+            deltas = {k: torch.stack([s[k] for s in steps]) for k in steps[0]}
+        else:
+            if not self._empty:
+                raise ValueError(f"stage {stage} took no step and the parameters are unknown")
+            deltas = dict(self._empty)
+        sizes = [len(i) for i in ids]
+        return StageContributions(
+            stage,
+            deltas,
+            np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]),
+            np.concatenate(ids) if ids else np.zeros(0, np.int64),
+            digest,
+        )
+
+
+# -- storage ------------------------------------------------------------------------------
+
+
+def save_contributions(
+    storage: Storage,
+    layout: RunLayout,
+    version_id: str,
+    contrib: StageContributions,
+    *,
+    durable: bool = False,
+) -> int:
+    """Write a version's contributions (one file, atomically). Returns the bytes written.
+
+    Not fsynced unless ``durable``: contributions are derived data, checked against the
+    weights' digest when loaded, so a file lost or torn by a crash only makes DPUS
+    unavailable for that version (HS/OHS then retrain exactly); skipping the fsync of
+    ~``steps * n_params * 2`` bytes per stage keeps recording cheap."""
+    blob = contrib.to_bytes()
+    rel = contribution_path(layout, version_id)
+    if durable or not storage.local:
+        storage.write_bytes(rel, blob)
+        return len(blob)
+    full = storage.full(rel)
+    parent = os.path.dirname(full)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, full)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return len(blob)
+
+
+def has_contributions(storage: Storage, layout: RunLayout, version_id: str) -> bool:
+    return storage.exists(contribution_path(layout, version_id))
+
+
+def load_contributions(
+    storage: Storage, layout: RunLayout, version_id: str, expect: StateDict | None = None
+) -> StageContributions:
+    """A version's contributions; with ``expect`` (its weights), checks they lead to them.
+
+    Raises :class:`MissingContributions` when they are absent or belong to other weights.
+    """
+    path = contribution_path(layout, version_id)
+    if not storage.exists(path):
+        raise MissingContributions(
+            f"version {version_id} has no recorded contributions: it was trained without "
+            "hybrid.record=true (or by a strategy that does not record); DPUS cannot unlearn "
+            "from it. Retrain with recording, or use an exact strategy (sisa)."
+        )
+    try:
+        contrib = StageContributions.from_bytes(storage.read_bytes(path))
+    except Exception as e:  # torn by a crash (not fsynced): as good as absent
+        raise MissingContributions(
+            f"the contributions of version {version_id} are unreadable ({e}); DPUS cannot use them"
+        ) from e
+    if expect is not None and contrib.digest != state_digest(expect):
+        raise MissingContributions(
+            f"the contributions stored with version {version_id} were recorded for other "
+            "weights (a failed attempt?); DPUS cannot use them"
+        )
+    return contrib
+
+
+def purge_contributions(storage: Storage, layout: RunLayout, version_ids: Iterable[str]) -> int:
+    """Delete the contributions of ``version_ids`` (e.g. retired versions). Returns how many."""
+    n = 0
+    for vid in version_ids:
+        path = contribution_path(layout, vid)
+        if storage.exists(path):
+            storage.delete(path)
+            n += 1
+    return n
+
+
+def contribution_bytes(storage: Storage, layout: RunLayout, version_ids: Iterable[str]) -> int:
+    """Bytes on storage of the versions' contributions."""
+    total = 0
+    for vid in version_ids:
+        info = storage.fs.get_file_info(storage.full(contribution_path(layout, vid)))
+        total += int(info.size or 0) if info.type != pafs.FileType.NotFound else 0
+    return total
+
+
+# -- training with recording ---------------------------------------------------------------
+
+
+@dataclass
+class RecordedTraining:
+    run_id: str
+    train_seconds: float
+    contribution_bytes: int
+    chains: dict[int, list[str]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "train_seconds": self.train_seconds,
+            "contribution_bytes": self.contribution_bytes,
+        }
+
+
+def train_and_record(ctx: RunContext, dtype: str | None = None) -> RecordedTraining:
+    """:func:`~ray_unlearn.platform.shard.train_all_shards` that also records contributions
+    (in ``dtype``, default ``hybrid.dtype``) beside every slice version."""
+    from ray_unlearn.platform.shard import persist_stages
+    from ray_unlearn.platform.store import Registry, ShardEntry
+    from ray_unlearn.platform.training import train_shard
+
+    cfg = ctx.config
+    dtype = dtype or cfg.hybrid.dtype
+    t0 = time.perf_counter()
+    chains, nbytes = {}, 0
+    for k in range(cfg.partition.shards):
+        rec = ContributionRecorder(dtype)
+        stages = train_shard(
+            ctx.shard_data(k),
+            cfg.model,
+            cfg.training,
+            seed=cfg.seed,
+            feature_shape=ctx.feature_shape,
+            num_classes=ctx.num_classes,
+            on_step=rec,
+        )
+        rec.set_parameters(stages[0].state)
+        chains[k] = persist_stages(ctx, k, 0, stages, None, created_by="train-local")
+        for st, vid in zip(stages, chains[k], strict=True):
+            contrib = rec.take(st.stage, state_digest(st.state))
+            nbytes += save_contributions(ctx.storage, ctx.layout, vid, contrib)
+    ctx.model_store.write_registry(Registry({k: ShardEntry(c, 0) for k, c in chains.items()}))
+    return RecordedTraining(ctx.run_id, time.perf_counter() - t0, nbytes, chains)

@@ -1,0 +1,307 @@
+"""Approximate and hybrid unlearning: DPUS, HS and OHS (see platform/hybrid.py).
+
+``dpus``  Direct parameter update: subtract the recorded updates of the batches that held a
+          revoked sample (platform/contributions.py) from the shard's snapshots. Never exact.
+``hs``    Hybrid: exact SISA retraining when the predicted retraining time of the batch of
+          requests is at most ``hybrid.threshold``, DPUS otherwise.
+``ohs``   Optimized hybrid: like ``hs``, and after DPUS the serving model is fine-tuned on a
+          subset of the shard's remaining slices until a held-out part of the remaining
+          rows stops improving.
+
+What DPUS subtracts (``hybrid.dpus_scale``, ``hybrid.dpus_momentum``). ``batch`` (default,
+the paper's DPUS): each touched step's whole update; ``share``: ``d / |batch|`` of it (the
+revoked samples' part of a mean-loss batch, if all samples contributed alike). With
+``dpus_momentum`` the batch's *gradient* is removed from this and the later steps it reached
+through the optimizer's momentum (Adam, SGD 0.9), instead of the step's raw update, which
+with momentum 0.9 is mostly earlier batches' gradients. With many epochs a sample sits in
+many batches (``epochs / (r + 1)`` per stage r), so ``batch`` removes much of a shard's
+training (strong forgetting, accuracy loss: what OHS repairs) and ``share`` very little
+(accuracy kept, membership barely reduced); benchmarks/hybrid.py measures both.
+
+OHS fine-tuning (``hybrid.ohs_slices``). Default ``affected``: the remaining rows of slices
+f..R-1. The removed batches were drawn from the rows of stages f..R-1, so that is where the
+collateral damage is, and those rows are what exact retraining would train on again;
+``last`` (only the newest slice) is cheaper but too few rows to repair a DPUS that removed
+much; ``all`` adds slices 0..f-1, whose stages DPUS did not touch, for a little more accuracy
+at more cost. Stopping: a fixed 10% of the shard's remaining rows (by a hash of the sample
+id, the same rows every time; ``ohs_validation_fraction``) is held out from fine-tuning and
+its loss is checked after every pass; the pass with the lowest loss is kept (``ohs_patience``,
+``ohs_max_epochs``). The test split is never used. These rows were part of the original
+training (they belong to the shard); they are held out from the fine-tuning only.
+
+What the stage snapshots mean after DPUS. Stage r's snapshot is a restart point for later
+exact retrains from slice r + 1, and every stage from the first affected slice f on was
+trained on the revoked samples (stage r trains on slices 0..r). So DPUS corrects *every*
+stage f..R-1, not only the serving one: ``W'_r = W_r - sum_{s=f..r} removed_s``. Stages
+before f never saw the samples and are kept. Each corrected version is written with its
+contributions minus the removed updates, so ``W'_r = W'_{r-1} + sum(contributions_r)`` still
+holds and a later DPUS never subtracts an update twice. OHS fine-tunes only the serving stage
+(its steps are recorded as further contributions of that stage, so a later deletion of a
+fine-tuning sample removes them too); the restart points keep the DPUS weights, and a later
+exact retrain of the shard discards the fine-tuning with the stages it replaces.
+
+Exactness. The new versions' sample lists omit the revoked ids (their recorded influence
+is removed, so the audit must not report them as contained), and their metrics say
+``exact: 0``. An exact retrain restarting from an approximate snapshot is approximate too:
+a snapshot is exact only when its whole chain is (:func:`chain_exactness`), and an update's
+``exact`` flag says so. Retraining from a slice at or before the first approximate stage
+makes the shard exact again.
+
+Contributions of the new versions are written by the strategy, before the runtime persists
+the versions, under the version ids they will get (generation + 1); they carry the digest of
+the weights they lead to, so files from an attempt that was not published are never used.
+
+What is recorded per request: the serving stage's metrics (persisted in its manifest) hold
+``hybrid_exact_decision``, ``hybrid_predicted_seconds``, ``hybrid_threshold_seconds``,
+``hybrid_actual_seconds`` (and the batch/shard predictions, throughput, first slice, DPUS and
+fine-tuning counts); the same summary is set as ``update.info`` for the deletion log once
+:class:`ShardUpdate` carries it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ray_unlearn.platform.contributions import (
+    ContributionRecorder,
+    MissingContributions,
+    StageContributions,
+    load_contributions,
+    save_contributions,
+    state_digest,
+)
+from ray_unlearn.platform.hybrid import (
+    Decision,
+    batch_deletions,
+    chain_exactness,
+    decide,
+    estimate_workload,
+    finetune,
+    finetune_rows,
+    optimizer_momentum,
+    validation_mask,
+)
+from ray_unlearn.platform.store import version_id
+from ray_unlearn.platform.strategies.base import (
+    ShardState,
+    ShardUpdate,
+    UnlearningStrategy,
+    register_strategy,
+)
+from ray_unlearn.platform.training import StageResult, train_shard
+
+
+def _generation(vid: str) -> int:
+    return int(vid.rsplit("-g", 1)[1])
+
+
+def retrain_exact(ctx, state: ShardState, deleted: np.ndarray, first: int) -> ShardUpdate:
+    """SISA retraining from slice ``first`` that records contributions (when the run records)
+    for the new versions, and is exact only when the snapshot it restarts from is."""
+    cfg = ctx.config
+    remaining = state.data.without(deleted)
+    rec = ContributionRecorder(cfg.hybrid.dtype) if cfg.hybrid.record else None
+    stages = train_shard(
+        remaining,
+        cfg.model,
+        cfg.training,
+        seed=cfg.seed,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+        start_stage=first,
+        start_state=state.snapshots[first - 1] if first > 0 else None,
+        on_step=rec,
+    )
+    parent_exact = chain_exactness(ctx, state.chain[:first])[-1] if first > 0 else True
+    if rec is not None:
+        rec.set_parameters(stages[0].state)
+        gen = _generation(state.chain[-1]) + 1
+        for st in stages:
+            contrib = rec.take(st.stage, state_digest(st.state))
+            vid = version_id(state.data.shard, st.stage, gen)
+            save_contributions(ctx.storage, ctx.layout, vid, contrib)
+    for st in stages:
+        st.metrics["exact"] = float(parent_exact)
+    return ShardUpdate(first_stage=first, stages=stages, exact=parent_exact)
+
+
+class HybridBase(UnlearningStrategy):
+    """Shared machinery; subclasses choose with :meth:`choose`."""
+
+    exact = False  # class level: not guaranteed; each ShardUpdate says what happened
+    finetunes = False
+
+    # -- entry point -------------------------------------------------------------------
+    def unlearn_shard(self, state: ShardState, deleted: np.ndarray) -> ShardUpdate:
+        t0 = time.perf_counter()
+        data = state.data
+        deleted = np.asarray(deleted, dtype=np.int64)
+        in_shard = np.isin(data.sample_ids, deleted)
+        if not in_shard.any():
+            raise ValueError(
+                f"none of the deleted samples {deleted[:5].tolist()} is live in shard {data.shard}"
+            )
+        deleted = data.sample_ids[in_shard]
+        first = int(data.slices[in_shard].min())
+        decision = self.decision(state, deleted)
+        exact = decision.exact
+        if not exact:
+            try:
+                update = self._approximate(state, deleted, first)
+            except MissingContributions:
+                if self.name == "dpus":
+                    raise
+                decision.reason, exact = "no-contributions", True
+        if exact:
+            update = self._exact(state, deleted, first)
+        metrics = update.stages[-1].metrics
+        metrics.update(decision.metrics())
+        metrics["hybrid_actual_seconds"] = time.perf_counter() - t0
+        metrics["hybrid_first_slice"] = float(first)
+        metrics["hybrid_deleted"] = float(len(deleted))
+        # For the deletion log (ShardUpdate has no field for it yet: see the module notes).
+        update.info = {
+            "strategy": self.name,
+            "decision": "exact" if exact else "dpus",
+            "reason": decision.reason,
+            "predicted_seconds": decision.predicted_seconds,
+            "threshold_seconds": decision.threshold_seconds,
+            "actual_seconds": metrics["hybrid_actual_seconds"],
+            "first_slice": first,
+            "exact": update.exact,
+        }
+        return update
+
+    def decision(self, state: ShardState, deleted: np.ndarray) -> Decision:
+        ctx, cfg = self.ctx, self.ctx.config.hybrid
+        k = state.data.shard
+        if cfg.scope == "batch":
+            per_shard, done = batch_deletions(ctx, k, deleted)
+        else:
+            per_shard = {k: deleted}
+            done = np.fromiter(ctx.deletion_log.deleted_sample_ids(), dtype=np.int64)
+        est = estimate_workload(ctx, per_shard, deleted_before=done, shard_data={k: state.data})
+        return self.choose(decide(cfg, est, k))
+
+    def choose(self, decision: Decision) -> Decision:
+        return decision
+
+    # -- exact ---------------------------------------------------------------------------
+    def _exact(self, state: ShardState, deleted: np.ndarray, first: int) -> ShardUpdate:
+        return retrain_exact(self.ctx, state, deleted, first)
+
+    # -- approximate ---------------------------------------------------------------------
+    def _approximate(self, state: ShardState, deleted: np.ndarray, first: int) -> ShardUpdate:
+        ctx, cfg = self.ctx, self.ctx.config
+        hy = cfg.hybrid
+        data = state.data
+        remaining = data.without(deleted)
+        R = data.num_slices
+        contribs = [
+            load_contributions(ctx.storage, ctx.layout, state.chain[r], expect=state.snapshots[r])
+            for r in range(first, R)
+        ]
+        beta, bias_correction = optimizer_momentum(cfg.training) if hy.dpus_momentum else (0, 0)
+        stages, kept, cum = [], [], None
+        for r, c in zip(range(first, R), contribs, strict=True):
+            t0 = time.perf_counter()
+            removed, rest, touched = c.without(
+                deleted, hy.dpus_scale, momentum=beta, bias_correction=bool(bias_correction)
+            )
+            cum = removed if cum is None else {k: cum[k] + removed[k] for k in cum}
+            snap = state.snapshots[r]
+            new = {  # buffers (no recorded update) are kept
+                k: (snap[k].float() - cum[k]).to(snap[k].dtype) if k in cum else snap[k]
+                for k in snap
+            }
+            metrics = {
+                "exact": 0.0,
+                "dpus_removed_steps": float(touched),
+                "dpus_kept_steps": float(rest.steps),
+                "dpus_seconds": time.perf_counter() - t0,
+            }
+            stages.append(StageResult(r, new, remaining.ids_through(r), metrics))
+            kept.append(rest)
+        if self.finetunes:
+            self._finetune(state, remaining, first, stages[-1], kept)
+        gen = _generation(state.chain[-1]) + 1
+        for st, rest in zip(stages, kept, strict=True):
+            rest.digest = state_digest(st.state)
+            vid = version_id(data.shard, st.stage, gen)
+            save_contributions(ctx.storage, ctx.layout, vid, rest)
+        return ShardUpdate(first_stage=first, stages=stages, exact=False)
+
+    def _finetune(
+        self,
+        state: ShardState,
+        remaining,
+        first: int,
+        serving: StageResult,
+        kept: list[StageContributions],
+    ) -> None:
+        """OHS: fine-tune the serving snapshot in place (``serving``, ``kept[-1]``)."""
+        ctx, cfg = self.ctx, self.ctx.config
+        hy = cfg.hybrid
+        val = validation_mask(remaining.sample_ids, hy.ohs_validation_fraction, cfg.seed)
+        train_rows = finetune_rows(remaining, first, hy.ohs_slices)
+        train_rows = train_rows[~val[train_rows]]
+        val_rows = np.flatnonzero(val)
+        rec = ContributionRecorder(hy.dtype)
+        gen = _generation(state.chain[-1]) + 1
+        res = finetune(
+            serving.state,
+            remaining,
+            train_rows,
+            val_rows,
+            model_cfg=cfg.model,
+            train_cfg=cfg.training,
+            feature_shape=ctx.feature_shape,
+            num_classes=ctx.num_classes,
+            lr=hy.ohs_lr,
+            max_epochs=hy.ohs_max_epochs,
+            patience=hy.ohs_patience,
+            seed_parts=(cfg.seed, remaining.shard, gen),
+            stage=serving.stage,
+            recorder=rec,
+        )
+        if res.steps:
+            rec.set_parameters(serving.state)
+            ft = rec.take(serving.stage)
+            ft = ft.head(res.steps)
+            kept[-1] = kept[-1].extended(ft)
+        serving.state = res.state
+        serving.metrics.update(
+            ohs_finetune_steps=float(res.steps),
+            ohs_finetune_epochs=float(res.epochs),
+            ohs_finetune_best_epoch=float(res.best_epoch),
+            ohs_finetune_rows=float(res.train_rows),
+            ohs_validation_rows=float(res.val_rows),
+            ohs_val_loss_before=res.val_before,
+            ohs_val_loss_after=res.val_after,
+            ohs_finetune_seconds=res.seconds,
+        )
+
+
+@register_strategy
+class Dpus(HybridBase):
+    name = "dpus"
+    description = "approximate: subtract the recorded updates of the revoked samples' batches"
+
+    def choose(self, decision: Decision) -> Decision:
+        decision.exact = False
+        return decision
+
+
+@register_strategy
+class HybridStrategy(HybridBase):
+    name = "hs"
+    description = "hybrid: exact SISA when the predicted retraining is light, else DPUS"
+
+
+@register_strategy
+class OptimizedHybrid(HybridBase):
+    name = "ohs"
+    finetunes = True
+    description = "hybrid: exact SISA when light, else DPUS + fine-tuning to convergence"

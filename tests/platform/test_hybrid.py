@@ -1,0 +1,447 @@
+"""Hybrid unlearning: contribution recording, DPUS, the workload estimator, HS/OHS decisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ray_unlearn.platform.audit import audit
+from ray_unlearn.platform.config import ConfigError, load_config
+from ray_unlearn.platform.contributions import (
+    ContributionRecorder,
+    MissingContributions,
+    StageContributions,
+    contribution_path,
+    has_contributions,
+    load_contributions,
+    save_contributions,
+    state_digest,
+    train_and_record,
+)
+from ray_unlearn.platform.hybrid import (
+    WorkloadEstimate,
+    chain_exactness,
+    decide,
+    estimate_workload,
+    optimizer_momentum,
+    retrain_work,
+    stage_samples,
+)
+from ray_unlearn.platform.plan import TEST
+from ray_unlearn.platform.run import create_run
+from ray_unlearn.platform.shard import train_all_shards
+from ray_unlearn.platform.strategies import ShardState, available_strategies, get_strategy
+from ray_unlearn.platform.training import stage_batches, train_shard
+from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+from tests.conftest import tiny_config
+
+REC = ["hybrid.record=true", "training.torch_threads=1"]
+
+
+@pytest.fixture
+def recorded_run(tmp_path):
+    """A tiny run trained with contribution recording (float32: exact arithmetic checks)."""
+    torch.set_num_threads(1)
+    ctx = create_run(tiny_config(tmp_path, *REC, "hybrid.dtype=float32"))
+    train_and_record(ctx)
+    return ctx
+
+
+def _train(ctx, data, **kw):
+    cfg = ctx.config
+    return train_shard(
+        data,
+        cfg.model,
+        cfg.training,
+        seed=cfg.seed,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+        **kw,
+    )
+
+
+def _owner_in(ctx, shard: int, slice_: int | None = None, skip: int = 0) -> str:
+    owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards == shard])
+    hits = []
+    for o in owners:
+        k, r = ctx.plan.locate(ctx.plan.samples_of_owner(o))
+        if (k == shard).all() and (slice_ is None or r.min() == slice_):
+            hits.append(str(o))
+    return hits[skip]
+
+
+def _state(ctx, shard: int) -> ShardState:
+    chain = ctx.model_store.registry().shards[shard].chain
+    return ShardState(
+        ctx.shard_data(shard), [ctx.model_store.load_state(v) for v in chain], list(chain)
+    )
+
+
+def _close(a, b, atol=1e-5) -> bool:
+    return all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+# -- recording -------------------------------------------------------------------------------
+
+
+def test_recording_round_trip_and_it_does_not_change_training(recorded_run):
+    ctx = recorded_run
+    data = ctx.shard_data(1)
+    rec = ContributionRecorder("float16")
+    with_hook = _train(ctx, data, on_step=rec)
+    plain = _train(ctx, data)
+    for a, b in zip(with_hook, plain, strict=True):  # the hook only reads: bitwise the same
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+    chain = ctx.model_store.registry().shards[1].chain
+    prev = None
+    for r, vid in enumerate(chain):
+        weights = ctx.model_store.load_state(vid)
+        c = load_contributions(ctx.storage, ctx.layout, vid, expect=weights)
+        m = ctx.model_store.manifest(vid)["metrics"]
+        assert c.stage == r and c.steps == m["steps"] and c.dtype == torch.float32
+        assert c.batch_sizes().sum() == m["samples_seen"]
+        assert np.isin(c.ids, ctx.model_store.sample_ids(vid)).all()
+        if prev is not None:  # a snapshot is its parent plus its stage's updates
+            total = c.total()
+            assert _close({k: prev[k] + total[k] for k in prev}, weights)
+        prev = weights
+        # float16 round trip through storage: bit-exact
+        c16 = rec.take(r, state_digest(with_hook[r].state))
+        save_contributions(ctx.storage, ctx.layout, "roundtrip", c16)
+        back = load_contributions(ctx.storage, ctx.layout, "roundtrip")
+        assert back.dtype == torch.float16 and back.digest == c16.digest
+        assert np.array_equal(back.offsets, c16.offsets) and np.array_equal(back.ids, c16.ids)
+        assert all(torch.equal(back.deltas[k], c16.deltas[k]) for k in c16.deltas)
+    p = contribution_path(ctx.layout, chain[0])
+    assert p == f"{ctx.layout.version_dir(chain[0])}/contributions.safetensors"
+    assert ctx.storage.exists(p) and has_contributions(ctx.storage, ctx.layout, chain[0])
+    with pytest.raises(MissingContributions, match="other weights"):
+        load_contributions(ctx.storage, ctx.layout, chain[0], expect=prev)
+
+
+# -- DPUS -------------------------------------------------------------------------------------
+
+
+def _toy_sgd(x, y, order, lr, batch, deleted=()):
+    """Plain SGD (no momentum) on the loss -y * w.x: each sample's gradient -y x does not
+    depend on w, so every update is additive. Returns (w, recorder)."""
+    w = torch.zeros(x.shape[1])
+    rec = ContributionRecorder("float32")
+    order = [i for i in order if i not in set(deleted)]
+    for step, i0 in enumerate(range(0, len(order), batch)):
+        b = order[i0 : i0 + batch]
+        grad = -(y[b, None] * x[b]).mean(0)
+        before = {"w": w.clone()}
+        w = w - lr * grad
+        rec(0, step, np.asarray(b), before, {"w": w})
+    return w, rec
+
+
+def test_dpus_means_removing_the_batches_updates_exactly():
+    """With additive updates (gradients independent of the weights, no optimizer state) and
+    the deleted sample alone in its batches, subtracting the recorded updates of its batches
+    ("batch") is exactly training without it. Otherwise DPUS is W' = W - (removed updates):
+    a first-order approximation of retraining."""
+    x = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 4.0], [2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    order = [2, 0, 3, 1, 0, 1, 2, 3]  # two passes
+    w, rec = _toy_sgd(x, y, order, lr=0.5, batch=1)
+    c = rec.take(0)
+    assert torch.equal(c.total()["w"], w)  # W_T = W_0 + sum of the updates (W_0 = 0)
+    removed, rest, touched = c.without([0], "batch")
+    w_retrained, _ = _toy_sgd(x, y, order, lr=0.5, batch=1, deleted=[0])
+    assert touched == 2 and rest.steps == 6 and 0 not in rest.ids
+    assert torch.equal(w - removed["w"], w_retrained)  # DPUS == retraining, bit for bit
+    # What DPUS does numerically: W' = W - sum of the removed steps' deltas.
+    assert torch.equal(removed["w"], c.deltas["w"][0 + 1] + c.deltas["w"][4])
+
+    # share: batches of two; sample 0 shares batches 0 ({2, 0}) and 2 ({0, 1}). "share" takes
+    # the deleted samples' count / batch size of each such update (an estimate of their
+    # part: exact when the batch's per-sample terms are equal) and keeps the rest.
+    w2, rec2 = _toy_sgd(x, y, order, lr=0.5, batch=2)
+    c2 = rec2.take(0)
+    removed2, rest2, _ = c2.without([0], "share")
+    assert torch.equal(removed2["w"], 0.5 * (c2.deltas["w"][0] + c2.deltas["w"][2]))
+    assert torch.equal(w2 - removed2["w"], rest2.total()["w"])  # what remains is recorded
+    assert 0 not in rest2.ids and rest2.steps == 4
+
+
+def test_momentum_aware_dpus_removes_a_gradient_through_the_momentum():
+    """Heavy-ball SGD (momentum 0.9): a step's update is mostly earlier gradients. The
+    momentum-aware removal takes out the deleted sample's gradient on every step it reached,
+    which (gradients independent of the weights) gives exactly the run in which its
+    gradient was zero; the raw-step removal does not."""
+    x = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 4.0], [2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    order, lr, mu = [2, 0, 3, 1, 0, 1, 2, 3], 0.25, 0.9
+
+    def run(zero=()):
+        w, buf = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        rec = ContributionRecorder("float32")
+        for step, i in enumerate(order):
+            g = torch.zeros(3, dtype=torch.float64) if i in zero else -(y[i] * x[i]).double()
+            buf = mu * buf + g
+            before = {"w": w.clone()}
+            w = w - lr * buf
+            rec(0, step, np.asarray([i]), before, {"w": w})
+        return w, rec.take(0)
+
+    w, c = run()
+    target, _ = run(zero=[0])
+    removed, rest, touched = c.without([0], "batch", momentum=mu)
+    assert touched == 2 and rest.steps == c.steps  # steps stay: they carry other gradients
+    assert 0 not in rest.ids and rest.batch_sizes().tolist() == [1, 0, 1, 1, 0, 1, 1, 1]
+    assert torch.allclose(w.float() - removed["w"], target.float(), atol=1e-5)
+    assert torch.allclose(w.float() - removed["w"], rest.total()["w"], atol=1e-5)
+    raw, _, _ = c.without([0], "batch")  # the raw steps: not the same thing
+    assert not torch.allclose(w.float() - raw["w"], target.float(), atol=1e-2)
+    # a later removal from what is kept is the same as removing both at once
+    both, _, _ = c.without([0, 3], "batch", momentum=mu)
+    later, _, _ = rest.without([3], "batch", momentum=mu)
+    assert torch.allclose(removed["w"] + later["w"], both["w"], atol=1e-5)
+
+
+def test_dpus_strategy_on_a_shard(recorded_run):
+    ctx = recorded_run
+    shard = 2
+    state = _state(ctx, shard)
+    owner = _owner_in(ctx, shard, slice_=1)
+    deleted = ctx.plan.samples_of_owner(owner)
+    update = get_strategy("dpus")(ctx).unlearn_shard(state, deleted)
+    assert update.first_stage == 1 and not update.exact
+    expect_removed = None
+    for st in update.stages:
+        c = load_contributions(ctx.storage, ctx.layout, state.chain[st.stage])
+        removed, _, _ = c.without(deleted, "batch")
+        expect_removed = (
+            removed
+            if expect_removed is None
+            else {k: expect_removed[k] + removed[k] for k in removed}
+        )
+        old = state.snapshots[st.stage]
+        assert _close(st.state, {k: old[k] - expect_removed[k] for k in old}, atol=0)
+        assert not np.isin(deleted, st.sample_ids).any() and st.metrics["exact"] == 0.0
+    assert update.stages[-1].metrics["hybrid_exact_decision"] == 0.0
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_dpus_through_the_engine_keeps_the_chain_consistent(recorded_run, momentum):
+    ctx = recorded_run
+    ctx.config.hybrid.dpus_momentum = momentum
+    shard = 0
+    eng = UnlearningEngine(ctx, LocalShards(ctx))
+    a, b = _owner_in(ctx, shard, 0), _owner_in(ctx, shard, 0, skip=1)
+    ctx.config.hybrid.threshold = 1.0  # hs: exact (it records, unlike plain sisa)
+    eng.submit(owner_id=a, request_id="a")
+    (ra,) = eng.execute_pending(strategy="hs")
+    assert ra.details["strategy"] == "hs" and ra.details["exact"]
+    eng.submit(owner_id=b, request_id="b")
+    (rb,) = eng.execute_pending(strategy="dpus")
+    assert rb.details["strategy"] == "dpus" and rb.details["exact"] is False
+    assert audit(ctx)["clean"] and audit(ctx, owner_id=b)["live_versions_containing"] == {}
+    chain = ctx.model_store.registry().shards[shard].chain
+    assert chain_exactness(ctx, chain) == [False] * len(chain)  # slice 0 was hit
+    for r, vid in enumerate(chain):
+        m = ctx.model_store.manifest(vid)
+        assert m["metrics"]["exact"] == 0.0 and m["created_by"] == "b"
+        w = ctx.model_store.load_state(vid)
+        c = load_contributions(ctx.storage, ctx.layout, vid, expect=w)
+        assert not np.isin(ctx.plan.samples_of_owner(b), c.ids).any()
+        if r:
+            total, prev = c.total(), ctx.model_store.load_state(chain[r - 1])
+            assert _close({k: prev[k] + total[k] for k in prev}, w, atol=1e-4)
+
+
+def test_dpus_needs_recorded_contributions(tmp_path):
+    ctx = create_run(tiny_config(tmp_path, "training.torch_threads=1"))
+    train_all_shards(ctx)  # without recording
+    state = _state(ctx, 1)
+    deleted = ctx.plan.samples_of_owner(_owner_in(ctx, 1))
+    with pytest.raises(MissingContributions, match="hybrid.record=true"):
+        get_strategy("dpus")(ctx).unlearn_shard(state, deleted)
+    update = get_strategy("hs")(ctx).unlearn_shard(state, deleted)  # falls back to exact
+    assert update.exact and update.stages[-1].metrics["hybrid_no_contributions"] == 1.0
+
+
+# -- estimator and decision -------------------------------------------------------------------
+
+
+def test_stage_samples_match_stage_batches():
+    for n_rows, steps, batch in [(50, 7, 16), (50, 4, 16), (10, 3, 32), (33, 9, 8), (5, 0, 4)]:
+        seen = sum(len(b) for b in stage_batches(n_rows, steps, batch, 0, 0, 0))
+        assert stage_samples(n_rows, steps, batch) == seen
+    steps, samples, per = retrain_work([10, 0, 6], 1, epochs=3, batch_size=4)
+    assert per == [0, 5] and steps == 5 and samples == stage_samples(16, 5, 4)
+
+
+def test_estimator_matches_the_actual_retraining(recorded_run):
+    ctx = recorded_run
+    shard = 1
+    deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 1))
+    est = estimate_workload(ctx, {shard: deleted}, samples_per_second=1000.0)
+    update = get_strategy("sisa")(ctx).unlearn_shard(_state(ctx, shard), deleted)
+    w = est.shards[shard]
+    assert w.first_slice == update.first_stage == 1
+    assert w.steps == sum(s.metrics["steps"] for s in update.stages)
+    assert w.samples == sum(s.metrics["samples_seen"] for s in update.stages)
+    assert w.seconds == pytest.approx(w.samples / 1000.0)
+    # full retrain of every shard from slice 0 (after the deletion)
+    full = sum(
+        sum(s.metrics["samples_seen"] for s in _train(ctx, ctx.shard_data(k, exclude=deleted)))
+        for k in range(ctx.config.partition.shards)
+    )
+    assert est.full_samples == full
+    # the default throughput comes from the run's own stage metrics
+    auto = estimate_workload(ctx, {shard: deleted})
+    assert 0 < auto.samples_per_second < float("inf")
+
+
+def test_hs_decision_switches_at_the_threshold(recorded_run):
+    ctx = recorded_run
+    hy = ctx.config.hybrid
+    est = WorkloadEstimate({}, 100.0, full_seconds=10.0)
+    from ray_unlearn.platform.hybrid import ShardWorkload
+
+    est.shards[0] = ShardWorkload(0, 1, 20, 250, 2.5)
+    hy.threshold_unit, hy.threshold = "seconds", 2.5
+    assert decide(hy, est, 0).exact  # predicted <= threshold: exact
+    hy.threshold = 2.49
+    assert not decide(hy, est, 0).exact
+    hy.threshold_unit, hy.threshold = "fraction", 0.25  # 0.25 * 10 s
+    assert decide(hy, est, 0).exact and decide(hy, est, 0).threshold_seconds == 2.5
+    hy.threshold = 0.24
+    assert not decide(hy, est, 0).exact
+
+    # end to end: the same request goes exact or DPUS around its own prediction
+    shard = 1
+    deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 1))
+    state = _state(ctx, shard)
+    frac = estimate_workload(ctx, {shard: deleted}, deleted_before=[])
+    at = frac.shards[shard].seconds / frac.full_seconds
+    hy.threshold = at * 1.0001
+    exact = get_strategy("hs")(ctx).unlearn_shard(state, deleted)
+    hy.threshold = at * 0.9999
+    approx = get_strategy("hs")(ctx).unlearn_shard(state, deleted)
+    assert exact.exact and exact.stages[-1].metrics["hybrid_exact_decision"] == 1.0
+    assert not approx.exact and approx.stages[-1].metrics["hybrid_exact_decision"] == 0.0
+    m = exact.stages[-1].metrics
+    assert m["hybrid_predicted_seconds"] <= m["hybrid_threshold_seconds"]
+    assert m["hybrid_actual_seconds"] > 0
+    sisa = get_strategy("sisa")(ctx).unlearn_shard(state, deleted)
+    for a, b in zip(exact.stages, sisa.stages, strict=True):  # HS's exact path is SISA
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+def test_exact_retrain_from_an_approximate_snapshot_is_not_exact(recorded_run):
+    ctx = recorded_run
+    shard = 0
+    eng = UnlearningEngine(ctx, LocalShards(ctx))
+    eng.submit(owner_id=_owner_in(ctx, shard, 1), request_id="approx")
+    eng.execute_pending(strategy="dpus")  # stages 1.. approximate
+    ctx.config.hybrid.threshold = 1.0  # every request light: exact
+    eng.submit(owner_id=_owner_in(ctx, shard, 2), request_id="later")
+    (later,) = eng.execute_pending(strategy="hs")
+    assert later.details["exact"] is False  # restarted from the approximate stage 1
+    eng.submit(owner_id=_owner_in(ctx, shard, 0), request_id="early")
+    (early,) = eng.execute_pending(strategy="hs")
+    assert early.details["exact"] is True  # from slice 0: the shard is exact again
+    chain = ctx.model_store.registry().shards[shard].chain
+    assert chain_exactness(ctx, chain) == [True] * len(chain)
+
+
+def test_ohs_fine_tunes_the_serving_stage_and_records_it(recorded_run):
+    ctx = recorded_run
+    ctx.config.hybrid.threshold = 0.0  # always DPUS
+    ctx.config.hybrid.ohs_slices = "all"
+    shard = 2
+    state = _state(ctx, shard)
+    deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 0))
+    dpus = get_strategy("dpus")(ctx).unlearn_shard(state, deleted)
+    update = get_strategy("ohs")(ctx).unlearn_shard(state, deleted)  # (same version ids)
+    assert not update.exact and update.first_stage == 0
+    for a, b in zip(update.stages[:-1], dpus.stages[:-1], strict=True):  # restart points: DPUS
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    m = update.stages[-1].metrics
+    assert m["ohs_finetune_steps"] > 0 and m["ohs_val_loss_after"] < m["ohs_val_loss_before"]
+    gen = int(state.chain[-1].rsplit("-g", 1)[1]) + 1
+    vid = f"s{shard:03d}-r{len(state.chain) - 1:02d}-g{gen:04d}"
+    c = load_contributions(ctx.storage, ctx.layout, vid, expect=update.stages[-1].state)
+    assert c.steps == m["dpus_kept_steps"] + m["ohs_finetune_steps"]
+    assert not np.isin(deleted, c.ids).any()
+
+
+# -- registry and config ----------------------------------------------------------------------
+
+
+def test_strategies_are_registered_and_selected_by_config(tmp_path):
+    assert {"dpus", "hs", "ohs", "sisa"} <= set(available_strategies())
+    assert not get_strategy("dpus").exact and get_strategy("sisa").exact
+    with pytest.raises(ConfigError, match="hybrid.record=true"):
+        load_config(None, ["unlearning.strategy=ohs"])
+    ctx = create_run(tiny_config(tmp_path, *REC, "unlearning.strategy=hs", "hybrid.threshold=0"))
+    train_and_record(ctx)
+    owner = str(np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])[0])
+    rec = UnlearningEngine(ctx, LocalShards(ctx)).forget(owner_id=owner)
+    assert rec.details["strategy"] == "hs" and rec.details["exact"] is False
+    assert ctx.model_store.manifest(rec.versions_created[-1])["metrics"]["exact"] == 0.0
+
+
+def test_hybrid_config_validation():
+    cfg = load_config(
+        None,
+        [*REC, "hybrid.dtype=bfloat16", "hybrid.threshold_unit=seconds", "hybrid.threshold=30"],
+    )
+    assert cfg.hybrid.dtype == "bfloat16" and cfg.hybrid.threshold == 30
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            None,
+            [
+                "hybrid.dtype=int8",
+                "hybrid.threshold=-1",
+                "hybrid.ohs_validation_fraction=1",
+                "hybrid.ohs_slices=first",
+                "hybrid.colour=red",
+            ],
+        )
+    msg = str(e.value)
+    assert "5 problem(s)" in msg
+    for field in (
+        "hybrid.dtype",
+        "hybrid.threshold",
+        "hybrid.ohs_validation_fraction",
+        "hybrid.ohs_slices",
+        "hybrid.colour",
+    ):
+        assert field in msg
+    with pytest.raises(ConfigError, match="fraction of a full retrain"):
+        load_config(None, ["hybrid.threshold=2"])
+
+
+def test_plain_training_is_unchanged_by_the_hybrid_section(tmp_path):
+    """A run without recording trains as before (same weights as one that records)."""
+    a = create_run(tiny_config(tmp_path / "a", "training.torch_threads=1"))
+    b = create_run(tiny_config(tmp_path / "b", *REC))
+    train_all_shards(a)
+    train_and_record(b)
+    for k in range(a.config.partition.shards):
+        va = a.model_store.registry().shards[k].chain[-1]
+        vb = b.model_store.registry().shards[k].chain[-1]
+        assert (
+            a.model_store.manifest(va)["weights_sha256"]
+            == b.model_store.manifest(vb)["weights_sha256"]
+        )
+
+
+def test_optimizer_momentum_comes_from_the_training_optimizer():
+    assert optimizer_momentum(load_config(None).training) == (0.9, True)  # Adam beta1
+    assert optimizer_momentum(load_config(None, ["training.optimizer=sgd"]).training) == (
+        0.9,
+        False,
+    )
+
+
+def test_stage_contributions_reject_inconsistent_shapes():
+    with pytest.raises(ValueError, match="inconsistent"):
+        StageContributions(0, {"w": torch.zeros(2, 3)}, np.array([0, 1]), np.array([5]))
