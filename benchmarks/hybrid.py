@@ -4,11 +4,13 @@ Run:  .venv/bin/python benchmarks/hybrid.py --out results/hybrid [--quick]
 
 On the Purchase-shaped synthetic set (configs/purchase.yaml; full: 16k rows, 8 shards x 5
 slices, 20 epochs; quick: smaller), trained once in this process with contribution
-recording (``train_and_record``). Then, for every strategy, from a copy of that same trained
-run: a stream of single-owner deletion requests (owners drawn with a seed), executed one at a
-time as they arrive through ``UnlearningEngine`` + ``LocalShards`` (long-lived shard runtimes,
-like the executor). Evaluated after 1, 10 and 100 requests (the shorter streams are the
-prefixes of the longer one):
+recording (``train_and_record``). Then, for every strategy, from its own copy of that same
+trained run (hard links): a stream of single-owner deletion requests (owners drawn with a
+seed), executed one at a time as they arrive through ``UnlearningEngine`` + ``LocalShards``
+(long-lived shard runtimes, like the executor). The streams are interleaved: every variant
+executes request i (in a rotating order) before any executes request i + 1, so a busy phase
+of a shared machine slows all of them alike. Evaluated after 1, 10 and 100 requests (the
+shorter streams are the prefixes of the longer one):
 
 * unlearn_s       total wall time of the requests so far (``engine.submit`` +
                   ``execute_pending(strategy)`` each, plus purging the retired versions'
@@ -237,50 +239,50 @@ def reconstruction_error(ctx, shard: int) -> dict[str, float]:
 # -- streams ---------------------------------------------------------------------------------
 
 
-def _copy_run(src: Path, dst: Path) -> None:
+def link_copy(src: Path, dst: Path) -> None:
+    """A copy of a storage root made of hard links: instant and no extra disk. Safe because
+    the platform never changes a file in place (writes go to a temp file renamed over the
+    old name, deletions unlink), so the copies diverge without touching each other."""
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, copy_function=os.link)
 
 
-def run_stream(
-    storage: str,
-    run_id: str,
-    backup: Path,
-    label: str,
-    strategy: str,
-    hybrid: dict,
-    owners: list[str],
-    checkpoints: list[int],
-    seed: int,
-) -> tuple[list[dict], list[dict]]:
-    """Execute the owners' requests one at a time from a fresh copy of the trained run."""
-    run_dir = Path(storage) / "runs" / run_id
-    _copy_run(backup, run_dir)
-    ctx = open_run(storage, run_id)
-    for k, v in hybrid.items():
-        setattr(ctx.config.hybrid, k, v)
-    engine = UnlearningEngine(ctx, LocalShards(ctx))
-    store = ctx.model_store
-    total, total_cpu, per_request, records, forgotten = 0.0, 0.0, [], [], []
-    for i, owner in enumerate(owners):
+class Stream:
+    """One variant's stream of requests on its own copy of the trained run."""
+
+    def __init__(self, label: str, root: Path, run_id: str, seed: int):
+        self.label = label
+        self.strategy, self.hybrid = parse_variant(label)
+        self.ctx = open_run(str(root), run_id)
+        for k, v in self.hybrid.items():
+            setattr(self.ctx.config.hybrid, k, v)
+        self.engine = UnlearningEngine(self.ctx, LocalShards(self.ctx))
+        self.seed = seed
+        self.total = self.total_cpu = 0.0
+        self.per_request: list[dict] = []
+        self.records: list[dict] = []
+        self.forgotten: list[int] = []
+
+    def execute(self, i: int, owner: str) -> None:
+        ctx, store = self.ctx, self.ctx.model_store
         ids = ctx.plan.samples_of_owner(owner)
         shard = int(ctx.plan.locate(ids)[0].max())
         est = estimate_workload(ctx, {shard: ids})  # not timed: the same as HS computes
         t0, c0 = time.perf_counter(), time.process_time()
-        engine.submit(owner_id=owner, request_id=f"r{i:04d}")
-        (rec,) = engine.execute_pending(strategy=strategy)
+        self.engine.submit(owner_id=owner, request_id=f"r{i:04d}")
+        (rec,) = self.engine.execute_pending(strategy=self.strategy)
         purge_contributions(ctx.storage, ctx.layout, rec.versions_retired)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        total += dt
-        total_cpu += cpu
-        forgotten += ids.tolist()
+        self.total += dt
+        self.total_cpu += cpu
+        self.forgotten += ids.tolist()
         created = [store.manifest(v)["metrics"] for v in rec.versions_created]
         serving = created[-1] if created else {}
         exact_decision = serving.get("hybrid_exact_decision", 1.0)  # sisa: always exact
-        per_request.append(
+        self.per_request.append(
             {
-                "variant": label,
+                "variant": self.label,
                 "request": i,
                 "shard": shard,
                 "first_slice": int(est.shards[shard].first_slice),
@@ -293,35 +295,66 @@ def run_stream(
                 "finetune_steps": serving.get("ohs_finetune_steps", 0.0),
             }
         )
+
+    def evaluate(self, n: int) -> None:
+        retain, forget, test = eval_sets(self.ctx, self.forgotten)
+        ev = evaluate(serving_predictor(self.ctx), retain, forget, test, seed=self.seed)
+        reqs = self.per_request[:n]
+        self.records.append(
+            {
+                "requests": n,
+                "strategy": self.strategy,
+                "variant": self.label,
+                "unlearn_s": self.total,
+                "unlearn_cpu_s": self.total_cpu,
+                "accuracy": ev["accuracy_test"],
+                "mia": ev["mia_forget"],
+                **{k: v for k, v in ev.items() if k not in ("accuracy_test", "mia_forget")},
+                "decisions": {
+                    "exact": sum(r["decision"] == "exact" for r in reqs),
+                    "dpus": sum(r["decision"] == "dpus" for r in reqs),
+                },
+                "exact_requests": sum(r["exact"] for r in reqs),
+                "estimator": estimator_stats(reqs),
+                "hybrid": dict(self.hybrid),
+            }
+        )
+        print(
+            f"  {self.label:26s} n={n:3d} unlearn_s={self.total:7.2f} "
+            f"cpu_s={self.total_cpu:7.2f} acc={ev['accuracy_test']:.4f} "
+            f"mia={ev['mia_forget']:.3f} decisions={self.records[-1]['decisions']}",
+            flush=True,
+        )
+
+
+def run_streams(
+    base: Path,
+    run_id: str,
+    labels: list[str],
+    owners: list[str],
+    checkpoints: list[int],
+    seed: int,
+    work: Path,
+) -> tuple[list[dict], list[dict]]:
+    """Every variant executes request i (in a rotating order) before any executes i + 1, so
+    that a slow phase of a shared machine slows them all alike; each from its own copy of
+    the trained run, with its own long-lived shard runtimes."""
+    streams = []
+    for j, label in enumerate(labels):
+        link_copy(base, work / f"v{j}")
+        streams.append(Stream(label, work / f"v{j}", run_id, seed))
+    for i, owner in enumerate(owners):
+        for j in range(len(streams)):
+            streams[(i + j) % len(streams)].execute(i, owner)
         if i + 1 in checkpoints:
-            retain, forget, test = eval_sets(ctx, forgotten)
-            ev = evaluate(serving_predictor(ctx), retain, forget, test, seed=seed)
-            reqs = per_request[: i + 1]
-            records.append(
-                {
-                    "requests": i + 1,
-                    "strategy": strategy,
-                    "variant": label,
-                    "unlearn_s": total,
-                    "unlearn_cpu_s": total_cpu,
-                    "accuracy": ev["accuracy_test"],
-                    "mia": ev["mia_forget"],
-                    **{k: v for k, v in ev.items() if k not in ("accuracy_test", "mia_forget")},
-                    "decisions": {
-                        "exact": sum(r["decision"] == "exact" for r in reqs),
-                        "dpus": sum(r["decision"] == "dpus" for r in reqs),
-                    },
-                    "exact_requests": sum(r["exact"] for r in reqs),
-                    "estimator": estimator_stats(reqs),
-                    "hybrid": dict(hybrid),
-                }
-            )
-            print(
-                f"  {label:14s} n={i + 1:3d} unlearn_s={total:7.2f} acc={ev['accuracy_test']:.4f}"
-                f" mia={ev['mia_forget']:.3f} decisions={records[-1]['decisions']}",
-                flush=True,
-            )
-    return records, per_request
+            for st in streams:
+                st.evaluate(i + 1)
+    for j in range(len(streams)):
+        shutil.rmtree(work / f"v{j}")
+    return (
+        [r for st in streams for r in st.records],
+        [q for st in streams for q in st.per_request],
+    )
 
 
 def estimator_stats(reqs: list[dict]) -> dict:
@@ -476,36 +509,20 @@ def main(argv=None) -> int:
         }
     encodings["float32"] = {"bytes_per_value": 4, "reconstruction_max_abs_error": recon["float32"]}
 
-    backup = work / "trained_run"
-    shutil.copytree(Path(ctx.storage.local_path(ctx.layout.root)), backup)
+    base = Path(ctx.storage.uri)
     labels = (
         args.variants.split(";")
         if args.variants
         else (QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS)
     )
-    records, requests = [], []
-    for label in labels:
-        strategy, hybrid = parse_variant(label)
-        print(f"[hybrid] stream: {label}", flush=True)
-        recs, reqs = run_stream(
-            ctx.storage.uri,
-            ctx.run_id,
-            backup,
-            label,
-            strategy,
-            hybrid,
-            owners,
-            P["streams"],
-            args.seed,
-        )
-        records += recs
-        requests += reqs
+    print(f"[hybrid] streams, interleaved: {', '.join(labels)}", flush=True)
+    records, requests = run_streams(
+        base, ctx.run_id, labels, owners, P["streams"], args.seed, work / "streams"
+    )
 
     print("[hybrid] reference: retrained from scratch without the forget set", flush=True)
     refs = []
-    shutil.rmtree(Path(ctx.storage.local_path(ctx.layout.root)))
-    shutil.copytree(backup, Path(ctx.storage.local_path(ctx.layout.root)))
-    ref_ctx = open_run(ctx.storage.uri, ctx.run_id)
+    ref_ctx = open_run(ctx.storage.uri, ctx.run_id)  # the trained run, untouched
     for n in P["streams"]:
         forgotten = np.concatenate([ref_ctx.plan.samples_of_owner(o) for o in owners[:n]])
         t0 = time.perf_counter()
