@@ -188,7 +188,12 @@ class ModelStore:
             m.update(
                 state=RETIRED, retired_at=now, retired_by=list(request_ids), weights_purged=True
             )
-            self.storage.delete(self.layout.version_weights(vid))
+            # Everything derived from the data goes (weights, recorded training updates);
+            # only the evidence stays: the manifest and the list of ids it was trained on.
+            keep = {"manifest.json", "samples.parquet"}
+            for name in self.storage.listdir(self.layout.version_dir(vid)):
+                if name not in keep:
+                    self.storage.delete(f"{self.layout.version_dir(vid)}/{name}")
             self.storage.write_json(self.layout.version_manifest(vid), m)
 
     # -- registry --------------------------------------------------------------------
