@@ -141,6 +141,25 @@ class S3TConfig(BaseModel):
         description="A shard is queued for retraining when its best surviving prefix falls "
         "below this depth (1: only when it is dead).",
     )
+    retrain_accuracy_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Also retrain every truncated shard when the ensemble's accuracy on the "
+        "validation rows falls below this (None: depth threshold only).",
+    )
+    validation_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Part of the held-out rows (seeded by sample id) the accuracy trigger "
+        "measures; no training ever sees them.",
+    )
+    background_restore: bool = Field(
+        True,
+        description="Executor actors retrain too-shallow shards in the background (the "
+        "deletion is answered first); a one-off in-process `forget` always restores inline.",
+    )
 
     @field_validator("block_names")
     @classmethod

@@ -43,7 +43,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,6 +331,32 @@ def train_order(
 
     ``on_stage(snapshot, model)`` is called after each stage with the live model (tests
     use it to check isolation and exactness)."""
+    stages: list[S3TStage] = []
+    for snap, model in iter_order_stages(
+        backbone, data, order, order_index, cfg, seed=seed, blocks=blocks
+    ):
+        if on_stage is not None:
+            on_stage(snap, model)
+        stages.append(snap)
+    return stages
+
+
+def iter_order_stages(
+    backbone: nn.Module,
+    data: ShardData,
+    order: Sequence[int],
+    order_index: int,
+    cfg: S3TConfig,
+    *,
+    seed: int,
+    blocks: Sequence[str],
+) -> Iterator[tuple[S3TStage, nn.Module]]:
+    """Train one order stage by stage, yielding ``(snapshot, live model)`` after each.
+
+    Orders are independent (each trains its own copy of the backbone with its own seed
+    streams), so callers may interleave several orders' generators stage by stage (the Ray
+    Train job reports one checkpoint per stage round that way) with the same results as
+    :func:`train_order`."""
     L = len(blocks)
     order = _check_order(order, L)
     if data.num_slices != L:
@@ -338,7 +364,6 @@ def train_order(
     model = _freeze(copy.deepcopy(backbone))
     batch_seed = derive_seed(seed, _S3T_BATCHES, order_index)
     active: list[str] = []
-    stages: list[S3TStage] = []
     for stage in range(1, L + 1):
         block, name = stage_block(blocks, stage), adapter_name(order_index, stage)
         init_seed = derive_seed(seed, data.shard, order_index, stage, _ADAPTER_INIT)
@@ -390,10 +415,7 @@ def train_order(
                 "seconds": time.perf_counter() - t0,
             },
         )
-        if on_stage is not None:
-            on_stage(snap, model)
-        stages.append(snap)
-    return stages
+        yield snap, model
 
 
 def model_for(

@@ -13,11 +13,16 @@ A shard's registry entry keeps every retained stage of every order in ``chain`` 
 data, all are audited), the stage that serves (best surviving prefix) in
 ``serving_version``, and the orders, slices hit and version names in ``meta``. A deletion
 deactivates stages (retiring their versions) and trains nothing; when a shard's best prefix
-falls below ``s3t.retrain_depth_threshold`` the executor retrains its orders afterwards.
+falls below ``s3t.retrain_depth_threshold`` (or the ensemble's validation accuracy below
+``s3t.retrain_accuracy_threshold``) the executor retrains its orders afterwards, in the
+background: :meth:`S3TShardRuntime.restore` trains a new generation without holding the
+shard, so deletions keep being honoured by deactivation meanwhile; adopting the new
+generation then deactivates, in it, every stage trained on a sample deleted while it trained.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from functools import lru_cache
 from typing import Any
@@ -55,6 +60,50 @@ def s3t_config(ctx: RunContext) -> S3TConfig:
 
 def stage_version(shard: int, order_index: int, stage: int, generation: int) -> str:
     return f"s{shard:03d}-o{order_index:02d}-t{stage:02d}-g{generation:04d}"
+
+
+VALIDATION_STREAM = 0x56414C44  # "VALD": seed stream of the validation rows
+
+
+def validation_records(ctx: RunContext):
+    """Held-out rows the accuracy trigger measures: a seeded ``s3t.validation_fraction`` of
+    the test split, decided by sample id alone (no training ever sees them)."""
+    from ray_unlearn.platform.data import held_out_mask
+    from ray_unlearn.platform.training import derive_seed
+
+    test = ctx.split_records("test")
+    pick = held_out_mask(
+        test.sample_ids,
+        s3t_config(ctx).validation_fraction,
+        derive_seed(ctx.config.seed, VALIDATION_STREAM),
+    )
+    return test.subset(np.flatnonzero(pick))
+
+
+def restore_candidates(ctx: RunContext, results: dict[int, dict[str, Any]], accuracy=None):
+    """Shards to retrain after a batch of S3T deactivations, and why.
+
+    Depth: every shard whose result says ``needs_retrain`` (best prefix below
+    ``retrain_depth_threshold``). Accuracy: when ``accuracy`` (a callable returning the
+    ensemble's validation accuracy now) is given, ``retrain_accuracy_threshold`` is set and
+    the accuracy is below it, every truncated shard (best prefix < L), shallowest first.
+    """
+    cfg = s3t_config(ctx)
+    depth = sorted(k for k, t in results.items() if t.get("needs_retrain"))
+    out: dict[str, Any] = {"depth": depth, "accuracy": None, "triggered_by_accuracy": []}
+    if cfg.retrain_accuracy_threshold is not None and accuracy is not None and results:
+        acc = float(accuracy())
+        out["accuracy"] = acc
+        if acc < cfg.retrain_accuracy_threshold:
+            reg = ctx.model_store.registry()
+            truncated = [
+                (e.meta.get("prefix", 0), k)
+                for k, e in reg.shards.items()
+                if e.meta.get("kind") == KIND and e.meta.get("prefix", 0) < len(e.meta["orders"][0])
+            ]
+            out["triggered_by_accuracy"] = [k for _, k in sorted(truncated) if k not in depth]
+    out["shards"] = depth + out["triggered_by_accuracy"]
+    return out
 
 
 def public_sample_ids(ctx: RunContext) -> np.ndarray:
@@ -143,10 +192,13 @@ def persist_system(ctx: RunContext, system: S3TSystem, created_by: str) -> Regis
 def _save_orders(
     ctx: RunContext, shard: int, sh: S3TShard, generation: int, created_by: str
 ) -> dict[str, str]:
+    """Save every retained stage; a retired one (None) is never written."""
     versions = {}
     for b, snaps in enumerate(sh.snapshots):
         parent = BACKBONE
         for st in snaps:
+            if st is None:
+                break  # stages after a retired one are retired too (prefix property)
             parent = versions[f"{b}/{st.stage}"] = save_stage(
                 ctx, shard, st, generation, parent, created_by
             )
@@ -290,6 +342,9 @@ class S3TShardRuntime:
         configure_threads(ctx.config.training.torch_threads)
         self.ctx, self.shard = ctx, shard
         self.public = public_sample_ids(ctx)
+        # Guards the shard's state: a restore trains outside it, so deactivations (and
+        # predictions) are never held up by retraining.
+        self._lock = threading.RLock()
         self._load(deleted)
 
     def _load(self, deleted) -> None:
@@ -304,7 +359,7 @@ class S3TShardRuntime:
         snaps = [
             [
                 load_stage(self.ctx, self.versions[f"{b}/{i}"])[0]
-                if self.versions[f"{b}/{i}"] in live
+                if self.versions.get(f"{b}/{i}") in live
                 else None
                 for i in range(1, len(o) + 1)
             ]
@@ -333,11 +388,12 @@ class S3TShardRuntime:
         return self.s3t.dead
 
     def refresh(self) -> bool:
-        entry = self.ctx.model_store.registry().shards.get(self.shard)
-        if entry is not None and entry.generation == self.generation:
-            return False
-        self._load(self.ctx.deletion_log.deleted_sample_ids())
-        return True
+        with self._lock:
+            entry = self.ctx.model_store.registry().shards.get(self.shard)
+            if entry is not None and entry.generation <= self.generation:
+                return False  # ours is as new (an unpublished result is newer, never older)
+            self._load(self.ctx.deletion_log.deleted_sample_ids())
+            return True
 
     def info(self) -> dict[str, Any]:
         return {
@@ -371,7 +427,10 @@ class S3TShardRuntime:
 
     def unlearn(self, deleted, strategy: str, request_ids: list[str]) -> dict[str, Any]:
         """Deactivate the stages trained on ``deleted``: no training, microseconds."""
-        t0 = time.perf_counter()
+        with self._lock:
+            return self._unlearn(deleted, time.perf_counter())
+
+    def _unlearn(self, deleted, t0: float) -> dict[str, Any]:
         self.refresh()
         deleted = np.asarray(deleted, dtype=np.int64)
         public = deleted[np.isin(deleted, self.public)]
@@ -402,12 +461,20 @@ class S3TShardRuntime:
         }
 
     def restore(self, request_ids: list[str] | None = None) -> dict[str, Any]:
-        """Retrain every order of the shard on its live rows (a new generation) and publish."""
+        """Retrain every order of the shard on its live rows (a new generation).
+
+        Training runs without the shard's lock, on the rows live when it starts; deletions
+        that arrive meanwhile are honoured at once on the current generation (deactivation)
+        and, when the new generation is adopted, deactivate the stages of it that trained on
+        them, so the adopted model never holds a sample deleted before it was published.
+        """
         t0 = time.perf_counter()
-        self.refresh()
+        with self._lock:
+            self.refresh()
+            deleted_before = self._deleted_now()
+            orders = [list(o) for o in self.s3t.orders]
         cfg = s3t_config(self.ctx)
-        deleted = self.ctx.deletion_log.deleted_sample_ids() | set(self.s3t.deleted_ids)
-        data = self.ctx.shard_data(self.shard, exclude=set(self.public.tolist()) | deleted)
+        data = self.ctx.shard_data(self.shard, exclude=set(self.public.tolist()) | deleted_before)
         blocks = self.ctx.model_store.manifest(BACKBONE)["blocks"]
         new = S3TShard.train(
             load_backbone(self.ctx),
@@ -415,27 +482,36 @@ class S3TShardRuntime:
             cfg,
             seed=self.ctx.config.seed,
             blocks=blocks,
-            orders=self.s3t.orders,
-        )
-        self.generation += 1
-        retired = shard_entry(self.s3t, self.versions, self.generation).chain
-        self.versions = _save_orders(self.ctx, self.shard, new, self.generation, "restore-depth")
-        ids, slices = self.ctx.plan.shard_members(self.shard)
-        keep = ~np.isin(ids, self.public)
-        new.sample_ids, new.slices = ids[keep], slices[keep]  # deleted ids stay known, as deleted
-        new._slice_of = dict(zip(new.sample_ids.tolist(), new.slices.tolist(), strict=True))
-        new.deleted_ids = set(np.asarray(list(deleted), dtype=np.int64).tolist()) & set(
-            ids[keep].tolist()
-        )
-        self.s3t = new
-        out = self._result(
-            {"shard": self.shard, "strategy": KIND, "deleted": 0},
-            retired,
-            list(self.versions.values()),
-            0,
+            orders=orders,
         )
         train_s = time.perf_counter() - t0
-        return {**out, "train_seconds": train_s, "seconds": train_s}
+        with self._lock:  # adopt
+            self.refresh()
+            ids, slices = self.ctx.plan.shard_members(self.shard)
+            keep = ~np.isin(ids, self.public)
+            mine = set(ids[keep].tolist())
+            new.sample_ids, new.slices = ids[keep], slices[keep]  # deleted ids stay known
+            new._slice_of = dict(zip(new.sample_ids.tolist(), new.slices.tolist(), strict=True))
+            new.deleted_ids = deleted_before & mine
+            late = sorted((self._deleted_now() - deleted_before) & mine)
+            if late:  # deleted while the new generation trained: deactivate it there too
+                new.delete(np.asarray(late, dtype=np.int64))
+            self.generation += 1
+            retired = shard_entry(self.s3t, self.versions, self.generation).chain
+            self.versions = _save_orders(
+                self.ctx, self.shard, new, self.generation, "restore-depth"
+            )
+            self.s3t = new
+            out = self._result(
+                {"shard": self.shard, "strategy": KIND, "deleted": 0, "late_deletions": late},
+                retired,
+                list(self.versions.values()),
+                0,
+            )
+        return {**out, "train_seconds": train_s, "seconds": time.perf_counter() - t0}
+
+    def _deleted_now(self) -> set[int]:
+        return set(self.ctx.deletion_log.deleted_sample_ids()) | set(self.s3t.deleted_ids)
 
     def retrain_from_scratch(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -456,7 +532,8 @@ class S3TShardRuntime:
         return {"shard": self.shard, "seconds": s, "train_seconds": s}
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray | None:
-        model = self.s3t.live_model()
+        with self._lock:
+            model = self.s3t.live_model()
         if model is None:
             return None
         return predict_proba(model, torch.tensor(features, dtype=torch.float32)).numpy()

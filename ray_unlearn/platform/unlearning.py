@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 
 from ray_unlearn.platform.deletion_log import RequestRecord, RequestState
+from ray_unlearn.platform.evaluate import ensemble_accuracy
 from ray_unlearn.platform.plan import TEST
 from ray_unlearn.platform.run import RunContext
+from ray_unlearn.platform.s3t_runtime import is_s3t, restore_candidates, validation_records
 from ray_unlearn.platform.shard import ShardRuntime, make_runtime
 from ray_unlearn.platform.store import ShardEntry
 
@@ -124,6 +127,8 @@ class UnlearningEngine:
     def __init__(self, ctx: RunContext, backend: ShardBackend, executor_name: str = "local"):
         self.ctx, self.backend, self.executor_name = ctx, backend, executor_name
         self.last_restore: dict[str, Any] | None = None
+        # (plan, request_ids) -> None: schedules an S3T restore instead of running it inline
+        self.restore_hook: Callable[[dict[str, Any], list[str]], None] | None = None
 
     # -- requests --------------------------------------------------------------------
     def submit(
@@ -202,13 +207,50 @@ class UnlearningEngine:
                 )
             )
         # S3T: a deletion only deactivates stages, so it is done above in microseconds; a
-        # shard left too shallow is retrained now, after the requests are already honoured.
-        shallow = sorted(k for k, t in results.items() if t.get("needs_retrain"))
-        if shallow:
-            restored = self.backend.restore(shallow, ids)
-            self._publish({r["shard"]: r for r in restored}, ids)
-            self.last_restore = {"shards": shallow, "seconds": sum(r["seconds"] for r in restored)}
+        # shard left too shallow (or every truncated shard, when the ensemble's validation
+        # accuracy fell too low) is retrained after the requests are already honoured: by
+        # ``restore_hook`` when one is set (the executor actor: in the background), else now.
+        if is_s3t(self.ctx) and results:
+            plan = restore_candidates(self.ctx, results, self._validation_accuracy)
+            if plan["shards"]:
+                if self.restore_hook is not None:
+                    self.restore_hook(plan, ids)
+                else:
+                    self.restore(plan, ids)
         return done
+
+    def restore(self, plan: dict[str, Any], request_ids: list[str]) -> dict[str, Any]:
+        """Retrain ``plan["shards"]`` (S3T depth restoration) and publish the new versions."""
+        t0 = time.perf_counter()
+        restored = self.backend.restore(plan["shards"], request_ids)
+        return self.publish_restored(plan, restored, request_ids, time.perf_counter() - t0)
+
+    def publish_restored(
+        self, plan: dict[str, Any], restored: list[dict[str, Any]], request_ids, seconds: float
+    ) -> dict[str, Any]:
+        self._publish({r["shard"]: r for r in restored}, request_ids)
+        self.last_restore = {
+            "shards": plan["shards"],
+            "depth": plan["depth"],
+            "triggered_by_accuracy": plan["triggered_by_accuracy"],
+            "accuracy_before": plan["accuracy"],
+            "seconds": seconds,
+            "train_seconds": sum(r["train_seconds"] for r in restored),
+            "late_deletions": sorted(d for r in restored for d in r.get("late_deletions", [])),
+            "requests": list(request_ids),
+            "finished_at": time.time(),
+        }
+        return self.last_restore
+
+    def _validation_accuracy(self) -> float:
+        val = validation_records(self.ctx)
+        if not len(val.labels):
+            raise ValueError(
+                "s3t.retrain_accuracy_threshold needs validation rows: the run has no held-out "
+                "rows (data.test_fraction) or s3t.validation_fraction selects none"
+            )
+        probs = self.backend.predict_proba(val.features)
+        return ensemble_accuracy(probs, val.labels, self.ctx.config.unlearning.aggregation)
 
     def forget(
         self, *, owner_id=None, sample_ids=None, request_id=None, deadline=None
@@ -237,6 +279,12 @@ class UnlearningEngine:
         retired = []
         for k, res in results.items():
             if res.get("changed"):
+                current = reg.shards.get(k)
+                if current is not None and res["generation"] < current.generation:
+                    # a newer state of this shard is already published (a deactivation that
+                    # ran while this result's restore trained): keep it, retire ours' victims
+                    retired += res["retired"]
+                    continue
                 reg.shards[k] = ShardEntry(
                     res["chain"],
                     res["generation"],

@@ -216,6 +216,17 @@ class Gateway:
         self.tracker.sync(await asyncio.to_thread(self.ctx.deletion_log.unfinished))
         self.metrics.pending.set(len(self.tracker.items))
 
+    async def _adopt_published(self) -> None:
+        """Serve versions published outside this gateway's own executions (an S3T shard's
+        background restore, another client's ``forget``). A newer version never holds more
+        data than the one it replaces, so adopting it is always safe."""
+        reg = await asyncio.to_thread(self.ctx.model_store.registry)
+        new_versions = reg.serving_versions()
+        if new_versions != self.versions:
+            keys = set(new_versions) | set(self.versions)
+            self._stats["swaps"] += sum(new_versions.get(k) != self.versions.get(k) for k in keys)
+            self.versions = new_versions
+
     # -- unlearning schedule ---------------------------------------------------------
     async def _scheduler(self) -> None:
         while True:
@@ -233,6 +244,7 @@ class Gateway:
                     pass
                 self._wake.clear()
                 await self._sync()
+                await self._adopt_published()
                 if due_for_execution(
                     self.policy, self.tracker.views(), time.time(), self._waiters > 0
                 ):

@@ -7,10 +7,17 @@
   detached actor, ``ray-unlearn-executor:<run id>`` in namespace ``ray_unlearn``, which
   successive ``forget`` calls and the serving gateway reuse. With an embedded Ray, the
   calling process hosts it and it ends with the process.
+* S3T depth restoration: the detached executor retrains too-shallow shards in a background
+  thread after the deletions that caused it are answered (``s3t.background_restore``);
+  shard actors take two calls at once, so deactivations (and predictions) go on while a
+  shard retrains. The embedded executor restores inline: its process may end at once.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -28,26 +35,38 @@ def executor_actor_name(run_id: str) -> str:
     return f"ray-unlearn-executor:{run_id}"
 
 
-@ray.remote
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_concurrency=2)
 class ShardActor:
+    """One shard's runtime. Two calls may run at once so that an S3T ``restore`` (which
+    trains without holding the shard; the runtime guards its own state) never delays a
+    deactivation; every other call holds the actor's lock, one at a time as before."""
+
     def __init__(self, storage_uri: str, run_id: str, shard: int):
         ctx = open_run(storage_uri, run_id)
+        self._lock = threading.Lock()
         self.rt = make_runtime(ctx, shard, ctx.deletion_log.deleted_sample_ids())
 
     def info(self) -> dict[str, Any]:
-        return self.rt.info()
+        with self._lock:
+            return self.rt.info()
 
     def unlearn(self, deleted, strategy: str, request_ids: list[str]) -> dict[str, Any]:
-        return self.rt.unlearn(deleted, strategy, request_ids)
+        with self._lock:
+            return self.rt.unlearn(deleted, strategy, request_ids)
 
     def restore(self, request_ids: list[str]) -> dict[str, Any]:
-        return self.rt.restore(request_ids)
+        return self.rt.restore(request_ids)  # S3T only: locks the shard's state itself
 
     def retrain_from_scratch(self) -> dict[str, Any] | None:
-        return None if self.rt.empty else self.rt.retrain_from_scratch()
+        with self._lock:
+            return None if self.rt.empty else self.rt.retrain_from_scratch()
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray | None:
-        return self.rt.predict_proba(features)
+        with self._lock:
+            return self.rt.predict_proba(features)
 
 
 class RayShards:
@@ -111,7 +130,13 @@ class RayShards:
 class Executor:
     """Engine + shard actors of one run. Methods return plain JSON-able data."""
 
-    def __init__(self, storage_uri: str, run_id: str, name: str = "embedded"):
+    def __init__(
+        self,
+        storage_uri: str,
+        run_id: str,
+        name: str = "embedded",
+        background_restore: bool = False,
+    ):
         self.ctx = open_run(storage_uri, run_id)
         cfg = self.ctx.config
         cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -128,6 +153,14 @@ class Executor:
             cpus_per_actor=0.01,
         )
         self.engine = UnlearningEngine(self.ctx, self.backend, executor_name=name)
+        # one engine operation at a time: method calls, and a background restore's publish
+        self._lock = threading.RLock()
+        self._restoring: set[int] = set()
+        self._restore_errors: list[dict[str, Any]] = []
+        self._restores = 0
+        s3t_cfg = getattr(cfg, "s3t", None)
+        if background_restore and s3t_cfg is not None and s3t_cfg.background_restore:
+            self.engine.restore_hook = self._restore_in_background
         self.settings = {
             "torch_threads": threads,
             "max_concurrent_shards": concurrent,
@@ -140,12 +173,57 @@ class Executor:
     def forget(
         self, owner_id=None, sample_ids=None, request_id=None, deadline=None
     ) -> dict[str, Any]:
-        return self.engine.forget(
-            owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
-        ).to_json()
+        with self._lock:
+            return self.engine.forget(
+                owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
+            ).to_json()
 
     def execute_pending(self, strategy: str | None = None) -> list[dict[str, Any]]:
-        return [r.to_json() for r in self.engine.execute_pending(strategy)]
+        with self._lock:
+            return [r.to_json() for r in self.engine.execute_pending(strategy)]
+
+    # -- S3T background restoration ------------------------------------------------------
+    def _restore_in_background(self, plan: dict[str, Any], request_ids: list[str]) -> None:
+        """``engine.restore_hook``: retrain ``plan["shards"]`` in a thread, publish after."""
+        with self._lock:
+            shards = [k for k in plan["shards"] if k not in self._restoring]
+            if not shards:
+                return
+            self._restoring.update(shards)
+        plan = {**plan, "shards": shards}
+        threading.Thread(
+            target=self._restore_and_publish,
+            args=(plan, list(request_ids)),
+            name=f"restore-{'-'.join(map(str, shards))}",
+            daemon=True,
+        ).start()
+
+    def _restore_and_publish(self, plan: dict[str, Any], request_ids: list[str]) -> None:
+        t0 = time.perf_counter()
+        try:
+            restored = self.backend.restore(plan["shards"], request_ids)
+            with self._lock:
+                self.engine.publish_restored(plan, restored, request_ids, time.perf_counter() - t0)
+                self._restores += 1
+        except Exception as e:  # reported by restore_status; the shards keep serving
+            log.exception("background restore of shards %s failed", plan["shards"])
+            with self._lock:
+                self._restore_errors.append(
+                    {"shards": plan["shards"], "error": f"{type(e).__name__}: {e}"}
+                )
+        finally:
+            with self._lock:
+                self._restoring.difference_update(plan["shards"])
+
+    def restore_status(self) -> dict[str, Any]:
+        """Background restoration: shards retraining now, restores finished, the last one."""
+        with self._lock:
+            return {
+                "restoring": sorted(self._restoring),
+                "restores_done": self._restores,
+                "last": self.engine.last_restore,
+                "errors": list(self._restore_errors),
+            }
 
     def status(self, request_id: str) -> dict[str, Any]:
         return self.ctx.deletion_log.get(request_id).to_json()
@@ -200,7 +278,7 @@ def executor_handle(storage_uri: str, run_id: str):
             num_cpus=0,
             max_concurrency=1,
         )
-        .remote(storage_uri, run_id, executor_actor_name(run_id))
+        .remote(storage_uri, run_id, executor_actor_name(run_id), True)
     )
 
 

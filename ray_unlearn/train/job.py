@@ -169,12 +169,11 @@ def _ingest(ctx: RunContext, result) -> float:
 
 # -- S3T --------------------------------------------------------------------------------------
 def _s3t_loop(config: dict[str, Any]) -> None:
-    """Worker w trains every order of its shards on the frozen backbone, then reports one
-    checkpoint per stage round holding ``shard_<k>/o<b>/`` for each of its shards and orders.
-
-    (An order's stages are trained in one call, so a worker reports its rounds once its
-    orders are done; every worker still reports exactly L times, as report() requires.)"""
-    from ray_unlearn.platform.s3t import S3TShard
+    """Worker w trains every order of its shards on the frozen backbone, stage round by
+    stage round: in round i it trains stage i of each (shard, order) and reports one
+    checkpoint holding ``shard_<k>/o<b>/`` with those stage-i snapshots. (Orders are
+    independent, so interleaving them gives the results of training each in one go.)"""
+    from ray_unlearn.platform.s3t import iter_order_stages
     from ray_unlearn.platform.s3t_orders import select_orders
     from ray_unlearn.platform.s3t_runtime import (
         BACKBONE,
@@ -191,46 +190,43 @@ def _s3t_loop(config: dict[str, Any]) -> None:
     blocks = ctx.model_store.manifest(BACKBONE)["blocks"]
     orders = select_orders(s3t.selection, len(blocks), s3t.budget, s3t.deletion_prior)
     public = set(public_sample_ids(ctx).tolist())
-    trained = {}
-    for k in [k for k in range(cfg.partition.shards) if k % world == rank]:
-        t0 = time.perf_counter()
-        trained[k] = S3TShard.train(
-            load_backbone(ctx),
-            ctx.shard_data(k, exclude=public),
-            s3t,
-            seed=cfg.seed,
-            blocks=blocks,
-            orders=orders,
-        )
-        print(
-            f"[ray-unlearn] s3t shard {k}: {len(orders)} orders x {len(blocks)} stages "
-            f"in {time.perf_counter() - t0:.1f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+    mine = [k for k in range(cfg.partition.shards) if k % world == rank]
+    backbone = load_backbone(ctx)
+    runs = {
+        (k, b): iter_order_stages(backbone, data, order, b, s3t, seed=cfg.seed, blocks=blocks)
+        for k in mine
+        for data in [ctx.shard_data(k, exclude=public)]
+        for b, order in enumerate(orders)
+    }
     for stage in range(1, len(blocks) + 1):
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
-            for k, sh in trained.items():
-                for b, snaps in enumerate(sh.snapshots):
-                    st = snaps[stage - 1]
-                    out = Path(d) / f"shard_{k}" / f"o{b}"
-                    out.mkdir(parents=True)
-                    save_file(st.tensors(), str(out / "weights.safetensors"))
-                    pq.write_table(pa.table({"sample_id": st.sample_ids}), out / "samples.parquet")
-                    (out / "meta.json").write_text(
-                        json.dumps(
-                            {
-                                "order_index": st.order_index,
-                                "order": list(st.order),
-                                "stage": st.stage,
-                                "block": st.block,
-                                "adapter": st.adapter,
-                                "lora_rank": st.lora_rank,
-                                "lora_alpha": st.lora_alpha,
-                                "metrics": st.metrics,
-                            }
-                        )
+            for (k, b), run in runs.items():
+                st, _ = next(run)
+                out = Path(d) / f"shard_{k}" / f"o{b}"
+                out.mkdir(parents=True)
+                save_file(st.tensors(), str(out / "weights.safetensors"))
+                pq.write_table(pa.table({"sample_id": st.sample_ids}), out / "samples.parquet")
+                (out / "meta.json").write_text(
+                    json.dumps(
+                        {
+                            "order_index": st.order_index,
+                            "order": list(st.order),
+                            "stage": st.stage,
+                            "block": st.block,
+                            "adapter": st.adapter,
+                            "lora_rank": st.lora_rank,
+                            "lora_alpha": st.lora_alpha,
+                            "metrics": st.metrics,
+                        }
                     )
+                )
+            print(
+                f"[ray-unlearn] s3t stage {stage}/{len(blocks)} of shards {mine} "
+                f"({len(orders)} orders each) in {time.perf_counter() - t0:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
             ray.train.report({"stage": stage - 1}, checkpoint=Checkpoint.from_directory(d))
 
 

@@ -112,3 +112,82 @@ def test_public_samples_are_refused_before_logging(s3t_run):
     with pytest.raises(ValueError, match="public split"):
         UnlearningEngine(ctx, LocalShards(ctx)).forget(sample_ids=[public_id])
     assert ctx.deletion_log.records() == []
+
+
+def test_deletion_during_a_restore_is_honoured_in_the_new_generation(s3t_run, monkeypatch):
+    """A restore trains without holding the shard; a deletion arriving meanwhile is done at
+    once by deactivation, and adopting the new generation deactivates it there too."""
+    from ray_unlearn.platform import s3t_runtime
+    from ray_unlearn.platform.s3t import S3TShard
+
+    ctx = s3t_run
+    eng = UnlearningEngine(ctx, LocalShards(ctx))
+    owners = _private_owners(ctx)
+    first = eng.forget(owner_id=owners[0])
+    (k,) = first.details["shards"]
+    rt = eng.backend.shard(k)
+    late_owner = next(
+        o for o in owners[1:] if set(ctx.plan.locate(ctx.plan.samples_of_owner(o))[0]) == {k}
+    )
+    late_ids = ctx.plan.samples_of_owner(late_owner)
+    real_train = S3TShard.train
+    eng.restore_hook = lambda plan, ids: None  # this test drives the one restore itself
+
+    def train_then_delete(*a, **kw):
+        trained = real_train(*a, **kw)
+        # the request arrives while the new generation is training: logged, then executed
+        assert eng.forget(owner_id=late_owner).state == RequestState.DONE
+        return trained
+
+    monkeypatch.setattr(s3t_runtime.S3TShard, "train", staticmethod(train_then_delete))
+    res = rt.restore([first.request_id])
+    monkeypatch.undo()
+    assert res["late_deletions"] == sorted(late_ids.tolist())
+    eng.publish_restored(
+        {"shards": [k], "depth": [k], "triggered_by_accuracy": [], "accuracy": None},
+        [res],
+        [first.request_id],
+        res["seconds"],
+    )
+    entry = ctx.model_store.registry().shards[k]
+    assert entry.generation == res["generation"]
+    for vid in entry.chain:  # no live version holds either deleted owner's samples
+        held = ctx.model_store.sample_ids(vid)
+        assert not np.isin(late_ids, held).any()
+        assert not np.isin(ctx.plan.samples_of_owner(owners[0]), held).any()
+    assert audit(ctx)["clean"]
+
+
+def test_an_older_result_never_overwrites_a_newer_published_state(s3t_run):
+    ctx = s3t_run
+    eng = UnlearningEngine(ctx, LocalShards(ctx))
+    reg = ctx.model_store.registry()
+    k = sorted(reg.shards)[0]
+    cur = reg.shards[k]
+    stale = {
+        "changed": True,
+        "generation": cur.generation - 1,
+        "chain": ["made-up-version"],
+        "empty": False,
+        "serving": "made-up-version",
+        "meta": {},
+        "retired": [],
+    }
+    eng._publish({k: stale}, ["r"])
+    assert ctx.model_store.registry().shards[k].chain == cur.chain
+
+
+def test_validation_accuracy_below_threshold_restores_truncated_shards(tmp_path):
+    ctx = create_run(
+        tiny_config(tmp_path, *S3T, "s3t.retrain_accuracy_threshold=1.0", "s3t.pretrain_epochs=1")
+    )
+    train_all_shards(ctx)
+    eng = UnlearningEngine(ctx, LocalShards(ctx))
+    rec = eng.forget(owner_id=_private_owners(ctx)[0])
+    (k,) = rec.details["shards"]
+    r = eng.last_restore
+    assert r is not None and 0.0 <= r["accuracy_before"] < 1.0
+    assert r["depth"] == [] and r["triggered_by_accuracy"] == [k]
+    entry = ctx.model_store.registry().shards[k]
+    assert entry.meta["prefix"] == 3 and entry.meta["dead_slices"] == []
+    assert audit(ctx)["clean"]

@@ -5,6 +5,8 @@ All tests share one embedded Ray session (tests/conftest.py: ``ray_session``).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,7 @@ def test_s3t_train_job_and_instant_forget(ray_session, tmp_path):
             "s3t.epochs=1",
             "s3t.pretrain_epochs=1",
             "s3t.budget=2",
+            "s3t.retrain_accuracy_threshold=1.0",  # every deletion queues a restore
         )
     )
     assert run_training(ctx)["workers"] == 3
@@ -126,9 +129,19 @@ def test_s3t_train_job_and_instant_forget(ray_session, tmp_path):
         for o in np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
         if not set(ctx.plan.samples_of_owner(o).tolist()) & pub
     )
-    ex = Executor(ctx.storage.uri, ctx.run_id)
+    ex = Executor(ctx.storage.uri, ctx.run_id, background_restore=True)
     rec = ex.forget(owner_id=owner)
     assert rec["state"] == "done" and rec["versions_retired"] and rec["versions_created"] == []
     assert rec["history"][-1]["details"]["train_seconds"] == 0.0
     assert audit(ctx, owner_id=owner)["live_versions_containing"] == {}
+    # the restore the accuracy trigger queued runs in the background, then is published
+    (k,) = rec["history"][-1]["details"]["shards"]
+    deadline = time.time() + 180
+    while (st := ex.restore_status())["restores_done"] < 1 and not st["errors"]:
+        assert time.time() < deadline, st
+        time.sleep(0.2)
+    assert not st["errors"] and st["last"]["triggered_by_accuracy"] == [k]
+    entry = ctx.model_store.registry().shards[k]
+    assert entry.generation > 1 and entry.meta["prefix"] == 3
+    assert audit(ctx)["clean"]
     ex.backend.shutdown()
