@@ -24,9 +24,11 @@ Run:  .venv/bin/python benchmarks/s3t.py --out results/s3t [--quick]
       accuracy_sharded_full_finetune  full fine-tuning of the backbone per shard (each
                                shard's non-public rows), aggregated like S3T: what sharding
                                alone costs, apart from LoRA and slicing.
-    S3T: B = L = 3 cyclic orders, LoRA r=4, alpha=8, lr 0.01 for adapters and heads; the
-    backbone and both full fine-tunings use the run's lr (0.002); every method the run's
-    epochs and batch size.
+    S3T: B = L = 3 cyclic orders, LoRA r=4, alpha=8; the backbone is pre-trained at the
+    run's lr (0.002); every method uses the run's epochs and batch size. The held-out rows
+    are split in two by sample id: the adapters' learning rate (S3T) and the full-weight
+    rate (full fine-tuning, both variants) are each chosen from a small grid on the
+    validation half (``lr_selection``); every accuracy is measured on the other half.
 (c) deletion_time: median over single-sample deletions (uniform over deletable rows) of
       s3t_delete_s   ``S3TShard.delete``: deactivation, no training;
       sisa_delete_s  the "sisa" strategy: retraining the affected shard from the affected
@@ -57,11 +59,13 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ray_unlearn.platform.config import load_config
+from ray_unlearn.platform.data import held_out_mask
 from ray_unlearn.platform.evaluate import ensemble_accuracy
 from ray_unlearn.platform.models import build_model
 from ray_unlearn.platform.run import create_run
@@ -74,7 +78,7 @@ from ray_unlearn.platform.s3t import (
 )
 from ray_unlearn.platform.s3t_orders import simulate_deletion_rate
 from ray_unlearn.platform.strategies import ShardState, get_strategy
-from ray_unlearn.platform.training import predict_proba, train_shard
+from ray_unlearn.platform.training import derive_seed, predict_proba, train_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,6 +93,8 @@ FULL = {
     "sequences": 30,
     "max_deletions": 80,
     "sisa_retrain_curve": 40,  # deletions retrained one by one on one sequence
+    "s3t_lrs": [0.003, 0.01, 0.03],  # chosen on the validation half of the held-out rows
+    "full_lrs": [0.0005, 0.002, 0.005],
 }
 QUICK = {
     "grids": [(5, 6), (4, 3)],
@@ -101,6 +107,8 @@ QUICK = {
     "sequences": 8,
     "max_deletions": 60,
     "sisa_retrain_curve": 0,
+    "s3t_lrs": [0.01],
+    "full_lrs": [0.002],
 }
 SHARDS, SLICES, HIDDEN = 4, 3, [64, 64, 64]
 
@@ -135,6 +143,11 @@ def _acc(shard_probs: dict[int, np.ndarray], labels, rule) -> float:
     return ensemble_accuracy(shard_probs, labels, rule) if shard_probs else float("nan")
 
 
+def _train_rows(ctx, public_ids):
+    train = ctx.split_records("train", exclude=public_ids)
+    return train.features, train.labels, train.sample_ids
+
+
 def digits_experiments(p: dict, workdir: str, seed: int) -> dict:
     cfg = load_config(
         REPO / "configs" / "digits.yaml",
@@ -150,23 +163,55 @@ def digits_experiments(p: dict, workdir: str, seed: int) -> dict:
     )
     ctx = create_run(cfg)
     rule = cfg.unlearning.aggregation
-    s3t_cfg = S3TConfig(
-        budget=SLICES,
-        selection="cyclic",
-        epochs=p["epochs"],
-        pretrain_epochs=p["pretrain_epochs"],
-        lr=0.01,  # adapters and heads
-        pretrain_lr=cfg.training.lr,  # full-weight training: backbone, full fine-tuning
-        batch_size=cfg.training.batch_size,
-        lora_rank=4,
-        lora_alpha=8,
-    )
-    test = ctx.split_records("test")
+
+    def s3t_settings(lr: float, full_lr: float) -> S3TConfig:
+        return S3TConfig(
+            budget=SLICES,
+            selection="cyclic",
+            epochs=p["epochs"],
+            pretrain_epochs=p["pretrain_epochs"],
+            lr=lr,  # adapters and heads
+            pretrain_lr=full_lr,  # full-weight training: backbone, full fine-tuning
+            batch_size=cfg.training.batch_size,
+            lora_rank=4,
+            lora_alpha=8,
+        )
+
+    # Held-out rows split in two by sample id: learning rates are chosen on `val`, every
+    # accuracy is reported on `test` (rows no choice looked at).
+    held = ctx.split_records("test")
+    is_val = held_out_mask(held.sample_ids, 0.5, derive_seed(seed, 0x56414C44))
+    val, test = held.subset(np.flatnonzero(is_val)), held.subset(np.flatnonzero(~is_val))
+    x_val = torch.from_numpy(np.ascontiguousarray(val.features))
     x_test = torch.from_numpy(np.ascontiguousarray(test.features))
 
+    selection: dict[str, Any] = {"val_rows": len(val), "s3t_lr": {}, "full_finetune_lr": {}}
     t0 = time.perf_counter()
-    system = train_s3t(ctx, s3t_cfg)
-    s3t_train_s = time.perf_counter() - t0
+    system, best = None, -1.0
+    for lr in p["s3t_lrs"]:
+        cand = train_s3t(ctx, s3t_settings(lr, cfg.training.lr))
+        acc = _acc(cand.predict_proba(val.features), val.labels, rule)
+        selection["s3t_lr"][str(lr)] = acc
+        if acc > best:
+            system, best, s3t_lr = cand, acc, lr
+    s3t_train_s = (time.perf_counter() - t0) / len(p["s3t_lrs"])
+    best = -1.0
+    for lr in p["full_lrs"]:  # the reference gets the same chance: its rate chosen on `val`
+        cand = full_finetune(
+            system.backbone,
+            shard_data_from(
+                *_train_rows(ctx, system.public_ids),
+                0,
+            ),
+            s3t_settings(s3t_lr, lr),
+            seed,
+        )
+        acc = float((_probs(cand, x_val).argmax(1) == val.labels).mean())
+        selection["full_finetune_lr"][str(lr)] = acc
+        if acc > best:
+            best, full_lr = acc, lr
+    selection.update(chosen_s3t_lr=s3t_lr, chosen_full_finetune_lr=full_lr)
+    s3t_cfg = s3t_settings(s3t_lr, full_lr)
     # test probabilities of every (shard, order, prefix) model: serving under deletions
     # is then a lookup (the models are exactly model_for's, as S3TShard serves them)
     s3t_probs = {
@@ -181,13 +226,9 @@ def digits_experiments(p: dict, workdir: str, seed: int) -> dict:
     acc_backbone = float((_probs(system.backbone, x_test).argmax(1) == test.labels).mean())
 
     # full fine-tuning of the same backbone on all deletable training rows
-    train = ctx.split_records("train", exclude=system.public_ids)
     t0 = time.perf_counter()
     full = full_finetune(
-        system.backbone,
-        shard_data_from(train.features, train.labels, train.sample_ids, 0),
-        s3t_cfg,
-        seed,
+        system.backbone, shard_data_from(*_train_rows(ctx, system.public_ids), 0), s3t_cfg, seed
     )
     full_s = time.perf_counter() - t0
     acc_full = float((_probs(full, x_test).argmax(1) == test.labels).mean())
@@ -335,12 +376,14 @@ def digits_experiments(p: dict, workdir: str, seed: int) -> dict:
             "accuracy_backbone": acc_backbone,
             "accuracy_sharded_full_finetune": acc_sharded_full,
             "s3t_minus_full_finetune_points": 100 * (acc_s3t - acc_full),
+            "lr_selection": selection,
             "sisa_baseline": "platform SISA (train_shard) from scratch on all training rows "
             "of each shard (public rows included), same epochs",
             "train_seconds": {"s3t": s3t_train_s, "sisa": sisa_train_s, "full_finetune": full_s},
             "num_train": ctx.info["num_train"],
             "num_public": len(system.public_ids),
             "num_test": len(test),
+            "num_validation": len(val),
             "orders": [list(o) for o in system.shards[0].orders],
             "blocks": system.blocks,
             "s3t_config": s3t_cfg.model_dump(),
