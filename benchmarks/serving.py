@@ -50,9 +50,12 @@ panel per rate) and a table. The JSON has one record per (policy, rate), with a 
                          unlearning: for an answer marked ``waited`` by the gateway, its
                          latency minus the median latency of this record's ``certified``
                          answers (at least 0); 0 for every other answer.
-* unlearning_compute_s   seconds of retraining the gateway's executions reported during the
-                         stream and the drain (GET /v1/stats ``unlearning_compute_s``, delta;
-                         per execution batch: the shards' summed training seconds).
+* unlearning_compute_s   CPU seconds of retraining the gateway's executions reported during
+                         the stream and the drain (GET /v1/stats ``unlearning_cpu_s``, delta;
+                         per execution batch: the shards' summed training CPU time). CPU, not
+                         wall, time: on 2 shared cores a retrain's wall time grows with the
+                         serving load beside it, which would charge a policy for serving
+                         more; ``unlearning_train_wall_s`` has the wall seconds.
 * exposure               answers marked ``stale`` (served by a model that still held data
                          under a pending deletion, without a certificate), counted from the
                          responses; ``exposure_stats`` is the gateway's own count (delta).
@@ -316,8 +319,8 @@ def metrics(name: str, rate: float, s: dict, rejects: bool) -> dict[str, Any]:
     correct = [x[4] == x[5] for x in preds if 200 <= x[2] < 300]
     server = np.array([x[6] for x in preds if 200 <= x[2] < 300], dtype=float)
     b, a = s["before"], s["after"]
-    d = {k: a[k] - b[k] for k in ("executions", "unlearning_compute_s", "unlearning_wall_s",
-                                  "swaps", "exposure")}  # fmt: skip
+    d = {k: a[k] - b[k] for k in ("executions", "unlearning_compute_s", "unlearning_cpu_s",
+                                  "unlearning_wall_s", "swaps", "exposure")}  # fmt: skip
     del_status = [x[3] for x in s["dels"]]
     n = len(preds)
     return {
@@ -327,7 +330,8 @@ def metrics(name: str, rate: float, s: dict, rejects: bool) -> dict[str, Any]:
         "latency_p50_ms": _pct(lat, 50),
         "latency_p99_ms": _pct(lat, 99),
         "mean_wait_ms": float(waits.mean()) if len(waits) else None,
-        "unlearning_compute_s": d["unlearning_compute_s"],
+        "unlearning_compute_s": d["unlearning_cpu_s"],
+        "unlearning_train_wall_s": d["unlearning_compute_s"],
         "exposure": answered.get("stale", 0),
         "accuracy": float(np.mean(correct)) if correct else None,
         "certified_fraction": answered.get("certified", 0) / n if n else None,
@@ -350,7 +354,7 @@ def metrics(name: str, rate: float, s: dict, rejects: bool) -> dict[str, Any]:
         if s["dels"]
         else None,
         "unlearning_wall_s": d["unlearning_wall_s"],
-        "unlearning_compute_per_deletion_s": d["unlearning_compute_s"] / len(del_status)
+        "unlearning_compute_per_deletion_s": d["unlearning_cpu_s"] / len(del_status)
         if del_status
         else None,
         "pending_at_stream_end": s["pending_at_stream_end"],
