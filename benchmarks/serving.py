@@ -8,13 +8,14 @@ baselines "inference-oblivion" and "naive-postponed") and every deletion rate:
 
 1. one run is trained in this process, once: scikit-learn's digits (configs/digits.yaml,
    1434 training / 363 test rows, owners of ~4 samples) with ``partition.shards=8``,
-   ``partition.slices=4``, ``unlearning.aggregation=vote`` and ``training.epochs=E``
-   (full: 160, so that retraining a shard costs seconds, as unlearning does in practice and
-   as ERASER assumes; quick: 40; ``--epochs``). Every (policy, rate) serves a private copy
-   of that run, so all see the same plan and the same models. Vote because its certificate
-   is combinatorial: an instance on which the 8 shards agree stays certified while at most
-   3 shards have a deletion pending (8-m > m), so certificates are common while a few
-   deletions are pending.
+   ``partition.slices=4``, ``unlearning.aggregation=vote``, ``training.epochs=E`` and
+   ``model.hidden=W`` (full: 160 epochs, W = [512, 512], so that retraining a shard costs
+   1-3 s, as unlearning costs real time in practice and as ERASER assumes; quick: 40 and
+   [128]; ``--epochs``). Every (policy, rate) serves a private copy of that run, so all see
+   the same plan and the same models. Vote because its certificate is combinatorial: an
+   instance on which the 8 shards agree stays certified while at most 3 shards have a
+   deletion pending (8-m > m), so certificates are common while a few deletions are
+   pending.
 2. ``build_app({storage, run_id, policy})`` is deployed with ``serve.run`` (app
    "ray-unlearn", route "/"). Every policy gets the same shortened deadline
    (``{"preset": name, "deadline_s": D}``; D = 10 s full, 5 s quick; the presets' 60 s
@@ -25,15 +26,18 @@ baselines "inference-oblivion" and "naive-postponed") and every deletion rate:
    per-request deadline so that every timing executes it at once) and wait until none is
    pending (every shard actor and shard replica has then retrained / loaded a new version
    once), then 20 predictions more. All counters below are deltas from the end of warm-up.
-4. the stream (seeded, identical for every policy at a given rate): single-instance
-   predictions drawn from the run's held-out test set, POSTed to /v1/predict by a closed
-   loop of C = 8 concurrent asyncio httpx clients, for at least H seconds and at least N
-   predictions (full: H = 40 s, N = 2000; quick: H = 10 s, N = 300); meanwhile deletions
-   of distinct owners with training data (``pick_owners``) arrive as a Poisson process of
-   rate lambda per second on a seeded schedule inside [0, H) (full: lambda in {0.5, 2};
-   quick: {1}), each POSTed to /v1/forget with the bearer token (202 expected). Every
-   policy therefore sees the same deletions at the same offsets; a slow policy keeps
-   predicting after H, with no new deletion.
+4. the stream (seeded, identical for every policy at a given rate), open loop:
+   single-instance predictions drawn from the run's held-out test set arrive as a Poisson
+   process of rate rho (10/s) on a seeded schedule inside [0, H) (full: H = 90 s, ~900
+   predictions per record; quick: H = 20 s), each POSTed to /v1/predict at its time
+   whatever the gateway is doing (up to 512 connections, so requests wait in the gateway);
+   meanwhile deletions of distinct owners with training data (``pick_owners``) arrive as a
+   Poisson process of rate lambda per second inside [0, H) (full: lambda in {0.25, 1};
+   quick: {1}), each POSTed to /v1/forget with the bearer token (202 expected). Every policy
+   therefore sees the same predictions and deletions at the same offsets. Open loop because
+   a closed loop slows its own arrivals while the gateway blocks, which hides the waiting
+   a blocking policy imposes on its clients. inference-oblivion executes deletions one at a
+   time (``max_batch=1``), in arrival order; the ERASER presets execute all that is due.
 5. drain: poll GET /v1/stats until ``pending_deletions`` is 0 (at most D + 60 s), read the
    counters, ``serve.delete`` the app and kill the run's executor actor.
 
@@ -43,9 +47,9 @@ panel per rate) and a table. The JSON has one record per (policy, rate), with a 
 
 * policy                 preset name (``policy_effective``: the name with the deadline).
 * latency_mean_ms, latency_p50_ms, latency_p99_ms
-                         client-side wall time of each answered (2xx) prediction: from
-                         before the POST to the parsed response (HTTP proxy + gateway +
-                         shard replicas + any wait for unlearning).
+                         client-side wall time of each answered (2xx) prediction: from its
+                         scheduled arrival to the parsed response (client queue + HTTP
+                         proxy + gateway + shard replicas + any wait for unlearning).
 * mean_wait_ms           mean over answered predictions of the time spent waiting for
                          unlearning: for an answer marked ``waited`` by the gateway, its
                          latency minus the median latency of this record's ``certified``
@@ -121,22 +125,27 @@ BASELINES = ("inference-oblivion", "naive-postponed")
 OVERRIDES = ["partition.shards=8", "partition.slices=4", "unlearning.aggregation=vote"]
 
 FULL = {
-    "predictions": 2000,  # at least this many predictions per (policy, rate)
-    "horizon_s": 40.0,  # deletions arrive in [0, H); predictions go on for at least H
-    "rates": [0.5, 2.0],  # deletions per second (Poisson)
-    "concurrency": 8,  # predictions in flight
+    "prediction_rate": 10.0,  # predictions per second, open loop (Poisson)
+    "horizon_s": 90.0,  # predictions and deletions arrive in [0, H)
+    "rates": [0.25, 1.0],  # deletions per second (Poisson)
+    "connections": 512,  # HTTP connections: enough that requests wait in the gateway, not here
     "deadline_s": 10.0,  # every policy's deadline
     "warmup_predictions": 20,
-    "epochs": 160,  # training.epochs: a shard retrain costs seconds, as unlearning does in practice
+    # the served model: a shard retrain costs seconds (1-3 s here), as unlearning does in
+    # practice and as ERASER assumes; 0.25/s leaves one-by-one execution idle part of the
+    # time, 1/s does not
+    "epochs": 160,
+    "hidden": [512, 512],
 }
 QUICK = {
-    "predictions": 300,
-    "horizon_s": 10.0,
+    "prediction_rate": 10.0,
+    "horizon_s": 20.0,
     "rates": [1.0],
-    "concurrency": 8,
+    "connections": 512,
     "deadline_s": 5.0,
     "warmup_predictions": 20,
     "epochs": 40,
+    "hidden": [128],
 }
 SEED = 0
 JSON_HEADERS = {"content-type": "application/json"}
@@ -219,8 +228,8 @@ async def run_stream(base: str, token: str, test_x, test_y, owners, p: dict, rat
                      policy) -> dict[str, Any]:  # fmt: skip
     auth = {"Authorization": f"Bearer {token}"}
     bodies = [json.dumps({"instances": [row.tolist()]}).encode() for row in test_x]
-    timeout = httpx.Timeout(400.0)
-    limits = httpx.Limits(max_connections=p["concurrency"] + 4, max_keepalive_connections=64)
+    timeout = httpx.Timeout(600.0, pool=None)  # queued requests wait; their latency counts
+    limits = httpx.Limits(max_connections=p["connections"], max_keepalive_connections=64)
     async with (
         httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client,
         httpx.AsyncClient(base_url=base, timeout=timeout) as ctl,
@@ -234,32 +243,33 @@ async def run_stream(base: str, token: str, test_x, test_y, owners, p: dict, rat
         del_owners = owners["stream"][: len(times)]
         if len(del_owners) < len(times):
             raise RuntimeError(f"{len(times)} deletions scheduled, {len(del_owners)} owners")
-        order = np.random.default_rng([SEED, 1]).integers(0, len(test_x), size=1_000_000)
-        preds: list[tuple] = []  # (sent offset, latency s, status, mode, label, true, server ms)
+        # open loop: predictions arrive on a seeded Poisson schedule whatever the gateway
+        # does; a latency runs from the scheduled arrival, so time spent queued behind a
+        # blocked gateway (or in the client's connection pool) counts
+        arrivals = deletion_schedule(p["prediction_rate"], p["horizon_s"], SEED + 1)
+        order = np.random.default_rng([SEED, 1]).integers(0, len(test_x), size=len(arrivals))
+        preds: list[
+            tuple
+        ] = []  # (scheduled offset, latency s, status, mode, label, true, server ms)
         dels: list[tuple] = []  # (scheduled offset, sent offset, latency s, status)
-        counter = 0
         t_start = time.perf_counter()
 
-        async def predictor() -> None:
-            nonlocal counter
-            while True:
-                if counter >= p["predictions"] and time.perf_counter() - t_start >= p["horizon_s"]:
-                    return
-                i, counter = counter, counter + 1
-                idx = int(order[i])
-                t0 = time.perf_counter()
-                status, mode, label, server = -1, None, None, None
-                try:
-                    r = await client.post("/v1/predict", content=bodies[idx], headers=JSON_HEADERS)
-                    status = r.status_code
-                    if 200 <= status < 300:
-                        doc = r.json()
-                        pred = doc["predictions"][0]
-                        mode, label, server = pred["answered"], pred["label"], doc["latency_ms"]
-                except httpx.HTTPError as e:
-                    mode = f"error:{type(e).__name__}"
-                lat = time.perf_counter() - t0
-                preds.append((t0 - t_start, lat, status, mode, label, int(test_y[idx]), server))
+        async def predict(t: float, idx: int) -> None:
+            delay = t_start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            status, mode, label, server = -1, None, None, None
+            try:
+                r = await client.post("/v1/predict", content=bodies[idx], headers=JSON_HEADERS)
+                status = r.status_code
+                if 200 <= status < 300:
+                    doc = r.json()
+                    pred = doc["predictions"][0]
+                    mode, label, server = pred["answered"], pred["label"], doc["latency_ms"]
+            except httpx.HTTPError as e:
+                mode = f"error:{type(e).__name__}"
+            lat = time.perf_counter() - (t_start + t)
+            preds.append((float(t), lat, status, mode, label, int(test_y[idx]), server))
 
         async def deleter() -> None:
             for i, (t, o) in enumerate(zip(times, del_owners, strict=True)):
@@ -279,7 +289,9 @@ async def run_stream(base: str, token: str, test_x, test_y, owners, p: dict, rat
                 dels.append((float(t), t0 - t_start, time.perf_counter() - t0, status))
 
         load0 = os.getloadavg()[0]
-        await asyncio.gather(deleter(), *[predictor() for _ in range(p["concurrency"])])
+        await asyncio.gather(
+            deleter(), *[predict(float(t), int(i)) for t, i in zip(arrivals, order, strict=True)]
+        )
         stream_s = max(s + lat for s, lat, *_ in preds)
         load1 = os.getloadavg()[0]
         pending_at_end = (await ctl.get("/v1/stats")).json()["pending_deletions"]
@@ -371,12 +383,19 @@ def metrics(name: str, rate: float, s: dict, rejects: bool) -> dict[str, Any]:
     }
 
 
-def train_template(root: Path, epochs: int):
+def train_template(root: Path, epochs: int, hidden: list[int]):
     """Train the benchmark's run once; every (policy, rate) serves a private copy of it (the
     same seed would give every policy the same models anyway)."""
     cfg = load_config(
         REPO / "configs/digits.yaml",
-        [f"storage={root}", "name=serve", f"seed={SEED}", f"training.epochs={epochs}", *OVERRIDES],
+        [
+            f"storage={root}",
+            "name=serve",
+            f"seed={SEED}",
+            f"training.epochs={epochs}",
+            f"model.hidden={hidden}".replace(" ", ""),
+            *OVERRIDES,
+        ],
     )
     ctx = create_run(cfg)
     return ctx, train_all_shards(ctx)["train_seconds"]
@@ -640,7 +659,7 @@ def _git_commit() -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("results/serving"))
-    ap.add_argument("--quick", action="store_true", help="300+ predictions, 10 s, 1 rate")
+    ap.add_argument("--quick", action="store_true", help="20 s of stream, 1 deletion rate")
     ap.add_argument("--policies", help="comma-separated subset of presets (development only)")
     ap.add_argument("--epochs", type=int, help="training.epochs of the served run (full: 160)")
     args = ap.parse_args()
@@ -697,7 +716,7 @@ def main() -> None:
             log_to_driver=False,
         )
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        template = train_template(root / "template", p["epochs"])
+        template = train_template(root / "template", p["epochs"], p["hidden"])
         settings["template_train_s"] = template[1]
         print(f"trained the template run {template[0].run_id} in {template[1]:.1f} s", flush=True)
         for rate in p["rates"]:

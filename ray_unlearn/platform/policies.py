@@ -66,6 +66,12 @@ class ServingPolicy(BaseModel):
     batch_window_s: float | None = Field(
         None, description="batched: execute once the oldest pending request is this old."
     )
+    max_batch: int | None = Field(
+        None,
+        description="At most this many requests per execution, oldest first (None: every "
+        "pending one). 1 executes deletions one by one, as the inference-oblivion baseline "
+        "does.",
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> ServingPolicy:
@@ -86,6 +92,19 @@ class ServingPolicy(BaseModel):
                     )
         if self.batch_count is not None and self.batch_count < 1:
             problems.append(f"batch_count must be >= 1, got {self.batch_count}")
+        if self.max_batch is not None and self.max_batch < 1:
+            problems.append(
+                f"max_batch must be >= 1 or null (every pending request), got {self.max_batch}"
+            )
+        if (
+            self.max_batch is not None
+            and self.batch_count is not None
+            and self.max_batch < self.batch_count
+        ):
+            problems.append(
+                f"max_batch={self.max_batch} is below batch_count={self.batch_count}: a full "
+                "batch could never execute at once"
+            )
         if self.batch_window_s is not None and not self.batch_window_s > 0:
             problems.append(f"batch_window_s must be > 0, got {self.batch_window_s}")
         if self.deadline_s == math.inf:
@@ -164,9 +183,9 @@ PRESETS: dict[str, ServingPolicy] = {
         _preset("double-lazy-exclude", "Deletions execute at their deadline only, in shadow "
                 "copies; uncertified answers from the unaffected shards. Least compute.",
                 "double", "lazy", "exclude"),
-        _preset("inference-oblivion", "Baseline: each deletion executes on arrival and every "
-                "inference waits while any deletion is pending or executing.",
-                "single", "immediate", "wait", certify=False),
+        _preset("inference-oblivion", "Baseline: each deletion executes on arrival, one at a "
+                "time, and every inference waits while any deletion is pending or executing.",
+                "single", "immediate", "wait", certify=False, max_batch=1),
         _preset("naive-postponed", "Baseline: deletions postponed to their deadline while the "
                 "stale models keep serving. Never waits; exposes deleted data.",
                 "double", "lazy", "stale", certify=False, expose_stale=True),

@@ -67,8 +67,10 @@ class DeletionTracker:
     def views(self) -> list[PendingView]:
         return [PendingView(p.received_at, p.deadline) for p in self.waiting()]
 
-    def begin_execution(self) -> list[str]:
-        ids = [p.request_id for p in self.waiting()]
+    def begin_execution(self, limit: int | None = None) -> list[str]:
+        """Mark the waiting requests (the ``limit`` oldest, when given) as executing."""
+        waiting = sorted(self.waiting(), key=lambda p: (p.received_at, p.request_id))
+        ids = [p.request_id for p in waiting[:limit]]
         for rid in ids:
             self.items[rid].executing = True
         return ids

@@ -143,10 +143,16 @@ class UnlearningEngine:
         )
 
     # -- execution -------------------------------------------------------------------
-    def execute_pending(self, strategy: str | None = None) -> list[RequestRecord]:
-        """Execute every unfinished request as one batch; returns their final records."""
+    def execute_pending(
+        self, strategy: str | None = None, request_ids: list[str] | None = None
+    ) -> list[RequestRecord]:
+        """Execute every unfinished request (or those of ``request_ids`` still unfinished) as
+        one batch; returns their final records."""
         log = self.ctx.deletion_log
         todo = log.unfinished()
+        if request_ids is not None:
+            wanted = set(request_ids)
+            todo = [r for r in todo if r.request.request_id in wanted]
         if not todo:
             return []
         strategy = strategy or self.ctx.config.unlearning.strategy

@@ -256,10 +256,14 @@ class Gateway:
                 await asyncio.sleep(self.settings.poll_interval_s)
 
     async def _execute(self) -> None:
-        ids = self.tracker.begin_execution()
+        limit = self.policy.max_batch
+        ids = self.tracker.begin_execution(limit)
         t0 = time.perf_counter()
         try:
-            done = await self._executor_handle().execute_pending.remote()
+            # with max_batch, exactly the requests marked; else every unfinished one
+            done = await self._executor_handle().execute_pending.remote(
+                None, ids if limit is not None else None
+            )
         except Exception:
             self.tracker.abort_execution(ids)
             self._executor = None  # a dead executor actor is recreated on the next try

@@ -178,9 +178,11 @@ class Executor:
                 owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
             ).to_json()
 
-    def execute_pending(self, strategy: str | None = None) -> list[dict[str, Any]]:
+    def execute_pending(
+        self, strategy: str | None = None, request_ids: list[str] | None = None
+    ) -> list[dict[str, Any]]:
         with self._lock:
-            return [r.to_json() for r in self.engine.execute_pending(strategy)]
+            return [r.to_json() for r in self.engine.execute_pending(strategy, request_ids)]
 
     # -- S3T background restoration ------------------------------------------------------
     def _restore_in_background(self, plan: dict[str, Any], request_ids: list[str]) -> None:

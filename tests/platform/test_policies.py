@@ -72,6 +72,11 @@ def test_policies_are_frozen():
         ({"timing": "batched", "batch_count": 0}, ["batch_count must be >= 1"]),
         ({"timing": "batched", "batch_window_s": -1.0}, ["batch_window_s must be > 0"]),
         ({"deadline_s": 0.0}, ["deadline_s must be > 0"]),
+        ({"max_batch": 0}, ["max_batch must be >= 1"]),
+        (
+            {"timing": "batched", "batch_count": 8, "max_batch": 2},
+            ["max_batch=2", "batch_count=8"],
+        ),
         ({"deadline_s": math.nan}, ["deadline_s must be > 0"]),
         ({"timing": "lazy", "uncertified": "exclude", "deadline_s": math.inf}, ["finite"]),
         ({"timing": "lazy", "uncertified": "reject", "deadline_s": math.inf}, ["deadline_s"]),

@@ -42,6 +42,15 @@ def test_tracker_follows_the_log():
     assert list(tr.items) == ["r3"] and tr.affected() == {3}
 
 
+def test_tracker_executes_the_oldest_first_when_limited():
+    tr = DeletionTracker(_plan())
+    for rid, t in [("late", 30.0), ("first", 10.0), ("second", 20.0)]:
+        tr.add(_record(rid, [0], t))
+    assert tr.begin_execution(1) == ["first"]
+    assert tr.begin_execution(1) == ["second"]
+    assert tr.begin_execution() == ["late"] and tr.waiting() == []
+
+
 def _probs(labels, classes=3):
     """(K, n) labels -> shard -> (n, classes) one-hot probabilities."""
     return {k: np.eye(classes)[row] for k, row in enumerate(np.asarray(labels))}

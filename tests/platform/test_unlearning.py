@@ -137,6 +137,18 @@ def test_batch_of_pending_requests_and_recovery_after_a_crash(tiny_run):
     assert _engine(ctx).execute_pending() == []
 
 
+def test_execute_only_the_named_requests(tiny_run):
+    """One at a time (the inference-oblivion baseline): the others stay pending."""
+    ctx = tiny_run
+    eng = _engine(ctx)
+    eng.submit(owner_id=_trained_owner(ctx, 5), request_id="a")
+    eng.submit(owner_id=_trained_owner(ctx, 6), request_id="b")
+    done = eng.execute_pending(request_ids=["b"])
+    assert [r.request.request_id for r in done] == ["b"] and done[0].details["batch"] == ["b"]
+    assert [r.request.request_id for r in ctx.deletion_log.unfinished()] == ["a"]
+    assert [r.request.request_id for r in eng.execute_pending()] == ["a"]
+
+
 def test_a_failing_strategy_marks_failed_and_a_retry_succeeds(tiny_run):
     class Broken(UnlearningStrategy):
         name, exact = "broken-for-test", True
