@@ -1,4 +1,4 @@
-"""The ``ray-unlearn`` command: train, forget, status, audit, strategies, demo.
+"""The ``ray-unlearn`` command: train, forget, status, audit, strategies, serve, sweep, demo.
 
 Every command takes ``--json`` and then prints exactly one JSON document on stdout
 (everything else, Ray's output included, goes to stderr), so scripts can drive it.
@@ -473,6 +473,61 @@ def demo(
     with _Output(as_json) as out, _errors(out):
         doc, table = run_demo(config, overrides or [], deletions)
         out.emit(doc, table)
+
+
+@app.command()
+def sweep(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="Sweep YAML (configs/sweep.yaml).")
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="key=value: sweep keys (stream.deletions=3), space.<key>=[...] to replace a "
+            "dimension, any other dotted key overrides every trial's run config"
+        ),
+    ] = None,
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ray Tune over shards, slices, S3T budgets, hybrid thresholds and serving policies;
+    every trial logged to MLflow; prints the Pareto front and writes the chosen config."""
+    from ray_unlearn.tune.spec import load_sweep, num_trials
+
+    with _Output(as_json) as out, _errors(out):
+        spec = load_sweep(config, overrides or [])
+        err.print(
+            f"sweep [bold]{spec.name}[/bold]: {num_trials(spec)} trial(s), "
+            f"{spec.stream.deletions} deletions each"
+        )
+        from ray_unlearn.train.session import connect
+        from ray_unlearn.tune.sweep import run_sweep
+
+        connect(address)
+        doc = run_sweep(spec)
+        front = set(doc["pareto_front"])
+        t = Table(title=f"sweep {doc['sweep_id']} (Pareto front marked *)")
+        for col in ("", "trial", "policy", "state", "accuracy", "unlearn s", "latency ms", "cert"):
+            t.add_column(col)
+
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        for r in doc["trials"]:
+            t.add_row(
+                "*" if r["label"] in front and r["state"] == "finished" else "",
+                r["label"],
+                r["policy"],
+                r["state"],
+                f(r["accuracy"], ".4f"),
+                f(r["unlearn_s"], ".2f"),
+                f(r["latency_mean_ms"], ".2f"),
+                f(r["certified_fraction"], ".2f"),
+            )
+        if doc["chosen"]:
+            err.print(f"chosen: {doc['chosen']['label']} -> {doc['chosen']['config']}")
+        err.print(f"MLflow: {doc['tracking_uri']} (experiment {doc['experiment']})")
+        out.emit(doc, t)
 
 
 def main() -> None:

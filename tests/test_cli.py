@@ -48,6 +48,20 @@ def test_bad_config_is_reported_without_a_traceback(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_bad_sweep_is_refused_before_anything_starts(tmp_path):
+    code, doc = run_cli(
+        "sweep",
+        "--config",
+        "configs/sweep.yaml",
+        f"storage={tmp_path}",
+        "space.partition.shards=[0,2]",
+        "space.serving.policy=[no-such-policy]",
+        check=False,
+    )
+    assert code == 2 and "no-such-policy" in doc["error"] and "partition.shards" in doc["error"]
+    assert not any(tmp_path.iterdir())  # no MLflow store, no sweep directory
+
+
 @pytest.mark.ray
 def test_train_forget_status_audit(tmp_path):
     store = str(tmp_path / "store")

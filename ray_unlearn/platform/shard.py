@@ -69,6 +69,10 @@ def train_all_shards(ctx: RunContext) -> dict[str, Any]:
 
     if s3t_runtime.is_s3t(ctx):
         return s3t_runtime.train_s3t_run(ctx)
+    if ctx.config.hybrid.record:  # dpus/hs/ohs subtract the updates recorded here
+        from ray_unlearn.platform.contributions import train_and_record
+
+        return train_and_record(ctx).to_json()
     from ray_unlearn.platform.store import Registry, ShardEntry
 
     cfg = ctx.config

@@ -53,7 +53,10 @@ def test_forget_owner_end_to_end(tiny_run):
         assert m["state"] == "retired" and m["retired_by"] == ["gdpr-1"]
         with pytest.raises(FileNotFoundError):
             ctx.model_store.load_state(vid)
-        assert ctx.storage.listdir(ctx.layout.version_dir(vid)) == ["manifest.json", "samples.parquet"]
+        assert ctx.storage.listdir(ctx.layout.version_dir(vid)) == [
+            "manifest.json",
+            "samples.parquet",
+        ]
     # The published model is exactly the shard trained from scratch without the owner.
     torch.set_num_threads(1)
     cfg = ctx.config

@@ -1,0 +1,296 @@
+"""``ray-unlearn sweep``: Ray Tune over partitions, strategies and serving policies, every
+trial logged to MLflow, ending in a Pareto front and a chosen config.
+
+* Each trial is :func:`ray_unlearn.tune.trial.run_trial` in a Tune function trainable
+  (1 CPU; it trains in process, so no trial waits for a Train worker that could never be
+  placed on a small machine). It reports after every deletion of the stream, which is what
+  the stopper (``stop.min_accuracy``) and ASHA (``stop.asha``) act on.
+* MLflow: one parent run per sweep; every trial is a child run (tag
+  ``mlflow.parentRunId``) with its parameters, its metrics per deletion step and at the end,
+  and its plot and run config as artifacts. The driver logs, as trials end (Tune callback),
+  so one process writes the store. Tracking URI: ``mlflow.tracking_uri``, else
+  ``$MLFLOW_TRACKING_URI``, else SQLite under the storage root (MLflow 3's file store is
+  deprecated and refuses to start without an opt-in).
+* Result: ``<out>/results.json``, ``<out>/pareto.png``, ``<out>/chosen.yaml`` (a run config
+  ``ray-unlearn train --config`` takes unchanged), also logged on the parent run. ``<out>``
+  is ``<storage>/sweeps/<sweep id>`` for a local storage root; for an object-store root the
+  files are written locally (``./sweeps/<sweep id>``) and uploaded there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from ray_unlearn.platform.config import config_to_yaml
+from ray_unlearn.platform.storage import Storage
+from ray_unlearn.tune.pareto import choose, pareto_front, plot_front, plot_trial
+from ray_unlearn.tune.spec import POLICY_KEY, SweepSpec, num_trials, trial_config, trial_policy
+from ray_unlearn.tune.trial import run_trial
+
+MLFLOW_DB = "mlflow/mlflow.db"
+MLFLOW_ARTIFACTS = "mlflow/artifacts"
+
+
+def _label(params: dict[str, Any]) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in params.items()) or "base"
+
+
+def tracking(spec: SweepSpec, storage: Storage) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment or None for the server's)."""
+    uri = spec.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri, None
+    if not storage.local:
+        raise ValueError(
+            f"storage {storage.uri} is not a local directory: set mlflow.tracking_uri in the "
+            "sweep file or MLFLOW_TRACKING_URI to a tracking server"
+        )
+    db = storage.local_path(MLFLOW_DB)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}", storage.local_path(MLFLOW_ARTIFACTS).as_uri()
+
+
+def _experiment(client: MlflowClient, name: str, artifacts: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+class MlflowTrials(tune.Callback):
+    """Logs every trial as a child run of the sweep's parent run, when it ends."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent: str, spec: SweepSpec):
+        self.client, self.experiment_id, self.parent, self.spec = (
+            client,
+            experiment_id,
+            parent,
+            spec,
+        )
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.runs: dict[str, str] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.history.setdefault(trial.trial_id, []).append(dict(result))
+
+    def _log(self, trial, status: str, error: str | None = None) -> None:
+        params = {k: v for k, v in trial.config.items()}
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=_label(params),
+            tags={
+                "mlflow.parentRunId": self.parent,
+                "ray_unlearn.sweep": self.spec.name,
+                "ray_unlearn.trial_id": trial.trial_id,
+            },
+        )
+        rid = run.info.run_id
+        self.runs[trial.trial_id] = rid
+        hist = self.history.get(trial.trial_id, [])
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, int(h.get("deletions", i)))
+            for i, h in enumerate(hist)
+            for k, v in h.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k in _LOGGED
+        ]
+        logged = [Param(k, str(v)) for k, v in params.items()]
+        logged.append(Param("policy", trial_policy(self.spec, params)))
+        for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
+            self.client.log_batch(
+                rid, metrics=metrics[i : i + 900], params=logged if i == 0 else []
+            )
+        if not metrics:
+            self.client.log_batch(rid, params=logged)
+        with tempfile.TemporaryDirectory() as d:
+            cfg = trial_config(self.spec, params)
+            (Path(d) / "run_config.yaml").write_text(config_to_yaml(cfg))
+            self.client.log_artifact(rid, str(Path(d) / "run_config.yaml"))
+            if hist:
+                png = Path(d) / "trial.png"
+                plot_trial(hist, png, _label(params))
+                self.client.log_artifact(rid, str(png))
+        if error:
+            self.client.set_tag(rid, "error", error[:4000])
+        self.client.set_terminated(rid, status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._log(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._log(trial, "FAILED", str(getattr(trial, "error_msg", None) or "trial failed"))
+
+
+_LOGGED = (
+    "accuracy",
+    "accuracy_before",
+    "unlearn_s",
+    "unlearn_cpu_s",
+    "unlearn_s_per_deletion",
+    "latency_mean_ms",
+    "latency_p99_ms",
+    "certified_fraction",
+    "excluded_fraction",
+    "waited_fraction",
+    "executions",
+    "train_s",
+)
+
+
+def _trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
+    spec = SweepSpec.model_validate(spec_json)
+    workdir = Path(tune.get_context().get_trial_dir() or tempfile.mkdtemp(prefix="ru-trial-"))
+    run_trial(spec, dict(config), workdir, report=tune.report)
+
+
+def _param_space(spec: SweepSpec) -> dict[str, Any]:
+    pick = tune.grid_search if spec.search.method == "grid" else tune.choice
+    return {k: pick(list(v)) for k, v in spec.search.space.items()}
+
+
+def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
+    """Run the sweep on the connected (or an embedded) Ray; returns the summary document."""
+    t0 = time.perf_counter()
+    sweep_id = sweep_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    storage = Storage(spec.base["storage"])
+    out = (
+        storage.local_path(f"sweeps/{sweep_id}")
+        if storage.local
+        else Path("sweeps", sweep_id).resolve()
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    uri, artifacts = tracking(spec, storage)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp_id = _experiment(client, spec.mlflow.experiment, artifacts)
+    parent = client.create_run(exp_id, run_name=sweep_id, tags={"ray_unlearn.sweep": spec.name})
+    parent_id = parent.info.run_id
+    client.log_batch(
+        parent_id,
+        params=[
+            Param("sweep_file", spec.source or "-"),
+            Param("trials", str(num_trials(spec))),
+            Param("stream_deletions", str(spec.stream.deletions)),
+            Param("space", json.dumps(spec.search.space)[:6000]),
+        ],
+    )
+    logger = MlflowTrials(client, exp_id, parent_id, spec)
+
+    min_acc = spec.stop.min_accuracy
+    scheduler = None
+    if spec.stop.asha:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            metric="accuracy",
+            mode="max",
+            time_attr="deletions",
+            max_t=spec.stream.deletions,
+            grace_period=1,
+        )
+    tuner = tune.Tuner(
+        tune.with_resources(
+            tune.with_parameters(_trainable, spec_json=spec.model_dump(mode="json")), {"cpu": 1}
+        ),
+        param_space=_param_space(spec),
+        tune_config=tune.TuneConfig(
+            num_samples=spec.search.num_samples,
+            max_concurrent_trials=spec.max_concurrent_trials,
+            scheduler=scheduler,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_id,
+            storage_path=str(out / "tune")
+            if storage.local
+            else f"{storage.uri}/sweeps/{sweep_id}/tune",
+            callbacks=[logger],
+            stop=(lambda trial_id, result: result["accuracy"] < min_acc)
+            if min_acc is not None
+            else None,
+            verbose=1,
+        ),
+    )
+    status = "FINISHED"
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    rows: list[dict[str, Any]] = []
+    for res in grid:
+        params = {k: v for k, v in (res.config or {}).items()}
+        m = res.metrics or {}
+        row = {
+            "label": _label(params),
+            "params": params,
+            "policy": trial_policy(spec, params),
+            "state": "error" if res.error else ("finished" if m.get("final") else "stopped early"),
+            "error": str(res.error) if res.error else None,
+            "mlflow_run_id": logger.runs.get(m.get("trial_id", ""), None),
+        }
+        for k in _LOGGED:
+            row[k] = m.get(k)
+        rows.append(row)
+    done = [r for r in rows if r["state"] == "finished"]
+    front_idx = pareto_front(done)
+    front = [done[i] for i in front_idx]
+    doc: dict[str, Any] = {
+        "sweep_id": sweep_id,
+        "out": str(out),
+        "tracking_uri": uri,
+        "experiment": spec.mlflow.experiment,
+        "parent_run_id": parent_id,
+        "trials": rows,
+        "pareto_front": [r["label"] for r in front],
+    }
+    if front:
+        best = done[choose(done, front_idx, spec.select.metric, spec.select.mode)]
+        chosen_cfg = trial_config(spec, best["params"]).model_copy(
+            update={"name": f"{spec.name}-chosen"[:64]}
+        )
+        text = (
+            f"# chosen by `ray-unlearn sweep` {sweep_id}: {best['label']}\n"
+            f"# accuracy {best['accuracy']:.4f}, unlearning {best['unlearn_s']:.2f} s over "
+            f"{spec.stream.deletions} deletions, serving latency {best['latency_mean_ms']:.2f} ms\n"
+            f"# serve it with: ray-unlearn serve --run <run-id> --policy {best['policy']}\n"
+            + config_to_yaml(chosen_cfg)
+        )
+        (out / "chosen.yaml").write_text(text)
+        doc["chosen"] = {**best, "config": str(out / "chosen.yaml")}
+        plot_front(done, front_idx, out / "pareto.png", f"sweep {sweep_id}")
+    else:
+        status = "FAILED"
+        doc["chosen"] = None
+    doc["seconds"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+    for name in ("results.json", "pareto.png", "chosen.yaml"):
+        if (out / name).exists():
+            client.log_artifact(parent_id, str(out / name))
+    if doc["chosen"]:
+        best = doc["chosen"]
+        client.log_batch(
+            parent_id,
+            metrics=[
+                Metric(f"chosen_{k}", float(best[k]), int(time.time() * 1000), 0)
+                for k in ("accuracy", "unlearn_s", "latency_mean_ms")
+            ],
+            params=[Param("chosen", best["label"][:6000]), Param("chosen_policy", best["policy"])],
+        )
+    client.set_terminated(parent_id, status)
+    if not storage.local:
+        storage.upload_dir(out, f"sweeps/{sweep_id}")
+    return doc
+
+
+__all__ = ["POLICY_KEY", "run_sweep", "tracking"]

@@ -1,0 +1,158 @@
+"""One sweep trial, in process: train a run, run the seeded deletion stream, measure.
+
+Measured per trial (and reported after every deletion step, so early stopping can act):
+
+* ``accuracy``: test accuracy of the serving ensemble (after the deletions so far);
+* ``unlearn_s`` / ``unlearn_cpu_s``: wall / CPU seconds of executing the deletions
+  (``UnlearningEngine.execute_pending``; S3T: deactivation, plus any depth restoration);
+* ``latency_mean_ms`` / ``latency_p99_ms`` / ``certified_fraction``: serving under the
+  trial's ERASER policy, measured in process with the gateway's own decision code
+  (:func:`ray_unlearn.platform.serving.answer_batch`). At each deletion step the request is
+  logged as pending and ``stream.predictions`` held-out instances are answered: an
+  instance's latency is its share of the ensemble's prediction time, plus, when the policy
+  makes it wait, the measured time of the execution it waits for. Executions happen when
+  the policy's timing says so (immediate: every step; batched: every ``batch_count``
+  requests; lazy: when an instance waits, and at the end). No HTTP and no Ray Serve: this
+  ranks policies and partitions against each other cheaply; ``benchmarks/serving.py``
+  measures the real gateway.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ray_unlearn.platform.evaluate import ensemble_accuracy
+from ray_unlearn.platform.plan import TEST
+from ray_unlearn.platform.policies import get_policy
+from ray_unlearn.platform.run import RunContext, create_run
+from ray_unlearn.platform.serving import DeletionTracker, answer_batch
+from ray_unlearn.platform.shard import train_all_shards
+from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+from ray_unlearn.tune.spec import SweepSpec, trial_config, trial_policy
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def stream_owners(ctx: RunContext, n: int, seed: int) -> list[str]:
+    """``n`` owners with training data that may be deleted (S3T public rows excluded)."""
+    from ray_unlearn.platform.s3t_runtime import is_s3t, public_sample_ids
+
+    owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
+    if is_s3t(ctx):
+        public = set(public_sample_ids(ctx).tolist())
+        owners = np.array(
+            [o for o in owners if not set(ctx.plan.samples_of_owner(o).tolist()) & public]
+        )
+    rng = np.random.default_rng(seed)
+    return [str(o) for o in rng.choice(owners, size=min(n, len(owners)), replace=False)]
+
+
+def _accuracy(ctx: RunContext, backend: LocalShards) -> float:
+    test = ctx.split_records("test", ctx.deletion_log.deleted_sample_ids())
+    return ensemble_accuracy(
+        backend.predict_proba(test.features), test.labels, ctx.config.unlearning.aggregation
+    )
+
+
+def run_trial(
+    spec: SweepSpec,
+    params: dict[str, Any],
+    workdir: str | Path,
+    report: Reporter | None = None,
+) -> dict[str, Any]:
+    """Train, stream deletions, measure; returns the final metrics (also passed to
+    ``report`` after every deletion step, with ``final`` set on the last one)."""
+    workdir = Path(workdir)
+    cfg = trial_config(spec, params, storage=str(workdir / "store"))
+    policy = get_policy(trial_policy(spec, params))
+    ctx = create_run(cfg)
+    t0 = time.perf_counter()
+    train_all_shards(ctx)
+    train_s = time.perf_counter() - t0
+    backend = LocalShards(ctx)
+    engine = UnlearningEngine(ctx, backend, executor_name="sweep-trial")
+    rule = cfg.unlearning.aggregation
+    accuracy_before = _accuracy(ctx, backend)
+    test = ctx.split_records("test")
+    probe = np.random.default_rng([spec.stream.seed, 1]).choice(
+        len(test.labels), size=min(spec.stream.predictions, len(test.labels)), replace=False
+    )
+    x, y = test.features[probe], test.labels[probe]
+
+    tracker = DeletionTracker(ctx.plan)
+    latencies: list[np.ndarray] = []
+    modes: dict[str, int] = {}
+    unlearn_s = unlearn_cpu_s = 0.0
+    executions = 0
+
+    def execute() -> float:
+        nonlocal unlearn_s, unlearn_cpu_s, executions
+        t = time.perf_counter()
+        done = engine.execute_pending()
+        dt = time.perf_counter() - t
+        if done:
+            executions += 1
+            unlearn_s += dt
+            unlearn_cpu_s += float(done[0].details.get("train_cpu_seconds", 0.0))
+        tracker.sync(ctx.deletion_log.unfinished())
+        return dt
+
+    owners = stream_owners(ctx, spec.stream.deletions, spec.stream.seed)
+    metrics: dict[str, Any] = {}
+    for step, owner in enumerate(owners, start=1):
+        record, _ = engine.submit(owner_id=owner)
+        tracker.add(record)
+        # serve the probe batch while the deletion(s) are pending
+        t = time.perf_counter()
+        probs = backend.predict_proba(x)
+        predict_s = time.perf_counter() - t
+        live = sorted(probs)
+        answers = answer_batch(
+            policy, rule, live, tracker.affected(), probs, n=len(y), pending=True
+        )
+        waiting = [i for i, a in enumerate(answers) if a.mode == "wait"]
+        due = (
+            policy.timing == "immediate"
+            or (policy.timing == "batched" and len(tracker.items) >= (policy.batch_count or 1))
+            or bool(waiting)
+            or step == len(owners)
+        )
+        wait_s = execute() if due else 0.0
+        lat = np.full(len(y), predict_s / len(y))
+        lat[waiting] += wait_s + predict_s / len(y)  # answered again, after the execution
+        for a in answers:
+            mode = "waited" if a.mode == "wait" else a.mode
+            modes[mode] = modes.get(mode, 0) + 1
+        latencies.append(lat * 1000)
+        all_lat = np.concatenate(latencies)
+        n = sum(modes.values())
+        metrics = {
+            "step": step,
+            "accuracy": _accuracy(ctx, backend),
+            "accuracy_before": accuracy_before,
+            "unlearn_s": unlearn_s,
+            "unlearn_cpu_s": unlearn_cpu_s,
+            "unlearn_s_per_deletion": unlearn_s / step,
+            "latency_mean_ms": float(all_lat.mean()),
+            "latency_p99_ms": float(np.percentile(all_lat, 99)),
+            "certified_fraction": modes.get("certified", 0) / n,
+            "excluded_fraction": modes.get("excluded", 0) / n,
+            "waited_fraction": modes.get("waited", 0) / n,
+            "executions": executions,
+            "train_s": train_s,
+            "deletions": step,
+            "final": step == len(owners),
+        }
+        if report is not None:
+            report(dict(metrics))
+    metrics["run_id"] = ctx.run_id
+    metrics["policy"] = policy.name
+    if not spec.keep_runs:
+        shutil.rmtree(workdir / "store", ignore_errors=True)
+    return metrics

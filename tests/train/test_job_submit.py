@@ -1,0 +1,94 @@
+"""`ray job submit` of a small train job against a head this test starts and stops.
+
+The head is `ray start --head --block` in its own process group on 127.0.0.1 with free
+ports, stopped by signalling that group (`ray stop` would end every Ray on the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are capped
+    dash = _free_port()
+    log = Path(temp) / "head.log"
+    ports = {
+        "--port": _free_port(),
+        "--ray-client-server-port": _free_port(),
+        "--dashboard-port": dash,
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+    }
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1"]
+    cmd += ["--num-cpus=2", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+    cmd += [f"--temp-dir={temp}", *(f"{k}={v}" for k, v in ports.items())]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
+    try:
+        t0 = time.time()
+        while "Ray runtime started" not in log.read_text():
+            assert proc.poll() is None and time.time() - t0 < 120, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # this test's own process group only
+            proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_ray_job_submit_trains_a_run(ray_head, tmp_path):
+    address, env = ray_head
+    store = tmp_path / "store"
+    entry = [
+        sys.executable, "-m", "ray_unlearn.cli", "train", "--json",
+        "--config", str(REPO / "configs/digits.yaml"),
+        f"storage={store}", "training.epochs=2", "partition.shards=2", "partition.slices=2",
+        "model.hidden=[16]", "--run-id", "submitted",
+    ]  # fmt: skip
+    res = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--", *entry],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=480,
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "succeeded" in (res.stdout + res.stderr)
+    # the job printed its one JSON document; the run is in the store, trained by Ray Train
+    doc = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith('{"run_id"')))
+    assert doc["run_id"] == "submitted" and doc["workers"] == 2 and doc["attached_cluster"]
+    from ray_unlearn.platform.run import open_run
+
+    ctx = open_run(str(store), "submitted")
+    assert sorted(ctx.model_store.registry().shards) == [0, 1]

@@ -1,0 +1,106 @@
+"""Sweep files and the Pareto front: no Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from ray_unlearn.platform.config import ConfigError, load_config
+from ray_unlearn.tune.pareto import choose, dominates, pareto_front
+from ray_unlearn.tune.spec import grid_points, load_sweep, num_trials, trial_config
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+def _write(tmp_path, tree) -> str:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump({"base_config": os.path.abspath(f"{CONFIGS}/digits.yaml"), **tree}))
+    return str(p)
+
+
+@pytest.mark.parametrize("name", ["sweep.yaml", "sweep_s3t.yaml", "sweep_hybrid.yaml"])
+def test_shipped_sweeps_load(name):
+    spec = load_sweep(os.path.join(CONFIGS, name))
+    assert num_trials(spec) == len(grid_points(spec)) >= 4
+
+
+def test_overrides_reach_the_sweep_the_space_and_every_trial(tmp_path):
+    spec = load_sweep(
+        os.path.join(CONFIGS, "sweep.yaml"),
+        ["stream.deletions=2", "space.partition.shards=[3]", "training.epochs=1"],
+    )
+    assert spec.stream.deletions == 2 and spec.search.space["partition.shards"] == [3]
+    cfg = trial_config(spec, grid_points(spec)[0])
+    assert cfg.training.epochs == 1 and cfg.partition.shards == 3
+
+
+def test_every_problem_is_reported_before_any_trial(tmp_path):
+    path = _write(
+        tmp_path,
+        {
+            "search": {
+                "space": {
+                    "partition.shards": [0, 2],
+                    "partition.nonsense": [1],
+                    "serving.policy": ["no-such-preset"],
+                }
+            },
+            "stream": {"deletions": 0},
+        },
+    )
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    assert "stream.deletions" in str(err.value)
+    path = _write(
+        tmp_path,
+        {"search": {"space": {"serving.policy": ["no-such-preset"], "seed": [0, -1]}}},
+    )
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    assert "no-such-preset" in str(err.value) and "seed" in str(err.value)
+    path = _write(
+        tmp_path, {"search": {"space": {"partition.shards": [0], "partition.bogus": [1]}}}
+    )
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    assert "partition.shards" in str(err.value) and "bogus" in str(err.value)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_sweep(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_sweep(tmp_path / "bad.yaml")
+
+
+def test_trial_config_round_trips_through_train_yaml(tmp_path):
+    from ray_unlearn.platform.config import config_to_yaml
+
+    spec = load_sweep(os.path.join(CONFIGS, "sweep.yaml"))
+    cfg = trial_config(spec, {"partition.shards": 8, "serving.policy": "double-lazy-exclude"})
+    (tmp_path / "c.yaml").write_text(config_to_yaml(cfg))
+    assert load_config(tmp_path / "c.yaml", []) == cfg
+
+
+def _row(acc, cost, lat):
+    return {"accuracy": acc, "unlearn_s": cost, "latency_mean_ms": lat}
+
+
+def test_pareto_front_by_hand():
+    rows = [
+        _row(0.9, 1.0, 10.0),  # 0: front
+        _row(0.8, 2.0, 20.0),  # 1: dominated by 0
+        _row(0.95, 5.0, 10.0),  # 2: front (most accurate)
+        _row(0.7, 0.5, 50.0),  # 3: front (cheapest)
+        _row(0.9, 1.0, 10.0),  # 4: equal to 0: neither dominates
+        {"accuracy": None, "unlearn_s": 1.0, "latency_mean_ms": 1.0},  # 5: incomplete
+    ]
+    assert dominates(rows[0], rows[1]) and not dominates(rows[0], rows[4])
+    assert pareto_front(rows) == [0, 2, 3, 4]
+    assert choose(rows, [0, 2, 3, 4], "accuracy", "max") == 2
+    assert choose(rows, [0, 2, 3, 4], "unlearn_s", "min") == 3
+    with pytest.raises(ValueError, match="nothing to choose"):
+        choose(rows, [], "accuracy", "max")
