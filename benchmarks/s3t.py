@@ -285,7 +285,10 @@ def digits_experiments(p: dict, workdir: str, seed: int) -> dict:
         s3t_times.append(out["seconds"])
         data = ctx.shard_data(k)
         state = ShardState(
-            data, [st.state for st in sisa_stages[k]], [f"v{i}" for i in range(SLICES)]
+            data,
+            [st.state for st in sisa_stages[k]],
+            [f"v{i}" for i in range(SLICES)],
+            [True] * SLICES,
         )
         t0 = time.perf_counter()
         upd = sisa.unlearn_shard(state, np.array([sid], dtype=np.int64))
@@ -352,7 +355,7 @@ def digits_experiments(p: dict, workdir: str, seed: int) -> dict:
             k = shard_of[sid]
             t0 = time.perf_counter()
             upd = sisa.unlearn_shard(
-                ShardState(datas[k], states[k], [f"v{i}" for i in range(SLICES)]),
+                ShardState(datas[k], states[k], [f"v{i}" for i in range(SLICES)], [True] * SLICES),
                 np.array([sid], dtype=np.int64),
             )
             spent += time.perf_counter() - t0

@@ -44,6 +44,7 @@ def audit(
         subject = {"all_deletions": True}
         related = records
     deleted = log.deleted_sample_ids()
+    approximate = approximate_live_versions(ctx)
     containing = ctx.model_store.live_versions_containing(ids)
     violations = {v: [i for i in hits if i in deleted] for v, hits in containing.items()}
     violations = {v: hits for v, hits in violations.items() if hits}
@@ -57,6 +58,11 @@ def audit(
         "live_versions_containing": containing,
         "violations": violations,
         "clean": not violations,
+        # live versions an approximate strategy (DPUS, HS's approximate path, OHS) produced,
+        # or that descend from one: deletions behind them were honoured approximately (the
+        # deleted ids are in no manifest, but the weights are not a retrain without them)
+        "approximate_live_versions": approximate,
+        "exact": not approximate,
         "requests": [
             {
                 "request_id": r.request.request_id,
@@ -66,9 +72,27 @@ def audit(
                 "received_at": r.request.received_at,
                 "done_at": r.done_at,
                 "versions_retired": r.versions_retired,
+                "strategy": r.details.get("strategy"),
+                "exact": r.details.get("exact"),
                 "history": [{"state": h["state"], "at": h["at"]} for h in r.history],
             }
             for r in related
         ],
         "pending_requests": sum(r.state != RequestState.DONE for r in related),
     }
+
+
+def approximate_live_versions(ctx: RunContext) -> list[str]:
+    """Live versions whose snapshot is not exact (see :func:`chain_exactness`)."""
+    from ray_unlearn.platform.hybrid import chain_exactness
+
+    out = []
+    for entry in ctx.model_store.registry().shards.values():
+        if entry.meta.get("kind") == "s3t":  # deactivation only: always exact
+            continue
+        out += [
+            v
+            for v, ok in zip(entry.chain, chain_exactness(ctx, entry.chain), strict=True)
+            if not ok
+        ]
+    return out

@@ -187,6 +187,7 @@ class ShardRuntime:
             "train_seconds": train_s,
             "train_cpu_seconds": train_cpu,
             "exact": update.exact,
+            "info": update.info,
             "seconds": time.perf_counter() - t0,
         }
 

@@ -210,6 +210,7 @@ class UnlearningEngine:
                         t.get("train_cpu_seconds", 0.0) for t in results.values()
                     ),
                     exact=all(t.get("exact", True) for t in touched),
+                    strategy_info={str(t["shard"]): t["info"] for t in touched if t.get("info")},
                 )
             )
         # S3T: a deletion only deactivates stages, so it is done above in microseconds; a

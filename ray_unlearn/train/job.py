@@ -26,8 +26,13 @@ from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
+from ray_unlearn.platform.contributions import (
+    ContributionRecorder,
+    save_contributions,
+    state_digest,
+)
 from ray_unlearn.platform.run import RunContext, open_run
-from ray_unlearn.platform.store import Registry, ShardEntry
+from ray_unlearn.platform.store import Registry, ShardEntry, version_id
 from ray_unlearn.platform.training import configure_threads, init_model, snapshot, train_stage
 
 
@@ -54,11 +59,28 @@ def _train_loop(config: dict[str, Any]) -> None:
     models = {
         k: init_model(cfg.model, ctx.feature_shape, ctx.num_classes, cfg.seed, k) for k in mine
     }
+    # hybrid.record: each step's update and batch ids, written beside the version it belongs
+    # to (ids are deterministic: generation 0) for DPUS/HS/OHS to subtract later
+    recorders = (
+        {k: ContributionRecorder(cfg.hybrid.dtype) for k in mine} if cfg.hybrid.record else {}
+    )
+    for k, rec in recorders.items():
+        rec.set_parameters(snapshot(models[k]))
     for stage in range(cfg.partition.slices):
         with tempfile.TemporaryDirectory() as d:
             losses = []
             for k in mine:
-                m = train_stage(models[k], data[k], stage, cfg.training, cfg.seed)
+                m = train_stage(
+                    models[k], data[k], stage, cfg.training, cfg.seed, on_step=recorders.get(k)
+                )
+                if k in recorders:
+                    state = snapshot(models[k])
+                    save_contributions(
+                        ctx.storage,
+                        ctx.layout,
+                        version_id(k, stage, 0),
+                        recorders[k].take(stage, state_digest(state)),
+                    )
                 losses.append(m["loss"])
                 out = Path(d) / f"shard_{k}"
                 out.mkdir()

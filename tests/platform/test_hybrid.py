@@ -242,6 +242,13 @@ def test_dpus_through_the_engine_keeps_the_chain_consistent(recorded_run, moment
     assert rb.details["strategy"] == "dpus" and rb.details["exact"] is False
     assert audit(ctx)["clean"] and audit(ctx, owner_id=b)["live_versions_containing"] == {}
     chain = ctx.model_store.registry().shards[shard].chain
+    # the log says what was decided and why; the audit names the approximate versions
+    info = rb.details["strategy_info"][str(shard)]
+    assert info["decision"] == "dpus" and info["actual_seconds"] > 0
+    assert ra.details["strategy_info"][str(shard)]["decision"] == "exact"
+    a_b = audit(ctx, owner_id=b)
+    assert a_b["exact"] is False and set(a_b["approximate_live_versions"]) == set(chain)
+    assert [r["exact"] for r in a_b["requests"]] == [False]
     assert chain_exactness(ctx, chain) == [False] * len(chain)  # slice 0 was hit
     for r, vid in enumerate(chain):
         m = ctx.model_store.manifest(vid)
@@ -349,6 +356,7 @@ def test_exact_retrain_from_an_approximate_snapshot_is_not_exact(recorded_run):
     assert early.details["exact"] is True  # from slice 0: the shard is exact again
     chain = ctx.model_store.registry().shards[shard].chain
     assert chain_exactness(ctx, chain) == [True] * len(chain)
+    assert audit(ctx)["approximate_live_versions"] == [] and audit(ctx)["exact"]
 
 
 def test_ohs_fine_tunes_the_serving_stage_and_records_it(recorded_run):

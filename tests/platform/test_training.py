@@ -46,7 +46,8 @@ def test_retrain_equals_scratch_bitwise(ctx, slice_hit):
     deleted = np.unique(np.concatenate([in_slice[:3], later[-2:]]))  # first affected: slice_hit
 
     update = get_strategy("sisa")(ctx).unlearn_shard(
-        ShardState(data, [s.state for s in full], [f"v{i}" for i in range(3)]), deleted
+        ShardState(data, [s.state for s in full], [f"v{i}" for i in range(3)], [True] * 3),
+        deleted,
     )
     scratch = _train(ctx, data.without(deleted))
 

@@ -25,7 +25,8 @@ def trained(ray_session, tmp_path_factory):
     """A tiny run trained by the real Ray Train job (3 workers, one per shard)."""
     from ray_unlearn.train.job import run_training
 
-    ctx = create_run(tiny_config(tmp_path_factory.mktemp("ray")))
+    # hybrid.record: the workers also record contributions (what DPUS/HS/OHS subtract)
+    ctx = create_run(tiny_config(tmp_path_factory.mktemp("ray"), "hybrid.record=true"))
     summary = run_training(ctx)
     return ctx, summary
 
@@ -65,6 +66,22 @@ def test_train_job_weights_equal_in_process_training(trained):
     for st, vid in zip(stages, ctx.model_store.registry().shards[k].chain, strict=True):
         stored = ctx.model_store.load_state(vid)
         assert all(torch.equal(stored[n], st.state[n]) for n in stored)
+
+
+def test_train_job_records_contributions_dpus_can_use(trained):
+    from ray_unlearn.platform.contributions import load_contributions
+
+    ctx, _ = trained
+    chain = ctx.model_store.registry().shards[1].chain
+    prev = None
+    for r, vid in enumerate(chain):
+        w = ctx.model_store.load_state(vid)  # raises if the digest does not match
+        c = load_contributions(ctx.storage, ctx.layout, vid, expect=w)
+        assert c.stage == r and len(c.ids) > 0
+        if prev is not None:  # the recorded updates sum to the stage's change of weights
+            total = c.total()
+            assert all(torch.allclose(prev[n] + total[n], w[n], atol=1e-3) for n in w)
+        prev = w
 
 
 def test_executor_forgets_through_shard_actors(trained):

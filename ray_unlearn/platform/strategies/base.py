@@ -8,8 +8,8 @@ shard's stages. Adding one is one module with a class and one ``@register_strate
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -25,6 +25,9 @@ class ShardState:
     data: ShardData  # rows still live before this deletion (earlier deletions removed)
     snapshots: list[StateDict]  # live snapshot per stage, stage 0..R-1
     chain: list[str]  # version id per stage
+    # per stage: is the live snapshot exact (no approximate strategy in its lineage)?
+    # None: read from the versions' manifests (snapshots held outside the store pass it)
+    exact: list[bool] | None = None
 
 
 @dataclass
@@ -34,6 +37,9 @@ class ShardUpdate:
     first_stage: int
     stages: list[StageResult]
     exact: bool  # True when the new snapshots equal training without the deleted samples
+    # what the strategy decided and why (hybrid: prediction, decision, actual seconds); goes
+    # into the deletion log's details of every request of the batch
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class UnlearningStrategy(ABC):

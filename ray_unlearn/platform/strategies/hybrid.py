@@ -114,7 +114,12 @@ def retrain_exact(ctx, state: ShardState, deleted: np.ndarray, first: int) -> Sh
         start_state=state.snapshots[first - 1] if first > 0 else None,
         on_step=rec,
     )
-    parent_exact = chain_exactness(ctx, state.chain[:first])[-1] if first > 0 else True
+    if first == 0:
+        parent_exact = True
+    elif state.exact is not None:
+        parent_exact = state.exact[first - 1]
+    else:
+        parent_exact = chain_exactness(ctx, state.chain[:first])[-1]
     if rec is not None:
         rec.set_parameters(stages[0].state)
         gen = _generation(state.chain[-1]) + 1
@@ -161,8 +166,7 @@ class HybridBase(UnlearningStrategy):
         metrics["hybrid_actual_seconds"] = time.perf_counter() - t0
         metrics["hybrid_first_slice"] = float(first)
         metrics["hybrid_deleted"] = float(len(deleted))
-        # For the deletion log (ShardUpdate has no field for it yet: see the module notes).
-        update.info = {
+        update.info = {  # into the deletion log's details
             "strategy": self.name,
             "decision": "exact" if exact else "dpus",
             "reason": decision.reason,

@@ -1,7 +1,9 @@
 """Exact SISA unlearning: restore the snapshot before the first affected slice, retrain on.
 
 Because training is a deterministic function of (data, seed) (see platform/training.py),
-the result equals the shard trained from scratch without the deleted samples.
+the result equals the shard trained from scratch without the deleted samples, provided the
+snapshot it restarts from is exact (it is, unless an approximate strategy made it: then the
+update says ``exact=False`` and so does every version it creates).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from ray_unlearn.platform.strategies.base import (
     UnlearningStrategy,
     register_strategy,
 )
-from ray_unlearn.platform.training import train_shard
 
 
 @register_strategy
@@ -31,16 +32,11 @@ class SisaRetrain(UnlearningStrategy):
                 f"none of the deleted samples {deleted[:5].tolist()} is live in shard {data.shard}"
             )
         first = int(data.slices[in_shard].min())
-        remaining = data.without(deleted)
-        cfg = self.ctx.config
-        stages = train_shard(
-            remaining,
-            cfg.model,
-            cfg.training,
-            seed=cfg.seed,
-            feature_shape=self.ctx.feature_shape,
-            num_classes=self.ctx.num_classes,
-            start_stage=first,
-            start_state=state.snapshots[first - 1] if first > 0 else None,
-        )
-        return ShardUpdate(first_stage=first, stages=stages, exact=True)
+        # retrain_exact: the same training, plus contributions for the new versions when the
+        # run records them, and exactness carried through the chain (retraining from a
+        # snapshot an approximate strategy produced is not exact).
+        from ray_unlearn.platform.strategies.hybrid import retrain_exact
+
+        update = retrain_exact(self.ctx, state, data.sample_ids[in_shard], first)
+        update.info = {"strategy": self.name, "decision": "exact", "first_slice": first}
+        return update
