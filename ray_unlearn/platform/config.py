@@ -253,6 +253,38 @@ class HybridConfig(_Strict):
     )
 
 
+class RumConfig(_Strict):
+    """Memorization-aware approximate unlearning (strategy ``rum``)."""
+
+    score: Literal["confidence", "max_confidence", "entropy", "binary_accuracy"] = Field(
+        "confidence",
+        description="Memorization proxy of the deleted samples, read from the shard's "
+        "current model when the request executes (no stored scores needed).",
+    )
+    low: str | None = Field("finetune", description="Algorithm for the low-memorization third.")
+    medium: str | None = Field("neggrad_plus", description="... for the medium third.")
+    high: str | None = Field("salun", description="... for the high third (null: skip).")
+    epochs: int = Field(3, ge=1, description="Passes of each group's algorithm.")
+    lr: float = Field(1e-3, gt=0)
+    route_quantile: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Memorization-aware routing: a request whose samples' mean memorization "
+        "ranks at or above this quantile of the shard's rows is retrained exactly (SISA); "
+        "the others are unlearnt approximately. None: always approximate.",
+    )
+
+    @field_validator("low", "medium", "high")
+    @classmethod
+    def _algorithm(cls, v: str | None) -> str | None:
+        from ray_unlearn.platform.approximate import ALGORITHMS
+
+        if v is not None and v not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(ALGORITHMS)} or null")
+        return v
+
+
 APPROXIMATE_STRATEGIES = ("dpus", "hs", "ohs")  # need hybrid.record
 
 
@@ -268,6 +300,7 @@ class RunConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
     hybrid: HybridConfig = Field(default_factory=HybridConfig)
+    rum: RumConfig = Field(default_factory=RumConfig)
     s3t: S3TConfig | None = Field(
         None,
         description="S3T settings; used when unlearning.strategy is s3t (defaults if omitted).",

@@ -1,0 +1,35 @@
+"""Feldman's memorization estimator with its M subset models as parallel Ray tasks.
+
+The per-model work is ``platform.memorization.subset_model_correctness`` (1 CPU, 1 torch
+thread each); this module only places the tasks and gathers their (mask, correctness)
+rows, which ``memorization_from_runs`` turns into one score per sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from ray_unlearn.platform.memorization import (
+    FitSpec,
+    memorization_from_runs,
+    subset_model_correctness,
+)
+
+
+@ray.remote(num_cpus=1)
+def _one(spec: FitSpec, x, y, keep: float, seed: int, index: int):
+    return subset_model_correctness(spec, x, y, keep, seed, index)
+
+
+def exact_memorization_ray(
+    spec: FitSpec, x: np.ndarray, y: np.ndarray, *, models: int, keep: float = 0.7, seed: int = 0
+) -> np.ndarray:
+    """The estimator of ``platform.memorization.exact_memorization`` on the connected Ray."""
+    if models < 2:
+        raise ValueError(f"models must be >= 2 (got {models}): one run cannot compare")
+    if not 0 < keep < 1:
+        raise ValueError(f"keep must be in (0, 1), got {keep}")
+    xr, yr = ray.put(np.ascontiguousarray(x)), ray.put(np.asarray(y))
+    runs = ray.get([_one.remote(spec, xr, yr, keep, seed, i) for i in range(models)])
+    return memorization_from_runs(np.stack([r[0] for r in runs]), np.stack([r[1] for r in runs]))
