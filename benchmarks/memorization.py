@@ -22,9 +22,16 @@ rows); every model is the run's MLP (hidden [128]) trained with Adam (lr 2e-3, b
    with the reference: ToW and ToW-MIA (``platform.rum.quality``; the MIA is the threshold
    attack of the hybrid evaluation, fitted on retain vs the other half of the test rows).
 
+5. routing, on the platform: a digits run (4 shards x 3 slices) deletes the same owners
+   (full 30, quick 6) one request at a time with ``sisa`` (exact), ``rum`` (approximate) and
+   ``rum`` with ``route_quantile=0.67`` (requests whose samples rank in the top third of
+   the shard's memorization, by the confidence proxy, retrained exactly): total unlearning
+   seconds and ToW / ToW-MIA of the final ensemble against SISA's, which equals the ensemble
+   retrained from scratch without those owners.
+
 Output: <out>/memorization.json: ``records`` (one per score: score, cost_s, spearman, tow,
 tow_mia as means over seeds, with ``*_std`` and per-seed lists), ``plain`` (one per plain
-algorithm: tow, tow_mia), ``targets``; <out>/memorization.png. Targets (reported, not
+algorithm: tow, tow_mia), ``routing`` (one per strategy), ``targets``; <out>/memorization.png. Targets (reported, not
 asserted): the best proxy >= 20x cheaper than the exact estimator, and RUM's ToW with it
 within 0.02 of RUM with exact scores.
 """
@@ -60,8 +67,8 @@ from ray_unlearn.platform.run import create_run
 from ray_unlearn.train.memorization import exact_memorization_ray
 
 REPO = Path(__file__).resolve().parents[1]
-FULL = {"seeds": 3, "models": 64, "forget": 120, "epochs": 20}
-QUICK = {"seeds": 2, "models": 12, "forget": 60, "epochs": 10}
+FULL = {"seeds": 3, "models": 64, "forget": 120, "epochs": 20, "routing_deletions": 30}
+QUICK = {"seeds": 2, "models": 12, "forget": 60, "epochs": 10, "routing_deletions": 6}
 SCORES = ("exact", *PROXIES, "holdout_kl")
 
 
@@ -135,6 +142,54 @@ def one_seed(p: dict, seed: int, workdir: str) -> dict:
     return out
 
 
+ROUTING = {  # strategy label -> run overrides
+    "sisa (exact)": ["unlearning.strategy=sisa"],
+    "rum (approximate)": ["unlearning.strategy=rum"],
+    "rum routed (top third exact)": ["unlearning.strategy=rum", "rum.route_quantile=0.67"],
+}
+
+
+def routing(p: dict, seed: int, workdir: str) -> dict:
+    """The platform end to end: the same owners deleted from the same 4-shard digits run
+    with each strategy; quality against SISA's result, which *is* the ensemble retrained from
+    scratch without them (exact), so SISA's ToW is 1 by construction."""
+    from ray_unlearn.platform.mia import eval_sets, evaluate, serving_predictor
+    from ray_unlearn.platform.shard import train_all_shards
+    from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+    from ray_unlearn.train.demo import pick_owners
+
+    out, evals = {}, {}
+    for label, overrides in ROUTING.items():
+        cfg = load_config(
+            REPO / "configs/digits.yaml",
+            [f"storage={workdir}/{len(out)}", f"seed={seed}", "rum.epochs=2", *overrides],
+        )
+        ctx = create_run(cfg)
+        train_all_shards(ctx)
+        eng = UnlearningEngine(ctx, LocalShards(ctx))
+        owners = pick_owners(ctx, p["routing_deletions"], seed=seed)
+        t0 = time.perf_counter()
+        decisions = []
+        for o in owners:
+            rec = eng.forget(owner_id=o)
+            decisions += [i.get("decision") for i in rec.details.get("strategy_info", {}).values()]
+        spent = time.perf_counter() - t0
+        forget_ids = np.concatenate([ctx.plan.samples_of_owner(o) for o in owners])
+        evals[label] = evaluate(serving_predictor(ctx), *eval_sets(ctx, forget_ids), seed=seed)
+        out[label] = {"unlearn_s": spent, "exact_decisions": decisions.count("exact"),
+                      "requests": len(owners)}  # fmt: skip
+    ref = evals["sisa (exact)"]
+    for label, e in evals.items():
+        d = {
+            s: abs(e[f"accuracy_{s}"] - ref[f"accuracy_{s}"]) for s in ("forget", "retain", "test")
+        }
+        d_mia = abs(e["mia_forget"] - ref["mia_forget"])
+        out[label]["tow"] = (1 - d["forget"]) * (1 - d["retain"]) * (1 - d["test"])
+        out[label]["tow_mia"] = (1 - d_mia) * (1 - d["retain"]) * (1 - d["test"])
+        out[label]["accuracy_test"] = e["accuracy_test"]
+    return out
+
+
 def _stats(vals):
     a = np.asarray(vals, dtype=np.float64)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
@@ -155,6 +210,8 @@ def main() -> None:
         for seed in range(p["seeds"]):
             with tempfile.TemporaryDirectory() as d:
                 runs.append(one_seed(p, seed, d))
+            with tempfile.TemporaryDirectory() as d:
+                runs[-1]["routing"] = routing(p, seed, d)
             print(f"seed {seed} done in {time.perf_counter() - t_start:.0f} s", flush=True)
     finally:
         ray.shutdown()
@@ -178,6 +235,12 @@ def main() -> None:
         for key in ("tow", "tow_mia"):
             rec[key], rec[f"{key}_std"] = _stats([get(r)[key] for r in runs])
         plain.append(rec)
+    route = []
+    for label in ROUTING:
+        rec = {"strategy": label}
+        for key in ("unlearn_s", "tow", "tow_mia", "accuracy_test", "exact_decisions"):
+            rec[key], rec[f"{key}_std"] = _stats([r["routing"][label][key] for r in runs])
+        route.append(rec)
     by = {r["score"]: r for r in records}
     proxies = [r for r in records if r["score"] != "exact"]
     best = max(proxies, key=lambda r: r["spearman"])
@@ -199,6 +262,7 @@ def main() -> None:
         },  # fmt: skip
         "records": records,
         "plain": plain,
+        "routing": route,
         "recording_overhead_s": _stats([r["overhead_s"] for r in runs]),
         "targets": targets,
         "seconds": time.perf_counter() - t_start,
@@ -212,6 +276,9 @@ def main() -> None:
     for r in plain:
         print(f"plain {r['algorithm']:12} ToW {r['tow']:.3f}+-{r['tow_std']:.3f}  "
               f"ToW-MIA {r['tow_mia']:.3f}+-{r['tow_mia_std']:.3f}")  # fmt: skip
+    for r in route:
+        print(f"routing {r['strategy']:30} unlearn {r['unlearn_s']:.2f} s  ToW {r['tow']:.3f}  "
+              f"ToW-MIA {r['tow_mia']:.3f}  exact decisions {r['exact_decisions']:.1f}")  # fmt: skip
     print("targets:", targets)
     print(f"wrote {args.out / 'memorization.json'} in {doc['seconds']:.0f} s")
 
