@@ -97,12 +97,16 @@ def _generation(vid: str) -> int:
     return int(vid.rsplit("-g", 1)[1])
 
 
-def retrain_exact(ctx, state: ShardState, deleted: np.ndarray, first: int) -> ShardUpdate:
-    """SISA retraining from slice ``first`` that records contributions (when the run records)
-    for the new versions, and is exact only when the snapshot it restarts from is."""
+def retrain_exact(
+    ctx, state: ShardState, deleted: np.ndarray, first: int, *, record: bool | None = None
+) -> ShardUpdate:
+    """SISA retraining from slice ``first`` that records contributions for the new versions
+    (``record``; default: when the run records), and is exact only when the snapshot it
+    restarts from is."""
     cfg = ctx.config
     remaining = state.data.without(deleted)
-    rec = ContributionRecorder(cfg.hybrid.dtype) if cfg.hybrid.record else None
+    record = cfg.hybrid.record if record is None else record
+    rec = ContributionRecorder(cfg.hybrid.dtype) if record else None
     stages = train_shard(
         remaining,
         cfg.model,

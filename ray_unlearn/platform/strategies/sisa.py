@@ -32,11 +32,11 @@ class SisaRetrain(UnlearningStrategy):
                 f"none of the deleted samples {deleted[:5].tolist()} is live in shard {data.shard}"
             )
         first = int(data.slices[in_shard].min())
-        # retrain_exact: the same training, plus contributions for the new versions when the
-        # run records them, and exactness carried through the chain (retraining from a
-        # snapshot an approximate strategy produced is not exact).
+        # retrain_exact carries exactness through the chain (retraining from a snapshot an
+        # approximate strategy produced is not exact). Plain SISA records no contributions
+        # (it never subtracts any): a later DPUS on these versions falls back to exact.
         from ray_unlearn.platform.strategies.hybrid import retrain_exact
 
-        update = retrain_exact(self.ctx, state, data.sample_ids[in_shard], first)
+        update = retrain_exact(self.ctx, state, data.sample_ids[in_shard], first, record=False)
         update.info = {"strategy": self.name, "decision": "exact", "first_slice": first}
         return update
