@@ -215,7 +215,7 @@ async def _warmup(client, auth, bodies, owners, n, deadline_s) -> dict:
                 break
         if r.status_code != 202:
             raise RuntimeError(f"warm-up forget {o}: {r.status_code} {r.text[:300]}")
-    _, drain_s, ok = await _drain(client, deadline_s + 120)
+    _, drain_s, ok = await _drain(client, deadline_s + 300)  # 8 retrains; slow under load
     if not ok:
         raise RuntimeError("warm-up deletions did not execute in time")
     for i in range(n):
@@ -662,10 +662,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="20 s of stream, 1 deletion rate")
     ap.add_argument("--policies", help="comma-separated subset of presets (development only)")
     ap.add_argument("--epochs", type=int, help="training.epochs of the served run (full: 160)")
+    ap.add_argument("--rates", help="comma-separated deletion rates (default: the mode's)")
     args = ap.parse_args()
     p = dict(QUICK if args.quick else FULL)
     if args.epochs:
         p["epochs"] = args.epochs
+    if args.rates:
+        p["rates"] = [float(r) for r in args.rates.split(",")]
     names = list(PRESETS)
     if args.policies:
         names = [n.strip() for n in args.policies.split(",")]
