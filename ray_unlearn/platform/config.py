@@ -226,6 +226,12 @@ class HybridConfig(_Strict):
         description="batch: subtract the whole update of every batch that held a revoked "
         "sample; share: subtract the revoked samples' share of it (count / batch size).",
     )
+    dpus_share_factor: float = Field(
+        1.0,
+        ge=1,
+        description="share: subtract this many times the revoked samples' share of each "
+        "batch update (at most the whole update).",
+    )
     dpus_momentum: bool = Field(
         False,
         description="Remove each revoked batch's gradient as it acted through the optimizer's "

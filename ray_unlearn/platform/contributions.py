@@ -131,12 +131,13 @@ class StageContributions:
         w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
         return {k: torch.tensordot(w, v.float(), dims=1) for k, v in self.deltas.items()}
 
-    def _weights(self, deleted, scale: str) -> tuple[np.ndarray, np.ndarray]:
+    def _weights(self, deleted, scale: str, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         counts = self.hits(deleted)
         if scale == "batch":
             return counts, (counts > 0).astype(np.float32)
         if scale == "share":
-            return counts, (counts / np.maximum(self.batch_sizes(), 1)).astype(np.float32)
+            share = factor * counts / np.maximum(self.batch_sizes(), 1)
+            return counts, np.minimum(share, 1.0).astype(np.float32)
         raise ValueError(f"unknown DPUS scale {scale!r}; allowed: 'batch', 'share'")
 
     def without(
@@ -144,6 +145,7 @@ class StageContributions:
         deleted,
         scale: str = "batch",
         *,
+        factor: float = 1.0,
         momentum: float = 0.0,
         bias_correction: bool = False,
     ) -> tuple[StateDict, StageContributions, int]:
@@ -159,7 +161,7 @@ class StageContributions:
         acted through the optimizer's momentum on this and the following steps, instead of
         its step's update (which mostly carries earlier batches' gradients).
         """
-        counts, w = self._weights(deleted, scale)
+        counts, w = self._weights(deleted, scale, factor)
         if momentum > 0:
             return self._without_momentum(deleted, counts, w, momentum, bias_correction)
         touched = np.flatnonzero(counts)

@@ -143,14 +143,18 @@ def memorization_from_runs(masks: np.ndarray, correct: np.ndarray) -> np.ndarray
     return mem
 
 
-def exact_memorization(
-    spec: FitSpec, x: np.ndarray, y: np.ndarray, *, models: int, keep: float = 0.7, seed: int = 0
-) -> np.ndarray:
-    """Feldman's estimator, in process (see ``ray_unlearn.train.memorization`` for Ray)."""
+def check_estimator(models: int, keep: float) -> None:
     if models < 2:
         raise ValueError(f"models must be >= 2 (got {models}): one run cannot compare")
     if not 0 < keep < 1:
         raise ValueError(f"keep must be in (0, 1), got {keep}")
+
+
+def exact_memorization(
+    spec: FitSpec, x: np.ndarray, y: np.ndarray, *, models: int, keep: float = 0.7, seed: int = 0
+) -> np.ndarray:
+    """Feldman's estimator, in process (see ``ray_unlearn.train.memorization`` for Ray)."""
+    check_estimator(models, keep)
     runs = [subset_model_correctness(spec, x, y, keep, seed, i) for i in range(models)]
     return memorization_from_runs(np.stack([r[0] for r in runs]), np.stack([r[1] for r in runs]))
 

@@ -12,6 +12,7 @@ import ray
 
 from ray_unlearn.platform.memorization import (
     FitSpec,
+    check_estimator,
     memorization_from_runs,
     subset_model_correctness,
 )
@@ -26,10 +27,7 @@ def exact_memorization_ray(
     spec: FitSpec, x: np.ndarray, y: np.ndarray, *, models: int, keep: float = 0.7, seed: int = 0
 ) -> np.ndarray:
     """The estimator of ``platform.memorization.exact_memorization`` on the connected Ray."""
-    if models < 2:
-        raise ValueError(f"models must be >= 2 (got {models}): one run cannot compare")
-    if not 0 < keep < 1:
-        raise ValueError(f"keep must be in (0, 1), got {keep}")
+    check_estimator(models, keep)
     xr, yr = ray.put(np.ascontiguousarray(x)), ray.put(np.asarray(y))
     runs = ray.get([_one.remote(spec, xr, yr, keep, seed, i) for i in range(models)])
     return memorization_from_runs(np.stack([r[0] for r in runs]), np.stack([r[1] for r in runs]))

@@ -55,6 +55,18 @@ class UnlearningStrategy(ABC):
         """Remove ``deleted`` (sample ids, all in this shard, at least one) from the shard."""
 
 
+def affected_rows(state: ShardState, deleted: np.ndarray) -> tuple[np.ndarray, int]:
+    """(mask of the shard's rows being deleted, first affected slice); raises if none is."""
+    data = state.data
+    in_shard = np.isin(data.sample_ids, np.asarray(deleted, dtype=np.int64))
+    if not in_shard.any():
+        raise ValueError(
+            f"none of the deleted samples {np.asarray(deleted)[:5].tolist()} is live in "
+            f"shard {data.shard}"
+        )
+    return in_shard, int(data.slices[in_shard].min())
+
+
 _REGISTRY: dict[str, type[UnlearningStrategy]] = {}
 
 

@@ -216,7 +216,11 @@ class HybridBase(UnlearningStrategy):
         for r, c in zip(range(first, R), contribs, strict=True):
             t0 = time.perf_counter()
             removed, rest, touched = c.without(
-                deleted, hy.dpus_scale, momentum=beta, bias_correction=bool(bias_correction)
+                deleted,
+                hy.dpus_scale,
+                factor=hy.dpus_share_factor,
+                momentum=beta,
+                bias_correction=bool(bias_correction),
             )
             cum = removed if cum is None else {k: cum[k] + removed[k] for k in cum}
             snap = state.snapshots[r]

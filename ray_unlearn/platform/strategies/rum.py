@@ -26,6 +26,7 @@ from ray_unlearn.platform.strategies.base import (
     ShardState,
     ShardUpdate,
     UnlearningStrategy,
+    affected_rows,
     register_strategy,
 )
 from ray_unlearn.platform.training import StageResult
@@ -49,12 +50,7 @@ class RumStrategy(UnlearningStrategy):
         t0 = time.perf_counter()
         cfg = self.ctx.config.rum
         data = state.data
-        in_shard = np.isin(data.sample_ids, deleted)
-        if not in_shard.any():
-            raise ValueError(
-                f"none of the deleted samples {deleted[:5].tolist()} is live in shard {data.shard}"
-            )
-        first = int(data.slices[in_shard].min())
+        in_shard, first = affected_rows(state, deleted)
         serving = self._model(state.snapshots[-1])
         raw = proxy_scores(probabilities(serving, data.features), data.labels)[cfg.score]
         mem = as_memorization(cfg.score, raw)  # higher = more memorized

@@ -14,6 +14,7 @@ from ray_unlearn.platform.strategies.base import (
     ShardState,
     ShardUpdate,
     UnlearningStrategy,
+    affected_rows,
     register_strategy,
 )
 
@@ -26,12 +27,7 @@ class SisaRetrain(UnlearningStrategy):
 
     def unlearn_shard(self, state: ShardState, deleted: np.ndarray) -> ShardUpdate:
         data = state.data
-        in_shard = np.isin(data.sample_ids, deleted)
-        if not in_shard.any():
-            raise ValueError(
-                f"none of the deleted samples {deleted[:5].tolist()} is live in shard {data.shard}"
-            )
-        first = int(data.slices[in_shard].min())
+        in_shard, first = affected_rows(state, deleted)
         # retrain_exact carries exactness through the chain (retraining from a snapshot an
         # approximate strategy produced is not exact). Plain SISA records no contributions
         # (it never subtracts any): a later DPUS on these versions falls back to exact.
