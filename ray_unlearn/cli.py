@@ -501,33 +501,47 @@ def sweep(
             f"{spec.stream.deletions} deletions each"
         )
         from ray_unlearn.train.session import connect
-        from ray_unlearn.tune.sweep import run_sweep
+        from ray_unlearn.tune.sweep import preflight, run_sweep
 
+        preflight(spec)
         connect(address)
         doc = run_sweep(spec)
-        front = set(doc["pareto_front"])
-        t = Table(title=f"sweep {doc['sweep_id']} (Pareto front marked *)")
-        for col in ("", "trial", "policy", "state", "accuracy", "unlearn s", "latency ms", "cert"):
-            t.add_column(col)
-
-        def f(v, fmt):
-            return "-" if v is None else format(v, fmt)
-
-        for r in doc["trials"]:
-            t.add_row(
-                "*" if r["label"] in front and r["state"] == "finished" else "",
-                r["label"],
-                r["policy"],
-                r["state"],
-                f(r["accuracy"], ".4f"),
-                f(r["unlearn_s"], ".2f"),
-                f(r["latency_mean_ms"], ".2f"),
-                f(r["certified_fraction"], ".2f"),
-            )
+        out.emit(doc, _sweep_table(doc))
         if doc["chosen"]:
             err.print(f"chosen: {doc['chosen']['label']} -> {doc['chosen']['config']}")
-        err.print(f"MLflow: {doc['tracking_uri']} (experiment {doc['experiment']})")
-        out.emit(doc, t)
+        else:
+            err.print("[yellow]no trial finished the stream: nothing chosen[/yellow]")
+        err.print(
+            f"pareto.png, results.json: {doc['out']}; MLflow: {doc['tracking_uri']} "
+            f"(experiment {doc['experiment']}, parent run {doc['parent_run_id']})"
+        )
+
+
+def _sweep_table(doc: dict[str, Any]) -> Table:
+    """One row per trial; the Pareto front marked *, the chosen trial >."""
+    objectives = doc["objectives"]
+    chosen = doc["chosen"]["label"] if doc["chosen"] else None
+    t = Table(title=f"sweep {doc['sweep_id']} (* Pareto front, > chosen)")
+    extra = ("served_accuracy", "unlearn_s", "certified_fraction", "exposed_fraction")
+    metrics = [*objectives, *(m for m in extra if m not in objectives)]
+    names = {"certified_fraction": "certified", "exposed_fraction": "exposed"}
+    for col in ["", "trial", "policy", "state", *(names.get(m, m) for m in metrics)]:
+        t.add_column(col.replace("_", " "))
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in doc["trials"]:
+        mark = (">" if r["label"] == chosen else "") + ("*" if r.get("pareto") else "")
+        state = "exposes data" if r.get("exposes_data") else r["state"]
+        t.add_row(
+            mark,
+            r["label"],
+            r["policy"],
+            state,
+            *(f(r.get(m), ".4f" if "accuracy" in m else ".2f") for m in metrics),
+        )
+    return t
 
 
 def main() -> None:

@@ -42,6 +42,23 @@ class ApproxSettings:
     scrub_max_epochs: int = 2  # scrub: epochs with a forget (max) step
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be {rule}, got {getattr(self, name)}"
+            for name, ok, rule in (
+                ("epochs", self.epochs >= 1, ">= 1"),
+                ("lr", self.lr > 0, "> 0"),
+                ("batch_size", self.batch_size >= 1, ">= 1"),
+                ("alpha", 0 <= self.alpha <= 1, "in [0, 1]"),
+                ("l1", self.l1 >= 0, ">= 0"),
+                ("mask_fraction", 0 < self.mask_fraction <= 1, "in (0, 1]"),
+                ("scrub_max_epochs", self.scrub_max_epochs >= 0, ">= 0"),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ValueError("ApproxSettings: " + "; ".join(problems))
+
 
 def _batches(data: Batch, size: int, g: torch.Generator):
     x, y = data
@@ -151,6 +168,9 @@ def _scrub(model, forget, retain, s, g):
             _step(opt, _kl(out, t) + F.cross_entropy(out, y))
 
 
+# algorithms whose only signal about what to keep is the retain set (empty: they do nothing)
+NEEDS_RETAIN = ("finetune", "neggrad_plus", "l1_sparse", "scrub")
+
 ALGORITHMS: dict[str, Callable] = {
     "finetune": _finetune,
     "neggrad": _neggrad,
@@ -174,6 +194,11 @@ def unlearn(
         raise ValueError(f"unknown approximate algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
     if not len(forget[1]):
         raise ValueError("the forget set is empty: nothing to unlearn")
+    if name in NEEDS_RETAIN and not len(retain[1]):
+        raise ValueError(
+            f"{name} trains on the retain set, which is empty; use one of "
+            f"{', '.join(a for a in ALGORITHMS if a not in NEEDS_RETAIN)} instead"
+        )
     s = settings or ApproxSettings()
     out = copy.deepcopy(model)
     for p in out.parameters():

@@ -206,7 +206,7 @@ class HybridConfig(_Strict):
         "float16", description="Encoding of the recorded updates (storage vs. precision)."
     )
     threshold: float = Field(
-        0.08,
+        0.04,
         ge=0,
         description="HS/OHS: exact retraining when the predicted retraining time of a batch "
         "of requests is <= this; otherwise a direct parameter update (DPUS).",
@@ -222,12 +222,13 @@ class HybridConfig(_Strict):
         "over the affected shards); shard: one decision per affected shard.",
     )
     dpus_scale: Literal["batch", "share"] = Field(
-        "batch",
+        "share",
         description="batch: subtract the whole update of every batch that held a revoked "
-        "sample; share: subtract the revoked samples' share of it (count / batch size).",
+        "sample (the paper's DPUS); share: subtract dpus_share_factor times the revoked "
+        "samples' share of it (count / batch size).",
     )
     dpus_share_factor: float = Field(
-        1.0,
+        8.0,
         ge=1,
         description="share: subtract this many times the revoked samples' share of each "
         "batch update (at most the whole update).",
@@ -250,22 +251,26 @@ class HybridConfig(_Strict):
         description="Share of the shard's remaining rows held out (not trained on) to stop "
         "OHS fine-tuning when their loss stops improving.",
     )
-    ohs_max_epochs: int = Field(10, ge=0, description="Cap on OHS fine-tuning passes.")
+    ohs_max_epochs: int = Field(2, ge=0, description="Cap on OHS fine-tuning passes.")
     ohs_patience: int = Field(
         1, ge=1, description="Passes without a lower validation loss before OHS stops."
     )
     ohs_lr: float | None = Field(
-        None, gt=0, description="OHS fine-tuning learning rate; None = training.lr."
+        1e-4, gt=0, description="OHS fine-tuning learning rate; None = training.lr."
     )
 
 
 class RumConfig(_Strict):
     """Memorization-aware approximate unlearning (strategy ``rum``)."""
 
-    score: Literal["confidence", "max_confidence", "entropy", "binary_accuracy"] = Field(
+    score: Literal[
+        "confidence", "max_confidence", "entropy", "binary_accuracy", "holdout_kl", "exact"
+    ] = Field(
         "confidence",
-        description="Memorization proxy of the deleted samples, read from the shard's "
-        "current model when the request executes (no stored scores needed).",
+        description="Memorization score that splits the deleted samples into thirds. The four "
+        "training proxies are running means over the shard's slice checkpoints, read when the "
+        "request executes (nothing to precompute); holdout_kl and exact are read from the "
+        "scores stored with the run (platform.memorization.compute_run_scores).",
     )
     low: str | None = Field("finetune", description="Algorithm for the low-memorization third.")
     medium: str | None = Field("neggrad_plus", description="... for the medium third.")
@@ -280,6 +285,12 @@ class RumConfig(_Strict):
         "ranks at or above this quantile of the shard's rows is retrained exactly (SISA); "
         "the others are unlearnt approximately. None: always approximate.",
     )
+    route_by: Literal["memorization", "random"] = Field(
+        "memorization",
+        description="random: route the same share of requests (1 - route_quantile) to exact "
+        "retraining by a seeded coin instead of by memorization: the control that shows "
+        "whether memorization is what makes routing pay.",
+    )
 
     @field_validator("low", "medium", "high")
     @classmethod
@@ -289,6 +300,15 @@ class RumConfig(_Strict):
         if v is not None and v not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(ALGORITHMS)} or null")
         return v
+
+    @model_validator(mode="after")
+    def _some_algorithm(self) -> RumConfig:
+        if self.low is None and self.medium is None and self.high is None:
+            raise ValueError(
+                "rum.low, rum.medium and rum.high are all null: name an algorithm for at "
+                "least one group, or nothing is unlearnt"
+            )
+        return self
 
 
 APPROXIMATE_STRATEGIES = ("dpus", "hs", "ohs")  # need hybrid.record

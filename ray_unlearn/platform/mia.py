@@ -173,8 +173,18 @@ def evaluate(
     *,
     attack: str = "threshold",
     seed: int = 0,
+    repeats: int = 1,
 ) -> dict[str, float]:
-    """Accuracy on retain, forget and test, and the MIA member rate of the forget set."""
+    """Accuracy on retain, forget and test, and the MIA member rate of the forget set.
+
+    ``repeats`` > 1: the attack is fitted on ``repeats`` seeded splits (seeds ``seed``,
+    ``seed + 1``, ...) of the same model outputs; its figures are their means, and
+    ``mia_forget_sd`` is the spread across splits (how much the attack's own fit moves the
+    number). ``mia_forget_se`` is the sampling error of the forget-set rate,
+    ``sqrt(p (1 - p) / n_forget)``: with a few forget rows the rate is mostly noise.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     out: dict[str, float] = {}
     got = {}
     for s in (retain, forget, test):
@@ -185,9 +195,18 @@ def evaluate(
         else:
             out[f"accuracy_{s.name}"] = float("nan")
             got[s.name] = (np.zeros((0, 1)), np.zeros(0, np.int64))
-    out.update(
-        membership_inference(got["retain"], got["test"], got["forget"], kind=attack, seed=seed)
+    runs = [
+        membership_inference(got["retain"], got["test"], got["forget"], kind=attack, seed=seed + i)
+        for i in range(repeats)
+    ]
+    for k in runs[0]:
+        out[k] = float(np.mean([r[k] for r in runs]))
+    p = out["mia_forget"]
+    out["mia_forget_sd"] = float(np.std([r["mia_forget"] for r in runs]))
+    out["mia_forget_se"] = (
+        float(np.sqrt(p * (1 - p) / len(forget))) if len(forget) else float("nan")
     )
+    out["mia_repeats"] = repeats
     out["n_retain"], out["n_forget"], out["n_test"] = len(retain), len(forget), len(test)
     return out
 

@@ -2,17 +2,23 @@
 
 The per-model work is ``platform.memorization.subset_model_correctness`` (1 CPU, 1 torch
 thread each); this module only places the tasks and gathers their (mask, correctness)
-rows, which ``memorization_from_runs`` turns into one score per sample.
+rows, which ``memorization_from_runs`` turns into one score per sample. The results equal
+the in-process estimator's (``exact_memorization``) model for model: each task's subset,
+initial weights and batch order depend only on (seed, model index).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import ray
 
 from ray_unlearn.platform.memorization import (
+    SCORES,
     FitSpec,
     check_estimator,
+    compute_run_scores,
     memorization_from_runs,
     subset_model_correctness,
 )
@@ -29,5 +35,12 @@ def exact_memorization_ray(
     """The estimator of ``platform.memorization.exact_memorization`` on the connected Ray."""
     check_estimator(models, keep)
     xr, yr = ray.put(np.ascontiguousarray(x)), ray.put(np.asarray(y))
-    runs = ray.get([_one.remote(spec, xr, yr, keep, seed, i) for i in range(models)])
+    pending = [_one.remote(spec, xr, yr, keep, seed, i) for i in range(models)]
+    runs = ray.get(pending)  # in model order, whatever order the tasks finished in
     return memorization_from_runs(np.stack([r[0] for r in runs]), np.stack([r[1] for r in runs]))
+
+
+def compute_run_scores_ray(ctx, names: Sequence[str] = SCORES, **kwargs) -> dict[str, float]:
+    """``platform.memorization.compute_run_scores`` with the exact estimator's models as Ray
+    tasks (the proxies train one model, in this process)."""
+    return compute_run_scores(ctx, names, exact_runner=exact_memorization_ray, **kwargs)

@@ -6,14 +6,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# metric -> True when larger is better
-OBJECTIVES = {"accuracy": True, "unlearn_s": False, "latency_mean_ms": False}
+# metric -> True when larger is better (the default objectives; a sweep's ``pareto`` section
+# may pick served accuracy, wall seconds or p99 latency instead)
+OBJECTIVES = {"accuracy": True, "unlearn_cpu_s": False, "latency_mean_ms": False}
 
 
-def dominates(a: dict[str, float], b: dict[str, float]) -> bool:
+def dominates(
+    a: dict[str, float], b: dict[str, float], objectives: dict[str, bool] | None = None
+) -> bool:
     """``a`` is at least as good as ``b`` on every objective and better on one."""
     at_least, better = True, False
-    for m, up in OBJECTIVES.items():
+    for m, up in (objectives or OBJECTIVES).items():
         x, y = (a[m], b[m]) if up else (-a[m], -b[m])
         if x < y:
             at_least = False
@@ -23,43 +26,75 @@ def dominates(a: dict[str, float], b: dict[str, float]) -> bool:
     return at_least and better
 
 
-def pareto_front(rows: Sequence[dict[str, Any]]) -> list[int]:
+def pareto_front(
+    rows: Sequence[dict[str, Any]], objectives: dict[str, bool] | None = None
+) -> list[int]:
     """Indices of the rows no other row dominates (rows missing a metric are skipped)."""
-    ok = [i for i, r in enumerate(rows) if all(r.get(m) is not None for m in OBJECTIVES)]
-    return [i for i in ok if not any(dominates(rows[j], rows[i]) for j in ok if j != i)]
+    objectives = objectives or OBJECTIVES
+    ok = [i for i, r in enumerate(rows) if all(r.get(m) is not None for m in objectives)]
+    return [i for i in ok if not any(dominates(rows[j], rows[i], objectives) for j in ok if j != i)]
 
 
-def choose(rows: Sequence[dict[str, Any]], front: list[int], metric: str, mode: str) -> int:
-    """The front's best row by ``metric``; ties go to the cheaper unlearning, then latency."""
+def choose(
+    rows: Sequence[dict[str, Any]],
+    front: list[int],
+    metric: str,
+    mode: str,
+    objectives: dict[str, bool] | None = None,
+) -> int:
+    """The front's best row by ``metric``; ties go to the other objectives in order."""
     if not front:
         raise ValueError("no trial finished with every metric: nothing to choose from")
+    objectives = objectives or OBJECTIVES
     sign = -1.0 if mode == "max" else 1.0
+    rest = [m for m in objectives if m != metric]
     return min(
         front,
-        key=lambda i: (sign * rows[i][metric], rows[i]["unlearn_s"], rows[i]["latency_mean_ms"]),
+        key=lambda i: (
+            sign * rows[i][metric],
+            *((-rows[i][m] if objectives[m] else rows[i][m]) for m in rest),
+        ),
     )
 
 
-def plot_front(rows: Sequence[dict[str, Any]], front: list[int], path: Path, title: str) -> None:
+_AXIS = {
+    "accuracy": "test accuracy after the stream",
+    "served_accuracy": "accuracy of the answers served during the stream",
+    "unlearn_cpu_s": "unlearning CPU seconds (whole deletion stream)",
+    "unlearn_s": "unlearning wall seconds (whole deletion stream)",
+    "latency_mean_ms": "mean serving latency (ms)",
+    "latency_p99_ms": "p99 serving latency (ms)",
+}
+
+
+def plot_front(
+    rows: Sequence[dict[str, Any]],
+    front: list[int],
+    path: Path,
+    title: str,
+    objectives: dict[str, bool] | None = None,
+) -> None:
+    """Cost (x) vs accuracy (y), latency as colour; the front's points ringed and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    acc_m, cost_m, lat_m = list(objectives or OBJECTIVES)
     fig, ax = plt.subplots(figsize=(7, 5))
-    cost = [r["unlearn_s"] for r in rows]
-    acc = [r["accuracy"] for r in rows]
-    lat = [r["latency_mean_ms"] for r in rows]
+    cost = [r[cost_m] for r in rows]
+    acc = [r[acc_m] for r in rows]
+    lat = [r[lat_m] for r in rows]
     sc = ax.scatter(cost, acc, c=lat, cmap="viridis", s=40, label="trials")
-    fig.colorbar(sc, ax=ax, label="mean serving latency (ms)")
+    fig.colorbar(sc, ax=ax, label=_AXIS[lat_m])
     fx = [cost[i] for i in front]
     fy = [acc[i] for i in front]
     ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="red", label="Pareto front")
     for i in front:
         ax.annotate(rows[i]["label"], (cost[i], acc[i]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("unlearning wall seconds (whole deletion stream)")
-    ax.set_ylabel("test accuracy after the stream")
+    ax.set_xlabel(_AXIS[cost_m])
+    ax.set_ylabel(_AXIS[acc_m])
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -76,12 +111,17 @@ def plot_trial(history: Sequence[dict[str, Any]], path: Path, title: str) -> Non
 
     steps = [h["deletions"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [h["accuracy"] for h in history], "o-", label="accuracy")
+    ax.plot(steps, [h["accuracy"] for h in history], "o-", label="test accuracy")
+    if all("served_accuracy" in h for h in history):
+        ax.plot(steps, [h["served_accuracy"] for h in history], "^:", label="served accuracy")
     ax.set_xlabel("deletions")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="lower left", fontsize=8)
     ax2 = ax.twinx()
     ax2.plot(steps, [h["unlearn_s"] for h in history], "s--", color="tab:red")
-    ax2.set_ylabel("unlearning seconds (cumulative)", color="tab:red")
+    if all("unlearn_cpu_s" in h for h in history):
+        ax2.plot(steps, [h["unlearn_cpu_s"] for h in history], "x--", color="tab:orange")
+    ax2.set_ylabel("unlearning s, wall (red) / CPU (orange), cumulative", color="tab:red")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -15,8 +15,21 @@ run setting, ``serving.policy`` (an ERASER preset, measured by the trial's servi
     stream: {deletions: 6, seed: 0, predictions: 100}
     ...
 
+Dimensions that only make sense together go in ``search.variants``: each variant is its own
+small space, crossed with the shared ``space``, and the grid is the union of the variants'
+grids. So one sweep can weigh SISA against hybrid thresholds against S3T budgets::
+
+    search:
+      space: {partition.shards: [2, 4], serving.policy: [double-lazy-exclude]}
+      variants:
+        - {unlearning.strategy: [sisa], partition.slices: [2, 4]}
+        - {unlearning.strategy: [hs], hybrid.record: [true], hybrid.threshold: [0.05, 0.3]}
+        - {unlearning.strategy: [s3t], model.hidden: [[64, 64, 64]], s3t.budget: [1, 3]}
+
 ``ray-unlearn sweep --config F key=value ...`` overrides: keys of the sweep file
-(``stream.deletions=3``), ``space.<run key>=[...]`` to replace one dimension, and any other
+(``stream.deletions=3``, ``search.variants=[]`` to drop the variants), ``space.<run
+key>=[...]`` to replace one dimension (in the variants that have it, else in the shared
+space), and any other
 dotted key is a run-config override for every trial (``training.epochs=5``). Every grid
 point's run config is validated when the sweep is loaded, and every problem is reported at
 once, before any trial starts.
@@ -25,16 +38,23 @@ once, before any trial starts.
 from __future__ import annotations
 
 import itertools
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ray_unlearn.platform.config import (
     ConfigError,
     RunConfig,
+    S3TConfig,
     _format_validation_error,
     load_config,
     parse_overrides,
@@ -42,7 +62,10 @@ from ray_unlearn.platform.config import (
 from ray_unlearn.platform.policies import get_policy
 
 POLICY_KEY = "serving.policy"
-METRICS = ("accuracy", "unlearn_s", "latency_mean_ms")
+HIGHER_IS_BETTER = {"accuracy", "served_accuracy"}
+Objective = Literal[
+    "accuracy", "served_accuracy", "unlearn_cpu_s", "unlearn_s", "latency_mean_ms", "latency_p99_ms"
+]
 
 
 class _Strict(BaseModel):
@@ -57,6 +80,10 @@ class SearchSpec(_Strict):
     space: dict[str, list[Any]] = Field(
         default_factory=dict, description="dotted run-config key (or serving.policy) -> values"
     )
+    variants: list[dict[str, list[Any]]] = Field(
+        default_factory=list,
+        description="Alternative sub-spaces, each crossed with `space`; the grid is their union.",
+    )
 
     @field_validator("space")
     @classmethod
@@ -65,6 +92,25 @@ class SearchSpec(_Strict):
         if empty:
             raise ValueError(f"every dimension needs at least one value; empty: {empty}")
         return v
+
+    @model_validator(mode="after")
+    def _variants(self) -> SearchSpec:
+        problems = []
+        for i, variant in enumerate(self.variants):
+            if not variant:
+                problems.append(f"variants[{i}] is empty (give it at least one dimension)")
+            empty = [k for k, vals in variant.items() if not vals]
+            if empty:
+                problems.append(f"variants[{i}]: every dimension needs a value; empty: {empty}")
+            both = sorted(set(variant) & set(self.space))
+            if both:
+                problems.append(
+                    f"variants[{i}] repeats {both}, already in space: a key is either shared "
+                    "(space) or per variant, not both"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class StreamSpec(_Strict):
@@ -99,11 +145,50 @@ class MlflowSpec(_Strict):
     experiment: str = Field("ray-unlearn-sweeps")
 
 
+class ParetoSpec(_Strict):
+    """The three objectives of the Pareto front (accuracy up, cost and latency down)."""
+
+    accuracy: Literal["accuracy", "served_accuracy"] = Field(
+        "accuracy",
+        description="accuracy: the ensemble's test accuracy after the stream; "
+        "served_accuracy: accuracy of the answers the policy gave during it.",
+    )
+    cost: Literal["unlearn_cpu_s", "unlearn_s"] = Field(
+        "unlearn_cpu_s",
+        description="unlearn_cpu_s: CPU seconds spent executing the deletions (stable on a "
+        "shared machine); unlearn_s: their wall seconds.",
+    )
+    latency: Literal["latency_mean_ms", "latency_p99_ms"] = "latency_mean_ms"
+    allow_exposure: bool = Field(
+        False,
+        description="Let trials whose answers exposed data under a pending deletion (the "
+        "naive-postponed baseline) onto the front; by default they are shown, never chosen.",
+    )
+
+    def objectives(self) -> dict[str, bool]:
+        """metric -> True when larger is better."""
+        return {self.accuracy: True, self.cost: False, self.latency: False}
+
+
 class SelectSpec(_Strict):
     """Which Pareto-optimal configuration is written out as the chosen one."""
 
-    metric: Literal["accuracy", "unlearn_s", "latency_mean_ms"] = "accuracy"
-    mode: Literal["max", "min"] = "max"
+    metric: Objective = "accuracy"
+    mode: Literal["max", "min"] | None = Field(
+        None, description="max for accuracies, min for costs and latencies (the default)."
+    )
+
+    @model_validator(mode="after")
+    def _direction(self) -> SelectSpec:
+        right = "max" if self.metric in HIGHER_IS_BETTER else "min"
+        if self.mode is None:
+            self.mode = right
+        elif self.mode != right:
+            raise ValueError(
+                f"select.mode={self.mode!r} contradicts select.metric={self.metric!r}: "
+                f"{self.metric} is best at its {right}imum (use mode: {right} or leave it out)"
+            )
+        return self
 
 
 class SweepSpec(_Strict):
@@ -114,6 +199,7 @@ class SweepSpec(_Strict):
     stream: StreamSpec = Field(default_factory=StreamSpec)
     stop: StopSpec = Field(default_factory=StopSpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    pareto: ParetoSpec = Field(default_factory=ParetoSpec)
     select: SelectSpec = Field(default_factory=SelectSpec)
     max_concurrent_trials: int = Field(
         1, ge=1, description="Trials at once; each trains in-process on 1 CPU."
@@ -168,8 +254,17 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
         raise ConfigError(f"sweep file {p} must hold a mapping, not {type(tree).__name__}")
     sweep_tree, run_overrides, space = _split_overrides(overrides or [])
     _merge(tree, sweep_tree)
+    search = tree.setdefault("search", {})
     for k, v in space.items():
-        tree.setdefault("search", {}).setdefault("space", {})[k] = v if isinstance(v, list) else [v]
+        values = v if isinstance(v, list) else [v]
+        # a dimension is replaced where it is: in the variants that have it, else the space
+        holders = [
+            var for var in search.get("variants") or [] if isinstance(var, dict) and k in var
+        ]
+        for var in holders:
+            var[k] = values
+        if not holders:
+            search.setdefault("space", {})[k] = values
     tree["overrides"] = [*tree.get("overrides", []), *run_overrides]
     try:
         spec = SweepSpec.model_validate(tree)
@@ -185,12 +280,28 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     return spec
 
 
-def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    keys = list(spec.search.space)
+def _product(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(space)
     return [
         dict(zip(keys, combo, strict=True))
-        for combo in itertools.product(*(spec.search.space[k] for k in keys))
+        for combo in itertools.product(*(space[k] for k in keys))
     ]
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every point of the grid: the shared space crossed with each variant, in order."""
+    variants = spec.search.variants or [{}]
+    return [p for v in variants for p in _product({**spec.search.space, **v})]
+
+
+def dimensions(spec: SweepSpec) -> dict[str, list[Any]]:
+    """Every key the sweep varies -> the values it takes anywhere in the grid."""
+    dims: dict[str, list[Any]] = {}
+    for space in [spec.search.space, *spec.search.variants]:
+        for k, vals in space.items():
+            dims.setdefault(k, [])
+            dims[k] += [v for v in vals if v not in dims[k]]
+    return dims
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], storage: str | None = None) -> RunConfig:
@@ -201,10 +312,12 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], storage: str | None = 
             continue
         node = tree
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             if node.get(part) is None:
                 node[part] = {}
             node = node[part]
+            if not isinstance(node, dict):
+                raise ValueError(f"{key}: {'.'.join(parts[: depth + 1])} is a value, not a section")
         node[parts[-1]] = value
     if storage is not None:
         tree["storage"] = storage
@@ -216,30 +329,55 @@ def trial_policy(spec: SweepSpec, params: dict[str, Any]) -> str:
 
 
 def check_trials(spec: SweepSpec) -> list[str]:
-    """Every problem of every grid point (unknown keys, bad values, contradictions)."""
+    """Every problem of every grid point (unknown keys, bad values, contradictions), each
+    distinct problem once, with how many trials have it and one of them."""
     problems: list[str] = []
-    for key in spec.search.space:
-        if key == POLICY_KEY:
-            for name in spec.search.space[key]:
-                try:
-                    get_policy(name)
-                except (ValueError, TypeError) as e:
-                    problems.append(f"  - space.{POLICY_KEY}: {e}")
-    seen = set()
+    for name in dimensions(spec).get(POLICY_KEY, []):
+        try:
+            get_policy(name)
+        except (ValueError, TypeError) as e:
+            problems.append(f"  - space.{POLICY_KEY}: {e}")
+    found: dict[str, list[dict[str, Any]]] = {}
     for params in grid_points(spec):
         try:
-            trial_config(spec, params)
+            msgs = [f"s3t: {p}" for p in _s3t_problems(trial_config(spec, params))]
         except ValidationError as e:
-            for err in e.errors():
-                loc = ".".join(str(x) for x in err["loc"])
-                msg = f"  - {loc}: {err['msg'].removeprefix('Value error, ')} (trial {params})"
-                if msg not in seen:
-                    seen.add(msg)
-                    problems.append(msg)
+            msgs = [
+                f"{'.'.join(str(x) for x in err['loc'])}: "
+                + err["msg"].removeprefix("Value error, ")
+                for err in e.errors()
+            ]
+        except ValueError as e:
+            msgs = [str(e)]
+        for msg in msgs:
+            found.setdefault(msg, []).append(params)
+    for msg, trials in found.items():
+        which = "trial" if len(trials) == 1 else f"{len(trials)} trials, e.g."
+        problems.append(f"  - {msg} ({which} {trials[0]})")
     return problems
+
+
+def _s3t_problems(cfg: RunConfig) -> list[str]:
+    """An S3T trial's model against its slices and budget (what the run would refuse at
+    training time), checked before the sweep starts. The block structure depends only on
+    the model's layers, so a stand-in input shape and class count are enough."""
+    if cfg.unlearning.strategy != "s3t":
+        return []
+    from ray_unlearn.platform.models import build_model
+    from ray_unlearn.platform.s3t import S3TConfigError, check_s3t
+
+    try:
+        model = build_model(cfg.model, (8,) if cfg.model.kind == "mlp" else (1, 8, 8), 2)
+    except (ValueError, RuntimeError):
+        return []  # not an S3T problem: the run itself reports it
+    try:
+        check_s3t(cfg.s3t or S3TConfig(), model, cfg.partition.slices)
+    except S3TConfigError as e:
+        return [ln.strip().removeprefix("- ") for ln in str(e).splitlines()[1:]]
+    return []
 
 
 def num_trials(spec: SweepSpec) -> int:
     if spec.search.method == "grid":
-        return math.prod(len(v) for v in spec.search.space.values()) * spec.search.num_samples
+        return len(grid_points(spec)) * spec.search.num_samples
     return spec.search.num_samples

@@ -35,7 +35,15 @@ from ray import tune
 from ray_unlearn.platform.config import config_to_yaml
 from ray_unlearn.platform.storage import Storage
 from ray_unlearn.tune.pareto import choose, pareto_front, plot_front, plot_trial
-from ray_unlearn.tune.spec import POLICY_KEY, SweepSpec, num_trials, trial_config, trial_policy
+from ray_unlearn.tune.spec import (
+    POLICY_KEY,
+    SweepSpec,
+    dimensions,
+    grid_points,
+    num_trials,
+    trial_config,
+    trial_policy,
+)
 from ray_unlearn.tune.trial import run_trial
 
 MLFLOW_DB = "mlflow/mlflow.db"
@@ -46,19 +54,27 @@ def _label(params: dict[str, Any]) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in params.items()) or "base"
 
 
-def tracking(spec: SweepSpec, storage: Storage) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for a new experiment or None for the server's)."""
+def tracking(spec: SweepSpec, storage: Storage, create: bool = True) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment or None for the server's);
+    ``create=False`` only checks (nothing is written)."""
     uri = spec.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri, None
     if not storage.local:
         raise ValueError(
-            f"storage {storage.uri} is not a local directory: set mlflow.tracking_uri in the "
-            "sweep file or MLFLOW_TRACKING_URI to a tracking server"
+            f"storage {storage.uri} is not a local directory, so MLflow cannot keep its "
+            "SQLite store under it: set mlflow.tracking_uri in the sweep file, or "
+            "MLFLOW_TRACKING_URI, to a tracking server (http://<host>:5000)"
         )
     db = storage.local_path(MLFLOW_DB)
-    db.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}", storage.local_path(MLFLOW_ARTIFACTS).as_uri()
+
+
+def preflight(spec: SweepSpec) -> None:
+    """What would stop the sweep after Ray started, checked before (writes nothing)."""
+    tracking(spec, Storage(spec.base["storage"]), create=False)
 
 
 def _experiment(client: MlflowClient, name: str, artifacts: str | None) -> str:
@@ -85,7 +101,7 @@ class MlflowTrials(tune.Callback):
         self.history.setdefault(trial.trial_id, []).append(dict(result))
 
     def _log(self, trial, status: str, error: str | None = None) -> None:
-        params = {k: v for k, v in trial.config.items()}
+        params = trial_params(trial.config)
         run = self.client.create_run(
             self.experiment_id,
             run_name=_label(params),
@@ -135,6 +151,7 @@ class MlflowTrials(tune.Callback):
 _LOGGED = (
     "accuracy",
     "accuracy_before",
+    "served_accuracy",
     "unlearn_s",
     "unlearn_cpu_s",
     "unlearn_s_per_deletion",
@@ -143,25 +160,51 @@ _LOGGED = (
     "certified_fraction",
     "excluded_fraction",
     "waited_fraction",
+    "rejected_fraction",
+    "exposed_fraction",
     "executions",
     "train_s",
+)
+
+
+_CHOSEN = (
+    "accuracy",
+    "served_accuracy",
+    "unlearn_s",
+    "unlearn_cpu_s",
+    "latency_mean_ms",
+    "latency_p99_ms",
 )
 
 
 def _trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     spec = SweepSpec.model_validate(spec_json)
     workdir = Path(tune.get_context().get_trial_dir() or tempfile.mkdtemp(prefix="ru-trial-"))
-    run_trial(spec, dict(config), workdir, report=tune.report)
+    run_trial(spec, trial_params(config), workdir, report=tune.report)
+
+
+POINT = "point"  # with variants, a trial's config is {POINT: {key: value, ...}}
 
 
 def _param_space(spec: SweepSpec) -> dict[str, Any]:
+    """One Tune dimension per key; with variants, one dimension over the grid's points (so a
+    trial never mixes keys of two variants)."""
     pick = tune.grid_search if spec.search.method == "grid" else tune.choice
+    if spec.search.variants:
+        return {POINT: pick(grid_points(spec))}
     return {k: pick(list(v)) for k, v in spec.search.space.items()}
+
+
+def trial_params(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The sweep keys of a Tune trial config (see :func:`_param_space`)."""
+    config = dict(config or {})
+    return dict(config[POINT]) if isinstance(config.get(POINT), dict) else config
 
 
 def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
     """Run the sweep on the connected (or an embedded) Ray; returns the summary document."""
     t0 = time.perf_counter()
+    preflight(spec)
     sweep_id = sweep_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     storage = Storage(spec.base["storage"])
     out = (
@@ -182,7 +225,10 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
             Param("sweep_file", spec.source or "-"),
             Param("trials", str(num_trials(spec))),
             Param("stream_deletions", str(spec.stream.deletions)),
-            Param("space", json.dumps(spec.search.space)[:6000]),
+            Param("space", json.dumps(dimensions(spec))[:6000]),
+            Param("variants", str(len(spec.search.variants))),
+            Param("method", spec.search.method),
+            Param("pareto", ",".join(spec.pareto.objectives())),
         ],
     )
     logger = MlflowTrials(client, exp_id, parent_id, spec)
@@ -229,7 +275,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         raise
     rows: list[dict[str, Any]] = []
     for res in grid:
-        params = {k: v for k, v in (res.config or {}).items()}
+        params = trial_params(res.config)
         m = res.metrics or {}
         row = {
             "label": _label(params),
@@ -242,33 +288,48 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         for k in _LOGGED:
             row[k] = m.get(k)
         rows.append(row)
-    done = [r for r in rows if r["state"] == "finished"]
-    front_idx = pareto_front(done)
+    objectives = spec.pareto.objectives()
+    for r in rows:
+        if r["state"] == "finished" and (r.get("exposed_fraction") or 0) > 0:
+            r["exposes_data"] = True
+    # A trial that served data under a pending deletion is shown, never chosen (unless the
+    # sweep allows it): its latency is bought by breaking the deletion it was asked for.
+    done = [
+        r
+        for r in rows
+        if r["state"] == "finished" and (spec.pareto.allow_exposure or not r.get("exposes_data"))
+    ]
+    front_idx = pareto_front(done, objectives)
     front = [done[i] for i in front_idx]
+    for r in rows:
+        r["pareto"] = any(r is f for f in front)
     doc: dict[str, Any] = {
         "sweep_id": sweep_id,
         "out": str(out),
         "tracking_uri": uri,
         "experiment": spec.mlflow.experiment,
         "parent_run_id": parent_id,
+        "objectives": {m: "max" if up else "min" for m, up in objectives.items()},
         "trials": rows,
         "pareto_front": [r["label"] for r in front],
     }
     if front:
-        best = done[choose(done, front_idx, spec.select.metric, spec.select.mode)]
+        best = done[choose(done, front_idx, spec.select.metric, spec.select.mode, objectives)]
         chosen_cfg = trial_config(spec, best["params"]).model_copy(
             update={"name": f"{spec.name}-chosen"[:64]}
         )
         text = (
             f"# chosen by `ray-unlearn sweep` {sweep_id}: {best['label']}\n"
-            f"# accuracy {best['accuracy']:.4f}, unlearning {best['unlearn_s']:.2f} s over "
-            f"{spec.stream.deletions} deletions, serving latency {best['latency_mean_ms']:.2f} ms\n"
+            f"# accuracy {best['accuracy']:.4f} (served {best['served_accuracy']:.4f}), "
+            f"unlearning {best['unlearn_s']:.2f} s wall / {best['unlearn_cpu_s']:.2f} s CPU over "
+            f"{spec.stream.deletions} deletions, serving latency {best['latency_mean_ms']:.2f} ms "
+            f"mean / {best['latency_p99_ms']:.2f} ms p99\n"
             f"# serve it with: ray-unlearn serve --run <run-id> --policy {best['policy']}\n"
             + config_to_yaml(chosen_cfg)
         )
         (out / "chosen.yaml").write_text(text)
         doc["chosen"] = {**best, "config": str(out / "chosen.yaml")}
-        plot_front(done, front_idx, out / "pareto.png", f"sweep {sweep_id}")
+        plot_front(done, front_idx, out / "pareto.png", f"sweep {sweep_id}", objectives)
     else:
         status = "FAILED"
         doc["chosen"] = None
@@ -282,8 +343,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         client.log_batch(
             parent_id,
             metrics=[
-                Metric(f"chosen_{k}", float(best[k]), int(time.time() * 1000), 0)
-                for k in ("accuracy", "unlearn_s", "latency_mean_ms")
+                Metric(f"chosen_{k}", float(best[k]), int(time.time() * 1000), 0) for k in _CHOSEN
             ],
             params=[Param("chosen", best["label"][:6000]), Param("chosen_policy", best["policy"])],
         )
@@ -293,4 +353,4 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
     return doc
 
 
-__all__ = ["POLICY_KEY", "run_sweep", "tracking"]
+__all__ = ["POLICY_KEY", "preflight", "run_sweep", "tracking"]

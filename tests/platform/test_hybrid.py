@@ -167,6 +167,15 @@ def test_dpus_means_removing_the_batches_updates_exactly():
     assert torch.equal(w2 - removed2["w"], rest2.total()["w"])  # what remains is recorded
     assert 0 not in rest2.ids and rest2.steps == 4
 
+    # share with a factor: f times the share, capped at the whole update (a step whose
+    # whole update is gone is dropped, as with "batch")
+    removed3, rest3, _ = c2.without([0], "share", factor=1.5)
+    assert torch.allclose(removed3["w"], 0.75 * (c2.deltas["w"][0] + c2.deltas["w"][2]))
+    assert torch.allclose(w2 - removed3["w"], rest3.total()["w"])
+    removed4, rest4, _ = c2.without([0], "share", factor=4.0)
+    assert torch.equal(removed4["w"], c2.deltas["w"][0] + c2.deltas["w"][2])
+    assert rest4.steps == 2 and 0 not in rest4.ids
+
 
 def test_momentum_aware_dpus_removes_a_gradient_through_the_momentum():
     """Heavy-ball SGD (momentum 0.9): a step's update is mostly earlier gradients. The
@@ -203,8 +212,11 @@ def test_momentum_aware_dpus_removes_a_gradient_through_the_momentum():
     assert torch.allclose(removed["w"] + later["w"], both["w"], atol=1e-5)
 
 
-def test_dpus_strategy_on_a_shard(recorded_run):
+@pytest.mark.parametrize("scale", ["share", "batch"])
+def test_dpus_strategy_on_a_shard(recorded_run, scale):
     ctx = recorded_run
+    hy = ctx.config.hybrid
+    hy.dpus_scale = scale
     shard = 2
     state = _state(ctx, shard)
     owner = _owner_in(ctx, shard, slice_=1)
@@ -214,7 +226,7 @@ def test_dpus_strategy_on_a_shard(recorded_run):
     expect_removed = None
     for st in update.stages:
         c = load_contributions(ctx.storage, ctx.layout, state.chain[st.stage])
-        removed, _, _ = c.without(deleted, "batch")
+        removed, _, _ = c.without(deleted, scale, factor=hy.dpus_share_factor)
         expect_removed = (
             removed
             if expect_removed is None
@@ -245,7 +257,10 @@ def test_dpus_through_the_engine_keeps_the_chain_consistent(recorded_run, moment
     # the log says what was decided and why; the audit names the approximate versions
     info = rb.details["strategy_info"][str(shard)]
     assert info["decision"] == "dpus" and info["actual_seconds"] > 0
-    assert ra.details["strategy_info"][str(shard)]["decision"] == "exact"
+    assert info["retrain_seconds"] is None and info["predicted_seconds"] > 0
+    ia = ra.details["strategy_info"][str(shard)]
+    assert ia["decision"] == "exact" and ia["retrain_seconds"] > 0  # the estimator's error
+    assert ia["predicted_seconds"] <= ia["threshold_seconds"]
     a_b = audit(ctx, owner_id=b)
     assert a_b["exact"] is False and set(a_b["approximate_live_versions"]) == set(chain)
     assert [r["exact"] for r in a_b["requests"]] == [False]

@@ -8,6 +8,7 @@ import torch
 
 from ray_unlearn.platform.evaluate import serving_accuracy
 from ray_unlearn.platform.mia import (
+    EvalSet,
     MembershipAttack,
     attack_features,
     eval_sets,
@@ -57,6 +58,33 @@ def test_attack_without_signal_is_at_chance():
     same = _probs(rng.uniform(0.2, 0.9, 4000), y)
     out = membership_inference((same[:2000], y[:2000]), (same[2000:], y[2000:]), (same, y))
     assert abs(out["mia_attack_accuracy"] - 0.5) < 0.05
+
+
+def test_evaluate_repeats_the_attack_over_seeded_splits():
+    """repeats: the attack's figures are means over seeded splits, with their spread and the
+    forget set's sampling error beside them."""
+    rng = np.random.default_rng(2)
+    n = 300
+
+    def mk(name, lo, hi):
+        y = rng.integers(0, 4, n)
+        return EvalSet(name, _probs(rng.uniform(lo, hi, n), y), y, np.arange(n))
+
+    retain, forget, test = mk("retain", 0.5, 0.99), mk("forget", 0.4, 0.9), mk("test", 0.2, 0.8)
+
+    def predict(probs):  # the "features" are the probabilities themselves
+        return probs.argmax(1), probs
+
+    one = [evaluate(predict, retain, forget, test, seed=s) for s in range(4)]
+    avg = evaluate(predict, retain, forget, test, seed=0, repeats=4)
+    assert avg["mia_forget"] == pytest.approx(np.mean([o["mia_forget"] for o in one]))
+    assert avg["mia_forget_sd"] == pytest.approx(np.std([o["mia_forget"] for o in one]))
+    assert one[0]["mia_forget_sd"] == 0.0 and avg["mia_repeats"] == 4
+    p = avg["mia_forget"]
+    assert avg["mia_forget_se"] == pytest.approx(np.sqrt(p * (1 - p) / n))
+    assert avg["accuracy_test"] == one[0]["accuracy_test"]
+    with pytest.raises(ValueError, match="repeats"):
+        evaluate(predict, retain, forget, test, repeats=0)
 
 
 def test_attack_features_and_errors():

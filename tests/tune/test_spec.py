@@ -86,7 +86,7 @@ def test_trial_config_round_trips_through_train_yaml(tmp_path):
 
 
 def _row(acc, cost, lat):
-    return {"accuracy": acc, "unlearn_s": cost, "latency_mean_ms": lat}
+    return {"accuracy": acc, "unlearn_cpu_s": cost, "latency_mean_ms": lat}
 
 
 def test_pareto_front_by_hand():
@@ -96,11 +96,73 @@ def test_pareto_front_by_hand():
         _row(0.95, 5.0, 10.0),  # 2: front (most accurate)
         _row(0.7, 0.5, 50.0),  # 3: front (cheapest)
         _row(0.9, 1.0, 10.0),  # 4: equal to 0: neither dominates
-        {"accuracy": None, "unlearn_s": 1.0, "latency_mean_ms": 1.0},  # 5: incomplete
+        {"accuracy": None, "unlearn_cpu_s": 1.0, "latency_mean_ms": 1.0},  # 5: incomplete
     ]
     assert dominates(rows[0], rows[1]) and not dominates(rows[0], rows[4])
     assert pareto_front(rows) == [0, 2, 3, 4]
     assert choose(rows, [0, 2, 3, 4], "accuracy", "max") == 2
-    assert choose(rows, [0, 2, 3, 4], "unlearn_s", "min") == 3
+    assert choose(rows, [0, 2, 3, 4], "unlearn_cpu_s", "min") == 3
+    # other objectives: p99 latency instead of the mean reorders the front
+    rows[3]["latency_p99_ms"], rows[0]["latency_p99_ms"] = 5.0, 60.0
+    rows[2]["latency_p99_ms"] = rows[4]["latency_p99_ms"] = 60.0
+    rows[1]["latency_p99_ms"] = 1.0
+    p99 = {"accuracy": True, "unlearn_cpu_s": False, "latency_p99_ms": False}
+    assert pareto_front(rows, p99) == [0, 1, 2, 3, 4]
+    assert choose(rows, [0, 1, 2, 3, 4], "latency_p99_ms", "min", p99) == 1
     with pytest.raises(ValueError, match="nothing to choose"):
         choose(rows, [], "accuracy", "max")
+
+
+def test_variants_cross_the_shared_space_and_cover_every_dimension():
+    spec = load_sweep(os.path.join(CONFIGS, "sweep.yaml"))
+    points = grid_points(spec)
+    assert num_trials(spec) == len(points) == 2 * 2 * (2 + 2 + 2)
+    strategies = {p["unlearning.strategy"] for p in points}
+    assert strategies == {"sisa", "hs", "s3t"}
+    # a variant's keys appear only in its own trials
+    assert all(("s3t.budget" in p) == (p["unlearning.strategy"] == "s3t") for p in points)
+    assert all(("hybrid.threshold" in p) == (p["unlearning.strategy"] == "hs") for p in points)
+    s3t = trial_config(spec, next(p for p in points if p["unlearning.strategy"] == "s3t"))
+    assert s3t.model.hidden == [64, 64, 64] and s3t.partition.slices == 3 and s3t.s3t.budget == 1
+    hs = trial_config(spec, next(p for p in points if p["unlearning.strategy"] == "hs"))
+    assert hs.hybrid.record and hs.hybrid.threshold == 0.05
+    # space.<key>= replaces a dimension where it lives; search.variants=[] drops the variants
+    spec = load_sweep(os.path.join(CONFIGS, "sweep.yaml"), ["space.s3t.budget=[2]"])
+    assert spec.search.variants[2]["s3t.budget"] == [2] and "s3t.budget" not in spec.search.space
+    spec = load_sweep(
+        os.path.join(CONFIGS, "sweep.yaml"), ["search.variants=[]", "space.partition.slices=[2]"]
+    )
+    assert num_trials(spec) == 4 and not spec.search.variants
+
+
+def test_variant_and_selection_contradictions_are_reported_together(tmp_path):
+    path = _write(
+        tmp_path,
+        {
+            "search": {
+                "space": {"partition.shards": [2]},
+                "variants": [{"partition.shards": [4]}, {}],
+            },
+            "select": {"metric": "unlearn_cpu_s", "mode": "max"},
+            "pareto": {"cost": "dollars"},
+        },
+    )
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    msg = str(err.value)
+    assert "variants[0] repeats ['partition.shards']" in msg and "variants[1] is empty" in msg
+    assert "select.mode='max' contradicts select.metric='unlearn_cpu_s'" in msg
+    assert "pareto.cost" in msg and "unlearn_cpu_s" in msg  # names the allowed values
+
+
+def test_s3t_trials_are_checked_against_their_model_before_the_sweep(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_sweep(
+            os.path.join(CONFIGS, "sweep.yaml"),
+            ["space.partition.slices=[2]", "space.s3t.budget=[7]"],
+        )
+    msg = str(err.value)
+    assert "must equal the number of slices R = 2" in msg and "budget: B=7" in msg
+    assert "8 trials, e.g." not in msg and "4 trials, e.g." in msg  # each problem once
+    spec = load_sweep(os.path.join(CONFIGS, "sweep.yaml"), ["select.metric=latency_p99_ms"])
+    assert spec.select.mode == "min"  # the metric's own direction by default

@@ -1,44 +1,92 @@
-"""A tiny sweep on the shared Ray session, read back from MLflow."""
+"""A tiny sweep on the shared Ray session, read back from MLflow; its chosen config trained by
+`ray-unlearn train` unchanged."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from ray_unlearn.platform.config import load_config
-from ray_unlearn.tune.spec import load_sweep
+from ray_unlearn.tune.spec import load_sweep, num_trials
 from ray_unlearn.tune.sweep import run_sweep
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+DIGITS = os.path.abspath(os.path.join(CONFIGS, "digits.yaml"))
+
+# Four trials, seconds each: SISA under a safe policy and under the naive baseline that
+# exposes deleted data, the hybrid strategy, and S3T (one variant each).
+TINY_SWEEP = {
+    "name": "tiny",
+    "base_config": DIGITS,
+    "overrides": ["training.epochs=2", "model.hidden=[16]"],
+    "search": {
+        "space": {"partition.shards": [2]},
+        "variants": [
+            {
+                "unlearning.strategy": ["sisa"],
+                "partition.slices": [2],
+                "serving.policy": ["double-lazy-exclude", "naive-postponed"],
+            },
+            {
+                "unlearning.strategy": ["hs"],
+                "hybrid.record": [True],
+                "hybrid.threshold": [0.3],
+                "serving.policy": ["single-immediate-wait"],
+            },
+            {
+                "unlearning.strategy": ["s3t"],
+                "model.hidden": [[16, 16, 16]],
+                "partition.slices": [3],
+                "s3t.budget": [2],
+                "s3t.epochs": [1],
+                "s3t.pretrain_epochs": [1],
+                "serving.policy": ["single-immediate-wait"],
+            },
+        ],
+    },
+    "stream": {"deletions": 2, "seed": 0, "predictions": 20},
+}
 
 
 @pytest.mark.ray
 def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, tmp_path):
-    spec = load_sweep(
-        os.path.join(CONFIGS, "sweep.yaml"),
-        [
-            f"storage={tmp_path / 'store'}",
-            "training.epochs=2",
-            "model.hidden=[16]",
-            "space.partition.shards=[2,3]",
-            "space.partition.slices=[2]",
-            "space.serving.policy=[double-lazy-exclude,single-immediate-wait]",
-            "stream.deletions=2",
-            "stream.predictions=20",
-            "stop.min_accuracy=null",
-        ],
-    )
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_SWEEP, sort_keys=False))
+    store = tmp_path / "store"
+    spec = load_sweep(path, [f"storage={store}"])
+    assert num_trials(spec) == 4
     doc = run_sweep(spec)
-    assert len(doc["trials"]) == 4 and all(t["state"] == "finished" for t in doc["trials"])
+    trials = {t["params"]["unlearning.strategy"] + "/" + t["policy"]: t for t in doc["trials"]}
+    assert len(doc["trials"]) == 4 and all(t["state"] == "finished" for t in doc["trials"]), [
+        (t["label"], t["state"], t["error"]) for t in doc["trials"]
+    ]
+    # the naive baseline answers from models holding deleted data: shown, never chosen
+    naive = trials["sisa/naive-postponed"]
+    assert naive["exposed_fraction"] > 0 and naive["exposes_data"] and not naive["pareto"]
+    safe = [t for key, t in trials.items() if key != "sisa/naive-postponed"]
+    assert all(t["exposed_fraction"] == 0 for t in safe)
+    assert trials["s3t/single-immediate-wait"]["params"]["s3t.budget"] == 2
     assert doc["pareto_front"] and doc["chosen"]["label"] in doc["pareto_front"]
-    # MLflow: one parent, four children with params, per-step metrics and artifacts
-    assert doc["tracking_uri"].startswith("sqlite:///") and str(tmp_path) in doc["tracking_uri"]
+    assert doc["chosen"]["policy"] != "naive-postponed"
+    assert doc["objectives"] == {
+        "accuracy": "max",
+        "unlearn_cpu_s": "min",
+        "latency_mean_ms": "min",
+    }
+    out = doc["out"]
+    assert os.path.getsize(os.path.join(out, "pareto.png")) > 0
+    assert os.path.isfile(os.path.join(out, "results.json"))
+
+    # MLflow (SQLite under the storage root): one parent, four children
+    assert doc["tracking_uri"] == f"sqlite:///{store / 'mlflow' / 'mlflow.db'}"
     client = MlflowClient(doc["tracking_uri"])
     exp = client.get_experiment_by_name(spec.mlflow.experiment)
     parent = client.get_run(doc["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["chosen"]
+    assert "chosen_accuracy" in parent.data.metrics
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "results.json",
         "pareto.png",
@@ -48,23 +96,44 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert len(children) == 4
+    assert {c.info.run_id for c in children} == {t["mlflow_run_id"] for t in doc["trials"]}
     for run in children:
         assert run.info.status == "FINISHED"
-        assert {"partition.shards", "partition.slices", "serving.policy", "policy"} <= set(
+        assert {"partition.shards", "unlearning.strategy", "serving.policy", "policy"} <= set(
             run.data.params
         )
-        assert {"accuracy", "unlearn_s", "latency_mean_ms", "certified_fraction"} <= set(
-            run.data.metrics
-        )
+        assert {
+            "accuracy",
+            "served_accuracy",
+            "unlearn_s",
+            "unlearn_cpu_s",
+            "latency_mean_ms",
+            "certified_fraction",
+            "exposed_fraction",
+        } <= set(run.data.metrics)
         steps = client.get_metric_history(run.info.run_id, "accuracy")
         assert [m.step for m in steps] == [1, 2]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
             "run_config.yaml",
             "trial.png",
         }
-    # the chosen config is a run config `ray-unlearn train` accepts unchanged
+
+    # the chosen config is a run config that `ray-unlearn train` takes unchanged
+    from typer.testing import CliRunner
+
+    from ray_unlearn.cli import app
+    from ray_unlearn.platform.run import open_run
+
     chosen = load_config(doc["chosen"]["config"], [])
     assert chosen.partition.shards == doc["chosen"]["params"]["partition.shards"]
+    assert chosen.storage == str(store)
+    res = CliRunner().invoke(
+        app, ["train", "--config", doc["chosen"]["config"], "--run-id", "chosen"]
+    )
+    assert res.exit_code == 0, res.output
+    ctx = open_run(str(store), "chosen")
+    assert ctx.config.unlearning.strategy == chosen.unlearning.strategy
+    assert len(ctx.model_store.registry().serving_versions()) == chosen.partition.shards
 
 
 @pytest.mark.ray
@@ -75,6 +144,7 @@ def test_hopeless_trials_stop_early(ray_session, tmp_path):
             f"storage={tmp_path / 'store'}",
             "training.epochs=1",
             "model.hidden=[8]",
+            "search.variants=[]",
             "space.partition.shards=[2]",
             "space.partition.slices=[2]",
             "space.serving.policy=[double-lazy-exclude]",
@@ -106,5 +176,9 @@ def test_trial_measures_the_stream_and_keeps_its_run_only_if_asked(tmp_path, kee
     }
     m = run_trial(spec, params, tmp_path, report=reports.append)
     assert [r["deletions"] for r in reports] == [1, 2] and reports[-1]["final"]
-    assert m["executions"] == 2 and m["unlearn_s"] > 0 and 0 <= m["accuracy"] <= 1
+    assert m["executions"] == 2 and m["unlearn_s"] > 0 and m["unlearn_cpu_s"] > 0
+    assert 0 <= m["accuracy"] <= 1 and 0 <= m["served_accuracy"] <= 1
+    assert m["exposed_fraction"] == 0 and m["rejected_fraction"] == 0
+    # every instance is certified, or waits for its shard and is answered afterwards
+    assert m["certified_fraction"] + m["waited_fraction"] == pytest.approx(1.0)
     assert (tmp_path / "store").exists() == keep

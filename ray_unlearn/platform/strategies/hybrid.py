@@ -8,26 +8,41 @@
           subset of the shard's remaining slices until a held-out part of the remaining
           rows stops improving.
 
-What DPUS subtracts (``hybrid.dpus_scale``, ``hybrid.dpus_momentum``). ``batch`` (default,
-the paper's DPUS): each touched step's whole update; ``share``: ``d / |batch|`` of it (the
-revoked samples' part of a mean-loss batch, if all samples contributed alike). With
-``dpus_momentum`` the batch's *gradient* is removed from this and the later steps it reached
-through the optimizer's momentum (Adam, SGD 0.9), instead of the step's raw update, which
-with momentum 0.9 is mostly earlier batches' gradients. With many epochs a sample sits in
-many batches (``epochs / (r + 1)`` per stage r), so ``batch`` removes much of a shard's
-training (strong forgetting, accuracy loss: what OHS repairs) and ``share`` very little
-(accuracy kept, membership barely reduced); benchmarks/hybrid.py measures both.
+What DPUS subtracts (``hybrid.dpus_scale``, ``hybrid.dpus_share_factor``,
+``hybrid.dpus_momentum``). ``batch`` (the paper's DPUS): each touched step's whole update;
+``share``: ``f * d / |batch|`` of it (``d`` revoked samples in the batch, ``f`` the share
+factor, capped at the whole update). ``f = 1`` is the revoked samples' part of a mean-loss
+batch if all samples contributed alike; but a trained-on sample's influence compounds over
+the later steps (the model it shaped computes every later gradient), so removing its
+first-order part alone leaves it a member. With many epochs a sample sits in many batches
+(``epochs / (r + 1)`` per stage r): at 20 epochs a 5-sample owner is in ~40% of its
+shard's serving-stage batches, so ``batch`` removes much of the shard's training (the
+revoked rows end far *less* confident than unseen rows, and accuracy drops), ``f = 1``
+removes too little (the revoked rows still look like members). A factor in between (the
+default, 8, chosen on a development run: benchmarks/hybrid.py measures 1, 8 and ``batch``)
+brings the revoked rows' confidence to that of unseen rows while keeping accuracy. Two
+removals from the same batch in different requests take their shares of what is left
+(``f * d2 / (|batch| - d1)`` of ``(1 - f * d1 / |batch|)`` of the update): slightly less
+than ``f * d2 / |batch|`` of the original. With ``dpus_momentum`` the batch's *gradient*
+is removed from this and the later steps it reached through the optimizer's momentum
+(Adam, SGD 0.9), instead of the step's raw update.
 
-OHS fine-tuning (``hybrid.ohs_slices``). Default ``affected``: the remaining rows of slices
-f..R-1. The removed batches were drawn from the rows of stages f..R-1, so that is where the
-collateral damage is, and those rows are what exact retraining would train on again;
-``last`` (only the newest slice) is cheaper but too few rows to repair a DPUS that removed
-much; ``all`` adds slices 0..f-1, whose stages DPUS did not touch, for a little more accuracy
-at more cost. Stopping: a fixed 10% of the shard's remaining rows (by a hash of the sample
-id, the same rows every time; ``ohs_validation_fraction``) is held out from fine-tuning and
-its loss is checked after every pass; the pass with the lowest loss is kept (``ohs_patience``,
-``ohs_max_epochs``). The test split is never used. These rows were part of the original
-training (they belong to the shard); they are held out from the fine-tuning only.
+OHS fine-tuning (``hybrid.ohs_slices``, ``ohs_lr``, ``ohs_max_epochs``). Default
+``affected``: the remaining rows of slices f..R-1. The removed updates were drawn from the
+rows of stages f..R-1, so that is where the collateral damage is, and those rows are what
+exact retraining would train on again; ``last`` (only the newest slice) is cheaper;
+``all`` adds slices 0..f-1, whose stages DPUS did not touch. The fine-tune is short and
+gentle (a fresh optimizer at ``ohs_lr`` = 1e-4, a tenth of the training rate, at most
+``ohs_max_epochs`` = 2 passes): at the training rate a fresh Adam's first steps undo more
+than they repair (the held-out loss rose after the first pass, so nothing was kept), and
+with the scaled-share DPUS there is little to repair; the full retrain-like fine-tune of the
+first version (up to 10 passes over the affected slices after a whole-batch DPUS) cost more
+than SISA itself. Stopping: a fixed 10% of the shard's remaining rows (by a hash of the
+sample id, the same rows every time; ``ohs_validation_fraction``) is held out from
+fine-tuning and its loss is checked after every pass; the pass with the lowest loss is kept
+(``ohs_patience``, ``ohs_max_epochs``). The test split is never used. These rows were part
+of the original training (they belong to the shard); they are held out from the fine-tuning
+only.
 
 What the stage snapshots mean after DPUS. Stage r's snapshot is a restart point for later
 exact retrains from slice r + 1, and every stage from the first affected slice f on was
@@ -175,8 +190,13 @@ class HybridBase(UnlearningStrategy):
             "decision": "exact" if exact else "dpus",
             "reason": decision.reason,
             "predicted_seconds": decision.predicted_seconds,
+            "shard_predicted_seconds": decision.shard_seconds,
             "threshold_seconds": decision.threshold_seconds,
             "actual_seconds": metrics["hybrid_actual_seconds"],
+            # what the estimator predicts: the training seconds of the exact retrain
+            "retrain_seconds": sum(st.metrics.get("seconds", 0.0) for st in update.stages)
+            if exact
+            else None,
             "first_slice": first,
             "exact": update.exact,
         }

@@ -1,0 +1,60 @@
+"""`ray-unlearn sweep` refuses bad input with exit code 2 and one message naming every
+problem, before Ray, MLflow or the sweep directory are touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sweep(*args: str, cwd: Path) -> tuple[int, dict, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    p = subprocess.run(
+        [sys.executable, "-m", "ray_unlearn.cli", "sweep", *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stdout + p.stderr[-2000:]
+    return p.returncode, json.loads(lines[0]), p.stderr
+
+
+def test_every_problem_of_a_sweep_in_one_message(tmp_path):
+    code, doc, stderr = _sweep(
+        "--config",
+        str(REPO / "configs/sweep.yaml"),
+        f"storage={tmp_path}",
+        "stream.bogus=1",
+        "search.method=bayes",
+        "pareto.latency=p50",
+        cwd=tmp_path,
+    )
+    assert code == 2 and "Traceback" not in stderr
+    msg = doc["error"]
+    assert "3 problem(s)" in msg
+    assert "search.method" in msg and "'grid' or 'random'" in msg
+    assert "stream.bogus" in msg
+    assert "pareto.latency" in msg and "latency_p99_ms" in msg
+    assert not any(tmp_path.iterdir())
+
+
+def test_object_storage_without_a_tracking_server_is_refused_before_ray_starts(tmp_path):
+    code, doc, _ = _sweep(
+        "--config", str(REPO / "configs/sweep.yaml"), "storage=mock://bucket/unlearn", cwd=tmp_path
+    )
+    assert code == 2 and "MLFLOW_TRACKING_URI" in doc["error"]
+    assert "mlflow.tracking_uri" in doc["error"]
+    assert not any(tmp_path.iterdir())  # no ./sweeps, no Ray session directory
+
+
+def test_missing_sweep_file(tmp_path):
+    code, doc, _ = _sweep("--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert code == 2 and "nope.yaml" in doc["error"] and "not found" in doc["error"]
