@@ -443,18 +443,22 @@ def test_hybrid_config_validation():
 
 
 def test_plain_training_is_unchanged_by_the_hybrid_section(tmp_path):
-    """A run without recording trains as before (same weights as one that records)."""
+    """A run without recording trains as before (same weights as one that records), and
+    ``train_all_shards`` records contributions beside every version when hybrid.record."""
     a = create_run(tiny_config(tmp_path / "a", "training.torch_threads=1"))
     b = create_run(tiny_config(tmp_path / "b", *REC))
     train_all_shards(a)
-    train_and_record(b)
+    train_all_shards(b)  # hybrid.record=true: records (what `ray-unlearn train` runs locally)
     for k in range(a.config.partition.shards):
-        va = a.model_store.registry().shards[k].chain[-1]
-        vb = b.model_store.registry().shards[k].chain[-1]
+        ca = a.model_store.registry().shards[k].chain
+        cb = b.model_store.registry().shards[k].chain
         assert (
-            a.model_store.manifest(va)["weights_sha256"]
-            == b.model_store.manifest(vb)["weights_sha256"]
+            a.model_store.manifest(ca[-1])["weights_sha256"]
+            == b.model_store.manifest(cb[-1])["weights_sha256"]
         )
+        assert not any(has_contributions(a.storage, a.layout, v) for v in ca)
+        for v in cb:  # usable by DPUS: they lead to the stored weights
+            load_contributions(b.storage, b.layout, v, expect=b.model_store.load_state(v))
 
 
 def test_optimizer_momentum_comes_from_the_training_optimizer():

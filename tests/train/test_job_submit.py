@@ -56,13 +56,47 @@ def ray_head():
             time.sleep(0.5)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # this test's own process group only
-            proc.wait()
+        _stop_head(proc, temp)
         shutil.rmtree(temp, ignore_errors=True)
+    # every process of that head is gone (they all name its temp dir), and no other Ray was
+    # touched: nothing else was signalled
+    assert not _processes_of(temp), _processes_of(temp)
+
+
+def _processes_of(temp: str) -> list[int]:
+    """Pids whose command line names ``temp`` (this head's session directory)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and d.name != str(os.getpid()):
+            try:
+                if temp.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _stop_head(proc: subprocess.Popen, temp: str) -> None:
+    """SIGTERM to the head's own process group (ray start --block, GCS, raylet, dashboard,
+    workers), then SIGKILL to whatever of that group or that session is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # this test's own process group only
+        proc.wait()
+    deadline = time.time() + 15
+    while _processes_of(temp) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in _processes_of(temp):  # a Ray process that left the group but names our session
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.5)
 
 
 @pytest.mark.ray
