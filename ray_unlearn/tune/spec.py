@@ -131,8 +131,10 @@ class StopSpec(_Strict):
     )
     asha: bool = Field(
         False,
-        description="Also use Tune's ASHA scheduler on accuracy per deletion step (useful "
-        "with many trials running concurrently).",
+        description="Also use Tune's ASHA scheduler on accuracy per deletion step (rungs at "
+        "1, 4, 16 ... deletions; below the best quarter at a rung stops). It ranks on accuracy "
+        "alone, so it may drop cheap trials that would be on the front: for large random "
+        "sweeps.",
     )
 
 

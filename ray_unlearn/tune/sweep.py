@@ -11,6 +11,10 @@ trial logged to MLflow, ending in a Pareto front and a chosen config.
   so one process writes the store. Tracking URI: ``mlflow.tracking_uri``, else
   ``$MLFLOW_TRACKING_URI``, else SQLite under the storage root (MLflow 3's file store is
   deprecated and refuses to start without an opt-in).
+* Tune's search space: one grid/choice dimension per key, or, with ``search.variants``, one
+  dimension over the grid's points (each a dict of keys), so no trial mixes two variants.
+* Pareto front over ``pareto``'s three objectives (default: accuracy, unlearning CPU seconds,
+  mean latency) among the trials that finished the stream without exposing deleted data.
 * Result: ``<out>/results.json``, ``<out>/pareto.png``, ``<out>/chosen.yaml`` (a run config
   ``ray-unlearn train --config`` takes unchanged), also logged on the parent run. ``<out>``
   is ``<storage>/sweeps/<sweep id>`` for a local storage root; for an object-store root the
