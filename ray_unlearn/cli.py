@@ -517,30 +517,48 @@ def sweep(
         )
 
 
+_SWEEP_COLUMNS = {  # metric -> (header, format); short: the trial label needs the room
+    "accuracy": ("acc", ".4f"),
+    "served_accuracy": ("served", ".4f"),
+    "unlearn_cpu_s": ("cpu s", ".2f"),
+    "unlearn_s": ("wall s", ".2f"),
+    "latency_mean_ms": ("lat ms", ".2f"),
+    "latency_p99_ms": ("p99 ms", ".2f"),
+    "certified_fraction": ("cert", ".2f"),
+    "exposed_fraction": ("exp", ".2f"),
+}
+
+
 def _sweep_table(doc: dict[str, Any]) -> Table:
-    """One row per trial; the Pareto front marked *, the chosen trial >."""
-    objectives = doc["objectives"]
+    """One row per trial (its label names the policy); * Pareto front, > chosen."""
+    objectives = list(doc["objectives"])
     chosen = doc["chosen"]["label"] if doc["chosen"] else None
-    t = Table(title=f"sweep {doc['sweep_id']} (* Pareto front, > chosen)")
-    extra = ("served_accuracy", "unlearn_s", "certified_fraction", "exposed_fraction")
+    # wall seconds stay in --json unless they are the cost: the table fits 80 columns
+    extra = ("served_accuracy", "certified_fraction", "exposed_fraction")
     metrics = [*objectives, *(m for m in extra if m not in objectives)]
-    names = {"certified_fraction": "certified", "exposed_fraction": "exposed"}
-    for col in ["", "trial", "policy", "state", *(names.get(m, m) for m in metrics)]:
-        t.add_column(col.replace("_", " "))
-
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
+    states = any(r["state"] != "finished" or r.get("exposes_data") for r in doc["trials"])
+    t = Table(
+        title=f"sweep {doc['sweep_id']}: * Pareto front, > chosen",
+        title_justify="left",
+        caption="acc: test accuracy after the stream; served: accuracy of the answers given "
+        "meanwhile; cpu s / wall s: unlearning CPU / wall seconds; lat ms: per-instance "
+        "serving latency; cert / exp: certified / exposed answers",
+        caption_justify="left",
+        padding=(0, 1),
+    )
+    t.add_column("", no_wrap=True)
+    t.add_column("trial", min_width=20, overflow="fold")
+    if states:
+        t.add_column("state", overflow="fold")
+    for m in metrics:
+        t.add_column(_SWEEP_COLUMNS[m][0], justify="right", no_wrap=True)
     for r in doc["trials"]:
         mark = (">" if r["label"] == chosen else "") + ("*" if r.get("pareto") else "")
-        state = "exposes data" if r.get("exposes_data") else r["state"]
-        t.add_row(
-            mark,
-            r["label"],
-            r["policy"],
-            state,
-            *(f(r.get(m), ".4f" if "accuracy" in m else ".2f") for m in metrics),
-        )
+        state = {"finished": "ok"}.get(r["state"], r["state"])
+        if r.get("exposes_data"):
+            state = "exposes data"
+        cells = ["-" if r.get(m) is None else format(r[m], _SWEEP_COLUMNS[m][1]) for m in metrics]
+        t.add_row(mark, r["label"].replace(",", ", "), *([state] if states else []), *cells)
     return t
 
 

@@ -81,23 +81,35 @@ def plot_front(
     import matplotlib.pyplot as plt
 
     acc_m, cost_m, lat_m = list(objectives or OBJECTIVES)
-    fig, ax = plt.subplots(figsize=(7, 5))
+    # the front's labels are listed under the plot, numbered like their points
+    fig, ax = plt.subplots(figsize=(8, 5.5 + 0.22 * len(front)))
     cost = [r[cost_m] for r in rows]
     acc = [r[acc_m] for r in rows]
     lat = [r[lat_m] for r in rows]
     sc = ax.scatter(cost, acc, c=lat, cmap="viridis", s=40, label="trials")
     fig.colorbar(sc, ax=ax, label=_AXIS[lat_m])
-    fx = [cost[i] for i in front]
-    fy = [acc[i] for i in front]
-    ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="red", label="Pareto front")
-    for i in front:
-        ax.annotate(rows[i]["label"], (cost[i], acc[i]), fontsize=7, xytext=(4, 4),
+    ax.scatter(
+        [cost[i] for i in front],
+        [acc[i] for i in front],
+        s=160,
+        facecolors="none",
+        edgecolors="red",
+        label="Pareto front",
+    )
+    for n, i in enumerate(front, start=1):
+        ax.annotate(str(n), (cost[i], acc[i]), fontsize=8, color="red", xytext=(6, 4),
                     textcoords="offset points")  # fmt: skip
     ax.set_xlabel(_AXIS[cost_m])
     ax.set_ylabel(_AXIS[acc_m])
     ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    ax.legend(loc="best", fontsize=8)
+    legend = "\n".join(
+        f"{n}: {rows[i]['label']}  ({acc_m} {acc[i]:.4f}, {cost_m} {cost[i]:.3g}, "
+        f"{lat_m} {lat[i]:.3g})"
+        for n, i in enumerate(front, start=1)
+    )
+    fig.text(0.01, 0.01, legend, fontsize=7, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, 0.22 * len(front) / (5.5 + 0.22 * len(front)) + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

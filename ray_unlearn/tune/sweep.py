@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,8 +55,16 @@ MLFLOW_DB = "mlflow/mlflow.db"
 MLFLOW_ARTIFACTS = "mlflow/artifacts"
 
 
-def _label(params: dict[str, Any]) -> str:
-    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in params.items()) or "base"
+def _label(params: dict[str, Any], spec: SweepSpec | None = None) -> str:
+    """A trial's name: the keys that vary across the sweep (last dotted part, unless two
+    keys share it), so constants of a variant (its model, its epochs) stay out of it."""
+    keys = list(params)
+    if spec is not None:
+        varying = {k for k, vals in dimensions(spec).items() if len(vals) > 1}
+        keys = [k for k in keys if k in varying] or keys
+    last = [k.split(".")[-1] for k in keys]
+    names = [short if last.count(short) == 1 else k for k, short in zip(keys, last, strict=True)]
+    return ",".join(f"{n}={params[k]}" for n, k in zip(names, keys, strict=True)) or "base"
 
 
 def tracking(spec: SweepSpec, storage: Storage, create: bool = True) -> tuple[str, str | None]:
@@ -88,6 +97,37 @@ def _experiment(client: MlflowClient, name: str, artifacts: str | None) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
+class Progress(tune.Callback):
+    """One line per trial as it ends (on stderr): Tune's own tables run to ~50 lines a trial."""
+
+    def __init__(self, spec: SweepSpec, total: int):
+        self.spec, self.total, self.ended, self.t0 = spec, total, 0, time.perf_counter()
+
+    def _line(self, trial, how: str) -> None:
+        self.ended += 1
+        r = trial.last_result or {}
+        cost, lat = self.spec.pareto.cost, self.spec.pareto.latency
+
+        def f(key: str, fmt: str) -> str:
+            v = r.get(key)
+            return "-" if v is None else format(v, fmt)
+
+        print(
+            f"[{self.ended}/{self.total} {time.perf_counter() - self.t0:6.0f}s] {how:8s} "
+            f"{_label(trial_params(trial.config), self.spec)}: "
+            f"accuracy {f('accuracy', '.4f')}, {cost} {f(cost, '.2f')}, "
+            f"{lat} {f(lat, '.2f')}, after {f('deletions', 'd')} deletion(s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, "finished" if (trial.last_result or {}).get("final") else "stopped")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "FAILED")
+
+
 class MlflowTrials(tune.Callback):
     """Logs every trial as a child run of the sweep's parent run, when it ends."""
 
@@ -108,7 +148,7 @@ class MlflowTrials(tune.Callback):
         params = trial_params(trial.config)
         run = self.client.create_run(
             self.experiment_id,
-            run_name=_label(params),
+            run_name=_label(params, self.spec),
             tags={
                 "mlflow.parentRunId": self.parent,
                 "ray_unlearn.sweep": self.spec.name,
@@ -139,7 +179,7 @@ class MlflowTrials(tune.Callback):
             self.client.log_artifact(rid, str(Path(d) / "run_config.yaml"))
             if hist:
                 png = Path(d) / "trial.png"
-                plot_trial(hist, png, _label(params))
+                plot_trial(hist, png, _label(params, self.spec))
                 self.client.log_artifact(rid, str(png))
         if error:
             self.client.set_tag(rid, "error", error[:4000])
@@ -264,11 +304,11 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
             storage_path=str(out / "tune")
             if storage.local
             else f"{storage.uri}/sweeps/{sweep_id}/tune",
-            callbacks=[logger],
+            callbacks=[logger, Progress(spec, num_trials(spec))],
             stop=(lambda trial_id, result: result["accuracy"] < min_acc)
             if min_acc is not None
             else None,
-            verbose=1,
+            verbose=0,  # Progress prints a line per trial instead
         ),
     )
     status = "FINISHED"
@@ -282,7 +322,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         params = trial_params(res.config)
         m = res.metrics or {}
         row = {
-            "label": _label(params),
+            "label": _label(params, spec),
             "params": params,
             "policy": trial_policy(spec, params),
             "state": "error" if res.error else ("finished" if m.get("final") else "stopped early"),

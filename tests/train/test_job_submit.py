@@ -84,7 +84,7 @@ def _stop_head(proc: subprocess.Popen, temp: str) -> None:
     except ProcessLookupError:
         pass
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)  # `ray start --block` itself waits ~30 s for stragglers
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # this test's own process group only
         proc.wait()

@@ -20,3 +20,16 @@ def test_ray_estimator_equals_the_serial_one(ray_session):
     np.testing.assert_array_equal(serial, fanned)
     with pytest.raises(ValueError, match="models must be >= 2"):
         exact_memorization_ray(SPEC, x, y, models=0)
+
+
+def test_run_scores_with_the_estimator_on_ray(ray_session, tmp_path):
+    from ray_unlearn.platform.memorization import load_scores
+    from ray_unlearn.platform.run import create_run
+    from ray_unlearn.train.memorization import compute_run_scores_ray
+    from tests.conftest import tiny_config
+
+    ctx = create_run(tiny_config(tmp_path))
+    cost = compute_run_scores_ray(ctx, ["exact"], models=2)
+    ids, mem = load_scores(ctx, "exact")
+    assert list(cost) == ["exact"] and len(ids) == ctx.info["num_train"]
+    assert np.nanmax(np.abs(mem)) <= 1
