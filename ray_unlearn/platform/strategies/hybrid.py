@@ -20,7 +20,13 @@ shard's serving-stage batches, so ``batch`` removes much of the shard's training
 revoked rows end far *less* confident than unseen rows, and accuracy drops), ``f = 1``
 removes too little (the revoked rows still look like members). A factor in between (the
 default, 8, chosen on a development run: benchmarks/hybrid.py measures 1, 8 and ``batch``)
-brings the revoked rows' confidence to that of unseen rows while keeping accuracy. Two
+brings the revoked rows' confidence close to that of unseen rows while keeping accuracy.
+The factor trades one for the other and no value is right for every run: on the Purchase
+benchmark over held-out seeds, 8 leaves the threshold attack ~6 points above a retrained
+model (range 3.3 to 8.4 over 8 seeds) at about SISA's accuracy; 10 and 12 bring it to ~0
+to 2 but cost 0.5 to 1.7 points of accuracy. Either way the revoked rows stay ~10 points more often
+correctly classified than after retraining: subtraction removes the first-order part of a
+sample's influence, not what it shaped later. Two
 removals from the same batch in different requests take their shares of what is left
 (``f * d2 / (|batch| - d1)`` of ``(1 - f * d1 / |batch|)`` of the update): slightly less
 than ``f * d2 / |batch|`` of the original. With ``dpus_momentum`` the batch's *gradient*
