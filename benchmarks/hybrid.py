@@ -44,8 +44,10 @@ shorter streams are the prefixes of the longer one):
 Variants (the alternatives considered): what DPUS subtracts (the paper's whole batch; the
 revoked samples' share, factor 1; the default factor 8), the HS threshold (0.04: only
 one-stage retrains exact; 0.08: up to three stages), the OHS fine-tuning subset (affected
-slices / last slice), and the encoding of the recorded updates (float16 / bfloat16 /
-float32: DPUS weights vs. float32 recording). ``targets`` lists every variant.
+slices / last slice), forget calibration after DPUS (every corrected snapshot / the
+serving one only; ``hybrid.calibrate_forget``), and the encoding of the recorded updates
+(float16 / bfloat16 / float32: DPUS weights vs. float32 recording). ``targets`` lists every
+variant.
 
 Writes <out>/hybrid.json and <out>/hybrid.png and prints a table. Targets (reported, not
 asserted): HS or OHS >= 1.5x faster than SISA on the 100-request stream, accuracy within 1
@@ -117,6 +119,8 @@ DEFAULT_VARIANTS = [
     "hs[dpus_share_factor=1]",  # only the revoked samples' share (first order)
     "hs[threshold=0.08]",  # retrains of up to 3 of 5 stages exact
     "ohs[ohs_slices=last]",  # fine-tune on the newest slice only
+    "hs[calibrate_forget=true]",  # revoked rows' loss raised to non-members', all snapshots
+    "hs[calibrate_forget=true,calibrate_stages=serving]",  # ... the serving snapshot only
 ]
 QUICK_VARIANTS = ["sisa", "dpus", "hs", "ohs", "hs[dpus_scale=batch]"]
 

@@ -189,6 +189,13 @@ def forget(
         bool,
         typer.Option("--no-wait", help="Log the request durably and return without executing it."),
     ] = False,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="Strategy for this batch (see `ray-unlearn strategies`); default: the run's "
+            "unlearning.strategy."
+        ),
+    ] = None,
     storage: StorageOpt = "./runs",
     address: AddressOpt = None,
     as_json: JsonOpt = False,
@@ -202,6 +209,7 @@ def forget(
             raise ValueError("give exactly one of --owner or --samples")
         t0 = time.perf_counter()
         ctx = open_run(storage, run)
+        _check_strategy(ctx, strategy)  # before anything is logged
         ids = _parse_ids(samples) if samples is not None else None
         # Validate and log in this process: the request is durable before anything else runs.
         deadline = time.time() + deadline_s if deadline_s is not None else None
@@ -221,12 +229,13 @@ def forget(
                 from ray_unlearn.train.session import connect
 
                 connect(address)
-                get_executor(ctx.storage.uri, run, detached=True).execute_pending()
+                get_executor(ctx.storage.uri, run, detached=True).execute_pending(strategy)
             else:
                 # No cluster: this one process does the work, loading only the affected shards.
                 from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
 
-                UnlearningEngine(ctx, LocalShards(ctx), executor_name="cli").execute_pending()
+                engine = UnlearningEngine(ctx, LocalShards(ctx), executor_name="cli")
+                engine.execute_pending(strategy)
         final = ctx.deletion_log.get(rid)
         doc = {
             "run_id": run,
@@ -239,6 +248,31 @@ def forget(
             **_record_summary(final),
         }
         out.emit(doc, _request_table(doc))
+
+
+def _check_strategy(ctx, name: str | None) -> None:
+    """``--strategy``: a registered strategy the run can execute (its config's own checks:
+    approximate strategies need recorded contributions; S3T runs only deactivate)."""
+    if name is None:
+        return
+    from ray_unlearn.platform.config import RunConfig
+    from ray_unlearn.platform.s3t_runtime import is_s3t
+
+    if is_s3t(ctx) != (name == "s3t"):
+        raise ValueError(
+            f"--strategy {name!r}: run {ctx.run_id} "
+            + (
+                "is an S3T run, whose deletions are deactivations: only 's3t' applies"
+                if is_s3t(ctx)
+                else "was not trained with S3T: 's3t' does not apply"
+            )
+        )
+    doc = ctx.config.model_dump()
+    doc["unlearning"]["strategy"] = name
+    try:
+        RunConfig.model_validate(doc)
+    except ValueError as e:
+        raise ValueError(f"--strategy {name!r} does not fit run {ctx.run_id}: {e}") from None
 
 
 def _record_summary(rec) -> dict[str, Any]:

@@ -83,10 +83,25 @@ def test_train_forget_status_audit(tmp_path):
 
     ctx = open_run(store, run)
     owner = str(ctx.plan.owner_ids[ctx.plan.shards != TEST][0])
+    # A strategy the run cannot execute is refused before the request is logged.
+    for name, says in [
+        ("nope", "unknown strategy 'nope'"),
+        ("dpus", "hybrid.record=true"),  # this run recorded no contributions
+        ("s3t", "was not trained with S3T"),
+    ]:
+        code, bad = run_cli(
+            "forget", "--run", run, "--owner", owner, "--storage", store, "--strategy", name,
+            check=False,
+        )  # fmt: skip
+        assert code == 2 and says in bad["error"], bad
+    assert not os.path.exists(os.path.join(store, "runs", run, "deletions", "requests"))
+
     _, done = run_cli(
-        "forget", "--run", run, "--owner", owner, "--storage", store, "--request-id", "cli-1"
-    )
+        "forget", "--run", run, "--owner", owner, "--storage", store, "--request-id", "cli-1",
+        "--strategy", "sisa",
+    )  # fmt: skip
     assert done["request_id"] == "cli-1" and done["state"] == "done" and done["created"]
+    assert done["strategy"] == "sisa"
     assert done["versions_retired"] and done["unlearn_seconds"] > 0
 
     _, again = run_cli(

@@ -258,6 +258,28 @@ class HybridConfig(_Strict):
     ohs_lr: float | None = Field(
         1e-4, gt=0, description="OHS fine-tuning learning rate; None = training.lr."
     )
+    calibrate_forget: bool = Field(
+        False,
+        description="After every direct parameter update (dpus, and hs/ohs when they take "
+        "it), raise the revoked rows' loss on the serving model to that of rows it never saw "
+        "(other shards' rows), with a retain loss beside it (platform/hybrid.py "
+        "calibrate_forget).",
+    )
+    calibrate_stages: Literal["all", "serving"] = Field(
+        "all",
+        description="Calibrate every corrected snapshot (restart points too, so a later "
+        "exact retrain does not restart from weights that still fit the revoked rows), or "
+        "only the serving one (cheaper, gentler).",
+    )
+    calibrate_reference_rows: int = Field(
+        1024, ge=1, description="Other shards' rows whose losses set the calibration targets."
+    )
+    calibrate_max_steps: int = Field(
+        100, ge=0, description="Cap on calibration steps per shard and request batch."
+    )
+    calibrate_lr: float | None = Field(
+        None, gt=0, description="Calibration learning rate; None = training.lr."
+    )
 
 
 class RumConfig(_Strict):

@@ -416,3 +416,128 @@ def finetune(
         len(val_rows),
         time.perf_counter() - t0,
     )
+
+
+# -- forget calibration ----------------------------------------------------------------------
+
+_CALIBRATE, _REFERENCE = 0x43414C49, 0x43414C52  # "CALI", "CALR"
+
+
+def nonmember_reference(
+    ctx: RunContext, shard: int, exclude: np.ndarray, rows: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of up to ``rows`` training rows of the *other* shards (never
+    seen by ``shard``'s model: its non-members, from the data it was trained on), minus the
+    ``exclude`` ids (every deleted sample). A fixed choice by sample id; no held-out row."""
+    plan = ctx.plan
+    ids = plan.sample_ids[(plan.shards != TEST) & (plan.shards != shard)]
+    ids = ids[~np.isin(ids, np.asarray(exclude, dtype=np.int64))]
+    if len(ids) > rows:
+        ids = ids[validation_mask(ids, rows / len(ids), derive_seed(seed, _REFERENCE))]
+    pos = ctx.records.index_of(ids)
+    x = torch.from_numpy(np.ascontiguousarray(ctx.records.features[pos]))
+    y = torch.from_numpy(ctx.records.labels[pos].astype(np.int64))
+    return x, y
+
+
+@torch.no_grad()
+def _per_sample_loss(model, x, y) -> torch.Tensor:
+    model.eval()
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def quantile_targets(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per forget row, the reference loss at the quantile its rank among the forget rows
+    takes ((i + 0.5) / n, ranks by current loss): ``n`` rows that look like ``n`` draws of
+    non-members, in the order the model already sees them (the easiest stays the easiest)."""
+    n = len(current)
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    levels = torch.quantile(reference.double(), q).float()
+    out = torch.empty_like(current)
+    out[torch.argsort(current)] = levels
+    return out
+
+
+@dataclass
+class CalibrationResult:
+    state: StateDict
+    steps: int
+    forget_loss_before: float
+    forget_loss_after: float
+    target_loss: float
+    reached: bool
+    seconds: float = 0.0
+
+
+def calibrate_forget(
+    state: StateDict,
+    data: ShardData,
+    forget_rows: np.ndarray,
+    retain_rows: np.ndarray,
+    reference: tuple[torch.Tensor, torch.Tensor],
+    *,
+    model_cfg: ModelConfig,
+    train_cfg: TrainingConfig,
+    feature_shape,
+    num_classes: int,
+    lr: float | None,
+    max_steps: int,
+    seed_parts: tuple[int, ...],
+    stage: int,
+    recorder: ContributionRecorder | None = None,
+) -> CalibrationResult:
+    """Raise the loss of the revoked rows (``forget_rows`` of ``data``) to what the model
+    gives rows it never saw (``reference``), without hurting the rest.
+
+    After a direct parameter update the revoked rows are still fitted better than unseen
+    rows (their influence on later steps is not removed), which is what a membership attack
+    sees. Each revoked row gets a target loss (:func:`quantile_targets` of the reference
+    losses); each step takes a retain batch's loss minus the mean of the revoked rows'
+    losses *capped at their targets* (a row at its target gets no more push), until every
+    row is at its target or ``max_steps``. Steps are given to ``recorder`` as steps of
+    ``stage`` with the retain batch's ids (the revoked ids are gone from the shard)."""
+    import time
+
+    t0 = time.perf_counter()
+    model = build_model(model_cfg, feature_shape, num_classes)
+    model.load_state_dict(state)
+    fidx = torch.from_numpy(np.asarray(forget_rows, dtype=np.int64))
+    xf, yf = data.features[fidx], data.labels[fidx]
+    ref_x, ref_y = reference
+    current = _per_sample_loss(model, xf, yf)
+    before = float(current.mean()) if len(current) else float("nan")
+    if not len(forget_rows) or not len(ref_y) or not len(retain_rows) or max_steps == 0:
+        return CalibrationResult(state, 0, before, before, float("nan"), False)
+    targets = quantile_targets(current, _per_sample_loss(model, ref_x, ref_y))
+    cfg = train_cfg.model_copy(update={"lr": lr or train_cfg.lr})
+    opt = _optimizer(model, cfg)
+    params = dict(model.named_parameters())
+    rng = np.random.default_rng(derive_seed(*seed_parts, _CALIBRATE))
+    steps = 0
+    while steps < max_steps and bool((current < targets).any()):
+        pick = rng.choice(len(retain_rows), min(cfg.batch_size, len(retain_rows)), replace=False)
+        rows = retain_rows[pick]
+        ridx = torch.from_numpy(rows)
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        lf = F.cross_entropy(model(xf), yf, reduction="none")
+        push = torch.minimum(lf, targets).mean()
+        (F.cross_entropy(model(data.features[ridx]), data.labels[ridx]) - push).backward()
+        if recorder is None:
+            opt.step()
+        else:
+            prev = {k: p.detach().clone() for k, p in params.items()}
+            opt.step()
+            after = {k: p.detach() for k, p in params.items()}
+            recorder(stage, steps, data.sample_ids[rows], prev, after)
+        steps += 1
+        current = _per_sample_loss(model, xf, yf)
+    return CalibrationResult(
+        snapshot(model),
+        steps,
+        before,
+        float(current.mean()),
+        float(targets.mean()),
+        bool((current >= targets).all()),
+        time.perf_counter() - t0,
+    )

@@ -472,3 +472,105 @@ def test_optimizer_momentum_comes_from_the_training_optimizer():
 def test_stage_contributions_reject_inconsistent_shapes():
     with pytest.raises(ValueError, match="inconsistent"):
         StageContributions(0, {"w": torch.zeros(2, 3)}, np.array([0, 1]), np.array([5]))
+
+
+# -- forget calibration -------------------------------------------------------------------------
+
+
+def test_quantile_targets_keep_the_order_and_take_reference_quantiles():
+    from ray_unlearn.platform.hybrid import quantile_targets
+
+    ref = torch.arange(101, dtype=torch.float32) / 100  # quantile q is q itself
+    got = quantile_targets(torch.tensor([0.9, 0.1, 0.5, 0.2]), ref)
+    # ranks 3, 0, 2, 1 of 4 -> quantiles (r + 0.5) / 4
+    assert torch.allclose(got, torch.tensor([0.875, 0.125, 0.625, 0.375]))
+    assert torch.allclose(quantile_targets(torch.tensor([0.01]), ref), torch.tensor([0.5]))
+
+
+def test_nonmember_reference_is_other_shards_minus_the_deleted(recorded_run):
+    from ray_unlearn.platform.hybrid import nonmember_reference
+
+    ctx = recorded_run
+    plan = ctx.plan
+    others = plan.sample_ids[(plan.shards != TEST) & (plan.shards != 1)]
+    gone = others[:7]
+    x, y = nonmember_reference(ctx, 1, gone, rows=10_000, seed=0)
+    assert len(y) == len(others) - 7
+    want = ctx.records.index_of(np.setdiff1d(others, gone))
+    assert torch.equal(y, torch.from_numpy(ctx.records.labels[want].astype(np.int64)))
+    xs, _ = nonmember_reference(ctx, 1, gone, rows=20, seed=0)
+    assert 5 < len(xs) < 40  # a hashed ~20 of them
+    again, _ = nonmember_reference(ctx, 1, gone, rows=20, seed=0)
+    assert torch.equal(xs, again)
+
+
+def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run):
+    from ray_unlearn.platform.hybrid import _per_sample_loss
+    from ray_unlearn.platform.models import build_model
+
+    ctx = recorded_run
+    hy = ctx.config.hybrid
+    hy.threshold = 0.0  # always DPUS
+    shard = 2
+    state = _state(ctx, shard)
+    deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 0))
+    plain = get_strategy("dpus")(ctx).unlearn_shard(state, deleted)
+    hy.calibrate_forget = True
+    update = get_strategy("dpus")(ctx).unlearn_shard(state, deleted)
+    assert update.first_stage == 0 and len(update.stages) == len(state.chain)
+    for st in update.stages:  # every corrected snapshot, restart points included
+        m = st.metrics
+        assert m["calibrate_steps"] == 0 or m["calibrate_reached"] or m["calibrate_steps"] == 100
+        assert m["calibrate_forget_loss_after"] >= m["calibrate_forget_loss_before"]
+    assert update.stages[-1].metrics["calibrate_steps"] > 0
+
+    def losses(st):
+        model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
+        model.load_state_dict(st)
+        data = state.data
+        rows = torch.from_numpy(np.flatnonzero(np.isin(data.sample_ids, deleted)))
+        keep = torch.from_numpy(np.flatnonzero(~np.isin(data.sample_ids, deleted)))
+        return (
+            _per_sample_loss(model, data.features[rows], data.labels[rows]).mean(),
+            _per_sample_loss(model, data.features[keep], data.labels[keep]).mean(),
+        )
+
+    f_plain, r_plain = losses(plain.stages[-1].state)
+    f_cal, r_cal = losses(update.stages[-1].state)
+    assert f_cal > f_plain and r_cal < r_plain + 0.5  # forgotten more, the rest kept
+    # the calibration steps are recorded with the retain rows' ids (a later DPUS of them
+    # works), and the chain still adds up: W'_r = W'_{r-1} + sum(contributions_r)
+    gen = int(state.chain[-1].rsplit("-g", 1)[1]) + 1
+    for r, st in enumerate(update.stages):
+        vid = f"s{shard:03d}-r{r:02d}-g{gen:04d}"
+        c = load_contributions(ctx.storage, ctx.layout, vid, expect=st.state)
+        assert c.steps == st.metrics["dpus_kept_steps"] + st.metrics["calibrate_steps"]
+        assert not np.isin(deleted, c.ids).any()
+        if r:
+            prev = update.stages[r - 1].state
+            assert _close({k: prev[k] + c.total()[k] for k in prev}, st.state, atol=1e-4)
+
+
+def test_calibration_stops_at_the_targets(recorded_run):
+    from ray_unlearn.platform.hybrid import calibrate_forget, nonmember_reference
+
+    ctx = recorded_run
+    cfg = ctx.config
+    data = ctx.shard_data(0)
+    state = ctx.model_store.load_state(ctx.model_store.registry().shards[0].chain[-1])
+    forget = np.flatnonzero(np.isin(data.sample_ids, data.sample_ids[:3]))
+    kw = dict(
+        model_cfg=cfg.model,
+        train_cfg=cfg.training,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+        lr=None,
+        seed_parts=(0, 0, 1),
+        stage=data.num_slices - 1,
+    )
+    ref = nonmember_reference(ctx, 0, data.sample_ids[:3], 512, 0)
+    res = calibrate_forget(state, data, forget, np.arange(3, len(data)), ref, max_steps=500, **kw)
+    assert res.reached and 0 < res.steps < 500
+    assert res.forget_loss_after >= res.forget_loss_before
+    none = calibrate_forget(state, data, forget, np.arange(3, len(data)), ref, max_steps=0, **kw)
+    assert none.steps == 0 and none.state is state
