@@ -192,7 +192,8 @@ def forget(
     strategy: Annotated[
         str | None,
         typer.Option(
-            help="Strategy for this batch (see `ray-unlearn strategies`); default: the run's "
+            help="Strategy for this execution, which takes every request still unfinished "
+            "as one batch (see `ray-unlearn strategies`); default: the run's "
             "unlearning.strategy."
         ),
     ] = None,
@@ -208,9 +209,14 @@ def forget(
         if (owner is None) == (samples is None):
             raise ValueError("give exactly one of --owner or --samples")
         t0 = time.perf_counter()
+        if strategy is not None and no_wait:
+            raise ValueError(
+                "--strategy applies to an execution now; with --no-wait the request is executed "
+                "later with the run's unlearning.strategy (or the executor's): drop one of them"
+            )
         ctx = open_run(storage, run)
-        _check_strategy(ctx, strategy)  # before anything is logged
         ids = _parse_ids(samples) if samples is not None else None
+        _check_strategy(ctx, strategy, owner, ids)  # before anything is logged
         # Validate and log in this process: the request is durable before anything else runs.
         deadline = time.time() + deadline_s if deadline_s is not None else None
         record, created = submit_request(
@@ -250,9 +256,11 @@ def forget(
         out.emit(doc, _request_table(doc))
 
 
-def _check_strategy(ctx, name: str | None) -> None:
+def _check_strategy(ctx, name: str | None, owner: str | None = None, ids=None) -> None:
     """``--strategy``: a registered strategy the run can execute (its config's own checks:
-    approximate strategies need recorded contributions; S3T runs only deactivate)."""
+    approximate strategies need recorded contributions; S3T runs only deactivate). For
+    ``dpus``, which cannot fall back to retraining, every version it would correct must have
+    its contributions (an exact SISA retrain does not record them)."""
     if name is None:
         return
     from ray_unlearn.platform.config import RunConfig
@@ -273,6 +281,28 @@ def _check_strategy(ctx, name: str | None) -> None:
         RunConfig.model_validate(doc)
     except ValueError as e:
         raise ValueError(f"--strategy {name!r} does not fit run {ctx.run_id}: {e}") from None
+    if name == "dpus":
+        _check_contributions(ctx, owner, ids)
+
+
+def _check_contributions(ctx, owner: str | None, ids) -> None:
+    from ray_unlearn.platform.contributions import has_contributions
+
+    try:
+        wanted = ctx.plan.samples_of_owner(owner) if owner is not None else ids
+        affected = ctx.plan.affected(wanted)
+    except (KeyError, ValueError):
+        return  # unknown owner or ids: submit_request reports them
+    reg = ctx.model_store.registry()
+    for k, first in sorted(affected.items()):
+        chain = reg.shards[k].chain
+        missing = [v for v in chain[first:] if not has_contributions(ctx.storage, ctx.layout, v)]
+        if missing:
+            raise ValueError(
+                f"--strategy dpus: shard {k}'s versions {', '.join(missing)} have no recorded "
+                "contributions (an exact retrain wrote them without recording), so DPUS cannot "
+                "correct them; use hs or ohs, which retrain such a shard exactly"
+            )
 
 
 def _record_summary(rec) -> dict[str, Any]:

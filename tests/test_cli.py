@@ -62,6 +62,15 @@ def test_bad_sweep_is_refused_before_anything_starts(tmp_path):
     assert not any(tmp_path.iterdir())  # no MLflow store, no sweep directory
 
 
+def test_forget_refuses_a_strategy_it_would_not_use(tmp_path):
+    code, doc = run_cli(
+        "forget", "--run", "any", "--owner", "o", "--storage", str(tmp_path), "--no-wait",
+        "--strategy", "hs", check=False,
+    )  # fmt: skip
+    assert code == 2 and "--no-wait" in doc["error"] and "--strategy" in doc["error"]
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.ray
 def test_train_forget_status_audit(tmp_path):
     store = str(tmp_path / "store")

@@ -262,8 +262,8 @@ class HybridConfig(_Strict):
         False,
         description="After every direct parameter update (dpus, and hs/ohs when they take "
         "it), raise the revoked rows' loss on the serving model to that of rows it never saw "
-        "(other shards' rows), with a retain loss beside it (platform/hybrid.py "
-        "calibrate_forget).",
+        "(other shards' rows: it needs two or more shards), with a retain loss beside it "
+        "(platform/hybrid.py calibrate_forget).",
     )
     calibrate_stages: Literal["all", "serving"] = Field(
         "all",

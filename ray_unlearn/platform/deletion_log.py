@@ -357,6 +357,14 @@ class DeletionLog:
                 out.update(r.request.sample_ids)
         return out
 
+    def requested_sample_ids(self) -> set[int]:
+        """Samples named by any logged request, whatever its state (pending, executing, done
+        or failed): everything that must not be used any more."""
+        out: set[int] = set()
+        for r in self.records():
+            out.update(r.request.sample_ids)
+        return out
+
     def requests_for_sample(self, sample_id: int) -> list[RequestRecord]:
         """Every request naming ``sample_id`` (audit)."""
         sid = operator.index(sample_id)

@@ -483,8 +483,6 @@ def calibrate_forget(
     lr: float | None,
     max_steps: int,
     seed_parts: tuple[int, ...],
-    stage: int,
-    recorder: ContributionRecorder | None = None,
 ) -> CalibrationResult:
     """Raise the loss of the revoked rows (``forget_rows`` of ``data``) to what the model
     gives rows it never saw (``reference``), without hurting the rest.
@@ -494,8 +492,10 @@ def calibrate_forget(
     sees. Each revoked row gets a target loss (:func:`quantile_targets` of the reference
     losses); each step takes a retain batch's loss minus the mean of the revoked rows'
     losses *capped at their targets* (a row at its target gets no more push), until every
-    row is at its target or ``max_steps``. Steps are given to ``recorder`` as steps of
-    ``stage`` with the retain batch's ids (the revoked ids are gone from the shard)."""
+    row is at its target or ``max_steps``. The steps are not recorded one by one: each holds
+    a gradient of the revoked rows, so the caller records the whole change as one step with
+    no sample ids (nothing a later deletion could take back, nothing of the revoked rows
+    beyond what the weights show)."""
     import time
 
     t0 = time.perf_counter()
@@ -511,7 +511,6 @@ def calibrate_forget(
     targets = quantile_targets(current, _per_sample_loss(model, ref_x, ref_y))
     cfg = train_cfg.model_copy(update={"lr": lr or train_cfg.lr})
     opt = _optimizer(model, cfg)
-    params = dict(model.named_parameters())
     rng = np.random.default_rng(derive_seed(*seed_parts, _CALIBRATE))
     steps = 0
     while steps < max_steps and bool((current < targets).any()):
@@ -523,13 +522,7 @@ def calibrate_forget(
         lf = F.cross_entropy(model(xf), yf, reduction="none")
         push = torch.minimum(lf, targets).mean()
         (F.cross_entropy(model(data.features[ridx]), data.labels[ridx]) - push).backward()
-        if recorder is None:
-            opt.step()
-        else:
-            prev = {k: p.detach().clone() for k, p in params.items()}
-            opt.step()
-            after = {k: p.detach() for k, p in params.items()}
-            recorder(stage, steps, data.sample_ids[rows], prev, after)
+        opt.step()
         steps += 1
         current = _per_sample_loss(model, xf, yf)
     return CalibrationResult(

@@ -504,51 +504,125 @@ def test_nonmember_reference_is_other_shards_minus_the_deleted(recorded_run):
     assert torch.equal(xs, again)
 
 
-def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run):
+def _losses(ctx, data, st, deleted):
     from ray_unlearn.platform.hybrid import _per_sample_loss
     from ray_unlearn.platform.models import build_model
 
+    model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
+    model.load_state_dict(st)
+    gone = np.isin(data.sample_ids, deleted)
+    rows, keep = torch.from_numpy(np.flatnonzero(gone)), torch.from_numpy(np.flatnonzero(~gone))
+    return (
+        _per_sample_loss(model, data.features[rows], data.labels[rows]).mean(),
+        _per_sample_loss(model, data.features[keep], data.labels[keep]).mean(),
+    )
+
+
+@pytest.mark.parametrize("strategy", ["dpus", "ohs"])
+def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run, strategy):
     ctx = recorded_run
     hy = ctx.config.hybrid
     hy.threshold = 0.0  # always DPUS
     shard = 2
     state = _state(ctx, shard)
+    deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 1))  # stages 1.. corrected
+    plain = get_strategy(strategy)(ctx).unlearn_shard(state, deleted)
+    hy.calibrate_forget = True
+    update = get_strategy(strategy)(ctx).unlearn_shard(state, deleted)
+    assert update.first_stage == 1 and len(update.stages) == len(state.chain) - 1
+    for st in update.stages:  # every corrected snapshot, the restart points included
+        m = st.metrics
+        # every revoked row reached its target (rows already above it get no push and may
+        # drift down a little), unless the step cap ended it
+        assert m["calibrate_reached"] or m["calibrate_steps"] == 100
+    assert update.stages[0].metrics["calibrate_steps"] > 0  # a restart point was calibrated
+    f_plain, r_plain = _losses(ctx, state.data, plain.stages[-1].state, deleted)
+    f_cal, r_cal = _losses(ctx, state.data, update.stages[-1].state, deleted)
+    assert f_cal > f_plain and r_cal < r_plain + 0.5  # forgotten more, the rest kept
+    # The calibration is one recorded step per snapshot with no sample ids (its steps held
+    # gradients of the revoked rows), and the chain still adds up from the kept parent:
+    # W'_r = W'_{r-1} + sum(contributions_r).
+    gen = int(state.chain[-1].rsplit("-g", 1)[1]) + 1
+    prev = state.snapshots[0]
+    for st in update.stages:
+        vid = f"s{shard:03d}-r{st.stage:02d}-g{gen:04d}"
+        c = load_contributions(ctx.storage, ctx.layout, vid, expect=st.state)
+        m = st.metrics
+        took = 1 if m["calibrate_steps"] else 0
+        assert c.steps == m["dpus_kept_steps"] + m.get("ohs_finetune_steps", 0) + took
+        if took:
+            assert len(c.batch_ids(c.steps - 1)) == 0
+        assert not np.isin(deleted, c.ids).any()
+        assert _close({k: prev[k] + c.total()[k] for k in prev}, st.state, atol=1e-4)
+        prev = st.state
+
+
+def test_calibrating_the_serving_snapshot_only(recorded_run):
+    ctx = recorded_run
+    hy = ctx.config.hybrid
+    shard = 2
+    state = _state(ctx, shard)
     deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 0))
     plain = get_strategy("dpus")(ctx).unlearn_shard(state, deleted)
-    hy.calibrate_forget = True
+    hy.calibrate_forget, hy.calibrate_stages = True, "serving"
     update = get_strategy("dpus")(ctx).unlearn_shard(state, deleted)
-    assert update.first_stage == 0 and len(update.stages) == len(state.chain)
-    for st in update.stages:  # every corrected snapshot, restart points included
-        m = st.metrics
-        assert m["calibrate_steps"] == 0 or m["calibrate_reached"] or m["calibrate_steps"] == 100
-        assert m["calibrate_forget_loss_after"] >= m["calibrate_forget_loss_before"]
+    for a, b in zip(update.stages[:-1], plain.stages[:-1], strict=True):  # restart points: DPUS
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+        assert "calibrate_steps" not in a.metrics
     assert update.stages[-1].metrics["calibrate_steps"] > 0
 
-    def losses(st):
-        model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
-        model.load_state_dict(st)
-        data = state.data
-        rows = torch.from_numpy(np.flatnonzero(np.isin(data.sample_ids, deleted)))
-        keep = torch.from_numpy(np.flatnonzero(~np.isin(data.sample_ids, deleted)))
-        return (
-            _per_sample_loss(model, data.features[rows], data.labels[rows]).mean(),
-            _per_sample_loss(model, data.features[keep], data.labels[keep]).mean(),
-        )
 
-    f_plain, r_plain = losses(plain.stages[-1].state)
-    f_cal, r_cal = losses(update.stages[-1].state)
-    assert f_cal > f_plain and r_cal < r_plain + 0.5  # forgotten more, the rest kept
-    # the calibration steps are recorded with the retain rows' ids (a later DPUS of them
-    # works), and the chain still adds up: W'_r = W'_{r-1} + sum(contributions_r)
-    gen = int(state.chain[-1].rsplit("-g", 1)[1]) + 1
-    for r, st in enumerate(update.stages):
-        vid = f"s{shard:03d}-r{r:02d}-g{gen:04d}"
-        c = load_contributions(ctx.storage, ctx.layout, vid, expect=st.state)
-        assert c.steps == st.metrics["dpus_kept_steps"] + st.metrics["calibrate_steps"]
-        assert not np.isin(deleted, c.ids).any()
+def test_a_later_dpus_works_on_a_calibrated_shard(recorded_run):
+    ctx = recorded_run
+    ctx.config.hybrid.threshold = 0.0
+    ctx.config.hybrid.calibrate_forget = True
+    shard = 1
+    eng = UnlearningEngine(ctx, LocalShards(ctx))
+    for i, owner in enumerate([_owner_in(ctx, shard, 0), _owner_in(ctx, shard, 0, skip=1)]):
+        eng.submit(owner_id=owner, request_id=f"r{i}")
+        (rec,) = eng.execute_pending(strategy="dpus")
+        assert rec.state.value == "done", rec.details
+    chain = ctx.model_store.registry().shards[shard].chain
+    for r, vid in enumerate(chain):
+        w = ctx.model_store.load_state(vid)
+        assert all(torch.isfinite(v).all() for v in w.values())
+        c = load_contributions(ctx.storage, ctx.layout, vid, expect=w)
         if r:
-            prev = update.stages[r - 1].state
-            assert _close({k: prev[k] + c.total()[k] for k in prev}, st.state, atol=1e-4)
+            prev = ctx.model_store.load_state(chain[r - 1])
+            assert _close({k: prev[k] + c.total()[k] for k in prev}, w, atol=1e-4)
+    assert audit(ctx)["clean"]
+
+
+def test_requested_ids_include_requests_not_yet_done(recorded_run):
+    ctx = recorded_run
+    eng = UnlearningEngine(ctx, LocalShards(ctx))
+    a, b = _owner_in(ctx, 0), _owner_in(ctx, 1)
+    eng.submit(owner_id=a, request_id="a")  # pending
+    log = ctx.deletion_log
+    assert set(ctx.plan.samples_of_owner(a).tolist()) <= log.requested_sample_ids()
+    assert not log.deleted_sample_ids()
+    eng.submit(owner_id=b, request_id="b")
+    want = set(np.concatenate([ctx.plan.samples_of_owner(o) for o in (a, b)]).tolist())
+    assert log.requested_sample_ids() == want
+
+
+def test_dpus_is_refused_before_logging_where_a_version_has_no_contributions(recorded_run):
+    from ray_unlearn.cli import _check_strategy
+
+    ctx = recorded_run
+    shard = 2
+    eng = UnlearningEngine(ctx, LocalShards(ctx))
+    eng.submit(owner_id=_owner_in(ctx, shard, 0), request_id="x")
+    eng.execute_pending(strategy="sisa")  # an exact retrain that records nothing
+    later = _owner_in(ctx, shard, 0, skip=1)
+    with pytest.raises(ValueError, match="no recorded contributions"):
+        _check_strategy(ctx, "dpus", later)
+    _check_strategy(ctx, "hs", later)  # hs retrains such a shard exactly
+    _check_strategy(ctx, "dpus", _owner_in(ctx, 0))  # another shard still has them
+    with pytest.raises(ValueError, match="was not trained with S3T"):
+        _check_strategy(ctx, "s3t", later)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        _check_strategy(ctx, "nope", later)
 
 
 def test_calibration_stops_at_the_targets(recorded_run):
@@ -566,7 +640,6 @@ def test_calibration_stops_at_the_targets(recorded_run):
         num_classes=ctx.num_classes,
         lr=None,
         seed_parts=(0, 0, 1),
-        stage=data.num_slices - 1,
     )
     ref = nonmember_reference(ctx, 0, data.sample_ids[:3], 512, 0)
     res = calibrate_forget(state, data, forget, np.arange(3, len(data)), ref, max_steps=500, **kw)

@@ -359,9 +359,9 @@ class HybridBase(UnlearningStrategy):
         hy = cfg.hybrid
         data = state.data
         gone = np.isin(data.sample_ids, deleted)
-        every_deleted = np.union1d(
-            np.fromiter(ctx.deletion_log.deleted_sample_ids(), dtype=np.int64), deleted
-        )
+        # every id any request names (this batch's other shards too, and pending ones)
+        named = ctx.deletion_log.requested_sample_ids()
+        every_deleted = np.union1d(np.fromiter(named, dtype=np.int64, count=len(named)), deleted)
         reference = nonmember_reference(
             ctx, data.shard, every_deleted, hy.calibrate_reference_rows, cfg.seed
         )
@@ -376,7 +376,6 @@ class HybridBase(UnlearningStrategy):
                     for k, v in st.state.items()
                 }
             forget = np.flatnonzero(gone & (data.slices <= st.stage))
-            rec = ContributionRecorder(hy.dtype)
             res = calibrate_forget(
                 st.state,
                 data,
@@ -390,12 +389,11 @@ class HybridBase(UnlearningStrategy):
                 lr=hy.calibrate_lr,
                 max_steps=hy.calibrate_max_steps,
                 seed_parts=(cfg.seed, data.shard, gen, st.stage),
-                stage=st.stage,
-                recorder=rec,
             )
-            if res.steps:
-                rec.set_parameters(st.state)
-                kept[i] = kept[i].extended(rec.take(st.stage).head(res.steps))
+            if res.steps:  # one recorded step, no ids (see calibrate_forget)
+                rec = ContributionRecorder(hy.dtype)
+                rec(st.stage, 0, np.empty(0, dtype=np.int64), st.state, res.state)
+                kept[i] = kept[i].extended(rec.take(st.stage))
                 delta = {k: res.state[k].float() - st.state[k].float() for k in kept[i].deltas}
                 shift = delta if shift is None else {k: shift[k] + delta[k] for k in shift}
                 st.state = res.state
