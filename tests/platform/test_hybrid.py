@@ -543,18 +543,21 @@ def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run, 
     # gradients of the revoked rows), and the chain still adds up from the kept parent:
     # W'_r = W'_{r-1} + sum(contributions_r).
     gen = int(state.chain[-1].rsplit("-g", 1)[1]) + 1
-    prev = state.snapshots[0]
-    for st in update.stages:
+    prev, prev_took = state.snapshots[0], False
+    for st, dp in zip(update.stages, plain.stages, strict=True):
         vid = f"s{shard:03d}-r{st.stage:02d}-g{gen:04d}"
         c = load_contributions(ctx.storage, ctx.layout, vid, expect=st.state)
         m = st.metrics
-        took = 1 if m["calibrate_steps"] else 0
-        assert c.steps == m["dpus_kept_steps"] + m.get("ohs_finetune_steps", 0) + took
-        if took:
+        took = bool(m["calibrate_steps"])
+        extra = 1 if took or prev_took else 0  # its own change minus the previous one's
+        assert c.steps == m["dpus_kept_steps"] + m.get("ohs_finetune_steps", 0) + extra
+        if extra:
             assert len(c.batch_ids(c.steps - 1)) == 0
         assert not np.isin(deleted, c.ids).any()
         assert _close({k: prev[k] + c.total()[k] for k in prev}, st.state, atol=1e-4)
-        prev = st.state
+        if not took and strategy == "dpus":  # calibrated independently: nothing carried in
+            assert _close(st.state, dp.state, atol=0)
+        prev, prev_took = st.state, took
 
 
 def test_calibrating_the_serving_snapshot_only(recorded_run):

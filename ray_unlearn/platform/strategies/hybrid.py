@@ -101,6 +101,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from ray_unlearn.platform.contributions import (
     ContributionRecorder,
@@ -349,12 +350,15 @@ class HybridBase(UnlearningStrategy):
         stages: list[StageResult],
         kept: list[StageContributions],
     ) -> None:
-        """Forget calibration of every corrected snapshot, in place, oldest first.
+        """Forget calibration of every corrected snapshot, in place.
 
         The restart points are calibrated too: an exact retrain that later restarts from
-        one would otherwise bring back what calibrating only the serving stage removed.
-        Stage r's calibration steps are recorded as contributions of r and added to every
-        later stage's weights, so ``W'_r = W'_{r-1} + sum(contributions_r)`` still holds."""
+        one would otherwise bring back what calibrating only the serving stage removed. Each
+        snapshot is calibrated from its own DPUS weights, independently: carrying a stage's
+        change into the later ones compounds (the serving model, pushed once per corrected
+        stage, ends far *less* sure of the revoked rows than a retrained one, and loses
+        accuracy). The chain still adds up: stage r records one step with no ids, its own
+        change minus stage r-1's, so ``W'_r = W'_{r-1} + sum(contributions_r)``."""
         ctx, cfg = self.ctx, self.ctx.config
         hy = cfg.hybrid
         data = state.data
@@ -366,15 +370,10 @@ class HybridBase(UnlearningStrategy):
             ctx, data.shard, every_deleted, hy.calibrate_reference_rows, cfg.seed
         )
         gen = _generation(state.chain[-1]) + 1
-        shift: dict | None = None  # the earlier stages' calibration, carried forward
+        before: dict | None = None  # the previous stage's calibration change
         for i, st in enumerate(stages):
             if hy.calibrate_stages == "serving" and i < len(stages) - 1:
                 continue
-            if shift is not None:
-                st.state = {
-                    k: (v.float() + shift[k]).to(v.dtype) if k in shift else v
-                    for k, v in st.state.items()
-                }
             forget = np.flatnonzero(gone & (data.slices <= st.stage))
             res = calibrate_forget(
                 st.state,
@@ -390,13 +389,20 @@ class HybridBase(UnlearningStrategy):
                 max_steps=hy.calibrate_max_steps,
                 seed_parts=(cfg.seed, data.shard, gen, st.stage),
             )
-            if res.steps:  # one recorded step, no ids (see calibrate_forget)
+            keys = list(kept[i].deltas)
+            own = (
+                {k: res.state[k].float() - st.state[k].float() for k in keys} if res.steps else None
+            )
+            if own is not None or before is not None:  # one recorded step, no ids
+                zero = {k: torch.zeros_like(st.state[k], dtype=torch.float32) for k in keys}
+                net = {
+                    k: (own or zero)[k] - (before or zero)[k] for k in keys
+                }  # fmt: skip
                 rec = ContributionRecorder(hy.dtype)
-                rec(st.stage, 0, np.empty(0, dtype=np.int64), st.state, res.state)
+                rec(st.stage, 0, np.empty(0, dtype=np.int64), zero, net)
                 kept[i] = kept[i].extended(rec.take(st.stage))
-                delta = {k: res.state[k].float() - st.state[k].float() for k in kept[i].deltas}
-                shift = delta if shift is None else {k: shift[k] + delta[k] for k in shift}
-                st.state = res.state
+            before = own
+            st.state = res.state
             st.metrics.update(
                 calibrate_steps=float(res.steps),
                 calibrate_forget_loss_before=res.forget_loss_before,
