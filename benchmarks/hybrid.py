@@ -120,7 +120,7 @@ DEFAULT_VARIANTS = [
     "hs[threshold=0.08]",  # retrains of up to 3 of 5 stages exact
     "ohs[ohs_slices=last]",  # fine-tune on the newest slice only
     "hs[calibrate_forget=true]",  # revoked rows' loss raised to non-members', all snapshots
-    "hs[calibrate_forget=true,calibrate_stages=serving]",  # ... the serving snapshot only
+    "hs[calibrate_forget=true,calibrate_depth=2]",  # ... the serving one and its restart point
 ]
 QUICK_VARIANTS = ["sisa", "dpus", "hs", "ohs", "hs[dpus_scale=batch]"]
 

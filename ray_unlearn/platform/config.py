@@ -265,11 +265,16 @@ class HybridConfig(_Strict):
         "(other shards' rows: it needs two or more shards), with a retain loss beside it "
         "(platform/hybrid.py calibrate_forget).",
     )
-    calibrate_stages: Literal["all", "serving"] = Field(
-        "all",
-        description="Calibrate every corrected snapshot (restart points too, so a later "
-        "exact retrain does not restart from weights that still fit the revoked rows), or "
-        "only the serving one (cheaper, gentler).",
+    calibrate_depth: int | None = Field(
+        None,
+        ge=1,
+        description="How many of the newest corrected snapshots to calibrate: None = all "
+        "(restart points too, so a later exact retrain does not restart from weights that "
+        "still fit the revoked rows); 1 = the serving one only; 2 = it and the restart point "
+        "of a one-stage exact retrain (what hs does at a small threshold).",
+    )
+    calibrate_batch_size: int | None = Field(
+        None, ge=1, description="Retain rows per calibration step; None = training.batch_size."
     )
     calibrate_reference_rows: int = Field(
         1024, ge=1, description="Other shards' rows whose losses set the calibration targets."

@@ -483,6 +483,7 @@ def calibrate_forget(
     lr: float | None,
     max_steps: int,
     seed_parts: tuple[int, ...],
+    batch_size: int | None = None,
 ) -> CalibrationResult:
     """Raise the loss of the revoked rows (``forget_rows`` of ``data``) to what the model
     gives rows it never saw (``reference``), without hurting the rest.
@@ -509,7 +510,9 @@ def calibrate_forget(
     if not len(forget_rows) or not len(ref_y) or not len(retain_rows) or max_steps == 0:
         return CalibrationResult(state, 0, before, before, float("nan"), False)
     targets = quantile_targets(current, _per_sample_loss(model, ref_x, ref_y))
-    cfg = train_cfg.model_copy(update={"lr": lr or train_cfg.lr})
+    cfg = train_cfg.model_copy(
+        update={"lr": lr or train_cfg.lr, "batch_size": batch_size or train_cfg.batch_size}
+    )
     opt = _optimizer(model, cfg)
     rng = np.random.default_rng(derive_seed(*seed_parts, _CALIBRATE))
     steps = 0

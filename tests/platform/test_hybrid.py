@@ -567,7 +567,7 @@ def test_calibrating_the_serving_snapshot_only(recorded_run):
     state = _state(ctx, shard)
     deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 0))
     plain = get_strategy("dpus")(ctx).unlearn_shard(state, deleted)
-    hy.calibrate_forget, hy.calibrate_stages = True, "serving"
+    hy.calibrate_forget, hy.calibrate_depth = True, 1
     update = get_strategy("dpus")(ctx).unlearn_shard(state, deleted)
     for a, b in zip(update.stages[:-1], plain.stages[:-1], strict=True):  # restart points: DPUS
         assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)

@@ -66,11 +66,11 @@ rows are still fitted better than rows the model never saw, and that is what a m
 attack reads. Calibration raises each revoked row's loss to a target drawn from the losses
 of non-members: training rows of the *other* shards, which this shard's model never saw (no
 held-out row is used), matched by rank (:func:`~ray_unlearn.platform.hybrid.quantile_targets`),
-with the retain loss beside it. ``calibrate_stages: all`` calibrates every corrected
+with the retain loss beside it. ``calibrate_depth: None`` calibrates every corrected
 snapshot, restart points included, oldest first, carrying each one's change into the later
 stages (the chain of contributions still adds up): an exact retrain that later restarts from
-a restart point does not bring the revoked rows' fit back. ``serving`` calibrates only the
-serving snapshot. On the development seed of benchmarks/hybrid.py (100 requests), against
+a restart point does not bring the revoked rows' fit back. ``calibrate_depth: 1`` calibrates
+only the serving snapshot. On the development seed of benchmarks/hybrid.py (100 requests), against
 plain HS: ``all`` at ``calibrate_lr`` 3e-4 brings the forget set to the retrained model's
 level (threshold attack +0.2 points, logistic attack +2.4, forget accuracy +0.7, against
 +1.8 / +14.1 / +12.0) but costs 2.1 points of test accuracy and is slower than SISA (0.84x:
@@ -372,7 +372,7 @@ class HybridBase(UnlearningStrategy):
         gen = _generation(state.chain[-1]) + 1
         before: dict | None = None  # the previous stage's calibration change
         for i, st in enumerate(stages):
-            if hy.calibrate_stages == "serving" and i < len(stages) - 1:
+            if hy.calibrate_depth is not None and i < len(stages) - hy.calibrate_depth:
                 continue
             forget = np.flatnonzero(gone & (data.slices <= st.stage))
             res = calibrate_forget(
@@ -388,6 +388,7 @@ class HybridBase(UnlearningStrategy):
                 lr=hy.calibrate_lr,
                 max_steps=hy.calibrate_max_steps,
                 seed_parts=(cfg.seed, data.shard, gen, st.stage),
+                batch_size=hy.calibrate_batch_size,
             )
             keys = list(kept[i].deltas)
             own = (
