@@ -44,10 +44,10 @@ shorter streams are the prefixes of the longer one):
 Variants (the alternatives considered): what DPUS subtracts (the paper's whole batch; the
 revoked samples' share, factor 1; the default factor 8), the HS threshold (0.04: only
 one-stage retrains exact; 0.08: up to three stages), the OHS fine-tuning subset (affected
-slices / last slice), forget calibration after DPUS (every corrected snapshot / the
-serving one only; ``hybrid.calibrate_forget``), and the encoding of the recorded updates
-(float16 / bfloat16 / float32: DPUS weights vs. float32 recording). ``targets`` lists every
-variant.
+slices / last slice), forget calibration after DPUS (``hybrid.calibrate_forget``: every
+corrected snapshot / the newest two; all the way or 80% of it), and the encoding of the
+recorded updates (float16 / bfloat16 / float32: DPUS weights vs. float32 recording).
+``targets`` lists every variant.
 
 Writes <out>/hybrid.json and <out>/hybrid.png and prints a table. Targets (reported, not
 asserted): HS or OHS >= 1.5x faster than SISA on the 100-request stream, accuracy within 1
@@ -121,6 +121,7 @@ DEFAULT_VARIANTS = [
     "ohs[ohs_slices=last]",  # fine-tune on the newest slice only
     "hs[calibrate_forget=true]",  # revoked rows' loss raised to non-members', all snapshots
     "hs[calibrate_forget=true,calibrate_depth=2]",  # ... the serving one and its restart point
+    "hs[calibrate_forget=true,calibrate_depth=2,calibrate_fraction=0.8]",  # ... 80% of the way
 ]
 QUICK_VARIANTS = ["sisa", "dpus", "hs", "ohs", "hs[dpus_scale=batch]"]
 

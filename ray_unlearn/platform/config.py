@@ -273,6 +273,13 @@ class HybridConfig(_Strict):
         "still fit the revoked rows); 1 = the serving one only; 2 = it and the restart point "
         "of a one-stage exact retrain (what hs does at a small threshold).",
     )
+    calibrate_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Stop once this share of the revoked rows' total shortfall below their "
+        "targets is closed (1: every row at its target).",
+    )
     calibrate_batch_size: int | None = Field(
         None, ge=1, description="Retain rows per calibration step; None = training.batch_size."
     )

@@ -484,6 +484,7 @@ def calibrate_forget(
     max_steps: int,
     seed_parts: tuple[int, ...],
     batch_size: int | None = None,
+    fraction: float = 1.0,
 ) -> CalibrationResult:
     """Raise the loss of the revoked rows (``forget_rows`` of ``data``) to what the model
     gives rows it never saw (``reference``), without hurting the rest.
@@ -493,7 +494,8 @@ def calibrate_forget(
     sees. Each revoked row gets a target loss (:func:`quantile_targets` of the reference
     losses); each step takes a retain batch's loss minus the mean of the revoked rows'
     losses *capped at their targets* (a row at its target gets no more push), until every
-    row is at its target or ``max_steps``. The steps are not recorded one by one: each holds
+    row is at its target (or, with ``fraction`` < 1, until that share of the total shortfall
+    below the targets is closed) or ``max_steps``. The steps are not recorded one by one: each holds
     a gradient of the revoked rows, so the caller records the whole change as one step with
     no sample ids (nothing a later deletion could take back, nothing of the revoked rows
     beyond what the weights show)."""
@@ -516,7 +518,13 @@ def calibrate_forget(
     opt = _optimizer(model, cfg)
     rng = np.random.default_rng(derive_seed(*seed_parts, _CALIBRATE))
     steps = 0
-    while steps < max_steps and bool((current < targets).any()):
+    short0 = float((targets - torch.minimum(current, targets)).sum())
+
+    def open_gap(cur: torch.Tensor) -> bool:
+        short = float((targets - torch.minimum(cur, targets)).sum())
+        return bool((cur < targets).any()) and short > (1.0 - fraction) * short0
+
+    while steps < max_steps and open_gap(current):
         pick = rng.choice(len(retain_rows), min(cfg.batch_size, len(retain_rows)), replace=False)
         rows = retain_rows[pick]
         ridx = torch.from_numpy(rows)
@@ -534,6 +542,6 @@ def calibrate_forget(
         before,
         float(current.mean()),
         float(targets.mean()),
-        bool((current >= targets).all()),
+        not open_gap(current),
         time.perf_counter() - t0,
     )

@@ -650,3 +650,8 @@ def test_calibration_stops_at_the_targets(recorded_run):
     assert res.forget_loss_after >= res.forget_loss_before
     none = calibrate_forget(state, data, forget, np.arange(3, len(data)), ref, max_steps=0, **kw)
     assert none.steps == 0 and none.state is state
+    half = calibrate_forget(
+        state, data, forget, np.arange(3, len(data)), ref, max_steps=500, fraction=0.5, **kw
+    )
+    assert half.reached and 0 < half.steps <= res.steps
+    assert res.forget_loss_before < half.forget_loss_after
