@@ -77,15 +77,16 @@ to -5.2 points). Depth 2 covers the restart point of a one-stage exact retrain, 
 kind ``hs`` makes at the default threshold. Each calibration is recorded as one step with
 no sample ids: its steps hold gradients of the revoked rows, which must not be stored.
 
-Measured (benchmarks/hybrid.py, 100 requests, means over held-out seeds 1-4; seed 0 chose
-the settings), against the retrained model and SISA:
+Measured (benchmarks/hybrid.py, 100 requests, means over held-out seeds 1-4, 1-6 for the
+last row; seed 0 chose the settings), in points against SISA (accuracy) and against the
+retrained model (attacks, forget-set accuracy):
 
 ==================================  =======  ========  =========  ========  ===========
 HS variant                          speedup  accuracy  threshold  logistic  forget acc.
 ==================================  =======  ========  =========  ========  ===========
 plain                               1.90x    +0.08     +6.2       +11.1     +11.0
 calibrated, depth 2                 1.50x    -1.31     +0.2       -3.1      -1.4
-calibrated, depth 2, fraction 0.8   1.53x    -1.41     +0.3       -0.8      +1.8
+calibrated, depth 2, fraction 0.8   1.52x    -1.51     -0.6       -1.5      +1.4
 ==================================  =======  ========  =========  ========  ===========
 
 Calibration closes the membership gap on every seed (threshold attack within -3.7..+4.9),
