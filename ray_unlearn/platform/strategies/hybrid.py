@@ -307,6 +307,16 @@ class HybridBase(UnlearningStrategy):
             save_contributions(ctx.storage, ctx.layout, vid, rest)
         return ShardUpdate(first_stage=first, stages=stages, exact=False)
 
+    def _model_args(self) -> dict:
+        """What the fine-tuning and calibration loops need to rebuild the shard's model."""
+        ctx = self.ctx
+        return {
+            "model_cfg": ctx.config.model,
+            "train_cfg": ctx.config.training,
+            "feature_shape": ctx.feature_shape,
+            "num_classes": ctx.num_classes,
+        }
+
     def _finetune(
         self,
         state: ShardState,
@@ -316,7 +326,7 @@ class HybridBase(UnlearningStrategy):
         kept: list[StageContributions],
     ) -> None:
         """OHS: fine-tune the serving snapshot in place (``serving``, ``kept[-1]``)."""
-        ctx, cfg = self.ctx, self.ctx.config
+        cfg = self.ctx.config
         hy = cfg.hybrid
         val = validation_mask(remaining.sample_ids, hy.ohs_validation_fraction, cfg.seed)
         train_rows = finetune_rows(remaining, first, hy.ohs_slices)
@@ -329,10 +339,7 @@ class HybridBase(UnlearningStrategy):
             remaining,
             train_rows,
             val_rows,
-            model_cfg=cfg.model,
-            train_cfg=cfg.training,
-            feature_shape=ctx.feature_shape,
-            num_classes=ctx.num_classes,
+            **self._model_args(),
             lr=hy.ohs_lr,
             max_epochs=hy.ohs_max_epochs,
             patience=hy.ohs_patience,
@@ -395,10 +402,7 @@ class HybridBase(UnlearningStrategy):
                 forget,
                 np.flatnonzero(~gone & (data.slices <= st.stage)),
                 reference,
-                model_cfg=cfg.model,
-                train_cfg=cfg.training,
-                feature_shape=ctx.feature_shape,
-                num_classes=ctx.num_classes,
+                **self._model_args(),
                 lr=hy.calibrate_lr,
                 max_steps=hy.calibrate_max_steps,
                 seed_parts=(cfg.seed, data.shard, gen, st.stage),
