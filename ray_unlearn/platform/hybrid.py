@@ -495,10 +495,10 @@ def calibrate_forget(
     losses); each step takes a retain batch's loss minus the mean of the revoked rows'
     losses *capped at their targets* (a row at its target gets no more push), until every
     row is at its target (or, with ``fraction`` < 1, until that share of the total shortfall
-    below the targets is closed) or ``max_steps``. The steps are not recorded one by one: each holds
-    a gradient of the revoked rows, so the caller records the whole change as one step with
-    no sample ids (nothing a later deletion could take back, nothing of the revoked rows
-    beyond what the weights show)."""
+    below the targets is closed) or ``max_steps``. The steps are not recorded one by one:
+    each holds a gradient of the revoked rows, so the caller records the whole change as one
+    step with no sample ids (nothing a later deletion could take back, nothing of the
+    revoked rows beyond what the weights show)."""
     import time
 
     t0 = time.perf_counter()

@@ -371,7 +371,8 @@ class HybridBase(UnlearningStrategy):
         stages: list[StageResult],
         kept: list[StageContributions],
     ) -> None:
-        """Forget calibration of every corrected snapshot, in place.
+        """Forget calibration of the ``calibrate_depth`` newest corrected snapshots (all when
+        None), in place.
 
         The restart points are calibrated too: an exact retrain that later restarts from
         one would otherwise bring back what calibrating only the serving stage removed. Each
