@@ -266,12 +266,13 @@ def _check_strategy(ctx, name: str | None, owner: str | None = None, ids=None) -
     from ray_unlearn.platform.config import RunConfig
     from ray_unlearn.platform.s3t_runtime import is_s3t
 
-    if is_s3t(ctx) != (name == "s3t"):
+    s3t_run = is_s3t(ctx)
+    if s3t_run != (name == "s3t"):
         raise ValueError(
             f"--strategy {name!r}: run {ctx.run_id} "
             + (
                 "is an S3T run, whose deletions are deactivations: only 's3t' applies"
-                if is_s3t(ctx)
+                if s3t_run
                 else "was not trained with S3T: 's3t' does not apply"
             )
         )
@@ -286,23 +287,19 @@ def _check_strategy(ctx, name: str | None, owner: str | None = None, ids=None) -
 
 
 def _check_contributions(ctx, owner: str | None, ids) -> None:
-    from ray_unlearn.platform.contributions import has_contributions
+    from ray_unlearn.platform.contributions import versions_without_contributions
 
     try:
         wanted = ctx.plan.samples_of_owner(owner) if owner is not None else ids
-        affected = ctx.plan.affected(wanted)
+        missing = versions_without_contributions(ctx, wanted)
     except (KeyError, ValueError):
         return  # unknown owner or ids: submit_request reports them
-    reg = ctx.model_store.registry()
-    for k, first in sorted(affected.items()):
-        chain = reg.shards[k].chain
-        missing = [v for v in chain[first:] if not has_contributions(ctx.storage, ctx.layout, v)]
-        if missing:
-            raise ValueError(
-                f"--strategy dpus: shard {k}'s versions {', '.join(missing)} have no recorded "
-                "contributions (an exact retrain wrote them without recording), so DPUS cannot "
-                "correct them; use hs or ohs, which retrain such a shard exactly"
-            )
+    for k, versions in missing.items():
+        raise ValueError(
+            f"--strategy dpus: shard {k}'s versions {', '.join(versions)} have no recorded "
+            "contributions (an exact retrain wrote them without recording), so DPUS cannot "
+            "correct them; use hs or ohs, which retrain such a shard exactly"
+        )
 
 
 def _record_summary(rec) -> dict[str, Any]:

@@ -425,6 +425,23 @@ def has_contributions(storage: Storage, layout: RunLayout, version_id: str) -> b
     return storage.exists(contribution_path(layout, version_id))
 
 
+def versions_without_contributions(ctx: RunContext, sample_ids) -> dict[int, list[str]]:
+    """Per shard holding ``sample_ids``, the live versions a DPUS of them would correct
+    (from the first affected slice on) that have no recorded contributions (an exact
+    retrain writes its versions without recording them); shards with none are left out."""
+    reg = ctx.model_store.registry()
+    out: dict[int, list[str]] = {}
+    for k, first in sorted(ctx.plan.affected(sample_ids).items()):
+        missing = [
+            v
+            for v in reg.shards[k].chain[first:]
+            if not has_contributions(ctx.storage, ctx.layout, v)
+        ]
+        if missing:
+            out[k] = missing
+    return out
+
+
 def load_contributions(
     storage: Storage, layout: RunLayout, version_id: str, expect: StateDict | None = None
 ) -> StageContributions:

@@ -351,18 +351,18 @@ class DeletionLog:
 
     def deleted_sample_ids(self) -> set[int]:
         """Samples whose deletion is done."""
-        out: set[int] = set()
-        for r in self.records():
-            if r.state is RequestState.DONE:
-                out.update(r.request.sample_ids)
-        return out
+        return self._sample_ids(done_only=True)
 
     def requested_sample_ids(self) -> set[int]:
         """Samples named by any logged request, whatever its state (pending, executing, done
         or failed): everything that must not be used any more."""
+        return self._sample_ids(done_only=False)
+
+    def _sample_ids(self, done_only: bool) -> set[int]:
         out: set[int] = set()
         for r in self.records():
-            out.update(r.request.sample_ids)
+            if not done_only or r.state is RequestState.DONE:
+                out.update(r.request.sample_ids)
         return out
 
     def requests_for_sample(self, sample_id: int) -> list[RequestRecord]:
