@@ -280,6 +280,13 @@ class HybridConfig(_Strict):
         description="Stop once this share of the revoked rows' total shortfall below their "
         "targets is closed (1: every row at its target).",
     )
+    calibrate_target: Literal["quantile", "teacher"] = Field(
+        "quantile",
+        description="quantile: raise each revoked row's loss to a rank-matched loss of other "
+        "shards' rows on this shard's model; teacher: move each revoked row's prediction to "
+        "the mean prediction of the other shards' models at the same stage (models that "
+        "never saw it), falling back to quantile where no such shard exists.",
+    )
     calibrate_batch_size: int | None = Field(
         None, ge=1, description="Retain rows per calibration step; None = training.batch_size."
     )

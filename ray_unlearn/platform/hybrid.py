@@ -440,6 +440,59 @@ def nonmember_reference(
     return x, y
 
 
+def teacher_shards(ctx: RunContext, shard: int, forget_ids) -> list[int]:
+    """The shards whose models may stand in for ``shard``'s model retrained without
+    ``forget_ids``: every other shard that holds (in the plan, live or deleted) no sample of
+    any owner of those rows. With owner-grouped plans that is every other shard; with
+    sample-grouped ones a shard that trained on the same person's other rows is left out."""
+    plan = ctx.plan
+    ids = np.asarray(forget_ids, dtype=np.int64)
+    owners = np.unique(plan.owner_ids[np.searchsorted(plan.sample_ids, ids)])
+    related = np.isin(plan.owner_ids, owners)
+    taken = set(np.unique(plan.shards[related]).tolist())
+    return [k for k in range(plan.num_shards) if k != shard and k not in taken]
+
+
+@torch.no_grad()
+def teacher_probabilities(
+    ctx: RunContext,
+    shards: list[int],
+    stage: int,
+    x: torch.Tensor,
+    *,
+    registry: Registry | None = None,
+    cache: dict[str, StateDict] | None = None,
+    exclude_ids=None,
+) -> tuple[torch.Tensor | None, int]:
+    """Mean class probabilities on ``x`` of the ``shards``' live stage-``stage`` models (the
+    same amount of training as the snapshot being calibrated), and how many models that is;
+    (None, 0) when none qualifies. A version trained on any of ``exclude_ids`` (every sample
+    a request names: what it knows of them must not pass into another model) is skipped.
+    ``cache`` (version -> weights) saves reloading across snapshots."""
+    from ray_unlearn.platform.training import predict_proba
+
+    reg = registry or ctx.model_store.registry()
+    model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
+    total, n = None, 0
+    for k in shards:
+        entry = reg.shards.get(k)
+        if entry is None or entry.empty or len(entry.chain) <= stage:
+            continue
+        vid = entry.chain[stage]
+        if exclude_ids is not None and np.isin(ctx.model_store.sample_ids(vid), exclude_ids).any():
+            continue
+        state = cache.get(vid) if cache is not None else None
+        if state is None:
+            state = ctx.model_store.load_state(vid)
+            if cache is not None:
+                cache[vid] = state
+        model.load_state_dict(state)
+        p = predict_proba(model, x)
+        total = p if total is None else total + p
+        n += 1
+    return (None, 0) if total is None else (total / n, n)
+
+
 @torch.no_grad()
 def _per_sample_loss(model, x, y) -> torch.Tensor:
     model.eval()
@@ -485,6 +538,7 @@ def calibrate_forget(
     seed_parts: tuple[int, ...],
     batch_size: int | None = None,
     fraction: float = 1.0,
+    teacher: torch.Tensor | None = None,
 ) -> CalibrationResult:
     """Raise the loss of the revoked rows (``forget_rows`` of ``data``) to what the model
     gives rows it never saw (``reference``), without hurting the rest.
@@ -498,7 +552,14 @@ def calibrate_forget(
     below the targets is closed) or ``max_steps``. The steps are not recorded one by one:
     each holds a gradient of the revoked rows, so the caller records the whole change as one
     step with no sample ids (nothing a later deletion could take back, nothing of the
-    revoked rows beyond what the weights show)."""
+    revoked rows beyond what the weights show).
+
+    With ``teacher`` (per revoked row, the class probabilities of models that never saw
+    it: :func:`teacher_probabilities` of the other shards), each row's target is the
+    teacher's loss on its label, and the push is a descent on the cross-entropy to the
+    teacher's whole distribution rather than an ascent on the label's loss: the row is
+    moved to what a model trained without it predicts (including which wrong class it
+    leans to), not just made less likely. ``reference`` is then unused."""
     import time
 
     t0 = time.perf_counter()
@@ -509,9 +570,20 @@ def calibrate_forget(
     ref_x, ref_y = reference
     current = _per_sample_loss(model, xf, yf)
     before = float(current.mean()) if len(current) else float("nan")
-    if not len(forget_rows) or not len(ref_y) or not len(retain_rows) or max_steps == 0:
+    no_reference = teacher is None and not len(ref_y)
+    if not len(forget_rows) or no_reference or not len(retain_rows) or max_steps == 0:
         return CalibrationResult(state, 0, before, before, float("nan"), False)
-    targets = quantile_targets(current, _per_sample_loss(model, ref_x, ref_y))
+    if teacher is not None:
+        if teacher.shape != (len(forget_rows), num_classes):
+            raise ValueError(
+                f"teacher probabilities have shape {tuple(teacher.shape)}; expected one row "
+                f"of {num_classes} class probabilities per revoked row ({len(forget_rows)})"
+            )
+        soft = teacher.float().clamp_min(1e-12)
+        soft = soft / soft.sum(1, keepdim=True)
+        targets = -torch.log(soft[torch.arange(len(yf)), yf])
+    else:
+        targets = quantile_targets(current, _per_sample_loss(model, ref_x, ref_y))
     cfg = train_cfg.model_copy(
         update={"lr": lr or train_cfg.lr, "batch_size": batch_size or train_cfg.batch_size}
     )
@@ -530,9 +602,12 @@ def calibrate_forget(
         ridx = torch.from_numpy(rows)
         model.train()
         opt.zero_grad(set_to_none=True)
-        lf = F.cross_entropy(model(xf), yf, reduction="none")
-        push = torch.minimum(lf, targets).mean()
-        (F.cross_entropy(model(data.features[ridx]), data.labels[ridx]) - push).backward()
+        logits = model(xf)
+        if teacher is not None:  # minimise: toward the teacher's distribution
+            push = -(soft * F.log_softmax(logits, dim=1)).sum(1).mean()
+        else:  # maximise the label's loss, each row capped at its target
+            push = -torch.minimum(F.cross_entropy(logits, yf, reduction="none"), targets).mean()
+        (F.cross_entropy(model(data.features[ridx]), data.labels[ridx]) + push).backward()
         opt.step()
         steps += 1
         current = _per_sample_loss(model, xf, yf)

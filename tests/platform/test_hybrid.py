@@ -504,6 +504,19 @@ def test_nonmember_reference_is_other_shards_minus_the_deleted(recorded_run):
     assert torch.equal(xs, again)
 
 
+def _kl(ctx, teacher, x, st) -> float:
+    """KL(teacher || model) on rows ``x``, batch mean."""
+    import torch.nn.functional as F
+
+    from ray_unlearn.platform.models import build_model
+
+    model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
+    model.load_state_dict(st)
+    model.eval()
+    with torch.no_grad():
+        return float(F.kl_div(F.log_softmax(model(x), 1), teacher, reduction="batchmean"))
+
+
 def _losses(ctx, data, st, deleted):
     from ray_unlearn.platform.hybrid import _per_sample_loss
     from ray_unlearn.platform.models import build_model
@@ -518,11 +531,14 @@ def _losses(ctx, data, st, deleted):
     )
 
 
-@pytest.mark.parametrize("strategy", ["dpus", "ohs"])
-def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run, strategy):
+@pytest.mark.parametrize(
+    "strategy,target", [("dpus", "quantile"), ("ohs", "quantile"), ("dpus", "teacher")]
+)
+def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run, strategy, target):
     ctx = recorded_run
     hy = ctx.config.hybrid
     hy.threshold = 0.0  # always DPUS
+    hy.calibrate_target = target
     shard = 2
     state = _state(ctx, shard)
     deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 1))  # stages 1.. corrected
@@ -536,9 +552,13 @@ def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run, 
         # drift down a little), unless the step cap ended it
         assert m["calibrate_reached"] or m["calibrate_steps"] == 100
     assert update.stages[0].metrics["calibrate_steps"] > 0  # a restart point was calibrated
+    want_teachers = ctx.plan.num_shards - 1 if target == "teacher" else 0
+    assert all(st.metrics["calibrate_teachers"] == want_teachers for st in update.stages)
     f_plain, r_plain = _losses(ctx, state.data, plain.stages[-1].state, deleted)
     f_cal, r_cal = _losses(ctx, state.data, update.stages[-1].state, deleted)
-    assert f_cal > f_plain and r_cal < r_plain + 0.5  # forgotten more, the rest kept
+    assert r_cal < r_plain + 0.5  # the rest kept
+    if target == "quantile":  # (a teacher may want either direction: its own test below)
+        assert f_cal > f_plain  # forgotten more
     # The calibration is one recorded step per snapshot with no sample ids (its steps held
     # gradients of the revoked rows), and the chain still adds up from the kept parent:
     # W'_r = W'_{r-1} + sum(contributions_r).
@@ -655,3 +675,90 @@ def test_calibration_stops_at_the_targets(recorded_run):
     )
     assert half.reached and 0 < half.steps <= res.steps
     assert res.forget_loss_before < half.forget_loss_after
+
+
+# -- calibration toward the other shards' models (calibrate_target=teacher) ---------------------
+
+
+def test_teacher_shards_leave_out_every_shard_holding_the_same_person(tmp_path):
+    from ray_unlearn.platform.hybrid import teacher_shards
+
+    ctx = create_run(tiny_config(tmp_path, "partition.group_by=sample"))
+    plan = ctx.plan
+    trained = plan.shards != TEST
+    # an owner whose samples landed in two shards (sample-grouped plans scatter them)
+    for owner in np.unique(plan.owner_ids[trained]):
+        held = np.unique(plan.locate(plan.samples_of_owner(owner))[0])
+        held = held[held != TEST]
+        if len(held) >= 2:
+            break
+    else:
+        pytest.skip("no owner spans two shards in this plan")
+    ids = plan.samples_of_owner(owner)
+    k, _ = plan.locate(ids)
+    shard = int(k[k != TEST][0])
+    got = teacher_shards(ctx, shard, ids[k == shard][:1])
+    assert shard not in got and not set(held.tolist()) & set(got)
+    assert sorted(got + held.tolist()) == list(range(plan.num_shards))
+
+
+def test_teacher_probabilities_average_the_other_shards_and_skip_requested_ids(recorded_run):
+    from ray_unlearn.platform.hybrid import teacher_probabilities, teacher_shards
+    from ray_unlearn.platform.models import build_model
+    from ray_unlearn.platform.training import predict_proba
+
+    ctx = recorded_run
+    owner = _owner_in(ctx, 0, 0)
+    ids = ctx.plan.samples_of_owner(owner)
+    shards = teacher_shards(ctx, 0, ids)
+    assert shards == [1, 2]  # owner-grouped: every other shard
+    data = ctx.shard_data(0)
+    x = data.features[torch.from_numpy(np.flatnonzero(np.isin(data.sample_ids, ids)))]
+    reg = ctx.model_store.registry()
+    model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
+    want = []
+    for k in shards:
+        model.load_state_dict(ctx.model_store.load_state(reg.shards[k].chain[1]))
+        want.append(predict_proba(model, x))
+    cache: dict = {}
+    got, n = teacher_probabilities(ctx, shards, 1, x, cache=cache)
+    assert n == 2 and torch.allclose(got, (want[0] + want[1]) / 2, atol=1e-6)
+    assert set(cache) == {reg.shards[k].chain[1] for k in shards}
+    # a shard whose stage-1 model holds a requested (not yet deleted) id is no teacher
+    pending = ctx.model_store.sample_ids(reg.shards[1].chain[1])[:1]
+    got, n = teacher_probabilities(ctx, shards, 1, x, exclude_ids=pending)
+    assert n == 1 and torch.allclose(got, want[1], atol=1e-6)
+    both = np.concatenate([pending, ctx.model_store.sample_ids(reg.shards[2].chain[0])[:1]])
+    assert teacher_probabilities(ctx, shards, 1, x, exclude_ids=both) == (None, 0)
+
+
+def test_calibration_toward_a_teacher_moves_the_rows_to_its_prediction(recorded_run):
+    from ray_unlearn.platform.hybrid import calibrate_forget
+
+    ctx = recorded_run
+    cfg = ctx.config
+    data = ctx.shard_data(0)
+    state = ctx.model_store.load_state(ctx.model_store.registry().shards[0].chain[-1])
+    forget = np.arange(4)
+    xf, yf = data.features[:4], data.labels[:4]
+    # a teacher sure of another class: far from what the member model predicts
+    c = ctx.num_classes
+    teacher = torch.full((4, c), 0.1 / (c - 1))
+    teacher[torch.arange(4), (yf + 1) % c] = 0.9
+    kw = dict(
+        model_cfg=cfg.model,
+        train_cfg=cfg.training,
+        feature_shape=ctx.feature_shape,
+        num_classes=c,
+        lr=None,
+        seed_parts=(0, 0, 2),
+    )
+    empty = (torch.empty(0, *xf.shape[1:]), torch.empty(0, dtype=torch.int64))
+    retain = np.arange(4, len(data))
+    res = calibrate_forget(state, data, forget, retain, empty, max_steps=300, teacher=teacher, **kw)
+    assert 0 < res.steps <= 300
+    assert _kl(ctx, teacher, xf, res.state) < 0.5 * _kl(ctx, teacher, xf, state)
+    assert res.forget_loss_after > res.forget_loss_before
+    assert res.target_loss == pytest.approx(-float(np.log(0.1 / (c - 1))), rel=1e-5)
+    with pytest.raises(ValueError, match="teacher probabilities have shape"):
+        calibrate_forget(state, data, forget, retain, empty, max_steps=5, teacher=teacher[:3], **kw)

@@ -136,6 +136,8 @@ from ray_unlearn.platform.hybrid import (
     finetune_rows,
     nonmember_reference,
     optimizer_momentum,
+    teacher_probabilities,
+    teacher_shards,
     validation_mask,
 )
 from ray_unlearn.platform.store import version_id
@@ -391,12 +393,28 @@ class HybridBase(UnlearningStrategy):
         reference = nonmember_reference(
             ctx, data.shard, every_deleted, hy.calibrate_reference_rows, cfg.seed
         )
+        teachers = (
+            teacher_shards(ctx, data.shard, deleted) if hy.calibrate_target == "teacher" else []
+        )
+        registry = ctx.model_store.registry() if teachers else None
+        cache: dict = {}
         gen = _generation(state.chain[-1]) + 1
         before: dict | None = None  # the previous stage's calibration change
         for i, st in enumerate(stages):
             if hy.calibrate_depth is not None and i < len(stages) - hy.calibrate_depth:
                 continue
             forget = np.flatnonzero(gone & (data.slices <= st.stage))
+            teacher, n_teachers = None, 0
+            if teachers and len(forget):
+                teacher, n_teachers = teacher_probabilities(
+                    ctx,
+                    teachers,
+                    st.stage,
+                    data.features[torch.from_numpy(forget)],
+                    registry=registry,
+                    cache=cache,
+                    exclude_ids=every_deleted,
+                )
             res = calibrate_forget(
                 st.state,
                 data,
@@ -409,6 +427,7 @@ class HybridBase(UnlearningStrategy):
                 seed_parts=(cfg.seed, data.shard, gen, st.stage),
                 batch_size=hy.calibrate_batch_size,
                 fraction=hy.calibrate_fraction,
+                teacher=teacher,
             )
             keys = list(kept[i].deltas)
             own = (
@@ -430,6 +449,7 @@ class HybridBase(UnlearningStrategy):
                 calibrate_forget_loss_after=res.forget_loss_after,
                 calibrate_target_loss=res.target_loss,
                 calibrate_reached=float(res.reached),
+                calibrate_teachers=float(n_teachers),
                 calibrate_seconds=res.seconds,
             )
 
