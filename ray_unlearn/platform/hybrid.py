@@ -32,6 +32,7 @@ from ray_unlearn.platform.training import (
     StateDict,
     _optimizer,
     derive_seed,
+    predict_proba,
     snapshot,
     stage_steps,
 )
@@ -446,8 +447,7 @@ def teacher_shards(ctx: RunContext, shard: int, forget_ids) -> list[int]:
     any owner of those rows. With owner-grouped plans that is every other shard; with
     sample-grouped ones a shard that trained on the same person's other rows is left out."""
     plan = ctx.plan
-    ids = np.asarray(forget_ids, dtype=np.int64)
-    owners = np.unique(plan.owner_ids[np.searchsorted(plan.sample_ids, ids)])
+    owners = np.unique(plan.owner_ids[plan.positions(forget_ids)])
     related = np.isin(plan.owner_ids, owners)
     taken = set(np.unique(plan.shards[related]).tolist())
     return [k for k in range(plan.num_shards) if k != shard and k not in taken]
@@ -461,16 +461,12 @@ def teacher_probabilities(
     x: torch.Tensor,
     *,
     registry: Registry | None = None,
-    cache: dict[str, StateDict] | None = None,
     exclude_ids=None,
 ) -> tuple[torch.Tensor | None, int]:
     """Mean class probabilities on ``x`` of the ``shards``' live stage-``stage`` models (the
     same amount of training as the snapshot being calibrated), and how many models that is;
     (None, 0) when none qualifies. A version trained on any of ``exclude_ids`` (every sample
-    a request names: what it knows of them must not pass into another model) is skipped.
-    ``cache`` (version -> weights) saves reloading across snapshots."""
-    from ray_unlearn.platform.training import predict_proba
-
+    a request names: what it knows of them must not pass into another model) is skipped."""
     reg = registry or ctx.model_store.registry()
     model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
     total, n = None, 0
@@ -481,12 +477,7 @@ def teacher_probabilities(
         vid = entry.chain[stage]
         if exclude_ids is not None and np.isin(ctx.model_store.sample_ids(vid), exclude_ids).any():
             continue
-        state = cache.get(vid) if cache is not None else None
-        if state is None:
-            state = ctx.model_store.load_state(vid)
-            if cache is not None:
-                cache[vid] = state
-        model.load_state_dict(state)
+        model.load_state_dict(ctx.model_store.load_state(vid))
         p = predict_proba(model, x)
         total = p if total is None else total + p
         n += 1
