@@ -221,6 +221,16 @@ class HybridConfig(_Strict):
         description="batch: one decision for a whole batch of requests (its workload summed "
         "over the affected shards); shard: one decision per affected shard.",
     )
+    route_gap: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="HS/OHS: a shard's part of a batch that the workload rule sends to DPUS is "
+        "retrained exactly instead when the shard's serving model gives the revoked rows a "
+        "mean true-class probability more than this above what the other shards' serving "
+        "models (which never saw them) give: rows the model remembers, which a direct update "
+        "leaves recognisable to a membership attack. None: the workload rule alone.",
+    )
     dpus_scale: Literal["batch", "share"] = Field(
         "share",
         description="batch: subtract the whole update of every batch that held a revoked "

@@ -5,20 +5,37 @@ What DPUS (direct parameter update) subtracts. While a shard trains, every optim
 sample ids of its batch; so a stage snapshot is, up to rounding, its parent plus the sum
 of its stage's updates: ``W_r = W_{r-1} + sum_t delta_t``.
 
-Storage, per slice version, beside its checkpoint (:func:`contribution_path`): one
-safetensors file ``models/<version>/contributions.safetensors`` holding
+Storage, per slice version, beside its checkpoint, in two safetensors files:
 
-    delta.<param>    (steps, *param shape) in the recording dtype: every step's update
+``models/<version>/contributions.safetensors`` (:func:`contribution_path`), the index:
+
     batch.offsets    int64 (steps + 1,): step t's batch is ids[offsets[t]:offsets[t + 1]]
     batch.ids        int64: the sample ids of every step's batch, one after another
     batch.segments   int64: the first step of each optimizer run (training, then any OHS
                      fine-tuning): momentum does not cross them
+    batch.scales     float32 (steps,): step t moved the weights by ``scales[t] * delta_t``
 
-and metadata (format, stage, dtype, steps, the digest of the snapshot the updates lead to).
-One file, written atomically: a version has contributions or it has none, and
-:func:`load_contributions` checks the digest against its weights, so contributions of another
-attempt are never used. Size: ``epochs / batch_size`` steps per sample, each a full parameter
-update: about ``epochs / batch_size * n_params * bytes`` per training sample.
+with metadata (format, stage, dtype, steps, the digest of the snapshot the updates lead to,
+and the name of the updates file); and ``models/<version>/updates-<token>.safetensors``:
+
+    delta.<param>    (steps, *param shape) in the recording dtype: every step's update
+
+The index is written last and names its updates file, so a version has contributions or it
+has none, and :func:`load_contributions` checks the digest against its weights, so
+contributions of another attempt are never used. Size: ``epochs / batch_size`` steps per
+sample, each a full parameter update: about ``epochs / batch_size * n_params * bytes`` per
+training sample.
+
+Why two files. A DPUS that takes the revoked samples' *share* of a step leaves the step
+with ``1 - share`` of its update: only the step's scale changes, never the stored update.
+So the corrected version's index gets the new scales and ids, and its updates file is the
+old one, hard-linked (a server-side copy on object stores) instead of read, rescaled and
+written again: correcting a stage costs the touched steps' reads, not two passes over
+every update of the stage. The stored information is the same as rescaling in place (a
+step's update and a known multiple of it), and a step that loses its *whole* update (the
+paper's whole-batch DPUS, or a capped share) is dropped from a newly written updates file,
+as before. On a local disk the updates are memory-mapped when loaded: only the rows a
+removal touches are read.
 
 Contributions are derived from their batch's samples: after a deletion they must go with
 the data. DPUS writes the new versions' contributions without the revoked samples'
@@ -33,6 +50,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,9 +67,13 @@ from ray_unlearn.platform.training import StateDict
 if TYPE_CHECKING:
     from ray_unlearn.platform.run import RunContext
 
-FORMAT = "ray-unlearn-contributions/1"
+FORMAT = "ray-unlearn-contributions/2"
+_FORMAT_1 = "ray-unlearn-contributions/1"  # one file, updates inside the index; still read
+UPDATES_FORMAT = "ray-unlearn-updates/1"
 CONTRIBUTIONS_FILE = "contributions.safetensors"
+UPDATES_PREFIX = "updates-"
 _DELTA, _OFFSETS, _IDS, _SEGMENTS = "delta.", "batch.offsets", "batch.ids", "batch.segments"
+_SCALES = "batch.scales"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -94,6 +116,11 @@ class StageContributions:
     # first step of each optimizer run (training; OHS fine-tuning appended later): momentum
     # never crosses a segment start
     segments: np.ndarray | None = None
+    # float32 (steps,): step t moved the weights by scales[t] * deltas[k][t] (None: all 1)
+    scales: np.ndarray | None = None
+    # the stored updates file ``deltas`` were read from (a path under the storage root), so
+    # that a save of unchanged updates links it instead of writing them again
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.offsets = np.asarray(self.offsets, dtype=np.int64)
@@ -103,6 +130,15 @@ class StageContributions:
         n = {int(v.shape[0]) for v in self.deltas.values()}
         if n - {self.steps} or not len(self.offsets) or self.offsets[-1] != len(self.ids):
             raise ValueError("inconsistent contributions: steps of deltas, offsets and ids differ")
+        if self.scales is not None:
+            self.scales = np.asarray(self.scales, dtype=np.float32).reshape(-1)
+            if len(self.scales) != self.steps:
+                raise ValueError(
+                    f"inconsistent contributions: {len(self.scales)} step scales for "
+                    f"{self.steps} steps"
+                )
+            if (self.scales == 1.0).all():
+                self.scales = None
 
     @property
     def steps(self) -> int:
@@ -124,12 +160,42 @@ class StageContributions:
         step_of = np.repeat(np.arange(self.steps), self.batch_sizes())
         return np.bincount(step_of[hit], minlength=self.steps)
 
+    def step_scales(self) -> np.ndarray:
+        """float32 (steps,): what each stored update is multiplied by."""
+        return np.ones(self.steps, np.float32) if self.scales is None else self.scales
+
     def total(self, weights: np.ndarray | None = None) -> StateDict:
-        """float32 ``sum_t w_t delta_t`` (all steps with weight 1 when ``weights`` is None)."""
-        if weights is None:
+        """float32 ``sum_t w_t scale_t delta_t`` (every ``w_t`` 1 when ``weights`` is None):
+        with no weights, the stage's whole update."""
+        if weights is None and self.scales is None:
             return {k: v.float().sum(0) for k, v in self.deltas.items()}
-        w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
-        return {k: torch.tensordot(w, v.float(), dims=1) for k, v in self.deltas.items()}
+        w = self.step_scales() if weights is None else np.asarray(weights, np.float32)
+        if weights is not None and self.scales is not None:
+            w = w * self.scales
+        return self._weighted(np.arange(self.steps), w, scaled=True)
+
+    def _weighted(self, steps: np.ndarray, w: np.ndarray, scaled: bool = False) -> StateDict:
+        """float32 ``sum_{t in steps} w_t scale_t delta_t`` (``scaled``: ``w`` already holds
+        the scales); reads only those steps' updates."""
+        tw = np.asarray(w, np.float32)[steps]
+        if not scaled and self.scales is not None:
+            tw = tw * self.scales[steps]
+        idx, tw = torch.from_numpy(np.asarray(steps, np.int64)), torch.from_numpy(tw)
+        return {k: torch.tensordot(tw, v[idx].float(), dims=1) for k, v in self.deltas.items()}
+
+    def materialized(self) -> StageContributions:
+        """The same contributions with the scales folded into the updates (what operations
+        that change single updates work on)."""
+        if self.scales is None:
+            return self
+        s = torch.from_numpy(self.scales)
+        deltas = {
+            k: (v.float() * s.reshape((-1,) + (1,) * (v.dim() - 1))).to(v.dtype)
+            for k, v in self.deltas.items()
+        }
+        return StageContributions(
+            self.stage, deltas, self.offsets, self.ids, self.digest, self.segments
+        )
 
     def _weights(self, deleted, scale: str, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         counts = self.hits(deleted)
@@ -163,15 +229,33 @@ class StageContributions:
         """
         counts, w = self._weights(deleted, scale, factor)
         if momentum > 0:
-            return self._without_momentum(deleted, counts, w, momentum, bias_correction)
+            return self.materialized()._without_momentum(
+                deleted, counts, w, momentum, bias_correction
+            )
         touched = np.flatnonzero(counts)
-        t_idx = torch.from_numpy(touched)
-        t_w = torch.from_numpy(w[touched])
-        removed = {
-            k: torch.tensordot(t_w, v[t_idx].float(), dims=1) for k, v in self.deltas.items()
-        }
-        keep_step = w < 1.0  # steps with something left
+        removed = self._weighted(touched, w)
         step_of = np.repeat(np.arange(self.steps), self.batch_sizes())
+        if (w < 1.0).all():  # every step keeps part of its update: only its scale changes
+            keep_id = ~np.isin(self.ids, np.asarray(deleted, dtype=np.int64))
+            sizes = np.bincount(step_of[keep_id], minlength=self.steps)
+            rest = StageContributions(
+                self.stage,
+                self.deltas,  # the same stored updates, not a copy
+                np.concatenate([[0], np.cumsum(sizes)]),
+                self.ids[keep_id],
+                "",
+                self.segments,
+                self.step_scales() * (1.0 - w),
+                source=self.source,
+            )
+            return removed, rest, len(touched)
+        return (removed, *self.materialized()._drop(deleted, w, counts, step_of)[1:])
+
+    def _drop(self, deleted, w: np.ndarray, counts: np.ndarray, step_of: np.ndarray):
+        """:meth:`without` where some step loses its whole update: such steps leave the
+        stored updates, the others are rescaled in a new copy. ``self`` has no scales."""
+        touched = np.flatnonzero(counts)
+        keep_step = w < 1.0  # steps with something left
         keep_id = keep_step[step_of] & ~np.isin(self.ids, np.asarray(deleted, dtype=np.int64))
         sizes = np.bincount(step_of[keep_id], minlength=self.steps)[keep_step]
         kept_steps = np.flatnonzero(keep_step)
@@ -199,7 +283,7 @@ class StageContributions:
             "",
             seg if len(seg) else None,
         )
-        return removed, rest, len(touched)
+        return None, rest, len(touched)
 
     def _without_momentum(
         self, deleted, counts: np.ndarray, w: np.ndarray, beta: float, bias_correction: bool
@@ -276,12 +360,14 @@ class StageContributions:
             self.ids[: self.offsets[n]],
             self.digest,
             self.segments[self.segments < max(n, 1)],
+            None if self.scales is None else self.scales[:n],
         )
 
     def extended(self, other: StageContributions) -> StageContributions:
         """These steps followed by ``other``'s (same parameters)."""
         if set(other.deltas) != set(self.deltas):
             raise ValueError("contributions of different parameter sets cannot be joined")
+        self, other = self.materialized(), other.materialized()
         deltas = {k: torch.cat([v, other.deltas[k].to(v.dtype)]) for k, v in self.deltas.items()}
         offsets = np.concatenate([self.offsets, self.offsets[-1] + other.offsets[1:]])
         segments = np.concatenate([self.segments, self.steps + other.segments])
@@ -298,27 +384,46 @@ class StageContributions:
         return sum(v.numel() * v.element_size() for v in self.deltas.values()) + self.ids.nbytes
 
     # -- (de)serialisation ---------------------------------------------------------------
-    def to_bytes(self) -> bytes:
+    def index_bytes(self, updates: str) -> bytes:
+        """The index file (everything but the updates), naming its ``updates`` file."""
         meta = {
             "format": FORMAT,
             "stage": str(self.stage),
             "dtype": _dtype_name(self.dtype),
             "digest": self.digest,
             "steps": str(self.steps),
+            "updates": updates,
         }
-        tensors = {_DELTA + k: v.contiguous() for k, v in self.deltas.items()}
-        tensors[_OFFSETS] = torch.from_numpy(self.offsets)
-        tensors[_IDS] = torch.from_numpy(self.ids)
-        tensors[_SEGMENTS] = torch.from_numpy(self.segments)
+        tensors = {
+            _OFFSETS: torch.from_numpy(self.offsets),
+            _IDS: torch.from_numpy(self.ids),
+            _SEGMENTS: torch.from_numpy(self.segments),
+            _SCALES: torch.from_numpy(self.step_scales()),
+        }
         return st_save(tensors, metadata=meta)
 
+    def updates_bytes(self) -> bytes:
+        """The updates file: every step's stored update."""
+        tensors = {_DELTA + k: v.contiguous() for k, v in self.deltas.items()}
+        return st_save(tensors, metadata={"format": UPDATES_FORMAT, "steps": str(self.steps)})
+
     @classmethod
-    def from_bytes(cls, blob: bytes) -> StageContributions:
+    def from_index(
+        cls, blob: bytes, updates: dict[str, torch.Tensor] | None = None
+    ) -> StageContributions:
+        """From an index file and its updates (``delta.<param>`` tensors); an index of the
+        first format holds its updates itself."""
         meta = _safetensors_metadata(blob)
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in (FORMAT, _FORMAT_1):
             raise ValueError(f"not a contributions file (format {meta.get('format')!r})")
         t = st_load(blob)
-        deltas = {k[len(_DELTA) :]: v for k, v in t.items() if k.startswith(_DELTA)}
+        if meta["format"] == _FORMAT_1:
+            updates = t
+        elif updates is None:
+            raise ValueError("the index of the second format needs its updates file")
+        deltas = {k[len(_DELTA) :]: v for k, v in updates.items() if k.startswith(_DELTA)}
+        if len(deltas) and {int(v.shape[0]) for v in deltas.values()} != {int(meta["steps"])}:
+            raise ValueError("the updates file does not match its index (steps differ)")
         return cls(
             int(meta["stage"]),
             deltas,
@@ -326,12 +431,39 @@ class StageContributions:
             t[_IDS].numpy(),
             meta.get("digest", ""),
             t[_SEGMENTS].numpy() if _SEGMENTS in t else None,
+            t[_SCALES].numpy() if _SCALES in t else None,
         )
 
 
 def _safetensors_metadata(blob: bytes) -> dict[str, str]:
     n = int.from_bytes(blob[:8], "little")
     return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
+
+
+_NUMPY_OF = {"F16": np.float16, "F32": np.float32, "BF16": np.int16}
+
+
+def _map_updates(path: str) -> dict[str, torch.Tensor]:
+    """A local updates file's tensors, memory-mapped (private copy-on-write pages): only the
+    rows that are used get read. Raises ValueError for a file cut short."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    size = os.path.getsize(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="c")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _NUMPY_OF:
+            raise ValueError(f"unsupported dtype {info['dtype']} in {path}")
+        start, end = (8 + n + o for o in info["data_offsets"])
+        if end > size:
+            raise ValueError(f"{path} is cut short ({size} bytes, {name} ends at {end})")
+        arr = mm[start:end].view(_NUMPY_OF[info["dtype"]]).reshape(info["shape"])
+        t = torch.from_numpy(arr)
+        out[name] = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
+    return out
 
 
 class ContributionRecorder:
@@ -395,14 +527,31 @@ def save_contributions(
     *,
     durable: bool = False,
 ) -> int:
-    """Write a version's contributions (one file, atomically). Returns the bytes written.
+    """Write a version's contributions: its updates file (linked from the one ``contrib``
+    was read from when its updates are unchanged, else written), then its index, each
+    atomically. Returns the bytes written (a linked updates file counts nothing).
 
     Not fsynced unless ``durable``: contributions are derived data, checked against the
     weights' digest when loaded, so a file lost or torn by a crash only makes DPUS
     unavailable for that version (HS/OHS then retrain exactly); skipping the fsync of
     ~``steps * n_params * 2`` bytes per stage keeps recording cheap."""
-    blob = contrib.to_bytes()
-    rel = contribution_path(layout, version_id)
+    vdir = layout.version_dir(version_id)
+    written = 0
+    if contrib.source is not None and storage.exists(contrib.source):
+        name = contrib.source.rsplit("/", 1)[-1]
+        if contrib.source != f"{vdir}/{name}":
+            storage.link_or_copy(contrib.source, f"{vdir}/{name}")
+    else:
+        name = f"{UPDATES_PREFIX}{uuid.uuid4().hex[:16]}.safetensors"
+        written += _write(storage, f"{vdir}/{name}", contrib.updates_bytes(), durable)
+    written += _write(
+        storage, contribution_path(layout, version_id), contrib.index_bytes(name), durable
+    )
+    contrib.source = f"{vdir}/{name}"
+    return written
+
+
+def _write(storage: Storage, rel: str, blob: bytes, durable: bool) -> int:
     if durable or not storage.local:
         storage.write_bytes(rel, blob)
         return len(blob)
@@ -457,7 +606,18 @@ def load_contributions(
             "from it. Retrain with recording, or use an exact strategy (sisa)."
         )
     try:
-        contrib = StageContributions.from_bytes(storage.read_bytes(path))
+        index = storage.read_bytes(path)
+        meta = _safetensors_metadata(index)
+        updates, source = None, None
+        if meta.get("format") == FORMAT:
+            source = f"{layout.version_dir(version_id)}/{meta['updates']}"
+            updates = (
+                _map_updates(str(storage.local_path(source)))
+                if storage.local
+                else st_load(storage.read_bytes(source))
+            )
+        contrib = StageContributions.from_index(index, updates)
+        contrib.source = source
     except Exception as e:  # torn by a crash (not fsynced): as good as absent
         raise MissingContributions(
             f"the contributions of version {version_id} are unreadable ({e}); DPUS cannot use them"
@@ -470,23 +630,36 @@ def load_contributions(
     return contrib
 
 
+def _contribution_files(storage: Storage, layout: RunLayout, version_id: str) -> list[str]:
+    vdir = layout.version_dir(version_id)
+    if not storage.exists(vdir):
+        return []
+    return [
+        f"{vdir}/{name}"
+        for name in storage.listdir(vdir)
+        if name == CONTRIBUTIONS_FILE or name.startswith(UPDATES_PREFIX)
+    ]
+
+
 def purge_contributions(storage: Storage, layout: RunLayout, version_ids: Iterable[str]) -> int:
-    """Delete the contributions of ``version_ids`` (e.g. retired versions). Returns how many."""
+    """Delete the contributions (index and updates) of ``version_ids`` (e.g. retired
+    versions). Returns how many versions had any."""
     n = 0
     for vid in version_ids:
-        path = contribution_path(layout, vid)
-        if storage.exists(path):
-            storage.delete(path)
-            n += 1
+        files = _contribution_files(storage, layout, vid)
+        for rel in files:
+            storage.delete(rel)
+        n += bool(files)
     return n
 
 
 def contribution_bytes(storage: Storage, layout: RunLayout, version_ids: Iterable[str]) -> int:
-    """Bytes on storage of the versions' contributions."""
+    """Bytes on storage of the versions' contributions (index and updates files)."""
     total = 0
     for vid in version_ids:
-        info = storage.fs.get_file_info(storage.full(contribution_path(layout, vid)))
-        total += int(info.size or 0) if info.type != pafs.FileType.NotFound else 0
+        for rel in _contribution_files(storage, layout, vid):
+            info = storage.fs.get_file_info(storage.full(rel))
+            total += int(info.size or 0) if info.type != pafs.FileType.NotFound else 0
     return total
 
 

@@ -484,6 +484,63 @@ def teacher_probabilities(
     return (None, 0) if total is None else (total / n, n)
 
 
+@dataclass
+class MemorizationGap:
+    """How much better a shard's serving model fits the revoked rows than models that never
+    saw them (:func:`memorization_gap`)."""
+
+    gap: float  # shard - teachers, mean true-class probability (nan: no teacher)
+    shard_probability: float
+    teacher_probability: float
+    teachers: int
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "hybrid_memorization_gap": self.gap,
+            "hybrid_shard_probability": self.shard_probability,
+            "hybrid_teacher_probability": self.teacher_probability,
+            "hybrid_gap_teachers": float(self.teachers),
+            "hybrid_gap_seconds": self.seconds,
+        }
+
+
+@torch.no_grad()
+def memorization_gap(
+    ctx: RunContext,
+    serving: StateDict,
+    data: ShardData,
+    deleted: np.ndarray,
+    *,
+    exclude_ids=None,
+    registry: Registry | None = None,
+) -> MemorizationGap:
+    """The revoked rows' (``deleted`` of ``data``) mean true-class probability on the shard's
+    ``serving`` weights, minus the same on the other shards' serving models that qualify as
+    stand-ins for a model retrained without them (:func:`teacher_shards`; none trained on
+    any of ``exclude_ids``): the membership signal an approximate update would have to
+    remove. Forward passes on the revoked rows only."""
+    import time
+
+    t0 = time.perf_counter()
+    rows = torch.from_numpy(np.flatnonzero(np.isin(data.sample_ids, deleted)))
+    x, y = data.features[rows], data.labels[rows]
+    model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
+    model.load_state_dict(serving)
+    at = torch.arange(len(y))
+    own = float(predict_proba(model, x)[at, y].mean()) if len(y) else float("nan")
+    probs, n = teacher_probabilities(
+        ctx,
+        teacher_shards(ctx, data.shard, data.sample_ids[rows.numpy()]),
+        data.num_slices - 1,
+        x,
+        registry=registry,
+        exclude_ids=exclude_ids,
+    )
+    others = float(probs[at, y].mean()) if probs is not None and len(y) else float("nan")
+    return MemorizationGap(own - others, own, others, n, time.perf_counter() - t0)
+
+
 @torch.no_grad()
 def _per_sample_loss(model, x, y) -> torch.Tensor:
     model.eval()

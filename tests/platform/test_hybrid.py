@@ -760,3 +760,88 @@ def test_calibration_toward_a_teacher_moves_the_rows_to_its_prediction(recorded_
     assert res.target_loss == pytest.approx(-float(np.log(0.1 / (c - 1))), rel=1e-5)
     with pytest.raises(ValueError, match="teacher probabilities have shape"):
         calibrate_forget(state, data, forget, retain, empty, max_steps=5, teacher=teacher[:3], **kw)
+
+
+# -- memorization-aware routing (route_gap) ---------------------------------------------------
+
+
+def test_memorization_gap_is_the_shard_model_minus_the_models_that_never_saw_the_rows(
+    recorded_run,
+):
+    from ray_unlearn.platform.hybrid import memorization_gap
+    from ray_unlearn.platform.models import build_model
+    from ray_unlearn.platform.training import predict_proba
+
+    ctx = recorded_run
+    ids = ctx.plan.samples_of_owner(_owner_in(ctx, 0, 0))
+    state = _state(ctx, 0)
+    rows = torch.from_numpy(np.flatnonzero(np.isin(state.data.sample_ids, ids)))
+    x, y = state.data.features[rows], state.data.labels[rows]
+    reg = ctx.model_store.registry()
+    model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
+
+    def p_true(vid) -> float:
+        model.load_state_dict(ctx.model_store.load_state(vid))
+        return float(predict_proba(model, x)[torch.arange(len(y)), y].mean())
+
+    own = p_true(state.chain[-1])
+    others = [p_true(reg.shards[k].chain[-1]) for k in (1, 2)]  # serving stage of the others
+    gap = memorization_gap(ctx, state.snapshots[-1], state.data, ids)
+    assert gap.teachers == 2
+    assert gap.shard_probability == pytest.approx(own, abs=1e-6)
+    # the mean over models of the mean over rows: the same as the rows' mean of the average
+    assert gap.teacher_probability == pytest.approx(sum(others) / 2, abs=1e-6)
+    assert gap.gap == pytest.approx(own - sum(others) / 2, abs=1e-6)
+    # no qualifying stand-in (each holds a requested id): no gap, so nothing is routed on it
+    held = [ctx.model_store.sample_ids(reg.shards[k].chain[-1])[:1] for k in (1, 2)]
+    none = memorization_gap(
+        ctx, state.snapshots[-1], state.data, ids, exclude_ids=np.concatenate(held)
+    )
+    assert none.teachers == 0 and np.isnan(none.gap)
+
+
+@pytest.mark.parametrize("name", ["hs", "ohs"])
+def test_route_gap_retrains_remembered_rows_exactly(recorded_run, name):
+    ctx = recorded_run
+    hy = ctx.config.hybrid
+    hy.threshold_unit, hy.threshold = "seconds", 0.0  # the workload rule alone: DPUS
+    from ray_unlearn.platform.hybrid import memorization_gap
+
+    shard = 1
+    state = _state(ctx, shard)
+    for skip in range(20):  # an owner the (barely trained) tiny model fits better than the others
+        deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 1, skip))
+        if memorization_gap(ctx, state.snapshots[-1], state.data, deleted).gap > 0.001:
+            break
+    else:
+        pytest.fail("no owner of shard 1 whose rows its model fits better than the others do")
+    hy.route_gap = 0.0  # any positive gap routes
+    routed = get_strategy(name)(ctx).unlearn_shard(state, deleted)
+    m = routed.stages[-1].metrics
+    assert routed.exact and routed.info["decision"] == "exact"
+    assert routed.info["reason"] == "memorized" and m["hybrid_memorization_gap"] > 0
+    assert m["hybrid_gap_teachers"] == 2
+    sisa = get_strategy("sisa")(ctx).unlearn_shard(state, deleted)
+    for a, b in zip(routed.stages, sisa.stages, strict=True):  # routed: SISA's retrain
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    hy.route_gap = 1.0  # a gap is a difference of probabilities: never above 1
+    kept = get_strategy(name)(ctx).unlearn_shard(state, deleted)
+    assert not kept.exact and kept.info["decision"] == "dpus"
+    assert kept.stages[-1].metrics["hybrid_memorization_gap"] == m["hybrid_memorization_gap"]
+    hy.route_gap = None  # off: the gap is not even computed
+    plain = get_strategy(name)(ctx).unlearn_shard(state, deleted)
+    assert not plain.exact and "hybrid_memorization_gap" not in plain.stages[-1].metrics
+
+
+def test_dpus_ignores_route_gap(recorded_run):
+    ctx = recorded_run
+    ctx.config.hybrid.route_gap = 0.0
+    deleted = ctx.plan.samples_of_owner(_owner_in(ctx, 1, 1))
+    update = get_strategy("dpus")(ctx).unlearn_shard(_state(ctx, 1), deleted)
+    assert not update.exact and update.info["decision"] == "dpus"
+
+
+def test_route_gap_is_validated(tmp_path):
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match="route_gap"):
+            load_config(None, [f"storage={tmp_path}", f"hybrid.route_gap={bad}"])

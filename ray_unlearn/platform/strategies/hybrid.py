@@ -142,6 +142,7 @@ from ray_unlearn.platform.hybrid import (
     estimate_workload,
     finetune,
     finetune_rows,
+    memorization_gap,
     nonmember_reference,
     optimizer_momentum,
     teacher_probabilities,
@@ -261,7 +262,19 @@ class HybridBase(UnlearningStrategy):
             per_shard = {k: deleted}
             done = np.fromiter(ctx.deletion_log.deleted_sample_ids(), dtype=np.int64)
         est = estimate_workload(ctx, per_shard, deleted_before=done, shard_data={k: state.data})
-        return self.choose(decide(cfg, est, k))
+        decision = self.choose(decide(cfg, est, k))
+        if not decision.exact and cfg.route_gap is not None and self.name != "dpus":
+            gap = memorization_gap(
+                ctx,
+                state.snapshots[-1],
+                state.data,
+                deleted,
+                exclude_ids=self._requested_ids(deleted),
+            )
+            decision.extra.update(gap.metrics())
+            if gap.gap > cfg.route_gap:  # nan (no teacher) never routes
+                decision.exact, decision.reason = True, "memorized"
+        return decision
 
     def choose(self, decision: Decision) -> Decision:
         return decision
@@ -316,6 +329,12 @@ class HybridBase(UnlearningStrategy):
             vid = version_id(data.shard, st.stage, gen)
             save_contributions(ctx.storage, ctx.layout, vid, rest)
         return ShardUpdate(first_stage=first, stages=stages, exact=False)
+
+    def _requested_ids(self, deleted: np.ndarray) -> np.ndarray:
+        """Every id any request names (this batch's other shards too, and pending ones),
+        with ``deleted``: rows no reference row or stand-in model may hold."""
+        named = self.ctx.deletion_log.requested_sample_ids()
+        return np.union1d(np.fromiter(named, dtype=np.int64, count=len(named)), deleted)
 
     def _model_args(self) -> dict:
         """What the fine-tuning and calibration loops need to rebuild the shard's model."""
@@ -396,8 +415,7 @@ class HybridBase(UnlearningStrategy):
         data = state.data
         gone = np.isin(data.sample_ids, deleted)
         # every id any request names (this batch's other shards too, and pending ones)
-        named = ctx.deletion_log.requested_sample_ids()
-        every_deleted = np.union1d(np.fromiter(named, dtype=np.int64, count=len(named)), deleted)
+        every_deleted = self._requested_ids(deleted)
         reference = nonmember_reference(
             ctx, data.shard, every_deleted, hy.calibrate_reference_rows, cfg.seed
         )
