@@ -15,6 +15,7 @@ from ray_unlearn.platform.contributions import (
     contribution_path,
     has_contributions,
     load_contributions,
+    purge_contributions,
     save_contributions,
     state_digest,
     train_and_record,
@@ -845,3 +846,113 @@ def test_route_gap_is_validated(tmp_path):
     for bad in ("-0.1", "1.5"):
         with pytest.raises(ConfigError, match="route_gap"):
             load_config(None, [f"storage={tmp_path}", f"hybrid.route_gap={bad}"])
+
+
+# -- contributions storage: index + updates, linked when a DPUS only rescales ---------------
+
+
+def _toy_contributions(dtype: str = "float16") -> StageContributions:
+    x = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 4.0], [2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    _, rec = _toy_sgd(x, y, [2, 0, 3, 1, 0, 1, 2, 3], lr=0.5, batch=2)
+    rec_dtype = ContributionRecorder(dtype)
+    c = rec.take(0)
+    for t in range(c.steps):  # the same steps in the wanted dtype
+        rec_dtype(0, t, c.batch_ids(t), {"w": torch.zeros(3)}, {"w": c.deltas["w"][t]})
+    out = rec_dtype.take(0, "digest-0")
+    return out
+
+
+@pytest.mark.parametrize("root", ["local", "mock"])
+def test_a_share_dpus_links_the_updates_and_keeps_the_arithmetic(tmp_path, root):
+    from ray_unlearn.platform.storage import RunLayout, Storage
+
+    storage = Storage(tmp_path if root == "local" else "mock:///root")
+    layout = RunLayout("r")
+    c = _toy_contributions()
+    first = save_contributions(storage, layout, "v-g0", c)
+    index_size = len(storage.read_bytes(contribution_path(layout, "v-g0")))
+    assert first == index_size + len(c.updates_bytes())  # updates and index written
+    back = load_contributions(storage, layout, "v-g0")
+    assert all(torch.equal(back.deltas[k], c.deltas[k]) for k in c.deltas)
+    assert back.scales is None and back.digest == "digest-0"
+
+    removed, rest, touched = back.without([0], "share")  # sample 0: half of steps 0 and 2
+    assert touched == 2 and rest.deltas["w"] is back.deltas["w"]  # no copy of the updates
+    assert np.allclose(rest.step_scales(), [0.5, 1, 0.5, 1]) and 0 not in rest.ids
+    rest.digest = "digest-1"
+    small = save_contributions(storage, layout, "v-g1", rest)
+    # only the index was written: the updates are linked (a server-side copy off local disk)
+    assert small == len(storage.read_bytes(contribution_path(layout, "v-g1")))
+    again = load_contributions(storage, layout, "v-g1")
+    assert np.array_equal(again.step_scales(), rest.step_scales())
+    assert torch.allclose(again.total()["w"], c.total()["w"] - removed["w"], atol=1e-6)
+    if root == "local":  # one file on disk, two names
+        a = storage.local_path(back.source).stat()
+        b = storage.local_path(again.source).stat()
+        assert a.st_ino == b.st_ino and again.source.startswith(layout.version_dir("v-g1"))
+
+    # sample 2 was the last one left in step 0 (with 0): it takes what is left of the step,
+    # which leaves the stored updates; step 3 ({2, 3}) keeps half
+    removed2, rest2, _ = again.without([2], "share")
+    assert rest2.steps == 3 and rest2.source is None and rest2.scales is None  # rewritten
+    want = c.deltas["w"][1:].float() * torch.tensor([1.0, 0.5, 0.5])[:, None]
+    assert torch.allclose(rest2.deltas["w"].float(), want, atol=1e-3)  # scales folded in
+    assert torch.allclose(rest2.total()["w"], again.total()["w"] - removed2["w"], atol=1e-6)
+    # retiring the first version takes its files; the linked updates live on in the second
+    assert purge_contributions(storage, layout, ["v-g0"]) == 1
+    assert not has_contributions(storage, layout, "v-g0")
+    assert torch.equal(load_contributions(storage, layout, "v-g1").deltas["w"], c.deltas["w"])
+    assert purge_contributions(storage, layout, ["v-g1"]) == 1
+    assert not storage.listdir(layout.version_dir("v-g1"))
+
+
+def test_a_step_losing_its_whole_update_leaves_the_stored_updates(tmp_path):
+    from ray_unlearn.platform.storage import RunLayout, Storage
+
+    storage, layout = Storage(tmp_path), RunLayout("r")
+    c = _toy_contributions()
+    save_contributions(storage, layout, "v-g0", c)
+    back = load_contributions(storage, layout, "v-g0")
+    _, rest, _ = back.without([0], "batch")  # steps 0 and 2 go whole
+    assert rest.steps == 2 and rest.source is None
+    save_contributions(storage, layout, "v-g1", rest)
+    again = load_contributions(storage, layout, "v-g1")
+    assert again.source != back.source.replace("v-g0", "v-g1")  # a new updates file
+    stored = again.deltas["w"]
+    assert stored.shape[0] == 2
+    assert torch.equal(stored, c.deltas["w"][torch.tensor([1, 3])])  # only what is left
+    # scaled then joined with new steps (OHS, calibration): written whole, scales folded in
+    _, scaled, _ = back.without([0], "share")
+    joined = scaled.extended(_toy_contributions().head(1))
+    assert joined.scales is None and joined.steps == 5
+    assert torch.allclose(joined.total()["w"], scaled.total()["w"] + c.deltas["w"][0].float())
+
+
+def test_contributions_of_the_first_format_still_load_and_torn_updates_are_missing(tmp_path):
+    from safetensors.torch import save as st_save
+
+    from ray_unlearn.platform.storage import RunLayout, Storage
+
+    storage, layout = Storage(tmp_path), RunLayout("r")
+    c = _toy_contributions()
+    meta = {"format": "ray-unlearn-contributions/1", "stage": "0", "dtype": "float16"}
+    meta |= {"digest": c.digest, "steps": str(c.steps)}
+    old = st_save(
+        {
+            "delta.w": c.deltas["w"],
+            "batch.offsets": torch.from_numpy(c.offsets),
+            "batch.ids": torch.from_numpy(c.ids),
+            "batch.segments": torch.from_numpy(c.segments),
+        },
+        metadata=meta,
+    )
+    storage.write_bytes(contribution_path(layout, "v1-g0"), old)
+    back = load_contributions(storage, layout, "v1-g0")
+    assert torch.equal(back.deltas["w"], c.deltas["w"]) and back.source is None
+
+    save_contributions(storage, layout, "v2-g0", c)
+    path = storage.local_path(load_contributions(storage, layout, "v2-g0").source)
+    path.write_bytes(path.read_bytes()[:-8])  # a crash cut the updates short
+    with pytest.raises(MissingContributions, match="unreadable"):
+        load_contributions(storage, layout, "v2-g0")
