@@ -74,6 +74,7 @@ CONTRIBUTIONS_FILE = "contributions.safetensors"
 UPDATES_PREFIX = "updates-"
 _DELTA, _OFFSETS, _IDS, _SEGMENTS = "delta.", "batch.offsets", "batch.ids", "batch.segments"
 _SCALES = "batch.scales"
+_EXTRA = "extra.delta."  # in the index: updates of steps appended after the stored ones
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -118,9 +119,10 @@ class StageContributions:
     segments: np.ndarray | None = None
     # float32 (steps,): step t moved the weights by scales[t] * deltas[k][t] (None: all 1)
     scales: np.ndarray | None = None
-    # the stored updates file ``deltas`` were read from (a path under the storage root), so
-    # that a save of unchanged updates links it instead of writing them again
+    # the stored updates file the first ``stored`` steps of ``deltas`` were read from (a
+    # path under the storage root), so that a save links it instead of writing them again
     source: str | None = field(default=None, compare=False, repr=False)
+    stored: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.offsets = np.asarray(self.offsets, dtype=np.int64)
@@ -139,6 +141,8 @@ class StageContributions:
                 )
             if (self.scales == 1.0).all():
                 self.scales = None
+        if self.source is None or not 0 < self.stored <= self.steps:
+            self.source, self.stored = None, 0
 
     @property
     def steps(self) -> int:
@@ -247,6 +251,7 @@ class StageContributions:
                 self.segments,
                 self.step_scales() * (1.0 - w),
                 source=self.source,
+                stored=self.stored,
             )
             return removed, rest, len(touched)
         return (removed, *self.materialized()._drop(deleted, w, counts, step_of)[1:])
@@ -364,13 +369,16 @@ class StageContributions:
         )
 
     def extended(self, other: StageContributions) -> StageContributions:
-        """These steps followed by ``other``'s (same parameters)."""
+        """These steps followed by ``other``'s (same parameters). The steps already stored
+        stay linked when saved; only ``other``'s are written."""
         if set(other.deltas) != set(self.deltas):
             raise ValueError("contributions of different parameter sets cannot be joined")
-        self, other = self.materialized(), other.materialized()
         deltas = {k: torch.cat([v, other.deltas[k].to(v.dtype)]) for k, v in self.deltas.items()}
         offsets = np.concatenate([self.offsets, self.offsets[-1] + other.offsets[1:]])
         segments = np.concatenate([self.segments, self.steps + other.segments])
+        scales = None
+        if self.scales is not None or other.scales is not None:
+            scales = np.concatenate([self.step_scales(), other.step_scales()])
         return StageContributions(
             self.stage,
             deltas,
@@ -378,14 +386,20 @@ class StageContributions:
             np.concatenate([self.ids, other.ids]),
             other.digest,
             segments,
+            scales,
+            source=self.source,
+            stored=self.stored,
         )
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.deltas.values()) + self.ids.nbytes
 
     # -- (de)serialisation ---------------------------------------------------------------
-    def index_bytes(self, updates: str) -> bytes:
-        """The index file (everything but the updates), naming its ``updates`` file."""
+    def index_bytes(self, updates: str, stored: int | None = None) -> bytes:
+        """The index file, naming its ``updates`` file, which holds the first ``stored``
+        steps' updates (default: all); the updates of any later steps (appended by OHS
+        fine-tuning or calibration: a few) are kept in the index itself."""
+        stored = self.steps if stored is None else stored
         meta = {
             "format": FORMAT,
             "stage": str(self.stage),
@@ -393,6 +407,7 @@ class StageContributions:
             "digest": self.digest,
             "steps": str(self.steps),
             "updates": updates,
+            "stored_steps": str(stored),
         }
         tensors = {
             _OFFSETS: torch.from_numpy(self.offsets),
@@ -400,6 +415,8 @@ class StageContributions:
             _SEGMENTS: torch.from_numpy(self.segments),
             _SCALES: torch.from_numpy(self.step_scales()),
         }
+        if stored < self.steps:
+            tensors |= {_EXTRA + k: v[stored:].contiguous() for k, v in self.deltas.items()}
         return st_save(tensors, metadata=meta)
 
     def updates_bytes(self) -> bytes:
@@ -422,8 +439,12 @@ class StageContributions:
         elif updates is None:
             raise ValueError("the index of the second format needs its updates file")
         deltas = {k[len(_DELTA) :]: v for k, v in updates.items() if k.startswith(_DELTA)}
-        if len(deltas) and {int(v.shape[0]) for v in deltas.values()} != {int(meta["steps"])}:
+        stored = int(meta.get("stored_steps", meta["steps"]))
+        if len(deltas) and {int(v.shape[0]) for v in deltas.values()} != {stored}:
             raise ValueError("the updates file does not match its index (steps differ)")
+        extra = {k[len(_EXTRA) :]: v for k, v in t.items() if k.startswith(_EXTRA)}
+        if extra:
+            deltas = {k: torch.cat([v, extra[k]]) for k, v in deltas.items()}
         return cls(
             int(meta["stage"]),
             deltas,
@@ -536,18 +557,17 @@ def save_contributions(
     unavailable for that version (HS/OHS then retrain exactly); skipping the fsync of
     ~``steps * n_params * 2`` bytes per stage keeps recording cheap."""
     vdir = layout.version_dir(version_id)
-    written = 0
+    written, stored = 0, contrib.steps
     if contrib.source is not None and storage.exists(contrib.source):
-        name = contrib.source.rsplit("/", 1)[-1]
+        name, stored = contrib.source.rsplit("/", 1)[-1], contrib.stored
         if contrib.source != f"{vdir}/{name}":
             storage.link_or_copy(contrib.source, f"{vdir}/{name}")
     else:
         name = f"{UPDATES_PREFIX}{uuid.uuid4().hex[:16]}.safetensors"
         written += _write(storage, f"{vdir}/{name}", contrib.updates_bytes(), durable)
-    written += _write(
-        storage, contribution_path(layout, version_id), contrib.index_bytes(name), durable
-    )
-    contrib.source = f"{vdir}/{name}"
+    index = contrib.index_bytes(name, stored)
+    written += _write(storage, contribution_path(layout, version_id), index, durable)
+    contrib.source, contrib.stored = f"{vdir}/{name}", stored
     return written
 
 
@@ -617,7 +637,9 @@ def load_contributions(
                 else st_load(storage.read_bytes(source))
             )
         contrib = StageContributions.from_index(index, updates)
-        contrib.source = source
+        if source is not None:
+            contrib.source = source
+            contrib.stored = int(meta.get("stored_steps", meta["steps"]))
     except Exception as e:  # torn by a crash (not fsynced): as good as absent
         raise MissingContributions(
             f"the contributions of version {version_id} are unreadable ({e}); DPUS cannot use them"

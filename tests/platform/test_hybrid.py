@@ -922,11 +922,26 @@ def test_a_step_losing_its_whole_update_leaves_the_stored_updates(tmp_path):
     stored = again.deltas["w"]
     assert stored.shape[0] == 2
     assert torch.equal(stored, c.deltas["w"][torch.tensor([1, 3])])  # only what is left
-    # scaled then joined with new steps (OHS, calibration): written whole, scales folded in
+    # scaled, then joined with new steps (OHS fine-tuning, calibration): the stored steps stay
+    # linked, the new ones go into the index
     _, scaled, _ = back.without([0], "share")
     joined = scaled.extended(_toy_contributions().head(1))
-    assert joined.scales is None and joined.steps == 5
+    assert np.allclose(joined.step_scales(), [0.5, 1, 0.5, 1, 1]) and joined.steps == 5
     assert torch.allclose(joined.total()["w"], scaled.total()["w"] + c.deltas["w"][0].float())
+    save_contributions(storage, layout, "v-g2", joined)
+    loaded = load_contributions(storage, layout, "v-g2")
+    assert loaded.stored == 4 and loaded.steps == 5
+    assert storage.local_path(loaded.source).stat().st_ino == (
+        storage.local_path(back.source).stat().st_ino
+    )
+    assert torch.equal(loaded.deltas["w"], joined.deltas["w"])
+    assert np.array_equal(loaded.ids, joined.ids)
+    assert torch.allclose(loaded.total()["w"], joined.total()["w"])
+    # and a DPUS of the joined steps keeps both parts: linked updates, the index's extra step
+    _, rest3, _ = loaded.without([3], "share")
+    save_contributions(storage, layout, "v-g3", rest3)
+    again3 = load_contributions(storage, layout, "v-g3")
+    assert again3.stored == 4 and torch.allclose(again3.total()["w"], rest3.total()["w"])
 
 
 def test_contributions_of_the_first_format_still_load_and_torn_updates_are_missing(tmp_path):
