@@ -644,20 +644,30 @@ def calibrate_forget(
         short = float((targets - torch.minimum(cur, targets)).sum())
         return bool((cur < targets).any()) and short > (1.0 - fraction) * short0
 
-    while steps < max_steps and open_gap(current):
+    n_forget = len(yf)
+    model.train()
+    while steps < max_steps:
         pick = rng.choice(len(retain_rows), min(cfg.batch_size, len(retain_rows)), replace=False)
-        rows = retain_rows[pick]
-        ridx = torch.from_numpy(rows)
-        model.train()
+        ridx = torch.from_numpy(retain_rows[pick])
         opt.zero_grad(set_to_none=True)
-        logits = model(xf)
+        # one pass over the revoked rows and the retain batch (the model has no batch
+        # statistics: each row's output is its own); the revoked rows' part is also the
+        # check of the stopping rule on the current weights
+        logits = model(torch.cat([xf, data.features[ridx]]))
+        forget_logits = logits[:n_forget]
+        current = F.cross_entropy(forget_logits.detach(), yf, reduction="none")
+        if not open_gap(current):
+            break
         if teacher is not None:  # minimise: toward the teacher's distribution
-            push = -(soft * F.log_softmax(logits, dim=1)).sum(1).mean()
+            push = -(soft * F.log_softmax(forget_logits, dim=1)).sum(1).mean()
         else:  # maximise the label's loss, each row capped at its target
-            push = -torch.minimum(F.cross_entropy(logits, yf, reduction="none"), targets).mean()
-        (F.cross_entropy(model(data.features[ridx]), data.labels[ridx]) + push).backward()
+            push = -torch.minimum(
+                F.cross_entropy(forget_logits, yf, reduction="none"), targets
+            ).mean()
+        (F.cross_entropy(logits[n_forget:], data.labels[ridx]) + push).backward()
         opt.step()
         steps += 1
+    else:  # stopped by max_steps: the rows as the last step left them
         current = _per_sample_loss(model, xf, yf)
     return CalibrationResult(
         snapshot(model),
