@@ -240,6 +240,11 @@ class DeletionLog:
         self.storage = storage
         self.layout = layout
         self._last_ns = 0  # keeps this process's event names strictly increasing
+        # Parsed files by name. Every file of the log is created whole and exclusively and
+        # never changed, so a file read once is known for good: reading the log costs the
+        # listings and the files not seen before, not every file on every call.
+        self._events_seen: dict[str, _Event] = {}
+        self._requests_seen: dict[str, DeletionRequest] = {}
 
     def __repr__(self) -> str:
         return f"DeletionLog({self.storage.uri!r}, run={self.layout.run_id!r})"
@@ -423,6 +428,10 @@ class DeletionLog:
     def _read_events(self, names: list[str]) -> dict[str, list[_Event]]:
         by_request: dict[str, list[_Event]] = {}
         for name in names:
+            if name in self._events_seen:
+                ev = self._events_seen[name]
+                by_request.setdefault(ev.request_id, []).append(ev)
+                continue
             m = _EVENT_RE.match(name)
             assert m is not None  # filtered by _event_names
             try:
@@ -443,6 +452,7 @@ class DeletionLog:
             except (StorageError, ValueError, KeyError, TypeError) as e:
                 log.warning("deletion log: unreadable event file %s skipped: %s", name, e)
                 continue
+            self._events_seen[name] = ev
             by_request.setdefault(ev.request_id, []).append(ev)
         return by_request
 
@@ -456,8 +466,11 @@ class DeletionLog:
                 log.warning("deletion log: unexpected file %r in the requests folder skipped", name)
                 continue
             rid = name[: -len(".json")]
+            if name in self._requests_seen:
+                out[rid] = self._requests_seen[name]
+                continue
             try:
-                out[rid] = _parse_request(
+                out[rid] = self._requests_seen[name] = _parse_request(
                     self.storage.read_bytes(f"{self.layout.deletion_requests}/{name}"), rid
                 )
             except (StorageError, ValueError, KeyError, TypeError) as e:

@@ -459,3 +459,36 @@ def test_file_uri_root_is_the_same_log_as_the_path(tmp_path):
     assert via_path.submit([2, 4], owner_id="o", request_id="r")[1] is False
     via_path.transition("r", S.DONE)
     assert via_uri.deleted_sample_ids() == {2, 4}
+
+
+def test_reading_the_log_again_reads_only_new_files(storage):
+    """Files of the log are created whole and never changed: a reader parses each once."""
+    dlog = DeletionLog(storage, LAYOUT)
+    for i in range(3):
+        dlog.submit([i], request_id=f"r{i}")
+        dlog.transition(f"r{i}", RequestState.EXECUTING)
+    reads: list[str] = []
+    real = storage.read_bytes
+
+    def counting(rel: str) -> bytes:
+        reads.append(rel)
+        return real(rel)
+
+    storage.read_bytes = counting  # type: ignore[method-assign]
+    first = dlog.records()
+    assert len(reads) == 6 and [r.state for r in first] == [RequestState.EXECUTING] * 3
+    reads.clear()
+    assert [r.state for r in dlog.records()] == [RequestState.EXECUTING] * 3
+    assert reads == []  # nothing new: no file read again
+    dlog.transition("r1", RequestState.DONE)  # one new event (its write reads r1's files)
+    other = DeletionLog(storage, LAYOUT)  # another process appends a request
+    other.submit([9], request_id="r9")
+    reads.clear()
+    states = {r.request_id: r.state for r in dlog.records()}
+    assert states == {
+        "r0": RequestState.EXECUTING,
+        "r1": RequestState.DONE,
+        "r2": RequestState.EXECUTING,
+        "r9": RequestState.PENDING,
+    }
+    assert len(reads) == 2  # the new event and the new request
