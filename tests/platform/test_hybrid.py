@@ -539,7 +539,7 @@ def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run, 
     ctx = recorded_run
     hy = ctx.config.hybrid
     hy.threshold = 0.0  # always DPUS
-    hy.calibrate_target = target
+    hy.calibrate_target, hy.calibrate_depth = target, None  # every corrected snapshot
     shard = 2
     state = _state(ctx, shard)
     deleted = ctx.plan.samples_of_owner(_owner_in(ctx, shard, 1))  # stages 1.. corrected
