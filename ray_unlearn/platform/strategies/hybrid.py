@@ -61,44 +61,82 @@ holds and a later DPUS never subtracts an update twice. OHS fine-tunes only the 
 fine-tuning sample removes them too); the restart points keep the DPUS weights, and a later
 exact retrain of the shard discards the fine-tuning with the stages it replaces.
 
-Forget calibration (``hybrid.calibrate_forget``, off by default). After DPUS the revoked
-rows are still fitted better than rows the model never saw, and that is what a membership
-attack reads. Calibration raises each revoked row's loss to a target drawn from the losses
-of non-members: training rows of the *other* shards, which this shard's model never saw (no
-held-out row is used; every requested id is left out), matched by rank
+Forget calibration (``hybrid.calibrate_forget``; off by default, on in
+configs/purchase.yaml). After DPUS the revoked rows are still fitted far better than rows
+the model never saw: on Purchase a shard model gives a revoked row a true-class probability
+of ~0.85 after DPUS against ~0.29 after exact retraining (the other shards' models, which
+never saw it, give ~0.30), and that is what a membership attack reads. Calibration raises
+each revoked row's loss to a target drawn from the losses of non-members: training rows of
+the *other* shards, which this shard's model never saw (no held-out row is used; every
+requested id is left out), matched by rank
 (:func:`~ray_unlearn.platform.hybrid.quantile_targets`), with the retain loss beside it,
 until the rows are at their targets (``calibrate_fraction`` of the shortfall closed) or
-``calibrate_max_steps``. ``calibrate_depth`` newest corrected snapshots are calibrated
-(None: all), each from its own DPUS weights: the restart points matter because an exact
-retrain that restarts from one would bring the revoked rows' fit back (calibrating the
-serving snapshot alone: threshold attack -7.5 points at 10 requests, +5 at 100); carrying
-one stage's change into the next compounded (the serving model over-forgot: accuracy -3.6
-to -5.2 points). Depth 2 covers the restart point of a one-stage exact retrain, the only
-kind ``hs`` makes at the default threshold. Each calibration is recorded as one step with
-no sample ids: its steps hold gradients of the revoked rows, which must not be stored.
+``calibrate_max_steps``. ``calibrate_depth`` (default 2) newest corrected snapshots are
+calibrated (None: all), each from its own DPUS weights: the restart points matter because
+an exact retrain that restarts from one would bring the revoked rows' fit back (calibrating
+the serving snapshot alone: threshold attack -7.5 points at 10 requests, +5 at 100);
+carrying one stage's change into the next compounded (the serving model over-forgot:
+accuracy -3.6 to -5.2 points). Depth 2 covers the restart point of a one-stage exact
+retrain, the only kind ``hs`` makes at the default threshold. Each calibration is recorded
+as one step with no sample ids: its steps hold gradients of the revoked rows, which must not
+be stored. The rate (``calibrate_lr``, default 3e-4) matters most: a fresh Adam's first
+steps move every weight by about the rate, so at the training rate (1e-3) its 3-8 steps
+overshoot the targets (-1.3 points of accuracy over held-out seeds) and at 1e-4 it takes
+20-50 steps a snapshot (slower than SISA).
 
-``calibrate_target=teacher`` moves each revoked row instead to the mean prediction of the
-other shards' stage-matched models (none holding the owner's rows or any requested id):
-it keeps accuracy but leaves the threshold attack 7 to 8 points above the retrained model
-and, at the low rate it needs (1e-4), costs more than SISA (0.5-0.7x its speed; seeds 0-1).
-Quantile calibration at lr 1e-4 meets accuracy and MIA on those seeds, also at 0.8x SISA's
-speed: at the default rate its few Adam steps overshoot the targets, which is what costs the
-accuracy below.
+Alternatives measured and left off (seeds 0-1 unless said; accuracy against SISA, threshold
+attack against the retrained model, in points): ``calibrate_target=teacher`` (each revoked
+row moved to the other shards' stage-matched models' mean prediction) kept accuracy but left
+the attack +7 to +8; ``calibrate_fraction`` 0.8 / 0.9 (seeds 1 and 6) ran ~5% faster with
+the same accuracy; a retain term that keeps the model's outputs on the retain rows (KL to
+the pre-calibration model) over-forgot (attack -6 to -9) and cost 1.7-2.4 points; plain SGD
+steps instead of Adam (lr 0.005-0.02) cost 1.1-1.6 points and were slower; share factor 4 or
+2 under calibration left the attack +3 to +7; fitting the share factor per request so the
+revoked rows' mean probability matches the other shards' models (factors up to 24) cost 3.8
+points: scaled past ~10, the subtraction takes other samples' training with it; an
+exact replay of the last stage from the DPUS restart point left the revoked rows at ~0.79
+(the restart point remembers them); a minimal-norm edit of the output layer toward the
+other shards' prediction cost ~9 points of a shard model's accuracy.
 
-Measured (benchmarks/hybrid.py, 100 requests, means over held-out seeds 1-4, 1-6 for the
-last row; seed 0 chose the settings), in points against SISA (accuracy) and against the
-retrained model (attacks, forget-set accuracy):
+Memorization-aware routing (``hybrid.route_gap``, off by default): before taking DPUS,
+HS/OHS compare the revoked rows' mean true-class probability on the shard's serving model
+with the other shards' serving models' (:func:`~ray_unlearn.platform.hybrid.memorization_gap`)
+and retrain exactly where the gap is above the setting (decision reason ``memorized``). It
+works for privacy without touching accuracy, but the rows that gap most are those of the
+oldest slices, seen most often in training, whose exact retrains cost what SISA's do: at 0.6
+(30-40% of the requests routed) the attack came within +1.7 to +2.7 of the retrained model
+at 1.0-1.2x SISA's speed; at 0.7 (few routed) it left +2.5 to +6.6.
 
-==================================  =======  ========  =========  ========  ===========
-HS variant                          speedup  accuracy  threshold  logistic  forget acc.
-==================================  =======  ========  =========  ========  ===========
-plain                               1.90x    +0.08     +6.2       +11.1     +11.0
-calibrated, depth 2                 1.50x    -1.31     +0.2       -3.1      -1.4
-calibrated, depth 2, fraction 0.8   1.52x    -1.51     -0.6       -1.5      +1.4
-==================================  =======  ========  =========  ========  ===========
+Cost. A share-scaled DPUS changes only each touched step's scale, so a corrected version's
+recorded updates are the old file hard-linked (platform/contributions.py) and only the
+touched steps are read: ~12 ms a corrected stage on Purchase (it was ~40 ms when every
+update of the stage was read, rescaled and written again), against ~90 ms to retrain one.
+Calibration then costs ~100-150 ms a request (two snapshots, ~20 Adam steps each).
 
-Calibration closes the membership gap on every seed (threshold attack within -3.7..+4.9),
-for about 1.3 points of test accuracy and a fifth of HS's speed-up.
+Measured (``benchmarks/hybrid.py --seed N --variants 'sisa;hs;hs[calibrate_forget=true,
+calibrate_depth=2,calibrate_lr=0.0003]'``, 100 single-owner requests; seeds 0-1 chose the
+settings, 2-7 held out; two runs at a time on 2 cores, each ratio from one run): speed-up
+over SISA (wall), test accuracy against SISA and forget-set threshold attack against the
+retrained model, in points:
+
+==========  ============================  ============================
+held-out    plain HS                      HS + calibration
+seed        speed-up  accuracy  attack    speed-up  accuracy  attack
+==========  ============================  ============================
+2           3.87x     -0.10     +6.5      1.80x     -0.21     -0.2
+3           3.12x     +1.14     +8.5      1.67x     -0.06     -0.1
+4           3.51x     -0.07     +5.4      1.76x     -0.55     -3.3
+5           3.93x     -0.69     +4.5      1.78x     -0.47     -1.3
+6           3.65x     -0.67     +7.0      1.76x     -1.41     -1.1
+7           4.23x     +0.64     +8.4      1.72x     -0.70     +1.2
+==========  ============================  ============================
+
+Plain HS is fast and accurate but the revoked rows stay recognisable (attack +4.5 to +8.5;
+the logistic attack +9 to +16; the forget set's accuracy 10-12 points above the retrained
+model's); with calibration every target is met on 5 of the 6 held-out seeds (seed 6 loses
+1.41 points of accuracy), the threshold attack is within -3.3..+1.2 on all, the logistic
+one -5.4..-1.9 and the forget set's accuracy within 2 points of the retrained model's. OHS
+with the same calibration ran 1.13-1.28x (its fine-tuning costs more than it repairs here).
 
 Exactness. The new versions' sample lists omit the revoked ids (their recorded influence
 is removed, so the audit must not report them as contained), and their metrics say
