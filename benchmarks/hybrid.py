@@ -129,7 +129,7 @@ DEFAULT_VARIANTS = [
     "hs[route_gap=0.6]",  # remembered rows retrained exactly instead
     "hs[route_gap=0.7]",
 ]
-QUICK_VARIANTS = ["sisa", "dpus", "hs", "ohs", "hs[dpus_scale=batch]"]
+QUICK_VARIANTS = ["sisa", "dpus", "hs", "ohs", f"hs[{CALIBRATED}]", "hs[route_gap=0.6]"]
 
 
 def parse_variant(label: str) -> tuple[str, dict]:
