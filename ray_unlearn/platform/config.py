@@ -297,6 +297,13 @@ class HybridConfig(_Strict):
         "the mean prediction of the other shards' models at the same stage (models that "
         "never saw it), falling back to quantile where no such shard exists.",
     )
+    calibrate_params: Literal["all", "head", "body"] = Field(
+        "all",
+        description="Which weights calibration may change: all; body: the feature layers "
+        "(the output layer stays: its class weights are shared by every row of a class, "
+        "so moving them to forget a few rows costs their whole class); head: the output "
+        "layer only.",
+    )
     calibrate_batch_size: int | None = Field(
         None, ge=1, description="Retain rows per calibration step; None = training.batch_size."
     )

@@ -587,6 +587,7 @@ def calibrate_forget(
     batch_size: int | None = None,
     fraction: float = 1.0,
     teacher: torch.Tensor | None = None,
+    params: str = "all",
 ) -> CalibrationResult:
     """Raise the loss of the revoked rows (``forget_rows`` of ``data``) to what the model
     gives rows it never saw (``reference``), without hurting the rest.
@@ -635,6 +636,11 @@ def calibrate_forget(
     cfg = train_cfg.model_copy(
         update={"lr": lr or train_cfg.lr, "batch_size": batch_size or train_cfg.batch_size}
     )
+    if params not in ("all", "body", "head"):
+        raise ValueError(f"unknown calibration params {params!r}; allowed: all, body, head")
+    if params != "all":  # the models' two parts (platform/models.py): body, head
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(params + "."))
     opt = _optimizer(model, cfg)
     rng = np.random.default_rng(derive_seed(*seed_parts, _CALIBRATE))
     steps = 0

@@ -676,6 +676,18 @@ def test_calibration_stops_at_the_targets(recorded_run):
     )
     assert half.reached and 0 < half.steps <= res.steps
     assert res.forget_loss_before < half.forget_loss_after
+    # only the chosen part of the model moves
+    for part, still in (("body", "head."), ("head", "body.")):
+        got = calibrate_forget(
+            state, data, forget, np.arange(3, len(data)), ref, max_steps=500, params=part, **kw
+        )
+        assert got.steps > 0 and got.forget_loss_after > got.forget_loss_before
+        for k in state:
+            same = torch.equal(got.state[k], state[k])
+            assert same == k.startswith(still), k
+    with pytest.raises(ValueError, match="unknown calibration params 'bias'"):
+        calibrate_forget(state, data, forget, np.arange(3, len(data)), ref, max_steps=5,
+                         params="bias", **kw)  # fmt: skip
 
 
 # -- calibration toward the other shards' models (calibrate_target=teacher) ---------------------

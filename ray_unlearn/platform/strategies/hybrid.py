@@ -490,6 +490,7 @@ class HybridBase(UnlearningStrategy):
                 batch_size=hy.calibrate_batch_size,
                 fraction=hy.calibrate_fraction,
                 teacher=teacher,
+                params=hy.calibrate_params,
             )
             keys = list(kept[i].deltas)
             own = (
