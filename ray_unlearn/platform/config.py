@@ -284,7 +284,7 @@ class HybridConfig(_Strict):
         "of a one-stage exact retrain (what hs does at a small threshold).",
     )
     calibrate_fraction: float = Field(
-        1.0,
+        0.8,
         gt=0,
         le=1,
         description="Stop once this share of the revoked rows' total shortfall below their "
@@ -298,7 +298,7 @@ class HybridConfig(_Strict):
         "never saw it), falling back to quantile where no such shard exists.",
     )
     calibrate_params: Literal["all", "head", "body"] = Field(
-        "all",
+        "body",
         description="Which weights calibration may change: all; body: the feature layers "
         "(the output layer stays: its class weights are shared by every row of a class, "
         "so moving them to forget a few rows costs their whole class); head: the output "
