@@ -426,13 +426,19 @@ def estimator_stats(reqs: list[dict]) -> dict:
     }
 
 
+def short_label(variant: str) -> str:
+    """A variant's label with the calibration settings named, not spelled out."""
+    return variant.replace(CALIBRATED, "calibrated").replace(WHOLE_MODEL, "calibrated-all")
+
+
 def plot(records: list[dict], refs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    rows = (len({r["variant"] for r in records}) + 2) // 3  # of the legend below
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5 + 0.2 * rows))
     variants = list(dict.fromkeys(r["variant"] for r in records))
     for v in variants:
         rs = sorted((r for r in records if r["variant"] == v), key=lambda r: r["requests"])
@@ -476,8 +482,9 @@ def plot(records: list[dict], refs: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, [short_label(v) for v in labels], loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.2 * rows / (4.5 + 0.2 * rows) + 0.04, 1, 1))
     fig.savefig(path, dpi=120)
 
 
