@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -145,7 +146,10 @@ class Storage:
             os.makedirs(parent, exist_ok=True)
             tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}.part")
             try:
-                os.link(full_src, tmp)
+                try:
+                    os.link(full_src, tmp)
+                except OSError:  # no hard links here (another device, some mounts): copy
+                    shutil.copyfile(full_src, tmp)
                 os.replace(tmp, full_dst)
             except BaseException:
                 if os.path.exists(tmp):

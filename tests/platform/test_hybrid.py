@@ -983,3 +983,23 @@ def test_contributions_of_the_first_format_still_load_and_torn_updates_are_missi
     path.write_bytes(path.read_bytes()[:-8])  # a crash cut the updates short
     with pytest.raises(MissingContributions, match="unreadable"):
         load_contributions(storage, layout, "v2-g0")
+
+
+def test_link_or_copy_copies_where_hard_links_fail(tmp_path, monkeypatch):
+    import os
+
+    from ray_unlearn.platform.storage import Storage
+
+    storage = Storage(tmp_path)
+    storage.write_bytes("a/src.bin", b"updates")
+    storage.link_or_copy("a/src.bin", "b/dst.bin")
+    assert os.path.samefile(storage.local_path("a/src.bin"), storage.local_path("b/dst.bin"))
+
+    def no_links(*_):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    storage.link_or_copy("a/src.bin", "c/dst.bin")
+    assert storage.read_bytes("c/dst.bin") == b"updates"
+    assert not os.path.samefile(storage.local_path("a/src.bin"), storage.local_path("c/dst.bin"))
+    assert [n for n in os.listdir(storage.local_path("c")) if n.startswith(".tmp-")] == []
