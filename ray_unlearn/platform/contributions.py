@@ -443,6 +443,8 @@ class StageContributions:
         if len(deltas) and {int(v.shape[0]) for v in deltas.values()} != {stored}:
             raise ValueError("the updates file does not match its index (steps differ)")
         extra = {k[len(_EXTRA) :]: v for k, v in t.items() if k.startswith(_EXTRA)}
+        if not deltas or (extra and set(extra) != set(deltas)):
+            raise ValueError("the updates and the index's extra steps name different parameters")
         if extra:
             deltas = {k: torch.cat([v, extra[k]]) for k, v in deltas.items()}
         return cls(
@@ -481,6 +483,9 @@ def _map_updates(path: str) -> dict[str, torch.Tensor]:
         start, end = (8 + n + o for o in info["data_offsets"])
         if end > size:
             raise ValueError(f"{path} is cut short ({size} bytes, {name} ends at {end})")
+        want = int(np.prod(info["shape"])) * np.dtype(_NUMPY_OF[info["dtype"]]).itemsize
+        if start < 8 + n or end - start != want:
+            raise ValueError(f"{path}: {name} has offsets {info['data_offsets']}, not its shape")
         arr = mm[start:end].view(_NUMPY_OF[info["dtype"]]).reshape(info["shape"])
         t = torch.from_numpy(arr)
         out[name] = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
@@ -567,7 +572,6 @@ def save_contributions(
         written += _write(storage, f"{vdir}/{name}", contrib.updates_bytes(), durable)
     index = contrib.index_bytes(name, stored)
     written += _write(storage, contribution_path(layout, version_id), index, durable)
-    contrib.source, contrib.stored = f"{vdir}/{name}", stored
     return written
 
 

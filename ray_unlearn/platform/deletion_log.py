@@ -22,13 +22,16 @@ stays readable; an invalid transition found while folding (two writers racing on
 request) is skipped the same way, so every reader folds to the same state.
 
 Transitions are check-then-append: the caller that owns a request (the executor) is
-expected to serialise its transitions. Nothing is cached between calls, because another
-process (the gateway, another executor) may have appended in the meantime.
+expected to serialise its transitions. Every read lists the folders again, because another
+process (the gateway, another executor) may have appended in the meantime; a file already
+parsed by this reader is not read again (files are created whole and never changed), and
+every record handed out is a fresh copy.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import logging
 import math
@@ -397,7 +400,7 @@ class DeletionLog:
         return self._fold(req, self._read_events(names).get(request_id, []))
 
     def _fold(self, req: DeletionRequest, events: list[_Event]) -> tuple[RequestRecord, int]:
-        rec = RequestRecord(req, RequestState.PENDING, [_initial(req)])
+        rec = RequestRecord(copy.deepcopy(req), RequestState.PENDING, [_initial(req)])
         last_ns = 0
         for ev in sorted(events, key=lambda e: e.name):
             last_ns = max(last_ns, ev.ns)
@@ -411,7 +414,9 @@ class DeletionLog:
                 )
                 continue
             rec.state = ev.state
-            rec.history.append({"state": ev.state.value, "at": ev.at, "details": ev.details})
+            rec.history.append(
+                {"state": ev.state.value, "at": ev.at, "details": copy.deepcopy(ev.details)}
+            )
         return rec, last_ns
 
     def _event_names(self) -> list[str]:

@@ -492,3 +492,16 @@ def test_reading_the_log_again_reads_only_new_files(storage):
         "r9": RequestState.PENDING,
     }
     assert len(reads) == 2  # the new event and the new request
+
+
+def test_records_are_copies_a_caller_cannot_change_for_the_next(dlog):
+    dlog.submit([1, 2], request_id="r")
+    dlog.transition("r", RequestState.EXECUTING, details={"executed_by": "x"})
+    first = dlog.records()[0]
+    want = json.loads(json.dumps(first.history[-1]["details"]))
+    assert "x" in json.dumps(want)
+    first.request.sample_ids.append(99)
+    first.history[-1]["details"].clear()
+    again = dlog.records()[0]
+    assert again.request.sample_ids == [1, 2]
+    assert again.history[-1]["details"] == want

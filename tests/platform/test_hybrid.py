@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -980,8 +982,18 @@ def test_contributions_of_the_first_format_still_load_and_torn_updates_are_missi
 
     save_contributions(storage, layout, "v2-g0", c)
     path = storage.local_path(load_contributions(storage, layout, "v2-g0").source)
-    path.write_bytes(path.read_bytes()[:-8])  # a crash cut the updates short
+    blob = path.read_bytes()
+    path.write_bytes(blob[:-8])  # a crash cut the updates short
     with pytest.raises(MissingContributions, match="unreadable"):
+        load_contributions(storage, layout, "v2-g0")
+    # a garbled header (offsets that do not fit the shape) is as bad, not wrong data
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    header["delta.w"]["data_offsets"][0] += 2
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(raw) == n
+    path.write_bytes(blob[:8] + raw + blob[8 + n :])
+    with pytest.raises(MissingContributions, match="not its shape"):
         load_contributions(storage, layout, "v2-g0")
 
 
