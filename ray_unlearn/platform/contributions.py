@@ -254,12 +254,14 @@ class StageContributions:
                 stored=self.stored,
             )
             return removed, rest, len(touched)
-        return (removed, *self.materialized()._drop(deleted, w, counts, step_of)[1:])
+        rest = self.materialized()._drop(deleted, w, counts, step_of)
+        return removed, rest, len(touched)
 
-    def _drop(self, deleted, w: np.ndarray, counts: np.ndarray, step_of: np.ndarray):
+    def _drop(
+        self, deleted, w: np.ndarray, counts: np.ndarray, step_of: np.ndarray
+    ) -> StageContributions:
         """:meth:`without` where some step loses its whole update: such steps leave the
         stored updates, the others are rescaled in a new copy. ``self`` has no scales."""
-        touched = np.flatnonzero(counts)
         keep_step = w < 1.0  # steps with something left
         keep_id = keep_step[step_of] & ~np.isin(self.ids, np.asarray(deleted, dtype=np.int64))
         sizes = np.bincount(step_of[keep_id], minlength=self.steps)[keep_step]
@@ -288,7 +290,7 @@ class StageContributions:
             "",
             seg if len(seg) else None,
         )
-        return None, rest, len(touched)
+        return rest
 
     def _without_momentum(
         self, deleted, counts: np.ndarray, w: np.ndarray, beta: float, bias_correction: bool

@@ -17,6 +17,7 @@ of a full retrain (every shard from slice 0), which does not depend on the machi
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -366,8 +367,6 @@ def finetune(
     batch size and ``lr``) until the loss on ``val_rows`` has not improved for ``patience``
     passes (or ``max_epochs``); returns the weights of the best pass. Each step is given to
     ``recorder`` as a step of ``stage``; the caller keeps the first ``result.steps``."""
-    import time
-
     t0 = time.perf_counter()
     model = build_model(model_cfg, feature_shape, num_classes)
     model.load_state_dict(state)
@@ -520,8 +519,6 @@ def memorization_gap(
     stand-ins for a model retrained without them (:func:`teacher_shards`; none trained on
     any of ``exclude_ids``): the membership signal an approximate update would have to
     remove. Forward passes on the revoked rows only."""
-    import time
-
     t0 = time.perf_counter()
     rows = torch.from_numpy(np.flatnonzero(np.isin(data.sample_ids, deleted)))
     x, y = data.features[rows], data.labels[rows]
@@ -609,8 +606,6 @@ def calibrate_forget(
     teacher's whole distribution rather than an ascent on the label's loss: the row is
     moved to what a model trained without it predicts (including which wrong class it
     leans to), not just made less likely. ``reference`` is then unused."""
-    import time
-
     t0 = time.perf_counter()
     model = build_model(model_cfg, feature_shape, num_classes)
     model.load_state_dict(state)
