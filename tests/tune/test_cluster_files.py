@@ -1,24 +1,37 @@
-"""The cluster launcher files pass Ray's own schema, and install this project."""
+"""The cluster launcher files pass Ray's own schema as they are, and install this project."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _schema() -> dict:
+    import ray
+
+    return json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
 @pytest.mark.parametrize("name", ["cluster.yaml", "cluster.local.yaml"])
 def test_cluster_file_is_a_valid_launcher_config(name):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     raw = yaml.safe_load((REPO / name).read_text())
-    validate_config(prepare_config(raw))  # raises on a schema violation
+    # The raw file, with no preprocessing: `ray up` strips some keys before validating, a
+    # stricter tool (or a later Ray) does not.
+    jsonschema.validate(raw, _schema())
     setup = " ".join(raw["setup_commands"])
     assert "torch==2.13.0" in setup and "pip install -e ~/ray-unlearn" in setup
     assert raw["file_mounts"]["/home/ubuntu/ray-unlearn"] == "."
+    head = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head  # reached through `ray dashboard`'s SSH tunnel
+    assert "0.0.0.0" not in head
     broken = {**raw, "provider": {**raw["provider"], "type": 42}}
-    with pytest.raises(Exception):  # noqa: B017 - the schema's own error type
-        validate_config(prepare_config(broken))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, _schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**raw, "min_workers_typo": 1}, _schema())
