@@ -1,0 +1,31 @@
+"""The Ray shadow trainer (train/shadow.py) gives the in-process shadows' confidences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ray_unlearn.platform.config import ModelConfig, TrainingConfig
+from ray_unlearn.platform.lira import MLPShadowTrainer, membership_matrix, shadow_confidences
+
+pytestmark = pytest.mark.ray
+
+
+def test_ray_shadows_equal_the_in_process_ones(ray_session):
+    from ray_unlearn.train.shadow import shadow_confidences_ray
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 16)).astype(np.float32)
+    y = rng.integers(0, 4, 48)
+    trainer = MLPShadowTrainer(
+        x, y, ModelConfig(hidden=[16]), TrainingConfig(epochs=5, batch_size=16), (16,), 4
+    )
+    masks = membership_matrix(48, 3, seed=0)
+    local = shadow_confidences(trainer, masks, x, y, "logits")
+    remote = shadow_confidences_ray(trainer, masks, x, y, "logits", cpus_per_shadow=0.5)
+    assert remote.shape == (3, 48)
+    # one torch thread and seeds drawn from the masks: equal bit for bit, shadow for shadow
+    np.testing.assert_array_equal(remote, local)
+    assert not np.array_equal(remote[0], remote[1])
+    with pytest.raises(ValueError, match="cpus_per_shadow must be > 0"):
+        shadow_confidences_ray(trainer, masks, x, y, "logits", cpus_per_shadow=0)
