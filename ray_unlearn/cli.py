@@ -427,7 +427,7 @@ def serve(
     run: RunOpt,
     policy: Annotated[
         str, typer.Option(help="Serving policy preset (see `ray-unlearn policies`).")
-    ] = "double-lazy-wait",
+    ] = "lazy-wait",
     host: Annotated[
         str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")
     ] = "127.0.0.1",
@@ -514,10 +514,10 @@ def policies(as_json: JsonOpt = False) -> None:
     with _Output(as_json) as out:
         rows = [p.model_dump() for p in PRESETS.values()]
         t = Table(title="serving policies")
-        for col in ("name", "contexts", "timing", "uncertified", "description"):
+        for col in ("name", "timing", "uncertified", "description"):
             t.add_column(col)
         for r in rows:
-            t.add_row(r["name"], r["contexts"], r["timing"], r["uncertified"], r["description"])
+            t.add_row(r["name"], r["timing"], r["uncertified"], r["description"])
         out.emit({"policies": rows}, t)
 
 

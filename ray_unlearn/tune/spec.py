@@ -11,7 +11,7 @@ run setting, ``serving.policy`` (an ERASER preset, measured by the trial's servi
       method: grid                      # grid: every combination; random: num_samples draws
       space:
         partition.shards: [2, 4]
-        serving.policy: [double-lazy-exclude, single-immediate-wait]
+        serving.policy: [lazy-exclude, immediate-wait]
     stream: {deletions: 6, seed: 0, predictions: 100}
     ...
 
@@ -20,7 +20,7 @@ small space, crossed with the shared ``space``, and the grid is the union of the
 grids. So one sweep can weigh SISA against hybrid thresholds against S3T budgets::
 
     search:
-      space: {partition.shards: [2, 4], serving.policy: [double-lazy-exclude]}
+      space: {partition.shards: [2, 4], serving.policy: [lazy-exclude]}
       variants:
         - {unlearning.strategy: [sisa], partition.slices: [2, 4]}
         - {unlearning.strategy: [hs], hybrid.record: [true], hybrid.threshold: [0.05, 0.3]}
@@ -212,7 +212,7 @@ class SweepSpec(_Strict):
         "by default it is deleted once measured (the chosen config can be retrained).",
     )
     default_policy: str = Field(
-        "double-lazy-exclude", description="ERASER preset when the space has no serving.policy."
+        "lazy-exclude", description="ERASER preset when the space has no serving.policy."
     )
 
     # filled by load_sweep

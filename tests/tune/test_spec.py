@@ -80,7 +80,7 @@ def test_trial_config_round_trips_through_train_yaml(tmp_path):
     from ray_unlearn.platform.config import config_to_yaml
 
     spec = load_sweep(os.path.join(CONFIGS, "sweep.yaml"))
-    cfg = trial_config(spec, {"partition.shards": 8, "serving.policy": "double-lazy-exclude"})
+    cfg = trial_config(spec, {"partition.shards": 8, "serving.policy": "lazy-exclude"})
     (tmp_path / "c.yaml").write_text(config_to_yaml(cfg))
     assert load_config(tmp_path / "c.yaml", []) == cfg
 

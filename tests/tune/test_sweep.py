@@ -28,13 +28,13 @@ TINY_SWEEP = {
             {
                 "unlearning.strategy": ["sisa"],
                 "partition.slices": [2],
-                "serving.policy": ["double-lazy-exclude", "naive-postponed"],
+                "serving.policy": ["lazy-exclude", "naive-postponed"],
             },
             {
                 "unlearning.strategy": ["hs"],
                 "hybrid.record": [True],
                 "hybrid.threshold": [0.3],
-                "serving.policy": ["single-immediate-wait"],
+                "serving.policy": ["immediate-wait"],
             },
             {
                 "unlearning.strategy": ["s3t"],
@@ -43,7 +43,7 @@ TINY_SWEEP = {
                 "s3t.budget": [2],
                 "s3t.epochs": [1],
                 "s3t.pretrain_epochs": [1],
-                "serving.policy": ["single-immediate-wait"],
+                "serving.policy": ["immediate-wait"],
             },
         ],
     },
@@ -68,7 +68,7 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
     assert naive["exposed_fraction"] > 0 and naive["exposes_data"] and not naive["pareto"]
     safe = [t for key, t in trials.items() if key != "sisa/naive-postponed"]
     assert all(t["exposed_fraction"] == 0 for t in safe)
-    assert trials["s3t/single-immediate-wait"]["params"]["s3t.budget"] == 2
+    assert trials["s3t/immediate-wait"]["params"]["s3t.budget"] == 2
     assert doc["pareto_front"] and doc["chosen"]["label"] in doc["pareto_front"]
     assert doc["chosen"]["policy"] != "naive-postponed"
     assert doc["objectives"] == {
@@ -147,7 +147,7 @@ def test_hopeless_trials_stop_early(ray_session, tmp_path):
             "search.variants=[]",
             "space.partition.shards=[2]",
             "space.partition.slices=[2]",
-            "space.serving.policy=[double-lazy-exclude]",
+            "space.serving.policy=[lazy-exclude]",
             "stream.deletions=3",
             "stream.predictions=10",
             "stop.min_accuracy=1.0",  # nothing reaches it: stopped after the first deletion
@@ -172,7 +172,7 @@ def test_trial_measures_the_stream_and_keeps_its_run_only_if_asked(tmp_path, kee
     params = {
         "partition.shards": 2,
         "partition.slices": 2,
-        "serving.policy": "single-immediate-wait",
+        "serving.policy": "immediate-wait",
     }
     m = run_trial(spec, params, tmp_path, report=reports.append)
     assert [r["deletions"] for r in reports] == [1, 2] and reports[-1]["final"]
