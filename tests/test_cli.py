@@ -62,6 +62,19 @@ def test_bad_sweep_is_refused_before_anything_starts(tmp_path):
     assert not any(tmp_path.iterdir())  # no MLflow store, no sweep directory
 
 
+def test_policies_lists_nine_presets_and_a_removed_name_is_refused(tmp_path):
+    _, doc = run_cli("policies")
+    names = [r["name"] for r in doc["policies"]]
+    assert len(names) == 9 and "lazy-wait" in names and "contexts" not in doc["policies"][0]
+    code, doc = run_cli(
+        "sweep", "--config", "configs/sweep.yaml", f"storage={tmp_path}",
+        "space.serving.policy=[double-lazy-exclude]", check=False,
+    )  # fmt: skip
+    assert code == 2 and "'double-lazy-exclude' was removed" in doc["error"]
+    assert "use 'lazy-exclude'" in doc["error"]
+    assert not any(tmp_path.iterdir())
+
+
 def test_forget_refuses_a_strategy_it_would_not_use(tmp_path):
     code, doc = run_cli(
         "forget", "--run", "any", "--owner", "o", "--storage", str(tmp_path), "--no-wait",

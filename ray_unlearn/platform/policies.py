@@ -1,10 +1,7 @@
 """ERASER serving policies: when deletions execute and what an uncertified inference gets.
 
-Three independent option groups (DESIGN.md, section 2):
+Two independent option groups (DESIGN.md, section 2):
 
-- ``contexts``: "single" keeps one copy of each shard model, updated in place, so a shard
-  that retrains cannot answer; "double" retrains a shadow copy while the live copy serves
-  and swaps atomically when done.
 - ``timing``: "immediate" executes each deletion on arrival; "batched" when ``batch_count``
   requests are pending or the oldest is ``batch_window_s`` old; "lazy" only when an
   inference is blocked waiting on the pending deletions, or a deadline is due.
@@ -19,10 +16,18 @@ Every deletion executes at most ``deadline_s`` after arrival whatever the timing
 to be forgotten has a deadline), so a policy under which a deletion could wait forever is
 rejected. The decision helpers at the end are pure functions of the policy, the pending
 requests and the clock: the gateway calls them; the tests pin them down.
+
+ERASER's third option, *contexts* (single: the serving copy of a shard retrains in place;
+double: a shadow copy retrains), is deliberately absent. Here retraining always happens in
+the executor's own shard actors, never in the serving replicas, and the gateway never
+queries a shard with a pending deletion for a certified or excluded answer, so both values
+would serve the same answers at the same latency. An old preset name or a ``contexts`` key
+is rejected with the preset that replaces it (:data:`REMOVED_CONTEXTS`).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +35,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Contexts = Literal["single", "double"]
 Timing = Literal["immediate", "batched", "lazy"]
 Uncertified = Literal["wait", "exclude", "reject", "stale"]
 AnswerMode = Literal["certified", "excluded", "wait", "reject", "stale"]
@@ -43,7 +47,6 @@ class ServingPolicy(BaseModel):
 
     name: str = Field("custom", min_length=1, description="Preset name or a label.")
     description: str = Field("", description="One line: what the policy trades for what.")
-    contexts: Contexts = Field("single", description="single: in place; double: shadow copy.")
     timing: Timing = Field("immediate", description="When pending deletions execute.")
     uncertified: Uncertified = Field("wait", description="What an uncertified inference gets.")
     certify: bool = Field(
@@ -72,6 +75,20 @@ class ServingPolicy(BaseModel):
         "pending one). 1 executes deletions one by one, as the inference-oblivion baseline "
         "does.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_contexts(cls, data: Any) -> Any:
+        # Named before pydantic's generic "extra inputs are not permitted", so a config
+        # written for an earlier release learns what to do instead.
+        if isinstance(data, Mapping) and "contexts" in data:
+            raise ValueError(
+                f"the 'contexts' option was removed (got contexts={data['contexts']!r}): "
+                "retraining always runs in the executor's shard actors, never in the "
+                "serving copies, so single and double served identically; delete the key "
+                "(timing and uncertified choose the policy)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _coherent(self) -> ServingPolicy:
@@ -140,13 +157,12 @@ class ServingPolicy(BaseModel):
         return not self.certify or self.expose_stale
 
 
-def _preset(name: str, description: str, contexts: str, timing: str, uncertified: str, **kw):
+def _preset(name: str, description: str, timing: str, uncertified: str, **kw):
     if timing == "batched":
         kw = {"batch_count": 8, "batch_window_s": 10.0, **kw}
     return ServingPolicy(
         name=name,
         description=description,
-        contexts=contexts,
         timing=timing,
         uncertified=uncertified,
         **kw,
@@ -156,41 +172,45 @@ def _preset(name: str, description: str, contexts: str, timing: str, uncertified
 PRESETS: dict[str, ServingPolicy] = {
     p.name: p
     for p in [
-        _preset("single-immediate-wait", "Execute each deletion on arrival; uncertified "
-                "inferences wait for the retrained shard. Simple, fresh, slowest under load.",
-                "single", "immediate", "wait"),
-        _preset("single-batched-wait", "Retrain once per batch (8 requests or 10 s); "
-                "uncertified inferences wait for the batch. Less compute, longer waits.",
-                "single", "batched", "wait"),
-        _preset("single-lazy-wait", "Execute only when an uncertified inference needs it or "
-                "a deadline is due; certified answers never wait.",
-                "single", "lazy", "wait"),
-        _preset("single-batched-exclude", "Batched retraining; uncertified inferences are "
-                "answered by the unaffected shards alone. No waiting, some accuracy lost.",
-                "single", "batched", "exclude"),
-        _preset("single-lazy-reject", "Execute at the deadline only; uncertified inferences "
-                "get 503 + Retry-After. Least compute; clients must retry.",
-                "single", "lazy", "reject"),
-        _preset("double-immediate-exclude", "Shadow copies retrain on arrival while live ones "
-                "serve; uncertified answers come from the unaffected shards.",
-                "double", "immediate", "exclude"),
-        _preset("double-batched-exclude", "Shadow copies retrain per batch; uncertified "
-                "answers from the unaffected shards. Low latency, moderate compute.",
-                "double", "batched", "exclude"),
-        _preset("double-lazy-wait", "Shadow copies retrain when an uncertified inference "
-                "needs it or a deadline is due; certified answers keep flowing meanwhile.",
-                "double", "lazy", "wait"),
-        _preset("double-lazy-exclude", "Deletions execute at their deadline only, in shadow "
-                "copies; uncertified answers from the unaffected shards. Least compute.",
-                "double", "lazy", "exclude"),
+        _preset("immediate-wait", "Execute each deletion on arrival; uncertified inferences "
+                "wait for the retrained shard. Simple, fresh, slowest under load.",
+                "immediate", "wait"),
+        _preset("immediate-exclude", "Execute each deletion on arrival; uncertified answers "
+                "come from the unaffected shards meanwhile. No waiting, some accuracy lost.",
+                "immediate", "exclude"),
+        _preset("batched-wait", "Retrain once per batch (8 requests or 10 s); uncertified "
+                "inferences wait for the batch. Less compute, longer waits.",
+                "batched", "wait"),
+        _preset("batched-exclude", "Retrain once per batch; uncertified answers from the "
+                "unaffected shards. Low latency, moderate compute.",
+                "batched", "exclude"),
+        _preset("lazy-wait", "Execute only when an uncertified inference needs it or a "
+                "deadline is due; certified answers never wait.",
+                "lazy", "wait"),
+        _preset("lazy-exclude", "Deletions execute at their deadline only; uncertified "
+                "answers from the unaffected shards. Least compute.",
+                "lazy", "exclude"),
+        _preset("lazy-reject", "Execute at the deadline only; uncertified inferences get "
+                "503 + Retry-After. Least compute; clients must retry.",
+                "lazy", "reject"),
         _preset("inference-oblivion", "Baseline: each deletion executes on arrival, one at a "
                 "time, and every inference waits while any deletion is pending or executing.",
-                "single", "immediate", "wait", certify=False, max_batch=1),
+                "immediate", "wait", certify=False, max_batch=1),
         _preset("naive-postponed", "Baseline: deletions postponed to their deadline while the "
                 "stale models keep serving. Never waits; exposes deleted data.",
-                "double", "lazy", "stale", certify=False, expose_stale=True),
+                "lazy", "stale", certify=False, expose_stale=True),
     ]
 }  # fmt: skip
+
+# Presets of earlier releases that named a context ("single-..." / "double-..."): both
+# contexts served identically here (module docstring), so each maps to the preset without
+# the prefix. Used only to word the error; an old name is never accepted silently.
+REMOVED_CONTEXTS: dict[str, str] = {
+    f"{ctx}-{name}": name
+    for ctx in ("single", "double")
+    for name in PRESETS
+    if name not in ("inference-oblivion", "naive-postponed")
+}
 
 
 def list_policies() -> list[str]:
@@ -209,9 +229,16 @@ def get_policy(spec: str | Mapping[str, Any] | ServingPolicy) -> ServingPolicy:
     if isinstance(spec, ServingPolicy):
         return spec
     if isinstance(spec, str):
-        if spec not in PRESETS:
+        if spec in REMOVED_CONTEXTS:
             raise ValueError(
-                f"unknown serving policy {spec!r}; presets: {', '.join(list_policies())}"
+                f"serving policy {spec!r} was removed with the contexts option (single and "
+                f"double served identically); use {REMOVED_CONTEXTS[spec]!r}"
+            )
+        if spec not in PRESETS:
+            close = difflib.get_close_matches(spec, list_policies(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown serving policy {spec!r}{hint}; presets: {', '.join(list_policies())}"
             )
         return PRESETS[spec]
     if not isinstance(spec, Mapping):
@@ -260,8 +287,7 @@ def due_for_execution(
     is pending; batched when the batch is full or the oldest request has waited a window
     (a blocked inference waits for the batch: that is the trade batched makes); lazy only
     when an inference is blocked, which under "exclude" happens only in its fallback (no
-    unaffected shard left), under "reject" never, and under "stale" only while a single
-    context's shard is retraining.
+    unaffected shard left), and under "reject" or "stale" never.
     """
     if not pending:
         return False
@@ -297,7 +323,6 @@ def next_wakeup(policy: ServingPolicy, pending: Sequence[PendingView], now: floa
 def answer_mode(
     policy: ServingPolicy,
     certified: bool,
-    shard_busy: bool,
     *,
     pending: bool = True,
     any_unaffected: bool = True,
@@ -306,25 +331,19 @@ def answer_mode(
 
     - ``certified``: the instance's certificate holds for the current affected set (shards
       with a deletion pending or executing).
-    - ``shard_busy``: an affected shard is retraining in place (single context) and cannot
-      answer. Never true with double contexts, whose live copy serves until the swap.
     - ``pending``: some deletion is pending or executing. False: the models are current and
       every policy answers "certified" (even one that never trusts a certificate).
     - ``any_unaffected``: some shard has no deletion pending; False when every shard is
       affected, and then "exclude" has nothing to answer with and falls back to "wait".
 
-    Returns "certified" (answer now; if a shard is busy, aggregate the shards that can answer:
-    a certificate depends only on the unaffected shards and covers the affected ones dropping
-    out, so the label is the same), "excluded" (answer from the unaffected shards), "wait"
-    (block until the affected shards are unlearned; lazy timing then executes them),
-    "reject" (503 + Retry-After) or "stale" (answer from the stale models: exposure).
-    A busy shard changes only "stale": a model retraining in place has no stale copy to
-    serve, so the naive baseline waits too.
+    Returns "certified" (answer now from the unaffected shards: a certificate depends only
+    on them and covers the affected ones dropping out), "excluded" (answer from the
+    unaffected shards), "wait" (block until the affected shards are unlearned; lazy timing
+    then executes them), "reject" (503 + Retry-After) or "stale" (answer from the stale
+    models: exposure).
     """
     if not pending or (certified and policy.certify):
         return "certified"
     if policy.uncertified == "exclude":
         return "excluded" if any_unaffected else "wait"
-    if policy.uncertified == "stale":
-        return "wait" if shard_busy else "stale"
-    return policy.uncertified  # "wait" or "reject"
+    return policy.uncertified  # "wait", "reject" or (naive baseline only) "stale"

@@ -104,7 +104,6 @@ def answer_batch(
     *,
     n: int,
     pending: bool,
-    shard_busy: bool = False,
 ) -> list[InstanceAnswer]:
     """Answer ``n`` instances from ``probs`` (shard -> (n, classes), the shards queried).
 
@@ -117,9 +116,7 @@ def answer_batch(
     classes = next(iter(probs.values())).shape[1] if probs else None
     if classes is None:  # nothing to certify with: every live shard is affected
         return [
-            InstanceAnswer(
-                answer_mode(policy, False, shard_busy, pending=pending, any_unaffected=False)
-            )
+            InstanceAnswer(answer_mode(policy, False, pending=pending, any_unaffected=False))
             for _ in range(n)
         ]
     # Rows of shards not queried are zeros: a certificate never reads them (it depends on
@@ -136,7 +133,7 @@ def answer_batch(
     out = []
     for i in range(n):
         mode = answer_mode(
-            policy, bool(certified[i]), shard_busy, pending=pending, any_unaffected=bool(unaffected)
+            policy, bool(certified[i]), pending=pending, any_unaffected=bool(unaffected)
         )
         if mode in ("certified", "excluded"):
             # A certified label equals the unaffected shards' aggregate (the certificate

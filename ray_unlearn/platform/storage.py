@@ -8,7 +8,6 @@ that to acknowledge a request only once it survives a crash.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -180,12 +179,23 @@ class Storage:
         )
 
     def read_table(self, rel: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+        # An Arrow-native file, never a Python object (io.BytesIO, bytes): Parquet's
+        # pre-buffering reads on Arrow's I/O threads, and a buffer wrapping a Python object is
+        # freed by whichever thread drops it last, which must take the GIL to do it. When that
+        # is a worker while the interpreter shuts down, CPython ends the thread with
+        # pthread_exit, whose unwinding through a noexcept C++ frame calls std::terminate:
+        # "terminate called without an active exception", exit 134, after the command's work
+        # was done (seen in a core dump: PyBuffer::~PyBuffer on an Arrow worker).
+        try:
+            with self.fs.open_input_file(self.full(rel)) as f:
+                return pq.read_table(f)
+        except FileNotFoundError as e:
+            raise StorageError(f"no file {rel!r} under storage root {self.uri}") from e
 
     def write_table(self, rel: str, table: pa.Table) -> None:
-        buf = io.BytesIO()
+        buf = pa.BufferOutputStream()  # Arrow-owned memory, as in read_table
         pq.write_table(table, buf)
-        self.write_bytes(rel, buf.getvalue())
+        self.write_bytes(rel, buf.getvalue().to_pybytes())
 
     def upload_dir(self, local_dir: str | os.PathLike[str], rel: str) -> None:
         """Copy a local folder's files (recursively) under ``rel``."""

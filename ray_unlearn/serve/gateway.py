@@ -40,7 +40,7 @@ class GatewaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     storage: str
     run_id: str
-    policy: str | dict[str, Any] = "double-lazy-wait"
+    policy: str | dict[str, Any] = "lazy-wait"
     api_token: str | None = Field(
         None, description=f"Bearer token for /v1/forget and /v1/audit; else ${TOKEN_ENV}."
     )
@@ -323,7 +323,6 @@ class Gateway:
                     503, "no shard model is live (every shard was emptied by deletions)"
                 )
             affected = self.tracker.affected()
-            busy = self.policy.contexts == "single" and bool(self.tracker.executing_shards())
             queried = shards_to_query(self.policy, live, affected)
             versions = dict(self.versions)
             probs = await self._query(queried, x[todo]) if queried else {}
@@ -335,7 +334,6 @@ class Gateway:
                 probs,
                 n=len(todo),
                 pending=bool(self.tracker.items),
-                shard_busy=busy,
             )
             if any(a.mode == "reject" for a in answers):
                 raise HTTPException(

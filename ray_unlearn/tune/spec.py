@@ -11,7 +11,7 @@ run setting, ``serving.policy`` (an ERASER preset, measured by the trial's servi
       method: grid                      # grid: every combination; random: num_samples draws
       space:
         partition.shards: [2, 4]
-        serving.policy: [double-lazy-exclude, single-immediate-wait]
+        serving.policy: [lazy-exclude, immediate-wait]
     stream: {deletions: 6, seed: 0, predictions: 100}
     ...
 
@@ -20,7 +20,7 @@ small space, crossed with the shared ``space``, and the grid is the union of the
 grids. So one sweep can weigh SISA against hybrid thresholds against S3T budgets::
 
     search:
-      space: {partition.shards: [2, 4], serving.policy: [double-lazy-exclude]}
+      space: {partition.shards: [2, 4], serving.policy: [lazy-exclude]}
       variants:
         - {unlearning.strategy: [sisa], partition.slices: [2, 4]}
         - {unlearning.strategy: [hs], hybrid.record: [true], hybrid.threshold: [0.05, 0.3]}
@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -62,10 +63,25 @@ from ray_unlearn.platform.config import (
 from ray_unlearn.platform.policies import get_policy
 
 POLICY_KEY = "serving.policy"
-HIGHER_IS_BETTER = {"accuracy", "served_accuracy"}
+HIGHER_IS_BETTER = {"val_accuracy", "served_accuracy"}
 Objective = Literal[
-    "accuracy", "served_accuracy", "unlearn_cpu_s", "unlearn_s", "latency_mean_ms", "latency_p99_ms"
+    "val_accuracy",
+    "served_accuracy",
+    "unlearn_cpu_s",
+    "unlearn_s",
+    "latency_mean_ms",
+    "latency_p99_ms",
 ]
+
+
+def _no_test_selection(value: Any) -> Any:
+    """Refuse the objective names of earlier releases, which selected on test rows."""
+    if value in ("accuracy", "test_accuracy"):
+        raise ValueError(
+            f"{value!r} is no longer an objective: the sweep selects on validation rows; use "
+            "'val_accuracy' (test_accuracy is reported beside it and never selected on)"
+        )
+    return value
 
 
 class _Strict(BaseModel):
@@ -117,7 +133,15 @@ class StreamSpec(_Strict):
     deletions: int = Field(6, ge=1, description="Owner deletions each trial executes.")
     seed: int = Field(0, ge=0, description="Seed of the owners drawn (same for every trial).")
     predictions: int = Field(
-        100, ge=1, description="Held-out instances answered at each deletion step."
+        100, ge=1, description="Validation instances answered at each deletion step."
+    )
+    validation_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Part of the held-out rows (seeded by sample id) every selection, ranking "
+        "and early stop reads; the rest are test rows, only reported. Not below an S3T "
+        "trial's s3t.validation_fraction (its accuracy trigger reads those rows).",
     )
 
 
@@ -126,14 +150,14 @@ class StopSpec(_Strict):
         None,
         ge=0,
         le=1,
-        description="Stop a trial as soon as its accuracy during the stream falls below "
-        "this (a hopeless trial); None: never.",
+        description="Stop a trial as soon as its validation accuracy during the stream "
+        "falls below this (a hopeless trial); None: never.",
     )
     asha: bool = Field(
         False,
-        description="Also use Tune's ASHA scheduler on accuracy per deletion step (rungs at "
-        "1, 4, 16 ... deletions; below the best quarter at a rung stops). It ranks on accuracy "
-        "alone, so it may drop cheap trials that would be on the front: for large random "
+        description="Also use Tune's ASHA scheduler on validation accuracy per deletion step "
+        "(rungs at 1, 4, 16 ... deletions; below the best quarter at a rung stops). It ranks on "
+        "accuracy alone, so it may drop cheap trials that would be on the front: for large random "
         "sweeps.",
     )
 
@@ -150,10 +174,13 @@ class MlflowSpec(_Strict):
 class ParetoSpec(_Strict):
     """The three objectives of the Pareto front (accuracy up, cost and latency down)."""
 
-    accuracy: Literal["accuracy", "served_accuracy"] = Field(
-        "accuracy",
-        description="accuracy: the ensemble's test accuracy after the stream; "
-        "served_accuracy: accuracy of the answers the policy gave during it.",
+    accuracy: Annotated[
+        Literal["val_accuracy", "served_accuracy"], BeforeValidator(_no_test_selection)
+    ] = Field(
+        "val_accuracy",
+        description="val_accuracy: the ensemble's validation accuracy after the stream; "
+        "served_accuracy: accuracy of the answers the policy gave during it (validation "
+        "instances too).",
     )
     cost: Literal["unlearn_cpu_s", "unlearn_s"] = Field(
         "unlearn_cpu_s",
@@ -163,8 +190,9 @@ class ParetoSpec(_Strict):
     latency: Literal["latency_mean_ms", "latency_p99_ms"] = "latency_mean_ms"
     allow_exposure: bool = Field(
         False,
-        description="Let trials whose answers exposed data under a pending deletion (the "
-        "naive-postponed baseline) onto the front; by default they are shown, never chosen.",
+        description="Let trials with exposure violations (answers from a model holding data "
+        "of a submitted deletion: the naive-postponed baseline) onto the front; by default "
+        "they are shown, never chosen.",
     )
 
     def objectives(self) -> dict[str, bool]:
@@ -175,7 +203,7 @@ class ParetoSpec(_Strict):
 class SelectSpec(_Strict):
     """Which Pareto-optimal configuration is written out as the chosen one."""
 
-    metric: Objective = "accuracy"
+    metric: Annotated[Objective, BeforeValidator(_no_test_selection)] = "val_accuracy"
     mode: Literal["max", "min"] | None = Field(
         None, description="max for accuracies, min for costs and latencies (the default)."
     )
@@ -212,7 +240,7 @@ class SweepSpec(_Strict):
         "by default it is deleted once measured (the chosen config can be retrained).",
     )
     default_policy: str = Field(
-        "double-lazy-exclude", description="ERASER preset when the space has no serving.policy."
+        "lazy-exclude", description="ERASER preset when the space has no serving.policy."
     )
 
     # filled by load_sweep
@@ -334,6 +362,7 @@ def check_trials(spec: SweepSpec) -> list[str]:
     """Every problem of every grid point (unknown keys, bad values, contradictions), each
     distinct problem once, with how many trials have it and one of them."""
     problems: list[str] = []
+    val = spec.stream.validation_fraction
     for name in dimensions(spec).get(POLICY_KEY, []):
         try:
             get_policy(name)
@@ -342,7 +371,15 @@ def check_trials(spec: SweepSpec) -> list[str]:
     found: dict[str, list[dict[str, Any]]] = {}
     for params in grid_points(spec):
         try:
-            msgs = [f"s3t: {p}" for p in _s3t_problems(trial_config(spec, params))]
+            cfg = trial_config(spec, params)
+            msgs = [f"s3t: {p}" for p in _s3t_problems(cfg)]
+            s3t_val = (cfg.s3t or S3TConfig()).validation_fraction
+            if cfg.unlearning.strategy == "s3t" and s3t_val > val:
+                msgs.append(
+                    f"s3t.validation_fraction={s3t_val} exceeds stream.validation_fraction="
+                    f"{val}: rows S3T's accuracy trigger reads would count as test rows "
+                    "(lower it or raise stream.validation_fraction)"
+                )
         except ValidationError as e:
             msgs = [
                 f"{'.'.join(str(x) for x in err['loc'])}: "

@@ -4,7 +4,8 @@ trial logged to MLflow, ending in a Pareto front and a chosen config.
 * Each trial is :func:`ray_unlearn.tune.trial.run_trial` in a Tune function trainable
   (1 CPU; it trains in process, so no trial waits for a Train worker that could never be
   placed on a small machine). It reports after every deletion of the stream, which is what
-  the stopper (``stop.min_accuracy``) and ASHA (``stop.asha``) act on.
+  the stopper (``stop.min_accuracy``) and ASHA (``stop.asha``) act on: both read
+  ``val_accuracy``, measured on validation rows that are neither training nor test rows.
 * MLflow: one parent run per sweep; every trial is a child run (tag
   ``mlflow.parentRunId``) with its parameters, its metrics per deletion step and at the end,
   and its plot and run config as artifacts. The driver logs, as trials end (Tune callback),
@@ -13,8 +14,9 @@ trial logged to MLflow, ending in a Pareto front and a chosen config.
   deprecated and refuses to start without an opt-in).
 * Tune's search space: one grid/choice dimension per key, or, with ``search.variants``, one
   dimension over the grid's points (each a dict of keys), so no trial mixes two variants.
-* Pareto front over ``pareto``'s three objectives (default: accuracy, unlearning CPU seconds,
-  mean latency) among the trials that finished the stream without exposing deleted data.
+* Pareto front over ``pareto``'s three objectives (default: validation accuracy, unlearning
+  CPU seconds, mean latency) among the trials that finished the stream without an exposure
+  violation; each trial's ``test_accuracy`` is reported beside it and chooses nothing.
 * Result: ``<out>/results.json``, ``<out>/pareto.png``, ``<out>/chosen.yaml`` (a run config
   ``ray-unlearn train --config`` takes unchanged), also logged on the parent run. ``<out>``
   is ``<storage>/sweeps/<sweep id>`` for a local storage root; for an object-store root the
@@ -115,7 +117,8 @@ class Progress(tune.Callback):
         print(
             f"[{self.ended}/{self.total} {time.perf_counter() - self.t0:6.0f}s] {how:8s} "
             f"{_label(trial_params(trial.config), self.spec)}: "
-            f"accuracy {f('accuracy', '.4f')}, {cost} {f(cost, '.2f')}, "
+            f"val {f('val_accuracy', '.4f')} (test {f('test_accuracy', '.4f')}), "
+            f"{cost} {f(cost, '.2f')}, "
             f"{lat} {f(lat, '.2f')}, after {f('deletions', 'd')} deletion(s)",
             file=sys.stderr,
             flush=True,
@@ -193,8 +196,10 @@ class MlflowTrials(tune.Callback):
 
 
 _LOGGED = (
-    "accuracy",
-    "accuracy_before",
+    "val_accuracy",
+    "test_accuracy",
+    "val_accuracy_before",
+    "test_accuracy_before",
     "served_accuracy",
     "unlearn_s",
     "unlearn_cpu_s",
@@ -205,14 +210,16 @@ _LOGGED = (
     "excluded_fraction",
     "waited_fraction",
     "rejected_fraction",
-    "exposed_fraction",
+    "violations",
+    "violation_fraction",
     "executions",
     "train_s",
 )
 
 
 _CHOSEN = (
-    "accuracy",
+    "val_accuracy",
+    "test_accuracy",
     "served_accuracy",
     "unlearn_s",
     "unlearn_cpu_s",
@@ -283,7 +290,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(
-            metric="accuracy",
+            metric="val_accuracy",
             mode="max",
             time_attr="deletions",
             max_t=spec.stream.deletions,
@@ -305,7 +312,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
             if storage.local
             else f"{storage.uri}/sweeps/{sweep_id}/tune",
             callbacks=[logger, Progress(spec, num_trials(spec))],
-            stop=(lambda trial_id, result: result["accuracy"] < min_acc)
+            stop=(lambda trial_id, result: result["val_accuracy"] < min_acc)
             if min_acc is not None
             else None,
             verbose=0,  # Progress prints a line per trial instead
@@ -334,9 +341,10 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         rows.append(row)
     objectives = spec.pareto.objectives()
     for r in rows:
-        if r["state"] == "finished" and (r.get("exposed_fraction") or 0) > 0:
+        if r["state"] == "finished" and (r.get("violations") or 0) > 0:
             r["exposes_data"] = True
-    # A trial that served data under a pending deletion is shown, never chosen (unless the
+    # A trial that answered from a model holding data of a submitted deletion (checked
+    # against the manifests, not the policy's labels) is shown, never chosen (unless the
     # sweep allows it): its latency is bought by breaking the deletion it was asked for.
     done = [
         r
@@ -364,7 +372,9 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         )
         text = (
             f"# chosen by `ray-unlearn sweep` {sweep_id}: {best['label']}\n"
-            f"# accuracy {best['accuracy']:.4f} (served {best['served_accuracy']:.4f}), "
+            f"# validation accuracy {best['val_accuracy']:.4f} (served "
+            f"{best['served_accuracy']:.4f}; chosen on these), test accuracy "
+            f"{best['test_accuracy']:.4f} (never selected on), "
             f"unlearning {best['unlearn_s']:.2f} s wall / {best['unlearn_cpu_s']:.2f} s CPU over "
             f"{spec.stream.deletions} deletions, serving latency {best['latency_mean_ms']:.2f} ms "
             f"mean / {best['latency_p99_ms']:.2f} ms p99\n"

@@ -1,24 +1,36 @@
 """One sweep trial, in process: train a run, run the seeded deletion stream, measure.
 
+The run's held-out rows are split in two by sample id (``stream.validation_fraction`` of
+them, seeded: :func:`held_out_split`): *validation* rows, which every selection, ranking and
+early stop of the sweep reads, and *test* rows, reported beside them and read by nothing that
+chooses. Training rows stay as they are, so the chosen config trains exactly as it did in its
+trial. S3T's accuracy trigger measures the same hash of the same rows, so its validation rows
+are validation rows here too, never test rows (the sweep checks the fractions).
+
 Measured per trial (and reported after every deletion step, so early stopping can act):
 
-* ``accuracy``: test accuracy of the serving ensemble (after the deletions so far);
+* ``val_accuracy`` / ``test_accuracy``: accuracy of the serving ensemble (after the
+  deletions so far) on the validation / test rows (rows of deleted owners left out);
 * ``unlearn_s`` / ``unlearn_cpu_s``: wall / CPU seconds of executing the deletions
   (``UnlearningEngine.execute_pending``; S3T: deactivation, plus any depth restoration).
   CPU seconds are the trial process's own (every thread: torch's intra-op threads count),
   so they measure the computation spent on unlearning and, unlike wall seconds, barely move
   when other work shares the machine's cores;
 * ``served_accuracy``: accuracy of the answers the policy actually gave on the probe
-  instances (an excluded answer comes from the unaffected shards only; a waited one from the
-  ensemble after the execution it waited for; rejected instances are left out);
-* ``exposed_fraction`` / ``rejected_fraction``: answers served from models holding data under
-  a pending deletion without a certificate (the naive-postponed baseline), and instances
+  instances, drawn from the validation rows (an excluded answer comes from the unaffected
+  shards only; a waited one from the ensemble after the execution it waited for; rejected
+  instances are left out);
+* ``violations`` / ``violation_fraction``: answers computed by a shard whose model holds a
+  sample of a deletion already submitted, checked from outside the decision code
+  (:mod:`ray_unlearn.tune.exposure`: the shards queried for the answer, the registry at that
+  moment, the versions' sample lists and the deletion log); ``rejected_fraction``: instances
   refused (503) under a ``reject`` policy;
 * ``latency_mean_ms`` / ``latency_p99_ms`` / ``certified_fraction``: serving under the
   trial's ERASER policy, measured in process with the gateway's own decision code
   (:func:`ray_unlearn.platform.serving.answer_batch`). At each deletion step the request is
-  logged as pending and ``stream.predictions`` held-out instances are answered: an
-  instance's latency is its share of the ensemble's prediction time, plus, when the policy
+  logged as pending and ``stream.predictions`` validation instances are answered, querying
+  only the shards the gateway would (:func:`ray_unlearn.platform.serving.shards_to_query`):
+  an instance's latency is its share of those shards' prediction time, plus, when the policy
   makes it wait, the measured time of the execution it waits for. Executions happen when
   the policy's timing says so (immediate: every step; batched: every ``batch_count``
   requests; lazy: when an instance waits, and at the end). No HTTP and no Ray Serve: this
@@ -37,13 +49,17 @@ from typing import Any
 import numpy as np
 
 from ray_unlearn.platform.aggregate import aggregate
+from ray_unlearn.platform.data import held_out_mask
 from ray_unlearn.platform.evaluate import ensemble_accuracy
 from ray_unlearn.platform.plan import TEST
 from ray_unlearn.platform.policies import get_policy
 from ray_unlearn.platform.run import RunContext, create_run
-from ray_unlearn.platform.serving import DeletionTracker, answer_batch
+from ray_unlearn.platform.s3t_runtime import VALIDATION_STREAM
+from ray_unlearn.platform.serving import DeletionTracker, answer_batch, shards_to_query
 from ray_unlearn.platform.shard import train_all_shards
+from ray_unlearn.platform.training import derive_seed
 from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+from ray_unlearn.tune.exposure import ExposureCheck
 from ray_unlearn.tune.spec import SweepSpec, trial_config, trial_policy
 
 Reporter = Callable[[dict[str, Any]], None]
@@ -63,11 +79,40 @@ def stream_owners(ctx: RunContext, n: int, seed: int) -> list[str]:
     return [str(o) for o in rng.choice(owners, size=min(n, len(owners)), replace=False)]
 
 
-def _accuracy(ctx: RunContext, backend: LocalShards) -> float:
-    test = ctx.split_records("test", ctx.deletion_log.deleted_sample_ids())
+def held_out_split(ctx: RunContext, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(validation ids, test ids): the held-out rows whose seeded hash of the sample id is
+    below ``fraction`` (the hash S3T's validation rows use, same seed), and the rest.
+
+    Carved from the held-out rows rather than the training rows so that every trial, and
+    the chosen config trained again, fits exactly the rows it would fit outside a sweep.
+    Raises ValueError when either side is empty (too few held-out rows for the fraction).
+    """
+    held = ctx.split_records("test").sample_ids
+    val = held_out_mask(held, fraction, derive_seed(ctx.config.seed, VALIDATION_STREAM))
+    if val.all() or not val.any():
+        raise ValueError(
+            f"stream.validation_fraction={fraction} leaves {int(val.sum())} validation and "
+            f"{int((~val).sum())} test rows of the run's {len(held)} held-out rows; both "
+            "need some (raise data.test_fraction, or choose a fraction nearer 0.5)"
+        )
+    return held[val], held[~val]
+
+
+def _accuracy(ctx: RunContext, backend: LocalShards, ids: np.ndarray) -> float:
+    """Ensemble accuracy on the rows ``ids`` whose deletion was not requested."""
+    deleted = np.fromiter(ctx.deletion_log.deleted_sample_ids(), dtype=np.int64)
+    ids = ids[~np.isin(ids, deleted)]
+    rows = ctx.records.subset(ctx.records.index_of(ids))
     return ensemble_accuracy(
-        backend.predict_proba(test.features), test.labels, ctx.config.unlearning.aggregation
+        backend.predict_proba(rows.features), rows.labels, ctx.config.unlearning.aggregation
     )
+
+
+def _query(backend: LocalShards, shards: list[int], x: np.ndarray) -> dict[int, np.ndarray]:
+    """shard -> (n, classes) from the given shards' current models (empty shards skipped):
+    the keys are the shards whose models an answer can depend on."""
+    out = {k: backend.shard(k).predict_proba(x) for k in shards}
+    return {k: p for k, p in out.items() if p is not None}
 
 
 def run_trial(
@@ -88,17 +133,19 @@ def run_trial(
     backend = LocalShards(ctx)
     engine = UnlearningEngine(ctx, backend, executor_name="sweep-trial")
     rule = cfg.unlearning.aggregation
-    accuracy_before = _accuracy(ctx, backend)
-    test = ctx.split_records("test")
+    val_ids, test_ids = held_out_split(ctx, spec.stream.validation_fraction)
+    val_before, test_before = _accuracy(ctx, backend, val_ids), _accuracy(ctx, backend, test_ids)
     probe = np.random.default_rng([spec.stream.seed, 1]).choice(
-        len(test.labels), size=min(spec.stream.predictions, len(test.labels)), replace=False
+        val_ids, size=min(spec.stream.predictions, len(val_ids)), replace=False
     )
-    x, y = test.features[probe], test.labels[probe]
+    probe_rows = ctx.records.subset(ctx.records.index_of(np.sort(probe)))
+    x, y = probe_rows.features, probe_rows.labels
 
     tracker = DeletionTracker(ctx.plan)
+    exposure = ExposureCheck(ctx)
     latencies: list[np.ndarray] = []
     modes: dict[str, int] = {}
-    served_right = served = 0
+    served_right = served = violations = 0
     unlearn_s = unlearn_cpu_s = 0.0
     executions = 0
 
@@ -119,14 +166,18 @@ def run_trial(
     for step, owner in enumerate(owners, start=1):
         record, _ = engine.submit(owner_id=owner)
         tracker.add(record)
-        # serve the probe batch while the deletion(s) are pending
+        # serve the probe batch while the deletion(s) are pending, querying only the shards
+        # the gateway would query
+        live = [k for k in backend.shard_ids if not backend.shard(k).empty]
+        affected = tracker.affected()
         t = time.perf_counter()
-        probs = backend.predict_proba(x)
+        probs = _query(backend, shards_to_query(policy, live, affected), x)
         predict_s = time.perf_counter() - t
-        live = sorted(probs)
-        answers = answer_batch(
-            policy, rule, live, tracker.affected(), probs, n=len(y), pending=True
-        )
+        answers = answer_batch(policy, rule, live, affected, probs, n=len(y), pending=True)
+        # every answer given now was computed from (at most) the shards queried
+        now = [i for i, a in enumerate(answers) if a.mode not in ("wait", "reject")]
+        if now and exposure.holding_submitted(probs):
+            violations += len(now)
         waiting = [i for i, a in enumerate(answers) if a.mode == "wait"]
         due = (
             policy.timing == "immediate"
@@ -143,6 +194,8 @@ def run_trial(
             again_s = time.perf_counter() - t
             labels[waiting] = aggregate(np.stack([after[k] for k in sorted(after)]), rule)[0]
             lat[waiting] += wait_s + again_s / len(waiting)
+            if exposure.holding_submitted(after):
+                violations += len(waiting)
         answered = np.array([a.mode != "reject" for a in answers], dtype=bool)
         served += int(answered.sum())
         served_right += int((labels[answered] == y[answered]).sum())
@@ -154,8 +207,10 @@ def run_trial(
         n = sum(modes.values())
         metrics = {
             "step": step,
-            "accuracy": _accuracy(ctx, backend),
-            "accuracy_before": accuracy_before,
+            "val_accuracy": _accuracy(ctx, backend, val_ids),
+            "test_accuracy": _accuracy(ctx, backend, test_ids),
+            "val_accuracy_before": val_before,
+            "test_accuracy_before": test_before,
             "unlearn_s": unlearn_s,
             "unlearn_cpu_s": unlearn_cpu_s,
             "unlearn_s_per_deletion": unlearn_s / step,
@@ -166,7 +221,8 @@ def run_trial(
             "excluded_fraction": modes.get("excluded", 0) / n,
             "waited_fraction": modes.get("waited", 0) / n,
             "rejected_fraction": modes.get("reject", 0) / n,
-            "exposed_fraction": modes.get("stale", 0) / n,
+            "violations": violations,
+            "violation_fraction": violations / n,
             "executions": executions,
             "train_s": train_s,
             "deletions": step,

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from ray_unlearn.platform.policies import (
     PRESETS,
+    REMOVED_CONTEXTS,
     PendingView,
     ServingPolicy,
     answer_mode,
@@ -31,24 +32,21 @@ def test_presets_validate_with_distinct_names_and_descriptions():
         assert policy.name == name and policy.description
         assert ServingPolicy(**policy.model_dump()) == policy  # round-trips through validation
     ordinary = [p for p in PRESETS.values() if not p.is_baseline]
-    assert len(ordinary) >= 7
+    assert len(ordinary) == 7 and len(PRESETS) == 9
     assert {p.name for p in PRESETS.values() if p.is_baseline} == BASELINES
-    # the ordinary presets are distinct combinations and cover every option value
-    combos = {(p.contexts, p.timing, p.uncertified) for p in ordinary}
+    # the ordinary presets are distinct policies (no two behave alike) covering every value
+    combos = {(p.timing, p.uncertified) for p in ordinary}
     assert len(combos) == len(ordinary)
-    assert {c for c, _, _ in combos} == {"single", "double"}
-    assert {t for _, t, _ in combos} == {"immediate", "batched", "lazy"}
-    assert {u for _, _, u in combos} == {"wait", "exclude", "reject"}
+    assert {t for t, _ in combos} == {"immediate", "batched", "lazy"}
+    assert {u for _, u in combos} == {"wait", "exclude", "reject"}
+    for p in ordinary:  # the name says the policy
+        assert p.name == f"{p.timing}-{p.uncertified}"
     assert not any(p.expose_stale for p in ordinary)
 
 
 def test_baselines():
     oblivion = PRESETS["inference-oblivion"]
-    assert (oblivion.contexts, oblivion.timing, oblivion.uncertified) == (
-        "single",
-        "immediate",
-        "wait",
-    )
+    assert (oblivion.timing, oblivion.uncertified) == ("immediate", "wait")
     assert not oblivion.certify and not oblivion.expose_stale
     naive = PRESETS["naive-postponed"]
     assert naive.expose_stale and not naive.certify and naive.uncertified == "stale"
@@ -57,7 +55,7 @@ def test_baselines():
 
 def test_policies_are_frozen():
     with pytest.raises(ValidationError):
-        PRESETS["single-lazy-wait"].timing = "immediate"
+        PRESETS["lazy-wait"].timing = "immediate"
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -113,8 +111,24 @@ def test_every_problem_reported_at_once():
 def test_unknown_fields_and_values_rejected():
     with pytest.raises(ValidationError, match="extra"):
         ServingPolicy(timeing="lazy")
-    with pytest.raises(ValidationError, match="'single' or 'double'"):
-        ServingPolicy(contexts="triple")
+    with pytest.raises(ValidationError, match="'wait', 'exclude', 'reject' or 'stale'"):
+        ServingPolicy(uncertified="later")
+
+
+def test_contexts_removed_with_a_replacement_named():
+    assert "contexts" not in ServingPolicy.model_fields
+    with pytest.raises(ValidationError, match="'contexts' option was removed.*delete the key"):
+        ServingPolicy(contexts="double", timing="lazy")
+    with pytest.raises(ValueError, match="'contexts' option was removed"):
+        get_policy({"preset": "lazy-wait", "contexts": "single"})
+    # every old name is refused, never aliased, and names the preset that replaces it
+    assert len(REMOVED_CONTEXTS) == 14
+    for old, new in REMOVED_CONTEXTS.items():
+        assert new in PRESETS and old.split("-", 1)[1] == new
+        with pytest.raises(ValueError, match=f"{old!r} was removed.*use {new!r}"):
+            get_policy(old)
+    with pytest.raises(ValueError, match="was removed.*use 'batched-exclude'"):
+        get_policy({"preset": "double-batched-exclude", "deadline_s": 3})
 
 
 def test_sensible_custom_policies_accepted():
@@ -128,28 +142,30 @@ def test_sensible_custom_policies_accepted():
 
 
 def test_get_policy_by_name_mapping_and_overrides():
-    assert get_policy("single-lazy-wait") is PRESETS["single-lazy-wait"]
-    assert get_policy(PRESETS["double-lazy-wait"]) is PRESETS["double-lazy-wait"]
-    assert get_policy({"preset": "single-lazy-wait"}) is PRESETS["single-lazy-wait"]
-    tweaked = get_policy({"preset": "single-lazy-wait", "deadline_s": 30})
+    assert get_policy("lazy-wait") is PRESETS["lazy-wait"]
+    assert get_policy(PRESETS["lazy-exclude"]) is PRESETS["lazy-exclude"]
+    assert get_policy({"preset": "lazy-wait"}) is PRESETS["lazy-wait"]
+    tweaked = get_policy({"preset": "lazy-wait", "deadline_s": 30})
     assert tweaked.deadline_s == 30 and tweaked.timing == "lazy"
-    assert tweaked.name == "single-lazy-wait+deadline_s=30"
-    named = get_policy({"preset": "single-lazy-wait", "contexts": "double", "name": "mine"})
-    assert named.name == "mine" and named.contexts == "double"
+    assert tweaked.name == "lazy-wait+deadline_s=30"
+    named = get_policy({"preset": "lazy-wait", "uncertified": "exclude", "name": "mine"})
+    assert named.name == "mine" and named.uncertified == "exclude"
     custom = get_policy({"timing": "batched", "batch_count": 4})
     assert custom.name == "custom" and custom.batch_count == 4
     # leaving batched drops the preset's batch fields; explicitly set ones still conflict
-    lazy = get_policy({"preset": "single-batched-wait", "timing": "lazy"})
+    lazy = get_policy({"preset": "batched-wait", "timing": "lazy"})
     assert lazy.batch_count is None and lazy.batch_window_s is None
     with pytest.raises(ValidationError, match="batch_count applies only"):
-        get_policy({"preset": "single-batched-wait", "timing": "lazy", "batch_count": 3})
+        get_policy({"preset": "batched-wait", "timing": "lazy", "batch_count": 3})
     with pytest.raises(ValidationError, match="timing='batched' needs"):
-        get_policy({"preset": "single-lazy-wait", "timing": "batched"})
+        get_policy({"preset": "lazy-wait", "timing": "batched"})
 
 
 def test_get_policy_unknown():
-    with pytest.raises(ValueError, match="unknown serving policy 'nope'.*single-lazy-wait"):
+    with pytest.raises(ValueError, match="unknown serving policy 'nope'.*lazy-wait"):
         get_policy("nope")
+    with pytest.raises(ValueError, match="did you mean 'lazy-reject'"):
+        get_policy("lazy-rejct")
     with pytest.raises(ValueError, match="naive-postponed"):
         get_policy({"preset": "nope", "deadline_s": 3})
     with pytest.raises(ValueError, match="preset name or a mapping"):
@@ -241,46 +257,39 @@ def test_next_wakeup_is_the_first_due_instant(name):
 
 
 @pytest.mark.parametrize(
-    ("name", "uncertified_free", "uncertified_busy"),
+    ("name", "uncertified"),
     [
-        ("single-immediate-wait", "wait", "wait"),
-        ("single-lazy-wait", "wait", "wait"),
-        ("single-batched-exclude", "excluded", "excluded"),
-        ("double-immediate-exclude", "excluded", "excluded"),
-        ("single-lazy-reject", "reject", "reject"),
-        ("inference-oblivion", "wait", "wait"),
-        ("naive-postponed", "stale", "wait"),
+        ("immediate-wait", "wait"),
+        ("immediate-exclude", "excluded"),
+        ("batched-wait", "wait"),
+        ("batched-exclude", "excluded"),
+        ("lazy-wait", "wait"),
+        ("lazy-exclude", "excluded"),
+        ("lazy-reject", "reject"),
+        ("inference-oblivion", "wait"),
+        ("naive-postponed", "stale"),
     ],
 )
-def test_answer_mode_table(name, uncertified_free, uncertified_busy):
+def test_answer_mode_table(name, uncertified):
     policy = PRESETS[name]
-    assert answer_mode(policy, False, shard_busy=False) == uncertified_free
-    assert answer_mode(policy, False, shard_busy=True) == uncertified_busy
-    trusted = "certified" if policy.certify else uncertified_free
-    assert answer_mode(policy, True, shard_busy=False) == trusted
-    # a busy shard does not void a certificate: it depends only on the unaffected shards
-    assert answer_mode(policy, True, shard_busy=True) == (
-        "certified" if policy.certify else uncertified_busy
-    )
+    assert answer_mode(policy, False) == uncertified
+    assert answer_mode(policy, True) == ("certified" if policy.certify else uncertified)
     # nothing pending: the current models are the post-deletion models, for every policy
     for certified in (True, False):
-        assert answer_mode(policy, certified, False, pending=False) == "certified"
+        assert answer_mode(policy, certified, pending=False) == "certified"
 
 
 def test_exclude_falls_back_to_wait_when_every_shard_is_affected():
-    policy = PRESETS["double-batched-exclude"]
-    assert answer_mode(policy, False, False, any_unaffected=False) == "wait"
-    assert answer_mode(policy, True, False, any_unaffected=False) == "certified"
-    assert answer_mode(PRESETS["single-lazy-reject"], False, False, any_unaffected=False) == (
-        "reject"
-    )
+    policy = PRESETS["batched-exclude"]
+    assert answer_mode(policy, False, any_unaffected=False) == "wait"
+    assert answer_mode(policy, True, any_unaffected=False) == "certified"
+    assert answer_mode(PRESETS["lazy-reject"], False, any_unaffected=False) == "reject"
 
 
 def test_every_preset_answers_something_sensible():
     allowed = {"certified", "excluded", "wait", "reject", "stale"}
     for policy in PRESETS.values():
         for certified in (True, False):
-            for busy in (True, False):
-                mode = answer_mode(policy, certified, busy)
-                assert mode in allowed
-                assert mode != "stale" or policy.expose_stale
+            mode = answer_mode(policy, certified)
+            assert mode in allowed
+            assert mode != "stale" or policy.expose_stale

@@ -65,25 +65,23 @@ def test_answers_by_policy():
     queried = {
         k: v
         for k, v in probs.items()
-        if k in shards_to_query(get_policy("single-lazy-wait"), live, affected)
+        if k in shards_to_query(get_policy("lazy-wait"), live, affected)
     }
     assert sorted(queried) == [0, 1, 2, 3]  # a safe policy never asks the affected shard
 
-    ans = answer_batch(
-        get_policy("single-lazy-wait"), "vote", live, affected, queried, n=2, pending=True
-    )
+    ans = answer_batch(get_policy("lazy-wait"), "vote", live, affected, queried, n=2, pending=True)
     assert (
         [a.mode for a in ans] == ["certified", "wait"]
         and ans[0].label == 0
         and ans[1].label is None
     )
     ans = answer_batch(
-        get_policy("double-batched-exclude"), "vote", live, affected, queried, n=2, pending=True
+        get_policy("batched-exclude"), "vote", live, affected, queried, n=2, pending=True
     )
     assert [a.mode for a in ans] == ["certified", "excluded"]
     assert ans[1].label == 0  # unaffected shards: 0,0,1,1 -> tie -> smallest label
     ans = answer_batch(
-        get_policy("single-lazy-reject"), "vote", live, affected, queried, n=2, pending=True
+        get_policy("lazy-reject"), "vote", live, affected, queried, n=2, pending=True
     )
     assert [a.mode for a in ans] == ["certified", "reject"]
     ans = answer_batch(
@@ -108,7 +106,7 @@ def test_certified_answers_equal_every_post_deletion_answer():
         probs = _probs(labels, c)
         queried = {s: p for s, p in probs.items() if s not in affected}
         ans = answer_batch(
-            get_policy("double-lazy-wait"),
+            get_policy("lazy-wait"),
             "vote",
             list(range(k)),
             affected,
@@ -132,6 +130,6 @@ def test_nothing_pending_means_certified_and_all_affected_falls_back():
     )
     assert ans[0].mode == "certified" and ans[0].label == 1
     ans = answer_batch(
-        get_policy("double-batched-exclude"), "vote", [0, 1, 2], {0, 1, 2}, {}, n=1, pending=True
+        get_policy("batched-exclude"), "vote", [0, 1, 2], {0, 1, 2}, {}, n=1, pending=True
     )
     assert ans[0].mode == "wait"  # nothing unaffected to exclude to

@@ -50,7 +50,7 @@ def gateway(ray_session, tmp_path_factory):
             {
                 "storage": ctx.storage.uri,
                 "run_id": ctx.run_id,
-                "policy": "single-lazy-wait",
+                "policy": "lazy-wait",
                 "api_token": TOKEN,
                 "max_instances": 200,
             }

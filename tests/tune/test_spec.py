@@ -80,13 +80,13 @@ def test_trial_config_round_trips_through_train_yaml(tmp_path):
     from ray_unlearn.platform.config import config_to_yaml
 
     spec = load_sweep(os.path.join(CONFIGS, "sweep.yaml"))
-    cfg = trial_config(spec, {"partition.shards": 8, "serving.policy": "double-lazy-exclude"})
+    cfg = trial_config(spec, {"partition.shards": 8, "serving.policy": "lazy-exclude"})
     (tmp_path / "c.yaml").write_text(config_to_yaml(cfg))
     assert load_config(tmp_path / "c.yaml", []) == cfg
 
 
 def _row(acc, cost, lat):
-    return {"accuracy": acc, "unlearn_cpu_s": cost, "latency_mean_ms": lat}
+    return {"val_accuracy": acc, "unlearn_cpu_s": cost, "latency_mean_ms": lat}
 
 
 def test_pareto_front_by_hand():
@@ -96,21 +96,41 @@ def test_pareto_front_by_hand():
         _row(0.95, 5.0, 10.0),  # 2: front (most accurate)
         _row(0.7, 0.5, 50.0),  # 3: front (cheapest)
         _row(0.9, 1.0, 10.0),  # 4: equal to 0: neither dominates
-        {"accuracy": None, "unlearn_cpu_s": 1.0, "latency_mean_ms": 1.0},  # 5: incomplete
+        {"val_accuracy": None, "unlearn_cpu_s": 1.0, "latency_mean_ms": 1.0},  # 5: incomplete
     ]
     assert dominates(rows[0], rows[1]) and not dominates(rows[0], rows[4])
     assert pareto_front(rows) == [0, 2, 3, 4]
-    assert choose(rows, [0, 2, 3, 4], "accuracy", "max") == 2
+    assert choose(rows, [0, 2, 3, 4], "val_accuracy", "max") == 2
     assert choose(rows, [0, 2, 3, 4], "unlearn_cpu_s", "min") == 3
     # other objectives: p99 latency instead of the mean reorders the front
     rows[3]["latency_p99_ms"], rows[0]["latency_p99_ms"] = 5.0, 60.0
     rows[2]["latency_p99_ms"] = rows[4]["latency_p99_ms"] = 60.0
     rows[1]["latency_p99_ms"] = 1.0
-    p99 = {"accuracy": True, "unlearn_cpu_s": False, "latency_p99_ms": False}
+    p99 = {"val_accuracy": True, "unlearn_cpu_s": False, "latency_p99_ms": False}
     assert pareto_front(rows, p99) == [0, 1, 2, 3, 4]
     assert choose(rows, [0, 1, 2, 3, 4], "latency_p99_ms", "min", p99) == 1
     with pytest.raises(ValueError, match="nothing to choose"):
-        choose(rows, [], "accuracy", "max")
+        choose(rows, [], "val_accuracy", "max")
+
+    # test accuracy is a column beside the objectives, never one of them
+    rows[0]["test_accuracy"] = 1.0
+    assert pareto_front(rows) == [0, 2, 3, 4]
+
+
+def test_selection_reads_validation_rows_only(tmp_path):
+    spec = load_sweep(os.path.join(CONFIGS, "sweep.yaml"))
+    assert spec.pareto.accuracy == "val_accuracy" and spec.select.metric == "val_accuracy"
+    assert spec.stream.validation_fraction == 0.5
+    for old in ("accuracy", "test_accuracy"):
+        for key in ("pareto.accuracy", "select.metric"):
+            with pytest.raises(ConfigError, match=f"{old!r} is no longer an objective.*val_acc"):
+                load_sweep(os.path.join(CONFIGS, "sweep.yaml"), [f"{key}={old}"])
+    # S3T's accuracy trigger reads its own validation rows: they must not be test rows here
+    with pytest.raises(ConfigError, match="s3t.validation_fraction=0.6 exceeds stream"):
+        load_sweep(os.path.join(CONFIGS, "sweep.yaml"), ["s3t.validation_fraction=0.6"])
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(ConfigError, match="stream.validation_fraction"):
+            load_sweep(os.path.join(CONFIGS, "sweep.yaml"), [f"stream.validation_fraction={bad}"])
 
 
 def test_variants_cross_the_shared_space_and_cover_every_dimension():

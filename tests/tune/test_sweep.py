@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -28,13 +29,13 @@ TINY_SWEEP = {
             {
                 "unlearning.strategy": ["sisa"],
                 "partition.slices": [2],
-                "serving.policy": ["double-lazy-exclude", "naive-postponed"],
+                "serving.policy": ["lazy-exclude", "naive-postponed"],
             },
             {
                 "unlearning.strategy": ["hs"],
                 "hybrid.record": [True],
                 "hybrid.threshold": [0.3],
-                "serving.policy": ["single-immediate-wait"],
+                "serving.policy": ["immediate-wait"],
             },
             {
                 "unlearning.strategy": ["s3t"],
@@ -43,7 +44,7 @@ TINY_SWEEP = {
                 "s3t.budget": [2],
                 "s3t.epochs": [1],
                 "s3t.pretrain_epochs": [1],
-                "serving.policy": ["single-immediate-wait"],
+                "serving.policy": ["immediate-wait"],
             },
         ],
     },
@@ -63,22 +64,31 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
     assert len(doc["trials"]) == 4 and all(t["state"] == "finished" for t in doc["trials"]), [
         (t["label"], t["state"], t["error"]) for t in doc["trials"]
     ]
-    # the naive baseline answers from models holding deleted data: shown, never chosen
+    # the naive baseline answers from models holding data of submitted deletions (checked
+    # against the manifests): shown, never chosen
     naive = trials["sisa/naive-postponed"]
-    assert naive["exposed_fraction"] > 0 and naive["exposes_data"] and not naive["pareto"]
+    assert naive["violations"] > 0 and naive["exposes_data"] and not naive["pareto"]
     safe = [t for key, t in trials.items() if key != "sisa/naive-postponed"]
-    assert all(t["exposed_fraction"] == 0 for t in safe)
-    assert trials["s3t/single-immediate-wait"]["params"]["s3t.budget"] == 2
+    assert all(t["violations"] == 0 and not t.get("exposes_data") for t in safe)
+    # chosen on validation rows; test accuracy reported beside it, in results.json too
+    assert all(0 <= t["test_accuracy"] <= 1 and 0 <= t["val_accuracy"] <= 1 for t in safe)
+    assert trials["s3t/immediate-wait"]["params"]["s3t.budget"] == 2
     assert doc["pareto_front"] and doc["chosen"]["label"] in doc["pareto_front"]
     assert doc["chosen"]["policy"] != "naive-postponed"
     assert doc["objectives"] == {
-        "accuracy": "max",
+        "val_accuracy": "max",
         "unlearn_cpu_s": "min",
         "latency_mean_ms": "min",
     }
     out = doc["out"]
     assert os.path.getsize(os.path.join(out, "pareto.png")) > 0
-    assert os.path.isfile(os.path.join(out, "results.json"))
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["chosen"]["test_accuracy"] == doc["chosen"]["test_accuracy"]
+    assert "val_accuracy" in saved["chosen"]
+    with open(doc["chosen"]["config"]) as f:
+        header = f.read().split("\n", 3)[1]
+    assert "validation accuracy" in header and "test accuracy" in header
 
     # MLflow (SQLite under the storage root): one parent, four children
     assert doc["tracking_uri"] == f"sqlite:///{store / 'mlflow' / 'mlflow.db'}"
@@ -86,7 +96,7 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
     exp = client.get_experiment_by_name(spec.mlflow.experiment)
     parent = client.get_run(doc["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["chosen"]
-    assert "chosen_accuracy" in parent.data.metrics
+    assert {"chosen_val_accuracy", "chosen_test_accuracy"} <= set(parent.data.metrics)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "results.json",
         "pareto.png",
@@ -103,15 +113,16 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
             run.data.params
         )
         assert {
-            "accuracy",
+            "val_accuracy",
+            "test_accuracy",
             "served_accuracy",
             "unlearn_s",
             "unlearn_cpu_s",
             "latency_mean_ms",
             "certified_fraction",
-            "exposed_fraction",
+            "violations",
         } <= set(run.data.metrics)
-        steps = client.get_metric_history(run.info.run_id, "accuracy")
+        steps = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in steps] == [1, 2]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
             "run_config.yaml",
@@ -147,7 +158,7 @@ def test_hopeless_trials_stop_early(ray_session, tmp_path):
             "search.variants=[]",
             "space.partition.shards=[2]",
             "space.partition.slices=[2]",
-            "space.serving.policy=[double-lazy-exclude]",
+            "space.serving.policy=[lazy-exclude]",
             "stream.deletions=3",
             "stream.predictions=10",
             "stop.min_accuracy=1.0",  # nothing reaches it: stopped after the first deletion
@@ -156,7 +167,8 @@ def test_hopeless_trials_stop_early(ray_session, tmp_path):
     doc = run_sweep(spec)
     (trial,) = doc["trials"]
     assert trial["state"] == "stopped early" and doc["chosen"] is None
-    runs = MlflowClient(doc["tracking_uri"]).get_metric_history(trial["mlflow_run_id"], "accuracy")
+    history = MlflowClient(doc["tracking_uri"]).get_metric_history
+    runs = history(trial["mlflow_run_id"], "val_accuracy")
     assert len(runs) == 1
 
 
@@ -172,13 +184,14 @@ def test_trial_measures_the_stream_and_keeps_its_run_only_if_asked(tmp_path, kee
     params = {
         "partition.shards": 2,
         "partition.slices": 2,
-        "serving.policy": "single-immediate-wait",
+        "serving.policy": "immediate-wait",
     }
     m = run_trial(spec, params, tmp_path, report=reports.append)
     assert [r["deletions"] for r in reports] == [1, 2] and reports[-1]["final"]
     assert m["executions"] == 2 and m["unlearn_s"] > 0 and m["unlearn_cpu_s"] > 0
-    assert 0 <= m["accuracy"] <= 1 and 0 <= m["served_accuracy"] <= 1
-    assert m["exposed_fraction"] == 0 and m["rejected_fraction"] == 0
+    assert 0 <= m["val_accuracy"] <= 1 and 0 <= m["served_accuracy"] <= 1
+    assert 0 <= m["test_accuracy"] <= 1
+    assert m["violations"] == 0 and m["rejected_fraction"] == 0
     # every instance is certified, or waits for its shard and is answered afterwards
     assert m["certified_fraction"] + m["waited_fraction"] == pytest.approx(1.0)
     assert (tmp_path / "store").exists() == keep
