@@ -297,8 +297,9 @@ def _check_contributions(ctx, owner: str | None, ids) -> None:
     for k, versions in missing.items():
         raise ValueError(
             f"--strategy dpus: shard {k}'s versions {', '.join(versions)} have no recorded "
-            "contributions (an exact retrain wrote them without recording), so DPUS cannot "
-            "correct them; use hs or ohs, which retrain such a shard exactly"
+            "contributions of these samples (an exact retrain wrote them without recording, "
+            "or an earlier DPUS dropped the steps they shared with a revoked sample), so DPUS "
+            "cannot correct them; use hs or ohs, which retrain such a shard exactly"
         )
 
 
