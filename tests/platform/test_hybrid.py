@@ -589,7 +589,8 @@ def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run, 
         if extra:
             assert len(c.batch_ids(c.steps - 1)) == 0
         assert not np.isin(deleted, c.ids).any()
-        assert _close({k: prev[k] + c.total()[k] for k in prev}, st.state, atol=1e-4)
+        if not len(c.untracked):  # else the dropped steps' retained part is unrecorded
+            assert _close({k: prev[k] + c.total()[k] for k in prev}, st.state, atol=1e-4)
         if not took and strategy == "dpus":  # calibrated independently: nothing carried in
             assert _close(st.state, dp.state, atol=0)
         prev, prev_took = st.state, took
@@ -616,6 +617,9 @@ def test_a_later_dpus_works_on_a_calibrated_shard(recorded_run):
     ctx.config.hybrid.calibrate_forget = True
     shard = 1
     eng = UnlearningEngine(ctx, LocalShards(ctx))
+    # whole-batch DPUS: a share DPUS leaves the other samples of its touched steps untracked,
+    # and a later one for them is refused (test_a_sample_whose_step_left_the_record_...)
+    ctx.config.hybrid.dpus_scale = "batch"
     for i, owner in enumerate([_owner_in(ctx, shard, 0), _owner_in(ctx, shard, 0, skip=1)]):
         eng.submit(owner_id=owner, request_id=f"r{i}")
         (rec,) = eng.execute_pending(strategy="dpus")
