@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from ray_unlearn.platform.compaction import compact, outside_sources, waiting_for_compaction
 from ray_unlearn.platform.memorization import load_scores, save_scores
+from ray_unlearn.platform.mia import eval_sets
 from ray_unlearn.platform.plan import TEST
 from ray_unlearn.platform.residue import scan_residue
 from ray_unlearn.platform.run import create_run, open_run
@@ -52,6 +53,10 @@ def test_a_run_reads_its_own_copy_and_a_deletion_compacts_it(tiny_run):
     for k in range(3):
         assert not np.isin(ids, again.shard_data(k).sample_ids).any()
     assert len(again.split_records("test").sample_ids)
+    # measuring what was forgotten reads the rows from the source outside the run
+    _, forget, _ = eval_sets(again, ids)
+    trained = ids[again.plan.locate(ids)[0] != TEST]
+    assert forget.sample_ids.tolist() == sorted(trained.tolist())
     # a second deletion on the compacted run works (exclude lists ids no longer present)
     _forget(again, _owner(again, 5))
     doc = scan_residue(again)
