@@ -17,7 +17,8 @@ own manifest says ``retired``, that manifest and its sample list (what the retir
 was trained on: the proof of what was removed).
 
 Rows whose bytes are one repeated value (e.g. all zeros) would match any run of that value
-and are counted as ``unscannable_rows``, not searched. Rows no longer held anywhere the
+and are counted as ``unscannable_rows``, not searched; so are rows equal to a row the run
+keeps (duplicates in the data: ``rows_equal_to_retained_rows``). Rows no longer held anywhere the
 scanner can read (the user erased the source) are counted the same way.
 """
 
@@ -127,6 +128,18 @@ def deleted_rows(ctx: RunContext, deleted: np.ndarray) -> tuple[np.ndarray, np.n
     return np.concatenate(found_ids), np.concatenate(found).astype("<f4")
 
 
+def _retained_rows(ctx: RunContext, deleted: np.ndarray) -> set[bytes]:
+    """The float32 bytes of every row the run's copy keeps (not deleted)."""
+    if not ctx.storage.exists(ctx.layout.data_copy):
+        return set()
+    t = ctx.storage.read_table(ctx.layout.data_copy)
+    feats = _float_matrix(t.column("features")) if "features" in t.column_names else None
+    if feats is None:
+        return set()
+    keep = ~np.isin(t[SAMPLE_ID].to_numpy(), deleted)
+    return {r.tobytes() for r in feats[keep]}
+
+
 def _float_matrix(col: pa.ChunkedArray) -> np.ndarray | None:
     """A (fixed size) list<float> column as float32 (rows, width); None if ragged/other."""
     arr = col.combine_chunks()
@@ -181,7 +194,10 @@ def scan_residue(ctx: RunContext) -> dict[str, Any]:
     scannable = (
         np.array([len(np.unique(r)) > 1 for r in rows], bool) if len(rows) else np.zeros(0, bool)
     )
-    patterns = [r.tobytes() for r in rows[scannable]]
+    # a deleted row equal to a retained one (duplicates in the data) cannot be told apart
+    retained = _retained_rows(ctx, deleted)
+    patterns = [b for b in (r.tobytes() for r in rows[scannable]) if b not in retained]
+    ambiguous = int(scannable.sum()) - len(patterns)
     by_row = {p: i for i, p in enumerate(patterns)}
     width = rows.shape[1] if rows.ndim == 2 else 0
     files = _run_files(ctx)
@@ -230,6 +246,7 @@ def scan_residue(ctx: RunContext) -> dict[str, Any]:
         "deleted_samples": len(deleted),
         "rows_scanned_for": len(patterns),
         "unscannable_rows": int(len(deleted) - len(patterns)),
+        "rows_equal_to_retained_rows": ambiguous,
         "files_scanned": len(files) - len(allowed),
         "bytes_scanned": seen_bytes,
         "finds": finds,
