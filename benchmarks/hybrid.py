@@ -39,7 +39,9 @@ shorter streams are the prefixes of the longer one):
                   measured retraining (training seconds of the stages, and the whole request's
                   wall time) for every exactly executed request (all of SISA's; HS/OHS's exact
                   ones): median |relative error| and bias.
-* decisions       HS/OHS: how many requests went exact vs. DPUS.
+* decisions       HS/OHS: how many requests went exact vs. DPUS. dpus_refused: requests the
+                  ``dpus`` variant could not take (an earlier DPUS dropped the steps their
+                  rows shared with a revoked sample) and ``hs`` retrained exactly instead.
 
 Variants (the alternatives considered): what DPUS subtracts (the paper's whole batch; the
 revoked samples' share, factor 1; the default factor 8), the HS threshold (0.04: only
@@ -78,6 +80,7 @@ from ray_unlearn.platform.contributions import (
     contribution_bytes,
     purge_contributions,
     state_digest,
+    versions_without_contributions,
 )
 from ray_unlearn.platform.hybrid import estimate_workload, measured_throughput
 from ray_unlearn.platform.mia import (
@@ -298,9 +301,14 @@ class Stream:
         ids = ctx.plan.samples_of_owner(owner)
         shard = int(ctx.plan.locate(ids)[0].max())
         est = estimate_workload(ctx, {shard: ids})  # not timed: the same as HS computes
+        strategy = self.strategy
+        if strategy == "dpus" and versions_without_contributions(ctx, ids):
+            # DPUS refuses rows whose updates left the record (an earlier DPUS dropped the
+            # steps they shared with a revoked sample): hs retrains that shard exactly
+            strategy = "hs"
         t0, c0 = time.perf_counter(), time.process_time()
         self.engine.submit(owner_id=owner, request_id=f"r{i:04d}")
-        (rec,) = self.engine.execute_pending(strategy=self.strategy)
+        (rec,) = self.engine.execute_pending(strategy=strategy)
         purge_contributions(ctx.storage, ctx.layout, rec.versions_retired)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         self.total += dt
@@ -325,6 +333,7 @@ class Stream:
                 "wall_s": dt,
                 "cpu_s": cpu,
                 "exact": bool(rec.details.get("exact")),
+                "dpus_refused": strategy != self.strategy,
                 "finetune_steps": serving.get("ohs_finetune_steps", 0.0),
             }
         )
@@ -348,6 +357,7 @@ class Stream:
                     "dpus": sum(r["decision"] == "dpus" for r in reqs),
                 },
                 "exact_requests": sum(r["exact"] for r in reqs),
+                "dpus_refused": sum(r["dpus_refused"] for r in reqs),
                 "estimator": estimator_stats(reqs),
                 "hybrid": dict(self.hybrid),
             }

@@ -1,4 +1,4 @@
-"""The ``ray-unlearn`` command: train, forget, status, audit, strategies, serve, sweep, demo.
+"""The ``ray-unlearn`` command: train, forget, status, audit, compact, strategies, serve, sweep, demo.
 
 Every command takes ``--json`` and then prints exactly one JSON document on stdout
 (everything else, Ray's output included, goes to stderr), so scripts can drive it.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
@@ -297,8 +297,9 @@ def _check_contributions(ctx, owner: str | None, ids) -> None:
     for k, versions in missing.items():
         raise ValueError(
             f"--strategy dpus: shard {k}'s versions {', '.join(versions)} have no recorded "
-            "contributions (an exact retrain wrote them without recording), so DPUS cannot "
-            "correct them; use hs or ohs, which retrain such a shard exactly"
+            "contributions of these samples (an exact retrain wrote them without recording, "
+            "or an earlier DPUS dropped the steps they shared with a revoked sample), so DPUS "
+            "cannot correct them; use hs or ohs, which retrain such a shard exactly"
         )
 
 
@@ -365,6 +366,15 @@ def audit(
     run: RunOpt,
     owner: Annotated[str | None, typer.Option("--owner", help="Audit one owner.")] = None,
     sample: Annotated[int | None, typer.Option("--sample", help="Audit one sample id.")] = None,
+    residue: Annotated[
+        bool,
+        typer.Option(
+            "--residue",
+            help="Also scan every file under the run for deleted sample ids and deleted rows' "
+            "feature bytes (exit 1 on a find); shows what waits for compaction and the data "
+            "source outside the run that is the user's to erase.",
+        ),
+    ] = False,
     storage: StorageOpt = "./runs",
     as_json: JsonOpt = False,
 ) -> None:
@@ -373,7 +383,11 @@ def audit(
     from ray_unlearn.platform.run import open_run
 
     with _Output(as_json) as out, _errors(out):
-        doc = run_audit(open_run(storage, run), owner_id=owner, sample_id=sample)
+        ctx = open_run(storage, run)
+        doc = run_audit(ctx, owner_id=owner, sample_id=sample)
+        if residue:
+            doc["residue"] = _residue_doc(ctx)
+            doc["clean"] = doc["clean"] and doc["residue"]["clean"]
         t = Table(title=f"audit of {owner or sample or 'all executed deletions'} in {run}")
         for col in (
             "live versions containing it",
@@ -391,9 +405,65 @@ def audit(
             str(doc["deleted_sample_count"]),
             "clean" if doc["clean"] else f"VIOLATION {doc['violations']}",
         )
-        out.emit(doc, t)
+        out.emit(doc, _residue_table(doc["residue"], t) if residue else t)
         if not doc["clean"]:
             raise typer.Exit(1)
+
+
+def _residue_doc(ctx) -> dict[str, Any]:
+    from ray_unlearn.platform.compaction import outside_sources, waiting_for_compaction
+    from ray_unlearn.platform.residue import scan_residue
+
+    doc = scan_residue(ctx)
+    doc["waiting_for_compaction"] = waiting_for_compaction(ctx)
+    doc["users_to_erase"] = outside_sources(ctx)
+    return doc
+
+
+def _residue_table(doc: dict[str, Any], audit_table: Table) -> Group:
+    t = Table(
+        title=f"residue scan: {doc['files_scanned']} files, {doc['deleted_samples']} deleted samples"
+    )
+    for col in ("file", "kind", "count"):
+        t.add_column(col)
+    for f in doc["finds"]:
+        t.add_row(f["file"], f["kind"], str(f["count"]))
+    for a in doc["allowed"]:
+        t.add_row(a["file"], f"allowed: {a['why']}", "-")
+    wait = doc["waiting_for_compaction"]
+    if wait["rows_waiting"]:
+        t.add_row(
+            wait["copy"], f"waiting for compaction ({wait['mode']})", str(wait["rows_waiting"])
+        )
+    for u in doc["users_to_erase"]:
+        t.add_row(u["path"], "outside the run: the user's to erase", str(u["deleted_rows"]))
+    verdict = "residue: clean" if doc["clean"] else f"residue: {len(doc['finds'])} finds"
+    return Group(audit_table, t, verdict)
+
+
+@app.command()
+def compact(
+    run: RunOpt,
+    storage: StorageOpt = "./runs",
+    as_json: JsonOpt = False,
+) -> None:
+    """Rewrite the run's own copy of its data without the rows of done deletions."""
+    from ray_unlearn.platform.compaction import compact as compact_run
+    from ray_unlearn.platform.run import open_run
+
+    with _Output(as_json) as out, _errors(out):
+        ctx = open_run(storage, run)
+        doc = {"run_id": run, **compact_run(ctx)}
+        if doc["copy"] is None:
+            _fail(
+                out,
+                f"run {run} has no copy of its data (made before run copies): nothing to compact",
+            )
+        t = Table(title=f"compaction of {run}")
+        for col in ("copy", "rows removed", "rows left"):
+            t.add_column(col)
+        t.add_row(doc["copy"], str(doc["rows_removed"]), str(doc["rows"]))
+        out.emit(doc, t)
 
 
 @app.command()

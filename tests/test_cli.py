@@ -149,3 +149,41 @@ def test_train_forget_status_audit(tmp_path):
 
     code, missing = run_cli("audit", "--run", "no-such-run", "--storage", store, check=False)
     assert code == 2 and "no run 'no-such-run'" in missing["error"]
+
+
+def test_compact_and_audit_residue(tmp_path):
+    """No Ray: a run trained in-process with manual compaction; the CLI shows the rows that
+    wait, compacts them, passes the residue scan, and fails it on a planted id."""
+    from ray_unlearn.platform.plan import TEST
+    from ray_unlearn.platform.run import create_run
+    from ray_unlearn.platform.shard import train_all_shards
+    from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+    from tests.conftest import tiny_config
+
+    ctx = create_run(tiny_config(tmp_path, "data.compact=manual", "training.epochs=1"))
+    train_all_shards(ctx)
+    owner = str(ctx.plan.owner_ids[ctx.plan.shards != TEST][0])
+    UnlearningEngine(ctx, LocalShards(ctx)).forget(owner_id=owner)
+    n = len(ctx.plan.samples_of_owner(owner))
+    store, run = ctx.storage.uri, ctx.run_id
+
+    code, doc = run_cli("audit", "--run", run, "--storage", store, "--residue", check=False)
+    res = doc["residue"]
+    assert code == 1 and not doc["clean"] and res["waiting_for_compaction"]["rows_waiting"] == n
+    assert any(f["file"].endswith("data/records.parquet") for f in res["finds"])
+    assert res["users_to_erase"][0]["deleted_rows"] == n  # the bundled cache: not touched
+
+    _, compacted = run_cli("compact", "--run", run, "--storage", store)
+    assert compacted["rows_removed"] == n
+    _, clean = run_cli("audit", "--run", run, "--storage", store, "--residue")
+    assert clean["clean"] and clean["residue"]["clean"] and clean["residue"]["finds"] == []
+    assert {"deletion log", "partition plan"} <= {a["why"] for a in clean["residue"]["allowed"]}
+
+    sid = int(ctx.plan.samples_of_owner(owner)[0])
+    ctx.storage.write_json(f"{ctx.layout.reports}/leak.json", {"sample_ids": [sid]})
+    code, found = run_cli("audit", "--run", run, "--storage", store, "--residue", check=False)
+    assert code == 1 and found["residue"]["finds"] == [
+        {"file": f"{ctx.layout.reports}/leak.json", "kind": "ids in json", "count": 1}
+    ]
+    code, bad = run_cli("compact", "--run", "no-such-run", "--storage", store, check=False)
+    assert code == 2 and "no run 'no-such-run'" in bad["error"]

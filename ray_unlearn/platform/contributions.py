@@ -14,6 +14,8 @@ Storage, per slice version, beside its checkpoint, in two safetensors files:
     batch.segments   int64: the first step of each optimizer run (training, then any OHS
                      fine-tuning): momentum does not cross them
     batch.scales     float32 (steps,): step t moved the weights by ``scales[t] * delta_t``
+    batch.untracked  int64 (optional): retained samples whose share of a dropped step is
+                     still in the weights, unrecorded (see "Why two files")
 
 with metadata (format, stage, dtype, steps, the digest of the snapshot the updates lead to,
 and the name of the updates file); and ``models/<version>/updates-<token>.safetensors``:
@@ -26,16 +28,20 @@ contributions of another attempt are never used. Size: ``epochs / batch_size`` s
 sample, each a full parameter update: about ``epochs / batch_size * n_params * bytes`` per
 training sample.
 
-Why two files. A DPUS that takes the revoked samples' *share* of a step leaves the step
-with ``1 - share`` of its update: only the step's scale changes, never the stored update.
-So the corrected version's index gets the new scales and ids, and its updates file is the
-old one, hard-linked (a server-side copy on object stores) instead of read, rescaled and
-written again: correcting a stage costs the touched steps' reads, not two passes over
-every update of the stage. The stored information is the same as rescaling in place (a
-step's update and a known multiple of it), and a step that loses its *whole* update (the
-paper's whole-batch DPUS, or a capped share) is dropped from a newly written updates file,
-as before. On a local disk the updates are memory-mapped when loaded: only the rows a
-removal touches are read.
+Why two files. Steps appended after the stored ones (OHS fine-tuning, calibration: a few)
+go into the index, and the stored updates file is hard-linked (a server-side copy on
+object stores) into the new version instead of read and written again. On a local disk the
+updates are memory-mapped when loaded: only the rows a removal touches are read.
+
+What DPUS leaves behind. A step whose batch held a revoked sample was computed on that
+row, so after any DPUS (whole-batch or share) the step leaves the stored files of the new
+version whole: its update is not kept rescaled. With ``share`` the retained samples' part
+of the step stays in the weights but is no longer recorded: those samples are listed as
+``batch.untracked``, and a later DPUS for one of them raises
+:class:`MissingContributions` (HS/OHS then retrain exactly; DPUS alone refuses, as for a
+version without contributions; :func:`versions_without_contributions` says so before a
+request is logged). Dropping steps rewrites the updates file without their rows; a DPUS
+that touches no step of a stage links it as before.
 
 Contributions are derived from their batch's samples: after a deletion they must go with
 the data. DPUS writes the new versions' contributions without the revoked samples'
@@ -74,6 +80,7 @@ CONTRIBUTIONS_FILE = "contributions.safetensors"
 UPDATES_PREFIX = "updates-"
 _DELTA, _OFFSETS, _IDS, _SEGMENTS = "delta.", "batch.offsets", "batch.ids", "batch.segments"
 _SCALES = "batch.scales"
+_UNTRACKED = "batch.untracked"
 _EXTRA = "extra.delta."  # in the index: updates of steps appended after the stored ones
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -123,6 +130,10 @@ class StageContributions:
     # path under the storage root), so that a save links it instead of writing them again
     source: str | None = field(default=None, compare=False, repr=False)
     stored: int = field(default=0, compare=False, repr=False)
+    # int64: retained samples whose share of some step's update is still in the weights but
+    # no longer recorded (the step left the stored files when a co-batched sample was
+    # revoked): DPUS cannot remove them, so a later request for one counts as missing
+    untracked: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.offsets = np.asarray(self.offsets, dtype=np.int64)
@@ -143,6 +154,9 @@ class StageContributions:
                 self.scales = None
         if self.source is None or not 0 < self.stored <= self.steps:
             self.source, self.stored = None, 0
+        self.untracked = np.unique(
+            np.asarray([] if self.untracked is None else self.untracked, dtype=np.int64)
+        )
 
     @property
     def steps(self) -> int:
@@ -231,6 +245,13 @@ class StageContributions:
         acted through the optimizer's momentum on this and the following steps, instead of
         its step's update (which mostly carries earlier batches' gradients).
         """
+        lost = np.intersect1d(np.asarray(deleted, dtype=np.int64), self.untracked)
+        if len(lost):
+            raise MissingContributions(
+                f"stage {self.stage}: the updates of samples {lost[:5].tolist()} left the "
+                "record with a co-batched sample revoked earlier; DPUS cannot remove them "
+                "(HS/OHS retrain exactly)"
+            )
         counts, w = self._weights(deleted, scale, factor)
         if momentum > 0:
             return self.materialized()._without_momentum(
@@ -238,59 +259,37 @@ class StageContributions:
             )
         touched = np.flatnonzero(counts)
         removed = self._weighted(touched, w)
-        step_of = np.repeat(np.arange(self.steps), self.batch_sizes())
-        if (w < 1.0).all():  # every step keeps part of its update: only its scale changes
-            keep_id = ~np.isin(self.ids, np.asarray(deleted, dtype=np.int64))
-            sizes = np.bincount(step_of[keep_id], minlength=self.steps)
-            rest = StageContributions(
-                self.stage,
-                self.deltas,  # the same stored updates, not a copy
-                np.concatenate([[0], np.cumsum(sizes)]),
-                self.ids[keep_id],
-                "",
-                self.segments,
-                self.step_scales() * (1.0 - w),
-                source=self.source,
-                stored=self.stored,
-            )
-            return removed, rest, len(touched)
-        rest = self.materialized()._drop(deleted, w, counts, step_of)
-        return removed, rest, len(touched)
+        return removed, self._drop_touched(deleted, counts, w), len(touched)
 
-    def _drop(
-        self, deleted, w: np.ndarray, counts: np.ndarray, step_of: np.ndarray
-    ) -> StageContributions:
-        """:meth:`without` where some step loses its whole update: such steps leave the
-        stored updates, the others are rescaled in a new copy. ``self`` has no scales."""
-        keep_step = w < 1.0  # steps with something left
-        keep_id = keep_step[step_of] & ~np.isin(self.ids, np.asarray(deleted, dtype=np.int64))
-        sizes = np.bincount(step_of[keep_id], minlength=self.steps)[keep_step]
-        kept_steps = np.flatnonzero(keep_step)
-        partial = np.flatnonzero(counts[kept_steps] > 0)  # positions among the kept steps
-        deltas = {}
-        for k, v in self.deltas.items():
-            if len(kept_steps) == self.steps:
-                kept = v.clone() if len(partial) else v
-            else:
-                kept = v[torch.from_numpy(kept_steps)]
-            if len(partial):
-                p = torch.from_numpy(partial)
-                left = torch.from_numpy(1.0 - w[kept_steps[partial]])
-                left = left.reshape((-1,) + (1,) * (kept.dim() - 1))
-                kept[p] = (kept[p].float() * left).to(v.dtype)
-            deltas[k] = kept
-        new_index = np.cumsum(keep_step) - 1  # old step -> new step (kept ones)
-        seg = self.segments[self.segments < self.steps]
-        seg = new_index[seg][keep_step[seg]] if len(seg) else seg
-        rest = StageContributions(
+    def _drop_touched(self, deleted, counts: np.ndarray, w: np.ndarray) -> StageContributions:
+        """The contributions without every step whose batch held a revoked sample: such a
+        step's update was computed on the revoked rows, so it leaves the stored files whole
+        (what was subtracted is the revoked share; the rest of it stays in the weights).
+        The retained samples of a step that kept part of its update become ``untracked``.
+        Untouched steps keep their updates and scales; the updates file is written anew
+        (without the dropped rows) unless nothing was dropped."""
+        keep = counts == 0
+        if keep.all():
+            return self
+        step_of = np.repeat(np.arange(self.steps), self.batch_sizes())
+        revoked = np.isin(self.ids, np.asarray(deleted, dtype=np.int64))
+        part = (~keep) & (w < 1.0)  # revoked share removed, the rest still in the weights
+        untracked = np.union1d(self.untracked, self.ids[part[step_of] & ~revoked])
+        kept = np.flatnonzero(keep)
+        # each optimizer run's first kept step starts its segment (momentum never crosses)
+        starts = self.segments[self.segments < self.steps]
+        seg = np.unique(np.searchsorted(kept, starts))
+        seg = seg[seg < len(kept)]
+        return StageContributions(
             self.stage,
-            deltas,
-            np.concatenate([[0], np.cumsum(sizes)]),
-            self.ids[keep_id],
+            {k: v[torch.from_numpy(kept)] for k, v in self.deltas.items()},
+            np.concatenate([[0], np.cumsum(self.batch_sizes()[kept])]),
+            self.ids[keep[step_of]],
             "",
             seg if len(seg) else None,
+            None if self.scales is None else self.scales[kept],
+            untracked=untracked,
         )
-        return rest
 
     def _without_momentum(
         self, deleted, counts: np.ndarray, w: np.ndarray, beta: float, bias_correction: bool
@@ -354,6 +353,7 @@ class StageContributions:
             self.ids[~gone],
             "",
             self.segments,
+            untracked=self.untracked,
         )
         return removed, rest, len(touched)
 
@@ -368,6 +368,7 @@ class StageContributions:
             self.digest,
             self.segments[self.segments < max(n, 1)],
             None if self.scales is None else self.scales[:n],
+            untracked=self.untracked,
         )
 
     def extended(self, other: StageContributions) -> StageContributions:
@@ -391,6 +392,7 @@ class StageContributions:
             scales,
             source=self.source,
             stored=self.stored,
+            untracked=np.union1d(self.untracked, other.untracked),
         )
 
     def nbytes(self) -> int:
@@ -417,6 +419,8 @@ class StageContributions:
             _SEGMENTS: torch.from_numpy(self.segments),
             _SCALES: torch.from_numpy(self.step_scales()),
         }
+        if len(self.untracked):
+            tensors[_UNTRACKED] = torch.from_numpy(self.untracked)
         if stored < self.steps:
             tensors |= {_EXTRA + k: v[stored:].contiguous() for k, v in self.deltas.items()}
         return st_save(tensors, metadata=meta)
@@ -457,6 +461,7 @@ class StageContributions:
             meta.get("digest", ""),
             t[_SEGMENTS].numpy() if _SEGMENTS in t else None,
             t[_SCALES].numpy() if _SCALES in t else None,
+            untracked=t[_UNTRACKED].numpy() if _UNTRACKED in t else None,
         )
 
 
@@ -603,7 +608,8 @@ def has_contributions(storage: Storage, layout: RunLayout, version_id: str) -> b
 def versions_without_contributions(ctx: RunContext, sample_ids) -> dict[int, list[str]]:
     """Per shard holding ``sample_ids``, the live versions a DPUS of them would correct
     (from the first affected slice on) that have no recorded contributions (an exact
-    retrain writes its versions without recording them); shards with none are left out."""
+    retrain writes its versions without recording them) or whose record lost those samples'
+    updates (``batch.untracked``); shards with none are left out."""
     reg = ctx.model_store.registry()
     out: dict[int, list[str]] = {}
     for k, first in sorted(ctx.plan.affected(sample_ids).items()):
@@ -611,10 +617,23 @@ def versions_without_contributions(ctx: RunContext, sample_ids) -> dict[int, lis
             v
             for v in reg.shards[k].chain[first:]
             if not has_contributions(ctx.storage, ctx.layout, v)
+            or len(untracked_samples(ctx.storage, ctx.layout, v, sample_ids))
         ]
         if missing:
             out[k] = missing
     return out
+
+
+def untracked_samples(
+    storage: Storage, layout: RunLayout, version_id: str, sample_ids
+) -> np.ndarray:
+    """Those of ``sample_ids`` whose updates left the version's record (reads the index only)."""
+    blob = storage.read_bytes(contribution_path(layout, version_id))
+    n = int.from_bytes(blob[:8], "little")
+    if _UNTRACKED not in json.loads(blob[8 : 8 + n]):
+        return np.zeros(0, np.int64)
+    held = st_load(blob)[_UNTRACKED].numpy()
+    return np.intersect1d(np.asarray(sample_ids, dtype=np.int64), held)
 
 
 def load_contributions(

@@ -51,6 +51,7 @@ __all__ = [
     "make_digits",
     "make_synthetic",
     "read_records",
+    "records_from_table",
     "split_train_test",
     "write_records",
 ]
@@ -355,6 +356,12 @@ class DataConfig(BaseModel):
         0.2, ge=0.0, lt=1.0, description="Share of samples held out (by hash of the id)."
     )
     seed: int = Field(0, ge=0, description="Seed of the digits owner assignment and the split.")
+    compact: Literal["on_delete", "manual"] = Field(
+        "on_delete",
+        description="When the run's own copy of the data drops deleted rows: 'on_delete' (as "
+        "each deletion is done) or 'manual' (`ray-unlearn compact --run ID`; the audit lists "
+        "what waits).",
+    )
 
     @field_validator("source")
     @classmethod
@@ -681,6 +688,18 @@ def read_records(uri_or_path: str | os.PathLike[str], cfg: DataConfig | None = N
         source,
         label_column=cfg.label_column,
         features_column=cfg.features_column,
+        num_classes=cfg.num_classes,
+        feature_shape=cfg.feature_shape,
+    )
+
+
+def records_from_table(table: pa.Table, source: str, cfg: DataConfig) -> Records:
+    """Validate a table written by :meth:`Records.to_table` (e.g. a run's own copy)."""
+    return _records_from_table(
+        table,
+        source,
+        label_column="label",  # to_table's name, whatever the source called it
+        features_column=None,
         num_classes=cfg.num_classes,
         feature_shape=cfg.feature_shape,
     )

@@ -434,7 +434,7 @@ def nonmember_reference(
     ids = ids[~np.isin(ids, np.asarray(exclude, dtype=np.int64))]
     if len(ids) > rows:
         ids = ids[validation_mask(ids, rows / len(ids), derive_seed(seed, _REFERENCE))]
-    pos = ctx.records.index_of(ids)
+    pos = ctx.records.index_of(ctx.present(ids))
     x = torch.from_numpy(np.ascontiguousarray(ctx.records.features[pos]))
     y = torch.from_numpy(ctx.records.labels[pos].astype(np.int64))
     return x, y

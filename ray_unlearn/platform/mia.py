@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ray_unlearn.platform.aggregate import aggregate
+from ray_unlearn.platform.data import load_dataset
 from ray_unlearn.platform.models import build_model
 from ray_unlearn.platform.plan import TEST
 from ray_unlearn.platform.training import predict_proba, train_shard
@@ -282,7 +283,12 @@ def eval_sets(ctx: RunContext, forget_ids, deleted=None) -> tuple[EvalSet, EvalS
     forget_ids = forget_ids[ctx.plan.locate(forget_ids)[0] != TEST]  # trained ones only
     retain = ctx.split_records("train", gone)
     test = ctx.split_records("test", gone)
-    forget = ctx.records.subset(ctx.records.index_of(forget_ids))
+    recs = ctx.records
+    if not np.isin(forget_ids, recs.sample_ids).all():
+        # compacted out of the run's copy (the deletion is done): measuring what was forgotten
+        # reads them from the source outside the run, which still holds them (the user's)
+        recs = load_dataset(ctx.config.data, ctx.storage)
+    forget = recs.subset(recs.index_of(forget_ids))
 
     def mk(name, recs):
         return EvalSet(name, np.ascontiguousarray(recs.features), recs.labels, recs.sample_ids)

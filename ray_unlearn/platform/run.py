@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from ray_unlearn.platform.compaction import has_copy, load_copy, write_copy
 from ray_unlearn.platform.config import RunConfig, config_from_dict, config_to_yaml
 from ray_unlearn.platform.data import Records, load_dataset, split_train_test
 from ray_unlearn.platform.deletion_log import DeletionLog
@@ -60,9 +61,17 @@ class RunContext:
 
     @cached_property
     def records(self) -> Records:
-        """Every record of the dataset (train and test), as loaded from the source."""
-        recs = load_dataset(self.config.data, self.storage)
-        missing = np.setdiff1d(self.plan.sample_ids, recs.sample_ids)
+        """Every record of the dataset (train and test) still held: the run's own copy
+        (compacted without deleted rows), or the source for runs made before copies."""
+        if has_copy(self.storage, self.layout):
+            recs = load_copy(self.storage, self.layout, self.config.data)
+            missing = np.setdiff1d(self.plan.sample_ids, recs.sample_ids)
+            # a compaction removes rows of logged requests only (executing or done)
+            requested = self.deletion_log.requested_sample_ids()
+            missing = missing[~np.isin(missing, np.fromiter(requested, np.int64, len(requested)))]
+        else:
+            recs = load_dataset(self.config.data, self.storage)
+            missing = np.setdiff1d(self.plan.sample_ids, recs.sample_ids)
         if len(missing):
             raise RunError(
                 f"run {self.run_id}: the dataset {self.config.data.source!r} lacks {len(missing)} sample ids "
@@ -78,11 +87,20 @@ class RunContext:
     def deletion_log(self) -> DeletionLog:
         return DeletionLog(self.storage, self.layout)
 
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` minus those compacted out of the run's copy (deleted rows: gone for good)."""
+        recs = self.records
+        if len(recs) == len(self.plan.sample_ids):
+            return ids
+        return ids[np.isin(ids, recs.sample_ids)]
+
     def split_records(self, split: str, exclude=()) -> Records:
-        """'train' or 'test' records in plan order (sorted by id), minus ``exclude`` ids."""
+        """'train' or 'test' records in plan order (sorted by id), minus ``exclude`` ids
+        (and rows compacted away)."""
         ids = self.plan.sample_ids[(self.plan.shards == TEST) == (split == "test")]
         if len(exclude):
             ids = ids[~np.isin(ids, np.asarray(list(exclude), dtype=np.int64))]
+        ids = self.present(ids)
         return self.records.subset(self.records.index_of(ids))
 
     def shard_data(self, shard: int, exclude=()) -> ShardData:
@@ -90,6 +108,9 @@ class RunContext:
         ids, slices = self.plan.shard_members(shard)
         if len(exclude):
             keep = ~np.isin(ids, np.asarray(list(exclude), dtype=np.int64))
+            ids, slices = ids[keep], slices[keep]
+        if len(self.records) != len(self.plan.sample_ids):  # compacted: deleted rows gone
+            keep = np.isin(ids, self.records.sample_ids)
             ids, slices = ids[keep], slices[keep]
         pos = self.records.index_of(ids)
         return ShardData(
@@ -142,6 +163,7 @@ def create_run(cfg: RunConfig, run_id: str | None = None) -> RunContext:
         "num_classes": records.num_classes,
     }
     storage.write_bytes(layout.config, config_to_yaml(cfg).encode())
+    write_copy(storage, layout, records)  # the run's own data: compacted as deletions finish
     storage.write_table(layout.plan, plan.to_table())
     storage.write_json(layout.run_info, info)
     ctx = RunContext(storage, layout, cfg, plan, info)

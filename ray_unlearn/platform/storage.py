@@ -252,6 +252,15 @@ class RunLayout:
         return f"{self.root}/deletions/events"
 
     @property
+    def data_copy(self) -> str:
+        """The run's own copy of its records (compacted without deleted rows)."""
+        return f"{self.root}/data/records.parquet"
+
+    @property
+    def data_compaction(self) -> str:
+        return f"{self.root}/data/compaction.json"
+
+    @property
     def reports(self) -> str:
         return f"{self.root}/reports"
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ray_unlearn.platform.compaction import scrub_deleted
 from ray_unlearn.platform.deletion_log import RequestRecord, RequestState
 from ray_unlearn.platform.evaluate import ensemble_accuracy
 from ray_unlearn.platform.plan import TEST
@@ -181,6 +182,8 @@ class UnlearningEngine:
                 else {}
             )
             self._publish(results, ids)
+            # "done" means scrubbed: reports, the run's data copy, Train's transport
+            scrub_deleted(self.ctx, set(already).union(*(r.request.sample_ids for r in todo)))
         except Exception as e:
             for rid in ids:
                 log.transition(rid, RequestState.FAILED, error=f"{type(e).__name__}: {e}")

@@ -167,17 +167,25 @@ def test_dpus_means_removing_the_batches_updates_exactly():
     c2 = rec2.take(0)
     removed2, rest2, _ = c2.without([0], "share")
     assert torch.equal(removed2["w"], 0.5 * (c2.deltas["w"][0] + c2.deltas["w"][2]))
-    assert torch.equal(w2 - removed2["w"], rest2.total()["w"])  # what remains is recorded
-    assert 0 not in rest2.ids and rest2.steps == 4
+    # the touched steps were computed on sample 0's row: they leave the record whole; the
+    # co-batched samples' part (the other half) stays in the weights, unrecorded
+    kept = 0.5 * (c2.deltas["w"][0] + c2.deltas["w"][2])
+    assert torch.equal(w2 - removed2["w"], rest2.total()["w"] + kept)
+    assert 0 not in rest2.ids and rest2.steps == 2 and rest2.untracked.tolist() == [1, 2]
+    assert torch.equal(rest2.deltas["w"], c2.deltas["w"][[1, 3]])
+    with pytest.raises(MissingContributions, match="samples \\[2\\]"):
+        rest2.without([2], "share")  # its step 0 update is gone from the record
+    _, rest2b, _ = rest2.without([3], "share")  # untracked ones stay untracked
+    assert rest2b.untracked.tolist() == [1, 2] and rest2b.steps == 0
 
     # share with a factor: f times the share, capped at the whole update (a step whose
-    # whole update is gone is dropped, as with "batch")
+    # whole update is gone is dropped, as with "batch", and leaves nothing untracked)
     removed3, rest3, _ = c2.without([0], "share", factor=1.5)
     assert torch.allclose(removed3["w"], 0.75 * (c2.deltas["w"][0] + c2.deltas["w"][2]))
-    assert torch.allclose(w2 - removed3["w"], rest3.total()["w"])
+    assert torch.allclose(w2 - removed3["w"], rest3.total()["w"] + 0.5 * kept)
     removed4, rest4, _ = c2.without([0], "share", factor=4.0)
     assert torch.equal(removed4["w"], c2.deltas["w"][0] + c2.deltas["w"][2])
-    assert rest4.steps == 2 and 0 not in rest4.ids
+    assert rest4.steps == 2 and 0 not in rest4.ids and not len(rest4.untracked)
 
 
 def test_momentum_aware_dpus_removes_a_gradient_through_the_momentum():
@@ -256,6 +264,7 @@ def test_dpus_through_the_engine_keeps_the_chain_consistent(recorded_run, moment
     (rb,) = eng.execute_pending(strategy="dpus")
     assert rb.details["strategy"] == "dpus" and rb.details["exact"] is False
     assert audit(ctx)["clean"] and audit(ctx, owner_id=b)["live_versions_containing"] == {}
+    first_b = rb.details["first_slices"][str(shard)]
     chain = ctx.model_store.registry().shards[shard].chain
     # the log says what was decided and why; the audit names the approximate versions
     info = rb.details["strategy_info"][str(shard)]
@@ -274,9 +283,12 @@ def test_dpus_through_the_engine_keeps_the_chain_consistent(recorded_run, moment
         w = ctx.model_store.load_state(vid)
         c = load_contributions(ctx.storage, ctx.layout, vid, expect=w)
         assert not np.isin(ctx.plan.samples_of_owner(b), c.ids).any()
-        if r:
+        if r and (momentum or not len(c.untracked)):
             total, prev = c.total(), ctx.model_store.load_state(chain[r - 1])
             assert _close({k: prev[k] + total[k] for k in prev}, w, atol=1e-4)
+        if not momentum:  # the touched steps left the record; their other samples are listed
+            assert not np.isin(c.untracked, ctx.plan.samples_of_owner(b)).any()
+            assert r < first_b or len(c.untracked)
 
 
 def test_dpus_needs_recorded_contributions(tmp_path):
@@ -577,7 +589,8 @@ def test_calibration_raises_the_revoked_rows_loss_and_is_recorded(recorded_run, 
         if extra:
             assert len(c.batch_ids(c.steps - 1)) == 0
         assert not np.isin(deleted, c.ids).any()
-        assert _close({k: prev[k] + c.total()[k] for k in prev}, st.state, atol=1e-4)
+        if not len(c.untracked):  # else the dropped steps' retained part is unrecorded
+            assert _close({k: prev[k] + c.total()[k] for k in prev}, st.state, atol=1e-4)
         if not took and strategy == "dpus":  # calibrated independently: nothing carried in
             assert _close(st.state, dp.state, atol=0)
         prev, prev_took = st.state, took
@@ -604,6 +617,9 @@ def test_a_later_dpus_works_on_a_calibrated_shard(recorded_run):
     ctx.config.hybrid.calibrate_forget = True
     shard = 1
     eng = UnlearningEngine(ctx, LocalShards(ctx))
+    # whole-batch DPUS: a share DPUS leaves the other samples of its touched steps untracked,
+    # and a later one for them is refused (test_a_sample_whose_step_left_the_record_...)
+    ctx.config.hybrid.dpus_scale = "batch"
     for i, owner in enumerate([_owner_in(ctx, shard, 0), _owner_in(ctx, shard, 0, skip=1)]):
         eng.submit(owner_id=owner, request_id=f"r{i}")
         (rec,) = eng.execute_pending(strategy="dpus")
@@ -891,33 +907,39 @@ def test_a_share_dpus_links_the_updates_and_keeps_the_arithmetic(tmp_path, root)
     assert all(torch.equal(back.deltas[k], c.deltas[k]) for k in c.deltas)
     assert back.scales is None and back.digest == "digest-0"
 
-    removed, rest, touched = back.without([0], "share")  # sample 0: half of steps 0 and 2
-    assert touched == 2 and rest.deltas["w"] is back.deltas["w"]  # no copy of the updates
-    assert np.allclose(rest.step_scales(), [0.5, 1, 0.5, 1]) and 0 not in rest.ids
-    rest.digest = "digest-1"
-    small = save_contributions(storage, layout, "v-g1", rest)
-    # only the index was written: the updates are linked (a server-side copy off local disk)
-    assert small == len(storage.read_bytes(contribution_path(layout, "v-g1")))
-    again = load_contributions(storage, layout, "v-g1")
-    assert np.array_equal(again.step_scales(), rest.step_scales())
-    assert torch.allclose(again.total()["w"], c.total()["w"] - removed["w"], atol=1e-6)
+    # a DPUS that touches no step of a stage links its updates: only the index is written
+    removed0, same, touched0 = back.without([99], "share")
+    assert touched0 == 0 and same is back and not any(v.any() for v in removed0.values())
+    same.digest = "digest-0b"
+    assert save_contributions(storage, layout, "v-g0b", same) == len(
+        storage.read_bytes(contribution_path(layout, "v-g0b"))
+    )
     if root == "local":  # one file on disk, two names
-        a = storage.local_path(back.source).stat()
-        b = storage.local_path(again.source).stat()
-        assert a.st_ino == b.st_ino and again.source.startswith(layout.version_dir("v-g1"))
+        linked = load_contributions(storage, layout, "v-g0b")
+        assert storage.local_path(back.source).stat().st_ino == (
+            storage.local_path(linked.source).stat().st_ino
+        )
 
-    # sample 2 was the last one left in step 0 (with 0): it takes what is left of the step,
-    # which leaves the stored updates; step 3 ({2, 3}) keeps half
-    removed2, rest2, _ = again.without([2], "share")
-    assert rest2.steps == 3 and rest2.source is None and rest2.scales is None  # rewritten
-    want = c.deltas["w"][1:].float() * torch.tensor([1.0, 0.5, 0.5])[:, None]
-    assert torch.allclose(rest2.deltas["w"].float(), want, atol=1e-3)  # scales folded in
-    assert torch.allclose(rest2.total()["w"], again.total()["w"] - removed2["w"], atol=1e-6)
-    # retiring the first version takes its files; the linked updates live on in the second
+    # sample 0: half of steps 0 ({2, 0}) and 2 ({0, 1}) is removed; both steps were computed
+    # on its row, so they leave the stored updates whole, and samples 1 and 2 are untracked
+    removed, rest, touched = back.without([0], "share")
+    assert touched == 2 and rest.source is None and 0 not in rest.ids
+    assert rest.steps == 2 and rest.untracked.tolist() == [1, 2]
+    rest.digest = "digest-1"
+    save_contributions(storage, layout, "v-g1", rest)
+    again = load_contributions(storage, layout, "v-g1")
+    assert torch.equal(again.deltas["w"], c.deltas["w"][torch.tensor([1, 3])])  # rewritten
+    assert again.untracked.tolist() == [1, 2] and again.source != back.source
+    kept = 0.5 * (c.deltas["w"][0].float() + c.deltas["w"][2].float())  # unrecorded now
+    assert torch.allclose(again.total()["w"] + kept, c.total()["w"] - removed["w"], atol=1e-6)
+    # a later request for a co-batched sample cannot be subtracted: it counts as missing
+    with pytest.raises(MissingContributions, match="left the record"):
+        again.without([2], "share")
+    # retiring the first version takes its files; the linked updates live on in v-g0b
     assert purge_contributions(storage, layout, ["v-g0"]) == 1
     assert not has_contributions(storage, layout, "v-g0")
-    assert torch.equal(load_contributions(storage, layout, "v-g1").deltas["w"], c.deltas["w"])
-    assert purge_contributions(storage, layout, ["v-g1"]) == 1
+    assert torch.equal(load_contributions(storage, layout, "v-g0b").deltas["w"], c.deltas["w"])
+    assert purge_contributions(storage, layout, ["v-g1", "v-g0b"]) == 2
     assert not storage.listdir(layout.version_dir("v-g1"))
 
 
@@ -936,9 +958,12 @@ def test_a_step_losing_its_whole_update_leaves_the_stored_updates(tmp_path):
     stored = again.deltas["w"]
     assert stored.shape[0] == 2
     assert torch.equal(stored, c.deltas["w"][torch.tensor([1, 3])])  # only what is left
-    # scaled, then joined with new steps (OHS fine-tuning, calibration): the stored steps stay
-    # linked, the new ones go into the index
-    _, scaled, _ = back.without([0], "share")
+    # scaled (as an earlier share DPUS left them), then joined with new steps (OHS
+    # fine-tuning, calibration): the stored steps stay linked, the new ones go into the index
+    scaled = StageContributions(
+        0, back.deltas, back.offsets, back.ids, "", None, [0.5, 1, 0.5, 1],
+        source=back.source, stored=back.stored,
+    )  # fmt: skip
     joined = scaled.extended(_toy_contributions().head(1))
     assert np.allclose(joined.step_scales(), [0.5, 1, 0.5, 1, 1]) and joined.steps == 5
     assert torch.allclose(joined.total()["w"], scaled.total()["w"] + c.deltas["w"][0].float())
@@ -951,11 +976,14 @@ def test_a_step_losing_its_whole_update_leaves_the_stored_updates(tmp_path):
     assert torch.equal(loaded.deltas["w"], joined.deltas["w"])
     assert np.array_equal(loaded.ids, joined.ids)
     assert torch.allclose(loaded.total()["w"], joined.total()["w"])
-    # and a DPUS of the joined steps keeps both parts: linked updates, the index's extra step
+    # a DPUS of the joined steps drops the touched ones (step 1 {3, 1}, step 3 {2, 3}) and
+    # keeps the untouched steps' scales; the appended step (ids {2, 0}) stays
     _, rest3, _ = loaded.without([3], "share")
+    assert rest3.steps == 3 and np.allclose(rest3.step_scales(), [0.5, 0.5, 1])
     save_contributions(storage, layout, "v-g3", rest3)
     again3 = load_contributions(storage, layout, "v-g3")
-    assert again3.stored == 4 and torch.allclose(again3.total()["w"], rest3.total()["w"])
+    assert torch.allclose(again3.total()["w"], rest3.total()["w"])
+    assert again3.untracked.tolist() == [1, 2]
 
 
 def test_contributions_of_the_first_format_still_load_and_torn_updates_are_missing(tmp_path):
@@ -1015,3 +1043,30 @@ def test_link_or_copy_copies_where_hard_links_fail(tmp_path, monkeypatch):
     assert storage.read_bytes("c/dst.bin") == b"updates"
     assert not os.path.samefile(storage.local_path("a/src.bin"), storage.local_path("c/dst.bin"))
     assert [n for n in os.listdir(storage.local_path("c")) if n.startswith(".tmp-")] == []
+
+
+def test_a_sample_whose_step_left_the_record_is_retrained_exactly(recorded_run):
+    """After a share DPUS the co-batched samples of the dropped steps are untracked: DPUS
+    refuses them before logging, HS retrains their shard exactly."""
+    from ray_unlearn.cli import _check_strategy
+    from ray_unlearn.platform.contributions import untracked_samples
+
+    ctx = recorded_run
+    shard = 1
+    eng = UnlearningEngine(ctx, LocalShards(ctx))
+    eng.submit(owner_id=_owner_in(ctx, shard, 0), request_id="a")
+    (ra,) = eng.execute_pending(strategy="dpus")
+    assert ra.details["exact"] is False
+    chain = ctx.model_store.registry().shards[shard].chain
+    serving = load_contributions(ctx.storage, ctx.layout, chain[-1])
+    assert len(serving.untracked)
+    victim = int(serving.untracked[0])
+    assert untracked_samples(ctx.storage, ctx.layout, chain[-1], [victim]).tolist() == [victim]
+    with pytest.raises(ValueError, match="no recorded contributions"):
+        _check_strategy(ctx, "dpus", None, [victim])
+    ctx.config.hybrid.threshold = 0.0  # hs would choose DPUS: the record says it cannot
+    eng.submit(sample_ids=[victim], request_id="b")
+    (rb,) = eng.execute_pending(strategy="hs")
+    info = rb.details["strategy_info"][str(shard)]
+    assert rb.details["exact"] and info["reason"] == "no-contributions"
+    assert audit(ctx)["clean"]

@@ -55,8 +55,12 @@ exact retrains from slice r + 1, and every stage from the first affected slice f
 trained on the revoked samples (stage r trains on slices 0..r). So DPUS corrects *every*
 stage f..R-1, not only the serving one: ``W'_r = W_r - sum_{s=f..r} removed_s``. Stages
 before f never saw the samples and are kept. Each corrected version is written with its
-contributions minus the removed updates, so ``W'_r = W'_{r-1} + sum(contributions_r)`` still
-holds and a later DPUS never subtracts an update twice. OHS fine-tunes only the serving stage
+contributions minus every step whose batch held a revoked sample (those updates were
+computed on the revoked rows: they leave the stored files whole), so a later DPUS never
+subtracts an update twice. With ``share`` the retained part of such a step stays in the
+weights unrecorded (``W'_r = W'_{r-1} + sum(contributions_r)`` plus that part): its other
+samples are listed as untracked, and a later request for one of them retrains exactly
+(``hs``/``ohs``) or is refused (``dpus``). OHS fine-tunes only the serving stage
 (its steps are recorded as further contributions of that stage, so a later deletion of a
 fine-tuning sample removes them too); the restart points keep the DPUS weights, and a later
 exact retrain of the shard discards the fine-tuning with the stages it replaces.
