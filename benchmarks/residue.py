@@ -20,7 +20,7 @@ split). Deletions are executed one at a time (``UnlearningEngine.forget``) with 
 ``data.compact: on_delete``. ``seconds``: wall time of the deletions; ``scan_seconds``: of the
 residue scan. Full: 100 deletions per run; ``--quick``: 10 and fewer epochs. ``control``: a
 plain SISA run with ``data.compact: manual`` whose copy still holds the deleted rows: the scan
-must find them (every deleted row, once in the copy's feature column, once in its ids).
+must find them (in the copy's ids and feature column, and wherever its raw bytes hold a row).
 
 Writes <out>/residue.json (keys: ``runs``, each ``{kind, deletions, residue_finds, seconds,
 ...}``) and <out>/residue.png, and prints a table. Target: 0 finds on every run but the
