@@ -13,8 +13,9 @@ the shadows that trained on it ("in") and one to those of the shadows that did n
 * online: ``log N(c; mu_in, s_in^2) - log N(c; mu_out, s_out^2)``, the log likelihood
   ratio (:func:`online_scores`);
 * offline (no "in" shadows needed, so targets can be scored with shadows trained before
-  the target's rows were known): ``log Phi((c - mu_out) / s_out)``, the log of the
-  one-sided test "c is above what models without the row give" (:func:`offline_scores`).
+  the target's rows were known; :func:`fit_offline`): ``log Phi((c - mu_out) / s_out)``,
+  the log of the one-sided test "c is above what models without the row give"
+  (:func:`offline_scores`).
 
 Higher scores mean "member". With few shadows per row the per-row variances are noisy;
 ``global_variance=True`` pools each side's variance over all rows (means stay per row).
@@ -227,11 +228,14 @@ def fit_gaussians(
     sides = []
     for side, conf, mask in (("in", in_conf, in_mask), ("out", out_conf, out_mask)):
         conf = np.asarray(conf, dtype=np.float64)
-        if conf.ndim != 2 or not np.isfinite(conf).all():
-            raise ValueError(f"{side}_conf must be a finite (shadows, n) array; got {conf.shape}")
+        if conf.ndim != 2:
+            raise ValueError(f"{side}_conf must be a (shadows, n) array; got {conf.shape}")
         mask = check_masks(mask, conf.shape[1])
         if mask.shape != conf.shape:
             raise ValueError(f"{side}_mask {mask.shape} must match {side}_conf {conf.shape}")
+        # entries outside the mask are never read (they may be NaN: rows a shadow skipped)
+        if not np.isfinite(conf[mask]).all():
+            raise ValueError(f"{side}_conf must be finite where {side}_mask is True")
         sides.append(_fit_side(conf, mask, side, global_variance, min_std))
     if sides[0][0].shape != sides[1][0].shape:
         raise ValueError(f"in and out cover different rows: {in_conf.shape} vs {out_conf.shape}")
@@ -243,6 +247,16 @@ def fit_lira(conf: np.ndarray, masks: np.ndarray, **kwargs: Any) -> ShadowGaussi
     """LiRA: shadows that trained on a row are its "in" samples, the others its "out" ones."""
     masks = np.asarray(masks)
     return fit_gaussians(conf, masks, conf, ~masks, **kwargs)
+
+
+def fit_offline(conf: np.ndarray, out_mask: np.ndarray, **kwargs: Any) -> ShadowGaussians:
+    """Only the "out" side, for :func:`offline_scores`: shadows that never trained on the
+    target rows (``out_mask`` all True) are enough. The "in" fields are NaN."""
+    conf = np.asarray(conf, dtype=np.float64)
+    out_mask = np.asarray(out_mask)
+    g = fit_gaussians(conf, out_mask, conf, out_mask, **kwargs)
+    nan = np.full_like(g.mean_out, np.nan)
+    return ShadowGaussians(nan, nan, g.mean_out, g.std_out, np.zeros_like(g.count_out), g.count_out)
 
 
 def fit_ulira(
@@ -266,6 +280,8 @@ def online_scores(target_conf: np.ndarray, g: ShadowGaussians) -> np.ndarray:
     """The log likelihood ratio of each row's target confidence, "in" over "out" (same shape
     as ``target_conf``: (n,), or (T, n) for T targets)."""
     c = _target(target_conf, g)
+    if (g.count_in == 0).any():
+        raise ValueError("these Gaussians have no 'in' side (fit_offline): use offline_scores")
     return norm.logpdf(c, g.mean_in, g.std_in) - norm.logpdf(c, g.mean_out, g.std_out)
 
 

@@ -15,6 +15,7 @@ from ray_unlearn.platform.lira import (
     confidence_from_logits,
     confidence_from_probs,
     fit_lira,
+    fit_offline,
     fit_ulira,
     forget_metrics,
     membership_matrix,
@@ -153,6 +154,18 @@ def test_global_variance_helps_with_few_shadows():
     ).auc
     # 2 shadows a side: each row's variance has one degree of freedom, the pooled one ~4000
     assert pooled > per_row + 0.02 and pooled > 0.75
+
+
+def test_offline_needs_only_shadows_without_the_rows():
+    rng, mu, masks, conf = _synthetic(4000, 64, shift=1.5, sd_in=1.0, sd_out=1.0, seed=3)
+    c, is_member = _targets(rng, mu, 1.5, 1.0)
+    # the same out-samples as fit_lira's, through shadows known only as "not trained on it"
+    g = fit_offline(np.where(masks, np.nan, conf), ~masks)
+    assert np.isnan(g.mean_in).all() and (g.count_in == 0).all()
+    np.testing.assert_allclose(g.mean_out, fit_lira(conf, masks).mean_out)
+    assert abs(attack_metrics(offline_scores(c, g), is_member).auc - norm.cdf(1.5 / 2**0.5)) < 0.025
+    with pytest.raises(ValueError, match="use offline_scores"):
+        online_scores(c, g)
 
 
 def test_too_few_shadows_for_a_per_row_variance_is_an_error():
