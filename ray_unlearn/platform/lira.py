@@ -380,11 +380,11 @@ def mask_seed(seed: int, member_mask: np.ndarray) -> int:
     return derive_seed(seed, *np.frombuffer(digest.digest(), np.uint32).tolist())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: fields are arrays, compared by identity
 class MLPShadowTrainer:
     """``train_fn`` for the platform's models: a fresh ``build_model`` trained on the base rows
     plus the masked candidate rows by ``training.train_shard`` (one slice), with one torch
-    thread. Its ``predict_fn`` returns float64 logits (``outputs='logits'``)."""
+    thread. Its ``predict_fn`` returns float64 logits: pass ``outputs="logits"`` with it."""
 
     features: np.ndarray  # (n, D) float32: the candidate rows
     labels: np.ndarray  # (n,) int64
@@ -397,7 +397,21 @@ class MLPShadowTrainer:
     base_labels: np.ndarray | None = None
     threads: int = 1
 
-    outputs = "logits"
+    def __post_init__(self) -> None:
+        problems = []
+        if np.ndim(self.labels) != 1 or len(self.features) != len(self.labels):
+            problems.append(
+                f"features ({len(self.features)} rows) and labels {np.shape(self.labels)} must "
+                "cover the same candidate rows"
+            )
+        if (self.base_features is None) != (self.base_labels is None) or (
+            self.base_features is not None and len(self.base_features) != len(self.base_labels)
+        ):
+            problems.append("base_features and base_labels must be given together, row for row")
+        if self.threads < 1:
+            problems.append(f"threads must be >= 1, got {self.threads}")
+        if problems:
+            raise ValueError("MLPShadowTrainer: " + "; ".join(problems))
 
     def __call__(self, member_mask: np.ndarray) -> PredictFn:
         member_mask = np.asarray(member_mask, bool)

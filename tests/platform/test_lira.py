@@ -288,3 +288,18 @@ def test_mlp_shadow_trainer_is_a_function_of_its_mask():
     assert not np.array_equal(a, trainer(~mask)(x))
     with pytest.raises(ValueError, match=r"member_mask must be \(64,\)"):
         trainer(mask[:10])
+
+
+def test_mlp_shadow_trainer_trains_on_the_base_rows_too_and_rejects_bad_setups():
+    trainer, x, y = _random_label_trainer(n=64)
+    with pytest.raises(ValueError, match="same candidate rows.*threads must be >= 1"):
+        MLPShadowTrainer(x, y[:10], trainer.model, trainer.training, (32,), 10, threads=0)
+    with pytest.raises(ValueError, match="given together"):
+        MLPShadowTrainer(x, y, trainer.model, trainer.training, (32,), 10, base_features=x)
+    # every candidate row as a base row: a shadow with no candidate rows still learns them
+    with_base = MLPShadowTrainer(
+        x, y, trainer.model, trainer.training, (32,), 10, base_features=x, base_labels=y
+    )
+    none = np.zeros(64, bool)
+    acc = (with_base(none)(x).argmax(1) == y).mean()
+    assert acc > 0.9 and (trainer(none)(x).argmax(1) == y).mean() < 0.3
