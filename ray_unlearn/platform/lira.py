@@ -98,8 +98,10 @@ def confidence_from_probs(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     are floored at the smallest float64, so p_y = 0 or 1 give -708 or +708 instead of inf.
     """
     p, y = _check_outputs(probs, labels, "probabilities")
-    if (p < 0).any() or (p > 1).any():
+    # float32 softmax or averaged ensembles can overshoot by a few ulps; more is not a probability
+    if (p < -1e-6).any() or (p > 1 + 1e-6).any():
         raise ValueError("probabilities must lie in [0, 1]; pass logits with outputs='logits'")
+    p = np.clip(p, 0.0, 1.0)
     rows = np.arange(len(y))
     p_y = p[rows, y]
     rest = p.copy()

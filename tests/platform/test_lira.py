@@ -41,6 +41,13 @@ def test_confidence_is_finite_at_p_0_and_1():
     assert got[0] > 700 and got[1] < -700  # +-log(smallest float64) = +-708
 
 
+def test_confidence_tolerates_rounding_overshoot_only():
+    got = confidence_from_probs(np.array([[1 + 1e-7, 0.0]], np.float32), np.array([0]))
+    assert got[0] > 700
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        confidence_from_probs(np.array([[1.01, 0.0]]), np.array([0]))
+
+
 def test_confidence_keeps_precision_where_p_y_rounds_to_1():
     # logits 40 apart: p_y = 1 - 4e-18 rounds to 1.0 in float64, but the other class's
     # 4e-18 is representable, so the confidence is still 40 (1 - p_y would give +708)
