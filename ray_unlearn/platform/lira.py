@@ -13,8 +13,9 @@ the shadows that trained on it ("in") and one to those of the shadows that did n
 * online: ``log N(c; mu_in, s_in^2) - log N(c; mu_out, s_out^2)``, the log likelihood
   ratio (:func:`online_scores`);
 * offline (no "in" shadows needed, so targets can be scored with shadows trained before
-  the target's rows were known): ``log Phi((c - mu_out) / s_out)``, the log of the
-  one-sided test "c is above what models without the row give" (:func:`offline_scores`).
+  the target's rows were known; :func:`fit_offline`): ``log Phi((c - mu_out) / s_out)``,
+  the log of the one-sided test "c is above what models without the row give"
+  (:func:`offline_scores`).
 
 Higher scores mean "member". With few shadows per row the per-row variances are noisy;
 ``global_variance=True`` pools each side's variance over all rows (means stay per row).
@@ -97,8 +98,10 @@ def confidence_from_probs(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     are floored at the smallest float64, so p_y = 0 or 1 give -708 or +708 instead of inf.
     """
     p, y = _check_outputs(probs, labels, "probabilities")
-    if (p < 0).any() or (p > 1).any():
+    # float32 softmax or averaged ensembles can overshoot by a few ulps; more is not a probability
+    if (p < -1e-6).any() or (p > 1 + 1e-6).any():
         raise ValueError("probabilities must lie in [0, 1]; pass logits with outputs='logits'")
+    p = np.clip(p, 0.0, 1.0)
     rows = np.arange(len(y))
     p_y = p[rows, y]
     rest = p.copy()
@@ -227,11 +230,14 @@ def fit_gaussians(
     sides = []
     for side, conf, mask in (("in", in_conf, in_mask), ("out", out_conf, out_mask)):
         conf = np.asarray(conf, dtype=np.float64)
-        if conf.ndim != 2 or not np.isfinite(conf).all():
-            raise ValueError(f"{side}_conf must be a finite (shadows, n) array; got {conf.shape}")
+        if conf.ndim != 2:
+            raise ValueError(f"{side}_conf must be a (shadows, n) array; got {conf.shape}")
         mask = check_masks(mask, conf.shape[1])
         if mask.shape != conf.shape:
             raise ValueError(f"{side}_mask {mask.shape} must match {side}_conf {conf.shape}")
+        # entries outside the mask are never read (they may be NaN: rows a shadow skipped)
+        if not np.isfinite(conf[mask]).all():
+            raise ValueError(f"{side}_conf must be finite where {side}_mask is True")
         sides.append(_fit_side(conf, mask, side, global_variance, min_std))
     if sides[0][0].shape != sides[1][0].shape:
         raise ValueError(f"in and out cover different rows: {in_conf.shape} vs {out_conf.shape}")
@@ -243,6 +249,16 @@ def fit_lira(conf: np.ndarray, masks: np.ndarray, **kwargs: Any) -> ShadowGaussi
     """LiRA: shadows that trained on a row are its "in" samples, the others its "out" ones."""
     masks = np.asarray(masks)
     return fit_gaussians(conf, masks, conf, ~masks, **kwargs)
+
+
+def fit_offline(conf: np.ndarray, out_mask: np.ndarray, **kwargs: Any) -> ShadowGaussians:
+    """Only the "out" side, for :func:`offline_scores`: shadows that never trained on the
+    target rows (``out_mask`` all True) are enough. The "in" fields are NaN."""
+    conf = np.asarray(conf, dtype=np.float64)
+    out_mask = np.asarray(out_mask)
+    g = fit_gaussians(conf, out_mask, conf, out_mask, **kwargs)
+    nan = np.full_like(g.mean_out, np.nan)
+    return ShadowGaussians(nan, nan, g.mean_out, g.std_out, np.zeros_like(g.count_out), g.count_out)
 
 
 def fit_ulira(
@@ -266,6 +282,8 @@ def online_scores(target_conf: np.ndarray, g: ShadowGaussians) -> np.ndarray:
     """The log likelihood ratio of each row's target confidence, "in" over "out" (same shape
     as ``target_conf``: (n,), or (T, n) for T targets)."""
     c = _target(target_conf, g)
+    if (g.count_in == 0).any():
+        raise ValueError("these Gaussians have no 'in' side (fit_offline): use offline_scores")
     return norm.logpdf(c, g.mean_in, g.std_in) - norm.logpdf(c, g.mean_out, g.std_out)
 
 
@@ -364,11 +382,11 @@ def mask_seed(seed: int, member_mask: np.ndarray) -> int:
     return derive_seed(seed, *np.frombuffer(digest.digest(), np.uint32).tolist())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: fields are arrays, compared by identity
 class MLPShadowTrainer:
     """``train_fn`` for the platform's models: a fresh ``build_model`` trained on the base rows
     plus the masked candidate rows by ``training.train_shard`` (one slice), with one torch
-    thread. Its ``predict_fn`` returns float64 logits (``outputs='logits'``)."""
+    thread. Its ``predict_fn`` returns float64 logits: pass ``outputs="logits"`` with it."""
 
     features: np.ndarray  # (n, D) float32: the candidate rows
     labels: np.ndarray  # (n,) int64
@@ -381,7 +399,21 @@ class MLPShadowTrainer:
     base_labels: np.ndarray | None = None
     threads: int = 1
 
-    outputs = "logits"
+    def __post_init__(self) -> None:
+        problems = []
+        if np.ndim(self.labels) != 1 or len(self.features) != len(self.labels):
+            problems.append(
+                f"features ({len(self.features)} rows) and labels {np.shape(self.labels)} must "
+                "cover the same candidate rows"
+            )
+        if (self.base_features is None) != (self.base_labels is None) or (
+            self.base_features is not None and len(self.base_features) != len(self.base_labels)
+        ):
+            problems.append("base_features and base_labels must be given together, row for row")
+        if self.threads < 1:
+            problems.append(f"threads must be >= 1, got {self.threads}")
+        if problems:
+            raise ValueError("MLPShadowTrainer: " + "; ".join(problems))
 
     def __call__(self, member_mask: np.ndarray) -> PredictFn:
         member_mask = np.asarray(member_mask, bool)

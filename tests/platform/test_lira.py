@@ -15,6 +15,7 @@ from ray_unlearn.platform.lira import (
     confidence_from_logits,
     confidence_from_probs,
     fit_lira,
+    fit_offline,
     fit_ulira,
     forget_metrics,
     membership_matrix,
@@ -38,6 +39,13 @@ def test_confidence_is_finite_at_p_0_and_1():
     got = confidence_from_probs(probs, np.array([0, 0]))
     assert np.isfinite(got).all()
     assert got[0] > 700 and got[1] < -700  # +-log(smallest float64) = +-708
+
+
+def test_confidence_tolerates_rounding_overshoot_only():
+    got = confidence_from_probs(np.array([[1 + 1e-7, 0.0]], np.float32), np.array([0]))
+    assert got[0] > 700
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        confidence_from_probs(np.array([[1.01, 0.0]]), np.array([0]))
 
 
 def test_confidence_keeps_precision_where_p_y_rounds_to_1():
@@ -153,6 +161,18 @@ def test_global_variance_helps_with_few_shadows():
     ).auc
     # 2 shadows a side: each row's variance has one degree of freedom, the pooled one ~4000
     assert pooled > per_row + 0.02 and pooled > 0.75
+
+
+def test_offline_needs_only_shadows_without_the_rows():
+    rng, mu, masks, conf = _synthetic(4000, 64, shift=1.5, sd_in=1.0, sd_out=1.0, seed=3)
+    c, is_member = _targets(rng, mu, 1.5, 1.0)
+    # the same out-samples as fit_lira's, through shadows known only as "not trained on it"
+    g = fit_offline(np.where(masks, np.nan, conf), ~masks)
+    assert np.isnan(g.mean_in).all() and (g.count_in == 0).all()
+    np.testing.assert_allclose(g.mean_out, fit_lira(conf, masks).mean_out)
+    assert abs(attack_metrics(offline_scores(c, g), is_member).auc - norm.cdf(1.5 / 2**0.5)) < 0.025
+    with pytest.raises(ValueError, match="use offline_scores"):
+        online_scores(c, g)
 
 
 def test_too_few_shadows_for_a_per_row_variance_is_an_error():
@@ -275,3 +295,18 @@ def test_mlp_shadow_trainer_is_a_function_of_its_mask():
     assert not np.array_equal(a, trainer(~mask)(x))
     with pytest.raises(ValueError, match=r"member_mask must be \(64,\)"):
         trainer(mask[:10])
+
+
+def test_mlp_shadow_trainer_trains_on_the_base_rows_too_and_rejects_bad_setups():
+    trainer, x, y = _random_label_trainer(n=64)
+    with pytest.raises(ValueError, match="same candidate rows.*threads must be >= 1"):
+        MLPShadowTrainer(x, y[:10], trainer.model, trainer.training, (32,), 10, threads=0)
+    with pytest.raises(ValueError, match="given together"):
+        MLPShadowTrainer(x, y, trainer.model, trainer.training, (32,), 10, base_features=x)
+    # every candidate row as a base row: a shadow with no candidate rows still learns them
+    with_base = MLPShadowTrainer(
+        x, y, trainer.model, trainer.training, (32,), 10, base_features=x, base_labels=y
+    )
+    none = np.zeros(64, bool)
+    acc = (with_base(none)(x).argmax(1) == y).mean()
+    assert acc > 0.9 and (trainer(none)(x).argmax(1) == y).mean() < 0.3
