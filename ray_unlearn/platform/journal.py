@@ -17,6 +17,7 @@ every fence interval (0.1 s by default). No Ray here.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -32,7 +33,8 @@ def journal_dir(layout: RunLayout, replica: str | None = None) -> str:
 
 
 class AnswerJournal:
-    """One replica's journal writer. Not thread-safe: one event loop appends and flushes."""
+    """One replica's journal writer. :meth:`append` (the event loop) and :meth:`flush` (a
+    worker thread) may run at once: a lock guards the buffer, never held over a write."""
 
     def __init__(
         self,
@@ -52,32 +54,36 @@ class AnswerJournal:
         self.segment_answers, self.max_segments = segment_answers, max_segments
         self.seq = 0  # the segment being filled
         self.lines: list[str] = []  # its answers so far (serialised)
-        self.dirty = False
+        self.written = 0  # how many of ``lines`` the stored segment holds
         self.answers = 0  # answers appended in this process's life
+        self._lock = threading.Lock()
 
     def append(self, entries: Iterable[dict[str, Any]]) -> None:
         """Add committed answers (in memory, until :meth:`flush`). Synchronous on purpose:
         the gateway appends in the same step that commits the answer."""
-        for e in entries:
-            self.lines.append(json.dumps(e, sort_keys=True, allow_nan=False))
-            self.answers += 1
-            self.dirty = True
+        new = [json.dumps(e, sort_keys=True, allow_nan=False) for e in entries]
+        with self._lock:
+            self.lines.extend(new)
+            self.answers += len(new)
 
     def flush(self) -> None:
         """Write the current segment (whole), roll full ones over, drop the oldest beyond
         ``max_segments``. Safe to call often: does nothing when nothing was appended."""
-        if not self.dirty:
-            return
-        while self.lines:
-            full = len(self.lines) >= self.segment_answers
-            chunk = self.lines[: self.segment_answers]
-            self._write(self.seq, chunk)
-            if not full:
-                break
-            self.lines = self.lines[self.segment_answers :]
-            self.seq += 1
+        while True:
+            with self._lock:
+                if self.written == len(self.lines) and len(self.lines) < self.segment_answers:
+                    return
+                chunk = self.lines[: self.segment_answers]
+                seq = self.seq
+            self._write(seq, chunk)
+            with self._lock:
+                if len(chunk) < self.segment_answers:
+                    self.written = len(chunk)
+                    continue  # more may have come meanwhile: the loop checks
+                self.lines = self.lines[self.segment_answers :]
+                self.written = 0
+                self.seq += 1
             self._prune()
-        self.dirty = False
 
     def _write(self, seq: int, lines: list[str]) -> None:
         path = f"{journal_dir(self.layout, self.replica)}/{seq:08d}.jsonl"

@@ -356,10 +356,14 @@ class Gateway:
         return await asyncio.get_running_loop().run_in_executor(self._fence_pool, fn, *args)
 
     # -- the fence -------------------------------------------------------------------
-    async def _refresh(self) -> None:
+    async def _refresh(self, *, if_expired: bool = False) -> None:
         """Read the log then the registry, hold the result as one view, then publish when
-        the read started. Raises when storage cannot be read (the view then ages out)."""
+        the read started. Raises when storage cannot be read (the view then ages out).
+        ``if_expired``: only if the view is still expired once the lock is held (many
+        requests finding it expired at once cause one read, not one each)."""
         async with self._refresh_lock:
+            if if_expired and self.view.valid(time.time(), self.fence.lease_s):
+                return
             started_at, unfinished, versions = await self._in_fence_thread(read_view, self.ctx)
             old = dict(self.view.versions)
             changed = self.view.adopt(started_at, unfinished, versions)  # no await inside
@@ -405,7 +409,7 @@ class Gateway:
         if self.view.valid(time.time(), self.fence.lease_s):
             return
         try:
-            await self._refresh()
+            await self._refresh(if_expired=True)
         except Exception as e:
             raise HTTPException(
                 503,

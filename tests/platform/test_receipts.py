@@ -192,3 +192,24 @@ def test_verify_exposure_cli(tiny_run, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["clean"]
     r = _cli([*cmd, "--journal", str(tmp_path / "none")])
     assert r.returncode == 2 and "cannot read it" in json.loads(r.stdout)["error"]
+
+
+def test_the_journal_loses_nothing_when_flushed_while_appending(tmp_path):
+    import threading
+
+    storage, layout = Storage(tmp_path), RunLayout("r")
+    j = AnswerJournal(storage, layout, "g1", segment_answers=50, max_segments=1000)
+    stop = threading.Event()
+
+    def flusher():
+        while not stop.is_set():
+            j.flush()
+
+    t = threading.Thread(target=flusher)
+    t.start()
+    for i in range(1000):
+        j.append([{"committed_at": float(i), "answer": i}])
+    stop.set()
+    t.join()
+    j.flush()
+    assert [e["answer"] for e in read_journal(storage, layout)] == list(range(1000))
