@@ -55,6 +55,7 @@ from ray_unlearn.platform.serving import (
     read_view,
     shards_to_query,
 )
+from ray_unlearn.platform.storage import StorageError
 from ray_unlearn.platform.unlearning import submit_request
 
 log = logging.getLogger("ray_unlearn.gateway")
@@ -621,6 +622,11 @@ class Gateway:
             raise HTTPException(409 if "different" in str(e) else 422, str(e)) from None
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
+        except (StorageError, OSError) as e:
+            # not acknowledged: the client must retry (the request id makes that safe)
+            raise HTTPException(
+                503, f"storage unavailable, the request is not acknowledged ({type(e).__name__})"
+            ) from None
         if record.state != RequestState.DONE:
             # submit_request returned after every replica's view held it (this one's too);
             # adding it here only saves waiting for the next read
