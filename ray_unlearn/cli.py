@@ -466,6 +466,57 @@ def compact(
         out.emit(doc, t)
 
 
+@app.command("verify-exposure")
+def verify_exposure(
+    run: RunOpt,
+    journal: Annotated[
+        Path | None,
+        typer.Option(
+            "--journal",
+            help="A JSON-lines file of answer receipts to check (default: the run's own "
+            "answer journal, every gateway replica).",
+        ),
+    ] = None,
+    storage: StorageOpt = "./runs",
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay answers against the manifests and the deletion log; exit 1 on a violation:
+    an answer committed after a deletion was acknowledged that came from a version holding
+    its samples, or whose certificate does not hold for the shards it excluded."""
+    from ray_unlearn.platform.journal import read_journal, read_journal_file
+    from ray_unlearn.platform.receipts import replay
+    from ray_unlearn.platform.run import open_run
+
+    with _Output(as_json) as out, _errors(out):
+        ctx = open_run(storage, run)
+        if journal is not None:
+            try:
+                answers = read_journal_file(str(journal))
+            except OSError as e:
+                raise ValueError(f"--journal {journal}: cannot read it ({e.strerror})") from None
+        else:
+            answers = read_journal(ctx.storage, ctx.layout)
+        try:
+            doc = replay(ctx, answers)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"an answer record lacks a field or has a bad one: {e}") from None
+        t = Table(title=f"exposure replay of {run}")
+        for col in ("answers", "acknowledged deletions", "versions checked", "violations"):
+            t.add_column(col)
+        t.add_row(
+            str(doc["answers"]),
+            str(doc["promises"]),
+            str(doc["versions_checked"]),
+            str(doc["n_violations"]),
+        )
+        out.emit(doc, t)
+        if not as_json:
+            for v in doc["violations"][:20]:
+                err.print(f"[red]violation[/red] {v['answer']} ({v['mode']}): {v['reasons']}")
+        if not doc["clean"]:
+            raise typer.Exit(1)
+
+
 @app.command()
 def strategies(as_json: JsonOpt = False) -> None:
     """List the registered unlearning strategies."""

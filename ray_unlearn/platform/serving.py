@@ -8,6 +8,7 @@ the shards that answer needs, and waits or executes deletions as the policy says
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,3 +145,55 @@ def answer_batch(
         else:
             out.append(InstanceAnswer(mode))
     return out
+
+
+def read_view(ctx) -> tuple[float, list[RequestRecord], dict[int, str]]:
+    """One read of the run's state for a gateway: (started_at, unfinished requests, serving
+    versions). The log is read before the registry on purpose: the engine switches the
+    registry before it marks requests done, so a request seen done here is already served
+    by versions without its samples (never dropped while an old version still answers)."""
+    started_at = time.time()
+    unfinished = ctx.deletion_log.unfinished()
+    versions = ctx.model_store.registry().serving_versions()
+    return started_at, unfinished, versions
+
+
+@dataclass
+class ServingView:
+    """What one gateway replica answers from: the pending deletions and the versions served,
+    replaced together in one step (:meth:`adopt`, no await inside), with a generation that
+    changes whenever either does, and the time its read started (the fence's ``view_at``)."""
+
+    tracker: DeletionTracker
+    versions: dict[int, str] = field(default_factory=dict)
+    generation: int = 0
+    view_at: float | None = None
+
+    def _key(self) -> tuple:
+        return (frozenset(self.tracker.items), tuple(sorted(self.versions.items())))
+
+    def adopt(
+        self, started_at: float, unfinished: list[RequestRecord], versions: dict[int, str]
+    ) -> bool:
+        """Hold a newer read; True if what answers depend on changed (generation bumped).
+        A read that started before the one held is ignored (two reads may overlap)."""
+        if self.view_at is not None and started_at < self.view_at:
+            return False
+        before = self._key()
+        self.tracker.sync(unfinished)
+        self.versions = dict(versions)
+        self.view_at = started_at
+        changed = self._key() != before
+        if changed:
+            self.generation += 1
+        return changed
+
+    def add(self, record: RequestRecord) -> None:
+        """A request this replica logged itself: gated at once (its next read confirms it)."""
+        if record.request.request_id not in self.tracker.items:
+            self.tracker.add(record)
+            self.generation += 1
+
+    def valid(self, now: float, lease_s: float) -> bool:
+        """May this replica answer from its view now? Only within the lease of its read."""
+        return self.view_at is not None and now < self.view_at + lease_s

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ray_unlearn.platform import fence
 from ray_unlearn.platform.compaction import scrub_deleted
 from ray_unlearn.platform.deletion_log import RequestRecord, RequestState
 from ray_unlearn.platform.evaluate import ensemble_accuracy
@@ -117,11 +118,26 @@ def _not_public(ctx: RunContext, ids: np.ndarray) -> np.ndarray:
 def submit_request(
     ctx: RunContext, *, owner_id=None, sample_ids=None, request_id=None, deadline=None
 ) -> tuple[RequestRecord, bool]:
-    """Validate a request and log it durably (no execution). Returns (record, newly created)."""
+    """Validate a request, log it durably, fence the run's gateways for it, record the
+    acknowledgement (no execution). Returns (record, newly created).
+
+    Every entry point (HTTP, CLI, jobs, the Python API) comes through here, so the promise
+    holds whatever the entry: when this returns, every live gateway replica of the run holds
+    the request in its view, or its lease on an older view has run out
+    (:mod:`ray_unlearn.platform.fence`). That wait is bounded by the gateways' lease (2 s by
+    default) and never skips one; without a gateway it costs one folder listing.
+    """
     ids = resolve_request(ctx, owner_id, sample_ids)
-    return ctx.deletion_log.submit(
+    record, created = ctx.deletion_log.submit(
         ids.tolist(), owner_id=owner_id, request_id=request_id, deadline=deadline
     )
+    if record.state != RequestState.DONE:
+        rid = record.request.request_id
+        if fence.read_ack(ctx.storage, ctx.layout, rid) is None:
+            written_at = time.time()  # the request file is durable: t_w of the fence
+            fenced = fence.await_fence(ctx.storage, ctx.layout, written_at)
+            fence.record_ack(ctx.storage, ctx.layout, rid, written_at, fenced)
+    return record, created
 
 
 class UnlearningEngine:

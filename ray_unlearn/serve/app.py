@@ -18,9 +18,14 @@ from ray_unlearn.serve.shard import ShardModel
 
 def build_app(args: dict[str, Any]) -> Application:
     """``args``: the fields of :class:`GatewaySettings` (storage, run_id, policy, ...), plus
-    optional ``shard_cpus`` (CPUs reserved per shard replica, default 0.1)."""
+    optional ``shard_cpus`` (CPUs reserved per shard replica, default 0.1) and
+    ``num_replicas`` (gateway replicas, default 1: each fences itself through the storage
+    root, so any number is safe)."""
     args = dict(args)
     shard_cpus = float(args.pop("shard_cpus", 0.1))
+    num_replicas = args.pop("num_replicas", 1)
+    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
     settings = GatewaySettings(**args)
     get_policy(settings.policy)  # fail here, with the list of presets, not in a replica
     ctx = open_run(settings.storage, settings.run_id)
@@ -35,6 +40,6 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         for k in shards
     ]
-    return Gateway.options(name="gateway").bind(
+    return Gateway.options(name="gateway", num_replicas=num_replicas).bind(
         settings.model_dump() | {"storage": ctx.storage.uri}, *handles
     )

@@ -7,6 +7,15 @@ answered under the policy, queries only the shard deployments that answer needs,
 deletions when the policy's timing says so, on the run's detached unlearning executor, then
 points the shard deployments at the new versions (each call names its version, so the swap
 needs no restart and drops nothing).
+
+Fencing (``ray_unlearn.platform.fence``): each replica registers under the run, reads the
+deletion log (then the registry) every ``fence_interval_s`` and publishes when that read
+started; it answers only within ``lease_s`` of its latest read, and an answer computed from
+a view that changed before the answer is committed is computed again. So a deletion
+acknowledged anywhere (this gateway, another replica, the CLI, a job, the Python API) gates
+every replica, whatever their number. Every committed answer carries a receipt (versions
+that voted, excluded shards, certificate inputs) and goes to the replica's answer journal
+(``ray_unlearn.platform.journal``), which ``ray-unlearn verify-exposure`` replays.
 """
 
 import asyncio
@@ -15,25 +24,47 @@ import math
 import os
 import secrets
 import time
-from typing import Any
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Header, HTTPException, Query
-from fastapi.responses import PlainTextResponse
+from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from ray_unlearn.platform import fence
 from ray_unlearn.platform.audit import audit
-from ray_unlearn.platform.deletion_log import DeletionLogError, RequestState
+from ray_unlearn.platform.deletion_log import REQUEST_ID_RE, DeletionLogError, RequestState
+from ray_unlearn.platform.journal import (
+    DEFAULT_MAX_SEGMENTS,
+    DEFAULT_SEGMENT_ANSWERS,
+    AnswerJournal,
+)
 from ray_unlearn.platform.plan import PlanError
 from ray_unlearn.platform.policies import due_for_execution, get_policy, next_wakeup
+from ray_unlearn.platform.receipts import make_receipt
 from ray_unlearn.platform.run import open_run
-from ray_unlearn.platform.serving import DeletionTracker, answer_batch, shards_to_query
+from ray_unlearn.platform.serving import (
+    DeletionTracker,
+    ServingView,
+    answer_batch,
+    read_view,
+    shards_to_query,
+)
+from ray_unlearn.platform.storage import StorageError
 from ray_unlearn.platform.unlearning import submit_request
 
 log = logging.getLogger("ray_unlearn.gateway")
 TOKEN_ENV = "RAY_UNLEARN_API_TOKEN"
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# FastAPI's OpenAPI model renders the bounds as floats (2**63); "format: int64" says it exactly
+SampleId = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX, json_schema_extra={"format": "int64"})]
 
 
 class GatewaySettings(BaseModel):
@@ -47,13 +78,32 @@ class GatewaySettings(BaseModel):
     protect_predict: bool = False
     max_instances: int = Field(1024, ge=1)
     wait_timeout_s: float = Field(300.0, gt=0)
-    poll_interval_s: float = Field(1.0, gt=0)
+    poll_interval_s: float = Field(
+        1.0, gt=0, description="Longest sleep of the unlearning scheduler between checks (s)."
+    )
+    lease_s: float = Field(
+        fence.DEFAULT_LEASE_S,
+        gt=0,
+        description="A replica answers only this long after its latest read of the deletion "
+        "log started (s); an acknowledgement waits at most this long for a silent replica.",
+    )
+    fence_interval_s: float = Field(
+        fence.DEFAULT_INTERVAL_S, gt=0, description="How often a replica reads the log (s)."
+    )
+    clock_skew_s: float = Field(
+        fence.DEFAULT_CLOCK_SKEW_S, ge=0, description="Bound on clock disagreement (s)."
+    )
+    journal_segment_answers: int = Field(DEFAULT_SEGMENT_ANSWERS, ge=1)
+    journal_max_segments: int = Field(DEFAULT_MAX_SEGMENTS, ge=1)
+
+    def fence_settings(self) -> fence.FenceSettings:
+        return fence.FenceSettings(self.lease_s, self.fence_interval_s, self.clock_skew_s)
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     instances: list[list[float]] = Field(
-        min_length=1, description="Feature vectors, one per instance."
+        min_length=1, description="Feature vectors, one per instance (finite numbers)."
     )
 
 
@@ -61,26 +111,60 @@ class InstanceOut(BaseModel):
     label: int
     probabilities: list[float]
     answered: str = Field(description="certified | excluded | waited | stale")
-    versions: dict[str, str] = Field(description="shard -> model version used")
+    versions: dict[str, str] = Field(description="shard -> model version that voted")
+    excluded: list[int] = Field(
+        description="Live shards left out because a deletion was pending on them."
+    )
+    margin: float | None = Field(
+        description="Certificate margin: min over other labels of the voting shards' lead "
+        "minus the number excluded; the certificate holds when > 0 (or 0 and the tie-break "
+        "favours the label)."
+    )
+    votes: dict[str, int] | None = Field(
+        None, description="vote aggregation: shard -> label it voted, to re-check the margin."
+    )
 
 
 class PredictResponse(BaseModel):
     predictions: list[InstanceOut]
     pending_deletions: int
     latency_ms: float
+    replica: str = Field(description="The gateway replica whose journal holds these answers.")
+    committed_at: float = Field(description="Unix time the answers were committed (s).")
 
 
 class ForgetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    owner_id: str | None = None
-    sample_ids: list[int] | None = None
-    request_id: str | None = None
+    owner_id: str | None = Field(None, min_length=1, max_length=256)
+    sample_ids: list[SampleId] | None = Field(
+        None, min_length=1, max_length=100_000, description="Sample ids (int64)."
+    )
+    request_id: str | None = Field(None, pattern=REQUEST_ID_RE.pattern, max_length=128)
     deadline_s: float | None = Field(
-        None, gt=0, description="Seconds from now by which it must be done."
+        None, gt=0, le=10**9, description="Seconds from now by which it must be done."
     )
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-JSON leaf (NaN, Infinity, exceptions, bytes) as its repr, so
+    an error body can quote the input without the JSON encoder refusing it (a 500)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return repr(value)
+
+
 app = FastAPI(title="ray-unlearn gateway", version="1", description=__doc__)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": _json_safe(exc.errors())})
 
 
 class _Metrics:
@@ -129,21 +213,51 @@ class _Metrics:
         self.certified_fraction.set(self.counts.get("certified", 0) / total if total else 0.0)
 
 
+def _replica_name() -> str:
+    """A file-name-safe id unique to this replica process (Serve's replica id when there is
+    one, plus a random suffix: a restarted replica is a new gateway for the fence)."""
+    try:
+        base = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica (unit tests)
+        base = "gateway"
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(base))[:60]
+    return f"{safe}-{uuid.uuid4().hex[:8]}"
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Gateway:
     async def __init__(self, settings: dict[str, Any], *shard_handles):
         self.settings = GatewaySettings(**settings)
+        self.fence = self.settings.fence_settings()  # raises on incoherent lease settings
         self.ctx = await asyncio.to_thread(open_run, self.settings.storage, self.settings.run_id)
         self.policy = get_policy(self.settings.policy)
         self.token = self.settings.api_token or os.environ.get(TOKEN_ENV) or None
         reg = await asyncio.to_thread(self.ctx.model_store.registry)
         self.shards = dict(zip(sorted(reg.shards), shard_handles, strict=True))
-        self.versions: dict[int, str] = reg.serving_versions()
-        self.tracker = DeletionTracker(self.ctx.plan)
-        self.tracker.sync(await asyncio.to_thread(self.ctx.deletion_log.unfinished))
+        self.replica = _replica_name()
+        # Fence reads get their own thread: /v1/forget threads wait on this replica's
+        # confirmation, so sharing the default pool with them could starve the reads.
+        self._fence_pool = ThreadPoolExecutor(1, thread_name_prefix="fence")
+        self._refresh_lock = asyncio.Lock()
+        self._closing = False
+        self._registration = fence.Registration.new(self.replica, self.fence)
+        self._reads_since_change = 0
+        self._published_at = 0.0
+        # Registered before the first read, so an acknowledgement listing us from now on
+        # waits for a read of ours that started after its request was durable.
+        await self._in_fence_thread(
+            fence.write_registration, self.ctx.storage, self.ctx.layout, self._registration
+        )
+        self.journal = AnswerJournal(
+            self.ctx.storage,
+            self.ctx.layout,
+            self.replica,
+            segment_answers=self.settings.journal_segment_answers,
+            max_segments=self.settings.journal_max_segments,
+        )
+        self.view = ServingView(DeletionTracker(self.ctx.plan))
         self.metrics = _Metrics()
-        self.metrics.pending.set(len(self.tracker.items))
         self._wake = asyncio.Event()
         self._executed = asyncio.Condition()
         self._waiters = 0
@@ -154,11 +268,37 @@ class Gateway:
             "unlearning_cpu_s": 0.0,  # CPU seconds of that retraining (the work itself)
             "unlearning_wall_s": 0.0,
             "swaps": 0,
+            "refresh_failures": 0,
         }
-        self._scheduler_task = asyncio.get_running_loop().create_task(self._scheduler())
+        await self._refresh()
+        loop = asyncio.get_running_loop()
+        self._fence_task = loop.create_task(self._fence_loop())
+        self._scheduler_task = loop.create_task(self._scheduler())
         # Start the executor (and its shard actors) now, so the first deletion pays only
         # for retraining, not for loading every shard.
         self._warmup = self._executor_handle().ping.remote()
+
+    @property
+    def tracker(self) -> DeletionTracker:
+        return self.view.tracker
+
+    @property
+    def versions(self) -> dict[int, str]:
+        return self.view.versions
+
+    def __del__(self) -> None:
+        """Clean shutdown: stop answering, flush the journal, then deregister (an
+        acknowledgement then counts this replica as fenced)."""
+        self._closing = True
+        for name in ("_fence_task", "_scheduler_task"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.cancel()
+        try:
+            self.journal.flush()
+            fence.remove_registration(self.ctx.storage, self.ctx.layout, self.replica)
+        except Exception:  # shutting down: the lease fences us anyway
+            log.exception("gateway %s: deregistration failed", getattr(self, "replica", "?"))
 
     # -- helpers ---------------------------------------------------------------------
     def _auth(self, authorization: str | None, *, required: bool = True) -> None:
@@ -205,27 +345,81 @@ class Gateway:
             self._executor = executor_handle(self.ctx.storage.uri, self.ctx.run_id)
         return self._executor
 
-    async def _query(self, shards: list[int], x: np.ndarray) -> dict[int, np.ndarray]:
-        versions = {k: self.versions[k] for k in shards}
+    async def _query(
+        self, shards: list[int], versions: dict[int, str], x: np.ndarray
+    ) -> dict[int, np.ndarray]:
         outs = await asyncio.gather(
             *[self.shards[k].predict.remote((versions[k], x)) for k in shards]
         )
         return dict(zip(shards, outs, strict=True))
 
-    async def _sync(self) -> None:
-        self.tracker.sync(await asyncio.to_thread(self.ctx.deletion_log.unfinished))
-        self.metrics.pending.set(len(self.tracker.items))
+    async def _in_fence_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._fence_pool, fn, *args)
 
-    async def _adopt_published(self) -> None:
-        """Serve versions published outside this gateway's own executions (an S3T shard's
-        background restore, another client's ``forget``). A newer version never holds more
-        data than the one it replaces, so adopting it is always safe."""
-        reg = await asyncio.to_thread(self.ctx.model_store.registry)
-        new_versions = reg.serving_versions()
-        if new_versions != self.versions:
-            keys = set(new_versions) | set(self.versions)
-            self._stats["swaps"] += sum(new_versions.get(k) != self.versions.get(k) for k in keys)
-            self.versions = new_versions
+    # -- the fence -------------------------------------------------------------------
+    async def _refresh(self, *, if_expired: bool = False) -> None:
+        """Read the log then the registry, hold the result as one view, then publish when
+        the read started. Raises when storage cannot be read (the view then ages out).
+        ``if_expired``: only if the view is still expired once the lock is held (many
+        requests finding it expired at once cause one read, not one each)."""
+        async with self._refresh_lock:
+            if if_expired and self.view.valid(time.time(), self.fence.lease_s):
+                return
+            started_at, unfinished, versions = await self._in_fence_thread(read_view, self.ctx)
+            old = dict(self.view.versions)
+            changed = self.view.adopt(started_at, unfinished, versions)  # no await inside
+            self._stats["swaps"] += sum(old.get(k) != v for k, v in versions.items() if old)
+            self.metrics.pending.set(len(self.tracker.items))
+            # Publish after every read for a few reads after a change (so a request seen
+            # first by a read that started before it was durable is confirmed by the next),
+            # else as a heartbeat: an acknowledgement waits only for reads that matter.
+            self._reads_since_change = 0 if changed else self._reads_since_change + 1
+            if (
+                self._reads_since_change < 5
+                or self._registration.view_at is None
+                or time.time() - self._published_at > self.fence.lease_s / 4
+            ):
+                self._registration.view_at = started_at
+                await self._in_fence_thread(
+                    fence.write_registration, self.ctx.storage, self.ctx.layout, self._registration
+                )
+                self._published_at = time.time()
+        if changed:
+            if self.tracker.items:
+                self._wake.set()
+            async with self._executed:
+                self._executed.notify_all()
+
+    async def _fence_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.fence.interval_s)
+            try:
+                await self._refresh()
+                await self._in_fence_thread(self.journal.flush)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # storage unreachable: answers stop when the lease runs out
+                self._stats["refresh_failures"] += 1
+                log.exception("gateway %s: reading the deletion log failed", self.replica)
+
+    async def _fresh_view(self) -> None:
+        """Make sure this replica may answer now: its view is within the lease, or a new
+        read succeeds; else 503 (never an answer from a view that may lack a deletion)."""
+        if self._closing:
+            raise HTTPException(503, "this gateway replica is shutting down; retry")
+        if self.view.valid(time.time(), self.fence.lease_s):
+            return
+        try:
+            await self._refresh(if_expired=True)
+        except Exception as e:
+            raise HTTPException(
+                503,
+                f"cannot read the run's deletion log to prove the models clean "
+                f"({type(e).__name__}); retry later",
+                headers={"Retry-After": "1"},
+            ) from None
+        if not self.view.valid(time.time(), self.fence.lease_s):
+            raise HTTPException(503, "the deletion log read took longer than the lease; retry")
 
     # -- unlearning schedule ---------------------------------------------------------
     async def _scheduler(self) -> None:
@@ -243,8 +437,6 @@ class Gateway:
                 except TimeoutError:
                     pass
                 self._wake.clear()
-                await self._sync()
-                await self._adopt_published()
                 if due_for_execution(
                     self.policy, self.tracker.views(), time.time(), self._waiters > 0
                 ):
@@ -268,11 +460,7 @@ class Gateway:
             self.tracker.abort_execution(ids)
             self._executor = None  # a dead executor actor is recreated on the next try
             raise
-        reg = await asyncio.to_thread(self.ctx.model_store.registry)
-        new_versions = reg.serving_versions()
-        self._stats["swaps"] += sum(1 for k, v in new_versions.items() if self.versions.get(k) != v)
-        self.versions = new_versions  # the swap: calls from here on name the new versions
-        await self._sync()
+        await self._refresh()  # the swap: log then registry, one step (done drops + versions)
         self._stats["executions"] += 1
         self._stats["unlearning_wall_s"] += time.perf_counter() - t0
         if done:  # every record of one batch carries the batch's training seconds
@@ -312,20 +500,37 @@ class Gateway:
         self._auth(authorization, required=self.settings.protect_predict)
         t0 = time.perf_counter()
         x = self._features(body)
-        results: list[InstanceOut | None] = [None] * len(x)
-        todo, waited = list(range(len(x))), False
+        n = len(x)
+        results: list[InstanceOut | None] = [None] * n
+        generation: list[int | None] = [None] * n  # the view each result was computed from
+        todo, waited = list(range(n)), False
         until = time.time() + self.settings.wait_timeout_s
         rule = self.ctx.config.unlearning.aggregation
-        while todo:
-            live = sorted(self.versions)
+        while True:
+            if not todo:
+                # The commit point: every result comes from the view held now, within its
+                # lease. No await between this check and the return, so an acknowledgement
+                # (published only after this replica holds the new view) cannot slip between.
+                if self.view.valid(time.time(), self.fence.lease_s) and all(
+                    g == self.view.generation for g in generation
+                ):
+                    break
+                todo = [i for i, g in enumerate(generation) if g != self.view.generation]
+            if time.time() > until:
+                raise HTTPException(504, "timed out: the deletion view kept changing")
+            await self._fresh_view()
+            gen, view = self.view.generation, self.view
+            live = sorted(view.versions)
             if not live:
                 raise HTTPException(
                     503, "no shard model is live (every shard was emptied by deletions)"
                 )
-            affected = self.tracker.affected()
+            affected = view.tracker.affected()
             queried = shards_to_query(self.policy, live, affected)
-            versions = dict(self.versions)
-            probs = await self._query(queried, x[todo]) if queried else {}
+            versions = dict(view.versions)
+            probs = await self._query(queried, versions, x[todo]) if queried else {}
+            if self.view.generation != gen:
+                continue  # the view changed while the shards answered: compute again
             answers = answer_batch(
                 self.policy,
                 rule,
@@ -333,7 +538,7 @@ class Gateway:
                 affected,
                 probs,
                 n=len(todo),
-                pending=bool(self.tracker.items),
+                pending=bool(view.tracker.items),
             )
             if any(a.mode == "reject" for a in answers):
                 raise HTTPException(
@@ -341,24 +546,50 @@ class Gateway:
                     "the answer depends on data under a pending deletion; retry later",
                     headers={"Retry-After": str(max(1, math.ceil(self.policy.deadline_s)))},
                 )
-            used_safe = {str(k): versions[k] for k in queried if k not in affected}
-            used_all = {str(k): versions[k] for k in queried}
+            excluded = [k for k in live if k in affected]
             left = []
-            for j, a in zip(todo, answers, strict=True):
+            for i, (j, a) in enumerate(zip(todo, answers, strict=True)):
                 if a.mode == "wait":
                     left.append(j)
                     continue
-                mode = "waited" if waited and a.mode == "certified" else a.mode
+                stale = a.mode == "stale"
+                voting = {k: versions[k] for k in queried if stale or k not in affected}
+                receipt = make_receipt(
+                    rule,
+                    voting,
+                    [] if stale else excluded,
+                    {k: probs[k][i] for k in voting},
+                    a.label,
+                    a.scores,
+                )
                 results[j] = InstanceOut(
                     label=a.label,
                     probabilities=a.scores,
-                    answered=mode,
-                    versions=used_all if a.mode == "stale" else used_safe,
+                    answered="waited" if waited and a.mode == "certified" else a.mode,
+                    **receipt,
                 )
+                generation[j] = gen
             if left:
                 waited = True
                 await self._wait_for(set(self.tracker.items), until)
             todo = left
+        committed_at, first = time.time(), self.journal.answers
+        self.journal.append(
+            {
+                "replica": self.replica,
+                "answer": f"{self.replica}/{first + j}",
+                "committed_at": committed_at,
+                "rule": rule,
+                "mode": r.answered,
+                "label": r.label,
+                "probabilities": r.probabilities if rule != "vote" else None,
+                "versions": r.versions,
+                "excluded": r.excluded,
+                "votes": r.votes,
+                "margin": r.margin,
+            }
+            for j, r in enumerate(results)
+        )
         seconds = time.perf_counter() - t0
         modes = [r.answered for r in results]
         self.metrics.record(modes, seconds, "waited" if waited else modes[0])
@@ -366,6 +597,8 @@ class Gateway:
             predictions=results,
             pending_deletions=len(self.tracker.items),
             latency_ms=seconds * 1000,
+            replica=self.replica,
+            committed_at=committed_at,
         )
 
     @app.post("/v1/forget", status_code=202)
@@ -389,8 +622,15 @@ class Gateway:
             raise HTTPException(409 if "different" in str(e) else 422, str(e)) from None
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
+        except (StorageError, OSError) as e:
+            # not acknowledged: the client must retry (the request id makes that safe)
+            raise HTTPException(
+                503, f"storage unavailable, the request is not acknowledged ({type(e).__name__})"
+            ) from None
         if record.state != RequestState.DONE:
-            self.tracker.add(record)  # from now on, answers needing these shards are gated
+            # submit_request returned after every replica's view held it (this one's too);
+            # adding it here only saves waiting for the next read
+            self.view.add(record)
             self.metrics.pending.set(len(self.tracker.items))
             self._wake.set()
         rid = record.request.request_id
@@ -431,7 +671,9 @@ class Gateway:
     async def audit_endpoint(
         self,
         owner_id: str | None = Query(None),
-        sample_id: int | None = Query(None),
+        sample_id: int | None = Query(
+            None, ge=INT64_MIN, le=INT64_MAX, json_schema_extra={"format": "int64"}
+        ),
         authorization: str | None = Header(None),
     ) -> dict[str, Any]:
         self._auth(authorization)

@@ -1,23 +1,34 @@
-"""The live gateway over HTTP on 127.0.0.1: predictions, ERASER gating, deletions, audit,
-errors, metrics. Shares the session's Ray; starts Serve once and shuts it down."""
+"""The live gateway over HTTP on 127.0.0.1, two replicas: predictions, ERASER gating,
+deletions, audit, errors, metrics, and the promise checked by replay while deletions come
+through HTTP, the CLI and the Python API. Shares the session's Ray; starts Serve once."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
 
+from ray_unlearn.platform import fence
 from ray_unlearn.platform.evaluate import serving_accuracy
+from ray_unlearn.platform.journal import read_journal
 from ray_unlearn.platform.plan import TEST
 from ray_unlearn.platform.run import create_run
 from ray_unlearn.platform.shard import train_all_shards
+from ray_unlearn.platform.unlearning import submit_request
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
 TOKEN = "test-token-not-a-secret"
+# A safe policy under any preset naming: lazy execution, uncertified answers wait.
+POLICY = {"timing": "lazy", "uncertified": "wait", "deadline_s": 60.0}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -50,9 +61,10 @@ def gateway(ray_session, tmp_path_factory):
             {
                 "storage": ctx.storage.uri,
                 "run_id": ctx.run_id,
-                "policy": "lazy-wait",
+                "policy": POLICY,
                 "api_token": TOKEN,
                 "max_instances": 200,
+                "num_replicas": 2,
             }
         ),
         name="ray-unlearn",
@@ -64,6 +76,8 @@ def gateway(ray_session, tmp_path_factory):
     finally:
         client.close()
         serve.delete("ray-unlearn")
+        # a clean shutdown deregisters both replicas: acknowledgements stop waiting for them
+        assert fence.list_registrations(ctx.storage, ctx.layout) == []
         serve.shutdown()
         try:
             import ray
@@ -191,3 +205,120 @@ def test_deletion_gates_answers_then_swaps_versions(gateway):
         "ray_unlearn_exposure_total",
     ):
         assert name in metrics
+
+
+def _strict_json(text: str):
+    """Parse as strict JSON: Python's json accepts bare NaN / Infinity, browsers do not."""
+
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name} in an error body")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_bad_http_input_is_a_4xx_with_a_json_body(gateway):
+    """Integers outside int64, NaN and Infinity anywhere: 4xx, never 5xx, and a JSON body
+    (the error may quote the input, but never as a non-JSON value)."""
+    ctx, c = gateway
+    width = int(np.prod(ctx.feature_shape))
+    raw = [
+        ("/v1/forget", b'{"sample_ids": [' + str(2**70).encode() + b"]}"),
+        ("/v1/forget", b'{"sample_ids": [NaN]}'),
+        ("/v1/forget", b'{"sample_ids": [Infinity, -Infinity]}'),
+        ("/v1/forget", b'{"owner_id": "x", "deadline_s": NaN}'),
+        ("/v1/forget", b'{"owner_id": "x", "deadline_s": Infinity}'),
+        ("/v1/forget", b'{"owner_id": "x", "request_id": "../../etc"}'),
+        ("/v1/predict", b'{"instances": [NaN]}'),
+        ("/v1/predict", b'{"instances": [[' + b",".join([b"NaN"] * width) + b"]]}"),
+        ("/v1/predict", b'{"instances": [[Infinity]]}'),
+        ("/v1/predict", b'{"instances": NaN}'),
+    ]
+    for path, body in raw:
+        r = c.post(path, content=body, headers={**AUTH, "content-type": "application/json"})
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        _strict_json(r.text)
+    for q in ("1" * 23, str(2**63), str(-(2**63) - 1), "nan", "inf"):
+        r = c.get("/v1/audit", params={"sample_id": q}, headers=AUTH)
+        assert r.status_code == 422, (q, r.status_code, r.text)
+        _strict_json(r.text)
+    schema = c.get("/openapi.json").json()["components"]["schemas"]["ForgetRequest"]
+    items = schema["properties"]["sample_ids"]["anyOf"][0]["items"]
+    assert items["format"] == "int64" and items["maximum"] == float(2**63 - 1)
+    assert ctx.deletion_log.records() == [] or all(
+        r.request.request_id == "gdpr-7" for r in ctx.deletion_log.records()
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ray_unlearn.cli", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if r.returncode == -6 and "terminate called" in r.stderr:  # pyarrow exit abort, item 7
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return r
+
+
+def test_deletions_from_every_entry_point_while_streaming_replay_clean(gateway):
+    """Deletions through HTTP (either replica), the CLI (no cluster: a separate process that
+    only shares the storage root) and the Python API while a client streams predictions;
+    every acknowledgement waited for both replicas, and the replay of both replicas'
+    journals finds no answer from a version holding an acknowledged deletion's samples."""
+    ctx, c = gateway
+    test = ctx.split_records("test")
+    train = ctx.plan.shards != TEST
+    done_before = {r.request.request_id for r in ctx.deletion_log.records()}
+    owners = [str(o) for o in np.unique(ctx.plan.owner_ids[train])][5:11]  # not used above
+    stop, answered, errors = threading.Event(), [], []
+
+    def stream():
+        with httpx.Client(base_url=c.base_url, timeout=120) as s:
+            i = 0
+            while not stop.is_set():
+                rows = test.features[i % 300 : i % 300 + 3].tolist()
+                r = s.post("/v1/predict", json={"instances": rows})
+                (answered if r.status_code == 200 else errors).append(r)
+                i += 3
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    try:
+        time.sleep(1.0)
+        for i, o in enumerate(owners[:2]):  # HTTP: the proxy spreads them over the replicas
+            r = c.post("/v1/forget", json={"owner_id": o, "request_id": f"http-{i}"}, headers=AUTH)
+            assert r.status_code == 202, r.text
+        env_run = ["--run", ctx.run_id, "--storage", ctx.storage.uri, "--no-wait", "--json"]
+        for i, o in enumerate(owners[2:4]):
+            r = _cli("forget", "--owner", o, "--request-id", f"cli-{i}", *env_run)
+            assert r.returncode == 0, r.stderr[-2000:]
+        for i, o in enumerate(owners[4:6]):
+            submit_request(ctx, owner_id=o, request_id=f"api-{i}")
+        new = [f"{k}-{i}" for k in ("http", "cli", "api") for i in range(2)]
+        deadline = time.time() + 240
+        while time.time() < deadline:  # lazy: the streaming waiters make them execute
+            states = {ctx.deletion_log.get(rid).state.value for rid in new}
+            if states == {"done"}:
+                break
+            time.sleep(0.5)
+        assert states == {"done"}, states
+        time.sleep(1.0)  # answers from the new versions
+    finally:
+        stop.set()
+        t.join(timeout=150)
+    assert answered and not errors, [e.text for e in errors[:3]]
+    replicas = {r.json()["replica"] for r in answered}
+    for rid in new:
+        ack = fence.read_ack(ctx.storage, ctx.layout, rid)
+        # each replica confirmed, or (a stalled event loop on 2 loaded cores) the ack
+        # waited its lease out: never skipped
+        fenced = {*ack["confirmed"], *ack["expired"], *ack["deregistered"]}
+        assert fenced >= replicas and ack["confirmed"], (rid, ack)
+    time.sleep(0.5)  # the replicas flush their journals every fence interval
+    journal = read_journal(ctx.storage, ctx.layout)
+    assert len(replicas) == 2 and {e["replica"] for e in journal} == replicas
+    assert len(journal) >= sum(len(r.json()["predictions"]) for r in answered)
+    r = _cli("verify-exposure", "--run", ctx.run_id, "--storage", ctx.storage.uri, "--json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["clean"] and doc["answers"] == len(journal), doc
+    assert doc["promises"] >= len(new) + len(done_before)
+    # receipts name what voted: no answer after an acknowledgement used a shard holding it
+    assert all("excluded" in p and "margin" in p for r in answered for p in r.json()["predictions"])
+    assert os.path.exists(ctx.storage.local_path(f"{ctx.layout.root}/journal"))
