@@ -4,6 +4,8 @@ memorises random labels (a model trained with a row must be told from one withou
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.stats import norm
@@ -11,6 +13,7 @@ from scipy.stats import norm
 from ray_unlearn.platform.config import ModelConfig, TrainingConfig
 from ray_unlearn.platform.lira import (
     MLPShadowTrainer,
+    ShadowGaussians,
     attack_metrics,
     confidence_from_logits,
     confidence_from_probs,
@@ -18,6 +21,7 @@ from ray_unlearn.platform.lira import (
     fit_offline,
     fit_ulira,
     forget_metrics,
+    mask_seed,
     membership_matrix,
     offline_scores,
     online_scores,
@@ -310,3 +314,43 @@ def test_mlp_shadow_trainer_trains_on_the_base_rows_too_and_rejects_bad_setups()
     none = np.zeros(64, bool)
     acc = (with_base(none)(x).argmax(1) == y).mean()
     assert acc > 0.9 and (trainer(none)(x).argmax(1) == y).mean() < 0.3
+
+
+def test_ulira_on_a_real_model_catches_no_unlearning_and_passes_exact_retraining():
+    """Shadow s forgets the rows of masks[s]. "No unlearning" keeps a model trained on every
+    row: U-LiRA must tell its forget rows from a retrained model's. Exact unlearning is a
+    retrain without the rows (here with another seed, so the two sides are independent
+    draws of the same distribution): it must read as chance."""
+    trainer, x, y = _random_label_trainer(n=64)
+    # half the epochs of the LiRA test: 15 models here, and the trace stays plain
+    trainer = dataclasses.replace(
+        trainer, training=trainer.training.model_copy(update={"epochs": 30})
+    )
+    n = len(y)
+    everything = np.ones(n, bool)
+    other_seed = dataclasses.replace(trainer, seed=1)
+
+    def kept(forget):  # a model trained on all rows, seeded by the forget set
+        return dataclasses.replace(trainer, seed=mask_seed(2, forget))(everything)
+
+    def exact(forget):
+        return other_seed(~forget)
+
+    def retrained(forget):
+        return trainer(~forget)
+
+    masks = membership_matrix(n, 4, seed=5)
+    out_conf = shadow_confidences(retrained, masks, x, y, "logits")
+    forget = membership_matrix(n, 2, seed=6)[0]  # the targets' forget set
+    target_retrained = shadow_confidence(retrained, forget, x, y, "logits")[forget]
+    results = {}
+    for name, method in (("none", kept), ("exact", exact)):
+        unlearned = shadow_confidences(method, masks, x, y, "logits")
+        g = fit_ulira(unlearned, out_conf, masks, global_variance=True)  # 2 shadows a side
+        target = shadow_confidence(method, forget, x, y, "logits")[forget]
+        sub = ShadowGaussians(*(f[forget] for f in dataclasses.astuple(g)))
+        results[name] = forget_metrics(sub, target, target_retrained, online=True)
+    assert results["none"].auc > 0.9
+    # ~30 forget rows a side: the AUC's standard error is ~0.08, so chance is 0.5 +- 0.2
+    assert abs(results["exact"].auc - 0.5) < 0.2
+    assert results["exact"].positives == results["exact"].negatives == forget.sum()
