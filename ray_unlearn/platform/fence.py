@@ -177,8 +177,9 @@ def await_fence(
     """Wait until every gateway registered now is fenced for a request durable at
     ``written_at`` (see the module docstring). Returns the replicas by how they were fenced:
     ``confirmed`` (their view holds it), ``expired`` (their lease ran out first) and
-    ``deregistered`` (shut down meanwhile). Bounded by the largest lease + skew listed."""
-    out: dict[str, list[str]] = {"confirmed": [], "expired": [], "deregistered": []}
+    ``deregistered`` (shut down meanwhile) and ``dead`` (its process, on this host, no longer
+    exists: its file is removed). Bounded by the largest lease + skew listed."""
+    out: dict[str, list[str]] = {"confirmed": [], "expired": [], "deregistered": [], "dead": []}
     waiting = {r.replica: r for r in list_registrations(storage, layout)}
     while waiting:
         now = clock()
@@ -186,6 +187,11 @@ def await_fence(
             reg = _read(storage, layout, replica)
             if reg is None:
                 out["deregistered"].append(replica)
+            elif _process_gone(reg):
+                # a replica killed without deregistering (kill -9, OOM) answers nothing more;
+                # its file would otherwise cost every later acknowledgement a whole lease
+                remove_registration(storage, layout, replica)
+                out["dead"].append(replica)
             elif reg.view_at is not None and reg.view_at > written_at + reg.clock_skew_s:
                 out["confirmed"].append(replica)
             elif now > written_at + max(reg.lease_s, listed.lease_s) + reg.clock_skew_s:
@@ -196,6 +202,22 @@ def await_fence(
         if waiting:
             sleep(poll_s)
     return {k: sorted(v) for k, v in out.items()}
+
+
+def _process_gone(reg: Registration) -> bool:
+    """True when ``reg`` names a process on this host that no longer exists. Only a process
+    that exists can answer, so such a registration fences nothing; on another host liveness
+    cannot be told from here and the lease bounds the wait instead. (Host names are taken to
+    be unique per process namespace, as they are for nodes of a Ray cluster.)"""
+    if reg.pid <= 0 or reg.host != socket.gethostname():
+        return False
+    try:
+        os.kill(reg.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, owned by another user
+        return False
+    return False
 
 
 def record_ack(

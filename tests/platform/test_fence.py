@@ -3,6 +3,7 @@ wait, the replica's view, and submit_request's acknowledgement."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -45,7 +46,8 @@ def test_no_gateway_means_no_wait(root):
     storage, layout = root
     clock = _Clock(1000.0)
     out = fence.await_fence(storage, layout, 1000.0, clock=clock, sleep=clock.sleep)
-    assert out == {"confirmed": [], "expired": [], "deregistered": []} and clock.t == 1000.0
+    assert out == {"confirmed": [], "expired": [], "deregistered": [], "dead": []}
+    assert clock.t == 1000.0
 
 
 def test_a_view_that_started_after_the_write_confirms(root):
@@ -180,3 +182,25 @@ def test_submit_request_waits_out_a_dead_gateway(tiny_run):
     submit_request(ctx, sample_ids=np.array([sid]), request_id="late")
     assert time.time() - t0 >= 0.3
     assert fence.read_ack(ctx.storage, ctx.layout, "late")["expired"] == ["dead"]
+
+
+def test_a_replica_whose_process_is_gone_fences_nothing_and_is_removed(root):
+    """Killed without deregistering (kill -9): on this host its pid no longer exists, so it
+    answers nothing more; its file must not cost every later acknowledgement a lease."""
+    import socket
+    import subprocess
+    import sys
+
+    storage, layout = root
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid that existed and is gone (reuse within this test is not a concern)
+    reg = fence.Registration("killed", 2.0, 0.05, view_at=999.0, host=socket.gethostname())
+    reg.pid = p.pid
+    fence.write_registration(storage, layout, reg)
+    alive = fence.Registration("alive", 2.0, 0.05, view_at=1000.2, host=socket.gethostname())
+    alive.pid = os.getpid()
+    fence.write_registration(storage, layout, alive)
+    clock = _Clock(1000.0)
+    out = fence.await_fence(storage, layout, 1000.0, clock=clock, sleep=clock.sleep)
+    assert out["dead"] == ["killed"] and out["confirmed"] == ["alive"] and clock.t == 1000.0
+    assert [r.replica for r in fence.list_registrations(storage, layout)] == ["alive"]
