@@ -627,13 +627,18 @@ def versions_without_contributions(ctx: RunContext, sample_ids) -> dict[int, lis
 def untracked_samples(
     storage: Storage, layout: RunLayout, version_id: str, sample_ids
 ) -> np.ndarray:
-    """Those of ``sample_ids`` whose updates left the version's record (reads the index only)."""
-    blob = storage.read_bytes(contribution_path(layout, version_id))
-    n = int.from_bytes(blob[:8], "little")
-    if _UNTRACKED not in json.loads(blob[8 : 8 + n]):
-        return np.zeros(0, np.int64)
-    held = st_load(blob)[_UNTRACKED].numpy()
-    return np.intersect1d(np.asarray(sample_ids, dtype=np.int64), held)
+    """Those of ``sample_ids`` whose updates left the version's record (reads the index only;
+    an unreadable index, torn by a crash, holds none of them)."""
+    wanted = np.asarray(sample_ids, dtype=np.int64)
+    try:
+        blob = storage.read_bytes(contribution_path(layout, version_id))
+        n = int.from_bytes(blob[:8], "little")
+        if _UNTRACKED not in json.loads(blob[8 : 8 + n]):
+            return np.zeros(0, np.int64)
+        held = st_load(blob)[_UNTRACKED].numpy()
+    except Exception:  # torn by a crash: as good as absent, like load_contributions
+        return wanted
+    return np.intersect1d(wanted, held)
 
 
 def load_contributions(

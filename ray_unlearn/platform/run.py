@@ -66,9 +66,9 @@ class RunContext:
         if has_copy(self.storage, self.layout):
             recs = load_copy(self.storage, self.layout, self.config.data)
             missing = np.setdiff1d(self.plan.sample_ids, recs.sample_ids)
-            # a compaction removes rows of logged requests only (executing or done)
-            requested = self.deletion_log.requested_sample_ids()
-            missing = missing[~np.isin(missing, np.fromiter(requested, np.int64, len(requested)))]
+            if len(missing):  # a compaction removes rows of logged requests only
+                requested = self.deletion_log.requested_sample_ids()
+                missing = missing[~np.isin(missing, np.fromiter(requested, np.int64))]
         else:
             recs = load_dataset(self.config.data, self.storage)
             missing = np.setdiff1d(self.plan.sample_ids, recs.sample_ids)

@@ -99,7 +99,7 @@ def held_out_split(ctx: RunContext, fraction: float) -> tuple[np.ndarray, np.nda
 
 
 def _accuracy(ctx: RunContext, backend: LocalShards, ids: np.ndarray) -> float:
-    """Ensemble accuracy on the rows ``ids`` whose deletion was not requested."""
+    """Ensemble accuracy on the rows ``ids`` whose deletion is not done yet."""
     deleted = np.fromiter(ctx.deletion_log.deleted_sample_ids(), dtype=np.int64)
     ids = ids[~np.isin(ids, deleted)]
     rows = ctx.records.subset(ctx.records.index_of(ids))

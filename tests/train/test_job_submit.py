@@ -1,7 +1,8 @@
 """`ray job submit` of a small train job against a head this test starts and stops.
 
 The head is `ray start --head --block` in its own process group on 127.0.0.1 with free
-ports, stopped by signalling that group (`ray stop` would end every Ray on the machine)."""
+ports, stopped by signalling that group (`ray stop` would end every Ray on the machine); a
+start that fails under load is stopped the same way and retried once (see START_ATTEMPTS)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,11 +30,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head():
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are capped
-    dash = _free_port()
+# On a loaded 2-core machine (the suite's own Ray running beside it) `ray start --head` can
+# fail by itself: node.py gives the raylet a fixed 30 s to register with the GCS ("The
+# current node timed out during startup ... GCS has become overloaded"). So the head starts
+# with fewer processes (no log monitor, no prestarted Python workers competing with the
+# raylet), each attempt gets a long window, and a failed start is stopped, cleaned and
+# retried once on fresh ports and a fresh session directory.
+START_ATTEMPTS = 2
+START_WINDOW_S = 240.0
+HEAD_ENV = {
+    "RAY_AUTH_MODE": "token",
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
+}
+
+
+def _start_head(temp: str, env: dict[str, str]) -> tuple[subprocess.Popen, str, str | None]:
+    """Start one head; returns (process, dashboard address, None) once Ray says it runs, or
+    (process, "", why) when it failed or the window passed."""
     log = Path(temp) / "head.log"
+    dash = _free_port()
     ports = {
         "--port": _free_port(),
         "--ray-client-server-port": _free_port(),
@@ -44,17 +61,40 @@ def ray_head():
     }
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1"]
     cmd += ["--num-cpus=2", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+    cmd += ["--include-log-monitor=false"]
     cmd += [f"--temp-dir={temp}", *(f"{k}={v}" for k, v in ports.items())]
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
     proc = subprocess.Popen(
         cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
+    t0 = time.monotonic()
+    while "Ray runtime started" not in log.read_text():
+        if proc.poll() is not None:
+            return proc, "", f"ray start exited {proc.returncode}:\n{log.read_text()[-2000:]}"
+        if time.monotonic() - t0 > START_WINDOW_S:
+            return proc, "", f"not started after {START_WINDOW_S:.0f} s:\n{log.read_text()[-2000:]}"
+        time.sleep(0.5)
+    return proc, f"http://127.0.0.1:{dash}", None
+
+
+@pytest.fixture
+def ray_head():
+    env = {**os.environ, **HEAD_ENV}
+    failures: list[str] = []
+    for _attempt in range(START_ATTEMPTS):
+        temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are capped
+        proc, address, why = _start_head(temp, env)
+        if why is None:
+            if failures:  # shown in pytest's warnings summary: a retry is evidence of load
+                warnings.warn(f"ray start --head needed a retry: {failures[0][:500]}", stacklevel=1)
+            break
+        failures.append(why)
+        _stop_head(proc, temp)
+        assert not _processes_of(temp), _processes_of(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    else:
+        pytest.fail(f"ray start --head failed {START_ATTEMPTS} times:\n" + "\n---\n".join(failures))
     try:
-        t0 = time.time()
-        while "Ray runtime started" not in log.read_text():
-            assert proc.poll() is None and time.time() - t0 < 120, log.read_text()[-3000:]
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{dash}", env
+        yield address, env
     finally:
         _stop_head(proc, temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -99,7 +139,9 @@ def _stop_head(proc: subprocess.Popen, temp: str) -> None:
     time.sleep(0.5)
 
 
+# two start windows (2 x 240 s) plus the job's 480 s: more than the suite's 600 s default
 @pytest.mark.ray
+@pytest.mark.timeout(1200)
 def test_ray_job_submit_trains_a_run(ray_head, tmp_path):
     address, env = ray_head
     store = tmp_path / "store"
