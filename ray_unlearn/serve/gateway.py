@@ -145,6 +145,28 @@ class ForgetRequest(BaseModel):
     )
 
 
+class ErrorBody(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(
+        description="What was wrong: a message, or (request validation) one entry per problem."
+    )
+
+
+# Every error answer is one of these JSON bodies; 422 comes from request validation (a list)
+# or from the gateway's own checks (a message), so the schema says both.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": what}
+    for code, what in [
+        (401, "missing or wrong bearer token"),
+        (404, "unknown request, owner or sample id"),
+        (409, "request id already used for other data"),
+        (413, "too many instances in one request"),
+        (422, "invalid input (NaN, infinity, out of int64, wrong width, ...)"),
+        (503, "cannot answer safely now (log unreadable, reject policy, no token): retry"),
+        (504, "timed out waiting for pending deletions"),
+    ]
+}
+
+
 def _json_safe(value: Any) -> Any:
     """``value`` with every non-JSON leaf (NaN, Infinity, exceptions, bytes) as its repr, so
     an error body can quote the input without the JSON encoder refusing it (a 500)."""
@@ -493,7 +515,7 @@ class Gateway:
             self._waiters -= 1
 
     # -- endpoints -------------------------------------------------------------------
-    @app.post("/v1/predict", response_model=PredictResponse)
+    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(
         self, body: PredictRequest, authorization: str | None = Header(None)
     ) -> PredictResponse:
@@ -601,7 +623,7 @@ class Gateway:
             committed_at=committed_at,
         )
 
-    @app.post("/v1/forget", status_code=202)
+    @app.post("/v1/forget", status_code=202, responses=ERRORS)
     async def forget(
         self, body: ForgetRequest, authorization: str | None = Header(None)
     ) -> dict[str, Any]:
@@ -642,7 +664,7 @@ class Gateway:
             "status": f"/v1/forget/{rid}",
         }
 
-    @app.get("/v1/forget/{request_id}")
+    @app.get("/v1/forget/{request_id}", responses=ERRORS)
     async def forget_status(
         self, request_id: str, authorization: str | None = Header(None)
     ) -> dict[str, Any]:
@@ -667,7 +689,7 @@ class Gateway:
             "history": [{"state": h["state"], "at": h["at"]} for h in rec.history],
         }
 
-    @app.get("/v1/audit")
+    @app.get("/v1/audit", responses=ERRORS)
     async def audit_endpoint(
         self,
         owner_id: str | None = Query(None),
