@@ -47,6 +47,7 @@ PAUSE_POINTS = (
     "trained",
     "intent-written",
     "registry-switched",
+    "retiring",
     "retired",
     "done",
 )
@@ -187,7 +188,9 @@ def publish(
     lease.check()
     gen = store.write_registry(reg)  # the switch; RegistryConflict if another writer won
     pause_point("registry-switched")
-    store.retire(retire, request_ids=request_ids)
+    store.retire(retire[:1], request_ids=request_ids)
+    pause_point("retiring")  # a crash in the middle of retiring
+    store.retire(retire[1:], request_ids=request_ids)
     pause_point("retired")
     return gen
 
@@ -270,4 +273,46 @@ def recover(ctx: RunContext, *, executor: str, keep=()) -> dict[str, Any]:
         "retired": stray,
         "finished_requests": finished,
         "requeued": [] if switched else list((intent or {}).get("request_ids", [])),
+    }
+
+
+def store_report(ctx: RunContext, deleted_ids) -> dict[str, Any]:
+    """The store itself, not only the registry: every version folder on disk.
+
+    ``stray_versions``: outside the live chain with data-derived files or a ``live``
+    manifest; ``stray_violations``: those of them trained on a sample in ``deleted_ids``
+    (one whose sample list is gone counts as possibly holding any); ``manifest_mismatch``:
+    live versions whose manifest does not say ``live``; ``recovery``: :func:`inspect`."""
+    store = ctx.model_store
+    live = set(store.registry().live_versions())
+    deleted = np.fromiter(deleted_ids, dtype=np.int64)
+    stray = stray_versions(ctx, live)
+    violations: dict[str, Any] = {}
+    for vid, info in stray.items():
+        try:
+            hit = deleted[np.isin(deleted, store.sample_ids(vid))]
+        except (StorageError, OSError, KeyError):
+            violations[vid] = "unknown: its sample list is missing"
+            continue
+        if len(hit):
+            violations[vid] = sorted(int(i) for i in hit)
+        info["deleted_samples"] = int(len(hit))
+    mismatch = []
+    for vid in sorted(live):
+        try:
+            state = store.manifest(vid).get("state")
+        except (StorageError, ValueError):
+            state = None
+        if state != LIVE:
+            mismatch.append({"version": vid, "manifest_state": state, "in_registry": True})
+    mismatch += [
+        {"version": v, "manifest_state": i["manifest_state"], "in_registry": False}
+        for v, i in sorted(stray.items())
+        if i["manifest_state"] == LIVE
+    ]
+    return {
+        "stray_versions": stray,
+        "stray_violations": violations,
+        "manifest_mismatch": mismatch,
+        "recovery": inspect(ctx),
     }
