@@ -36,7 +36,7 @@ import numpy as np
 
 from ray_unlearn.platform.deletion_log import RequestRecord, RequestState
 from ray_unlearn.platform.evaluate import ensemble_accuracy
-from ray_unlearn.platform.lease import Lease
+from ray_unlearn.platform.lease import Lease, LeaseError
 from ray_unlearn.platform.plan import TEST
 from ray_unlearn.platform.publish import (
     EXECUTING,
@@ -51,6 +51,7 @@ from ray_unlearn.platform.publish import (
 from ray_unlearn.platform.run import RunContext
 from ray_unlearn.platform.s3t_runtime import is_s3t, restore_candidates, validation_records
 from ray_unlearn.platform.shard import ShardRuntime, make_runtime
+from ray_unlearn.platform.store import RegistryConflict
 
 
 class ShardBackend(Protocol):
@@ -260,8 +261,11 @@ class UnlearningEngine:
             }
             self._publish(results, ids, details)
         except Exception as e:
-            for rid in ids:
-                log.transition(rid, RequestState.FAILED, error=f"{type(e).__name__}: {e}")
+            # a lost lease (or another writer's registry) means another executor owns these
+            # requests now: their transitions are its to make
+            if not isinstance(e, (LeaseError, RegistryConflict)):
+                for rid in ids:
+                    log.transition(rid, RequestState.FAILED, error=f"{type(e).__name__}: {e}")
             raise
         done = [
             log.transition(r.request.request_id, RequestState.DONE, **details[r.request.request_id])

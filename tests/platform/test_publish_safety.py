@@ -369,3 +369,33 @@ def test_kill_9_after_the_switch_then_the_next_forget_finishes(run, tmp_path):
     assert ctx.deletion_log.get("next").state == RequestState.DONE
     a = audit(ctx)
     assert a["clean"] and a["stray_versions"] == {}
+
+
+def test_an_executor_that_lost_its_lease_publishes_nothing(run, monkeypatch):
+    _, (owner, _) = _owners_in_one_shard(run)
+    before = run.model_store.registry()
+    real = publish_mod.pause_point
+
+    def taken_over(name):
+        real(name)
+        if name == "trained":  # another executor takes over (say, after a long stall)
+            lease = Lease(run.storage, run.layout.lease)
+            gen, rec = lease.current()
+            run.storage.write_json(f"{run.layout.lease}/{gen + 1:08d}.json", {**rec, "pid": 0})
+
+    monkeypatch.setattr(publish_mod, "pause_point", taken_over)
+    with pytest.raises(LeaseError, match="taken over"):
+        UnlearningEngine(run, LocalShards(run)).forget(owner_id=owner, request_id="r1")
+    monkeypatch.undo()
+    reg = run.model_store.registry()
+    assert reg.generation == before.generation and reg.live_versions() == before.live_versions()
+    # not marked failed: the transitions belong to the executor holding the lease now
+    assert run.deletion_log.get("r1").state == RequestState.EXECUTING
+    for name in run.storage.listdir(run.layout.lease):  # the taker dies in turn
+        path = f"{run.layout.lease}/{name}"
+        run.storage.write_json(path, {**run.storage.read_json(path), "expires_at": 0.0})
+    ctx = open_run(run.storage.uri, "tiny")
+    assert UnlearningEngine(ctx, LocalShards(ctx)).forget(
+        owner_id=owner, request_id="r1"
+    ).state == (RequestState.DONE)
+    assert audit(ctx)["clean"] and audit(ctx)["stray_versions"] == {}
