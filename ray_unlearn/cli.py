@@ -238,9 +238,13 @@ def forget(
                 get_executor(ctx.storage.uri, run, detached=True).execute_pending(strategy)
             else:
                 # No cluster: this one process does the work, loading only the affected shards.
+                from ray_unlearn.platform.lease import describe
                 from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
 
                 engine = UnlearningEngine(ctx, LocalShards(ctx), executor_name="cli")
+                engine.on_lease_wait = lambda rec: err.print(
+                    f"another execution holds run {run}'s lease: {describe(rec)}; waiting"
+                )
                 engine.execute_pending(strategy)
         final = ctx.deletion_log.get(rid)
         doc = {
@@ -403,7 +407,9 @@ def audit(
             str(len(doc["requests"])),
             str(doc["pending_requests"]),
             str(doc["deleted_sample_count"]),
-            "clean" if doc["clean"] else f"VIOLATION {doc['violations']}",
+            "clean"
+            if doc["clean"]
+            else f"VIOLATION {doc['violations'] or {'stray': doc['stray_violations']}}",
         )
         out.emit(doc, _residue_table(doc["residue"], t) if residue else t)
         if not doc["clean"]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ray_unlearn.platform.deletion_log import RequestState
+from ray_unlearn.platform.publish import store_report
 from ray_unlearn.platform.run import RunContext
 
 
@@ -19,8 +20,10 @@ def audit(
 ) -> dict[str, Any]:
     """Audit one owner, one sample, or (neither given) every deletion executed so far.
 
-    ``clean`` is True when no live version contains data whose deletion is done; data not
-    (yet) deleted is reported but is not a violation.
+    ``clean`` is True when no live version contains data whose deletion is done, and no
+    version outside the live chain (every version folder on disk is checked) still holds
+    weights or other data-derived files of such data; data not (yet) deleted is reported
+    but is not a violation.
     """
     if owner_id is not None and sample_id is not None:
         raise ValueError("audit takes an owner id or a sample id, not both")
@@ -48,6 +51,8 @@ def audit(
     containing = ctx.model_store.live_versions_containing(ids)
     violations = {v: [i for i in hits if i in deleted] for v, hits in containing.items()}
     violations = {v: hits for v, hits in violations.items() if hits}
+    # the store itself: versions an interrupted publish left outside the live chain
+    store = store_report(ctx, set(int(i) for i in ids) & deleted)
     return {
         "run_id": ctx.run_id,
         **subject,
@@ -57,7 +62,8 @@ def audit(
         ),
         "live_versions_containing": containing,
         "violations": violations,
-        "clean": not violations,
+        "clean": not violations and not store["stray_violations"],
+        **store,
         # live versions an approximate strategy (DPUS, HS's approximate path, OHS) produced,
         # or that descend from one: deletions behind them were honoured approximately (the
         # deleted ids are in no manifest, but the weights are not a retrain without them)

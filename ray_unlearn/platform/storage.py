@@ -231,6 +231,24 @@ class RunLayout:
     def registry(self) -> str:
         return f"{self.root}/models/registry.json"
 
+    @property
+    def models(self) -> str:
+        return f"{self.root}/models"
+
+    def registry_generation(self, generation: int) -> str:
+        """One immutable registry generation, created exclusively (the compare-and-swap)."""
+        return f"{self.root}/models/registry/{generation:010d}.json"
+
+    @property
+    def publish_intent(self) -> str:
+        """What an execution in progress is about to publish (see platform/publish.py)."""
+        return f"{self.root}/models/publish-intent.json"
+
+    @property
+    def lease(self) -> str:
+        """The single-executor lease's folder (platform/lease.py)."""
+        return f"{self.root}/lease"
+
     def version_dir(self, version_id: str) -> str:
         return f"{self.root}/models/{version_id}"
 

@@ -9,10 +9,26 @@ bumps it). Each version folder is self-describing::
     models/<version>/manifest.json         shard, slice, generation, parent, config digest,
                                            sample count and hash, metrics, state
 
-The registry (``models/registry.json``) names each shard's live chain of versions, one
-per slice. Every version in a live chain is *live*: the last one serves, the earlier ones
-are the restart points of future retrains, and all of them hold data. When a deletion
-retires a version its weights are purged and its manifest says by which request.
+The registry names each shard's live chain of versions, one per slice. Every version in a
+live chain is *live*: the last one serves, the earlier ones are the restart points of future
+retrains, and all of them hold data. When a deletion retires a version its weights are
+purged and its manifest says by which request.
+
+The registry is written by compare-and-swap, so two writers never lose an update::
+
+    models/registry/<g:010d>.json   generation g, immutable, created exclusively
+    models/registry.json            a copy of the newest generation (the read path)
+
+A writer names the generation it read; it creates generation g+1 exclusively and fails with
+:class:`RegistryConflict` if another writer got there first (the caller re-reads, then
+retries or aborts). Creating g+1 is the switch; the copy in ``registry.json`` follows. A
+reader reads ``registry.json`` and then checks that g+1 does not exist (one ``exists``),
+following newer generations if a writer crashed between the two writes: two small I/Os
+per read whatever the history. Old generation files are pruned, ``KEEP_GENERATIONS`` kept.
+Runs written before this scheme have only ``registry.json`` (generation 0) and are read as
+they are; their next write creates generation 1. On object stores the exclusive create is
+check-then-write (pyarrow has no conditional PUT): there the executor lease
+(platform/lease.py) is what keeps writers single.
 """
 
 from __future__ import annotations
@@ -28,9 +44,17 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ray_unlearn.platform.storage import RunLayout, Storage
+from ray_unlearn.platform.storage import AlreadyExists, RunLayout, Storage, StorageError
 
 LIVE, RETIRED = "live", "retired"
+KEEP_GENERATIONS = 8  # registry generation files kept behind the newest
+# Files of a version folder that are evidence, not data-derived: what it was, and which ids
+# it was trained on (the audit needs them). Everything else (weights, recorded updates) goes.
+EVIDENCE = frozenset({"manifest.json", "samples.parquet"})
+
+
+class RegistryConflict(RuntimeError):
+    """A registry write found that another writer published after the generation it read."""
 
 
 def version_id(shard: int, stage: int, generation: int) -> str:
@@ -88,6 +112,9 @@ class Registry:
     shards: dict[int, ShardEntry] = field(default_factory=dict)
     updated_at: float = 0.0
     shared: list[str] = field(default_factory=list)  # live versions of no shard (S3T backbone)
+    # the registry generation this was read at (0: none yet); None: built, not read, so a
+    # write of it replaces whatever is current (training writes the first registry)
+    generation: int | None = None
 
     def live_versions(self) -> list[str]:
         return [*self.shared, *(v for e in self.shards.values() for v in e.chain)]
@@ -97,6 +124,7 @@ class Registry:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "generation": self.generation or 0,
             "updated_at": self.updated_at,
             "shared": self.shared,
             "shards": {str(k): e.to_json() for k, e in sorted(self.shards.items())},
@@ -181,30 +209,103 @@ class ModelStore:
         return self._samples_cache[vid]
 
     def retire(self, vids: list[str], *, request_ids: list[str]) -> None:
-        """Mark versions retired and purge their weights (the manifest stays as evidence)."""
+        """Mark versions retired and purge their weights (the manifest stays as evidence).
+
+        Idempotent: a version already retired keeps its manifest (who retired it, when) and
+        loses any data file still there; one with no manifest (its save was cut short) is
+        removed whole. Recovery after a crash relies on this."""
         now = time.time()
         for vid in vids:
+            folder = self.layout.version_dir(vid)
+            names = self.storage.listdir(folder)
+            if "manifest.json" not in names:
+                self.storage.delete(folder)
+                continue
             m = self.manifest(vid)
-            m.update(
-                state=RETIRED, retired_at=now, retired_by=list(request_ids), weights_purged=True
-            )
+            fresh = m.get("state") != RETIRED
             # Everything derived from the data goes (weights, recorded training updates);
             # only the evidence stays: the manifest and the list of ids it was trained on.
-            keep = {"manifest.json", "samples.parquet"}
-            for name in self.storage.listdir(self.layout.version_dir(vid)):
-                if name not in keep:
-                    self.storage.delete(f"{self.layout.version_dir(vid)}/{name}")
-            self.storage.write_json(self.layout.version_manifest(vid), m)
+            for name in names:
+                if name not in EVIDENCE:
+                    self.storage.delete(f"{folder}/{name}")
+            if fresh:
+                m.update(
+                    state=RETIRED, retired_at=now, retired_by=list(request_ids), weights_purged=True
+                )
+                self.storage.write_json(self.layout.version_manifest(vid), m)
+
+    def version_folders(self) -> list[str]:
+        """Every version folder on disk (one listing of ``models/``; for audits and crash
+        recovery, not for the hot path)."""
+        skip = {"registry", "registry.json", "publish-intent.json"}
+        return [
+            n
+            for n in self.storage.listdir(self.layout.models)
+            if n not in skip and not n.startswith(".")
+        ]
+
+    def data_files(self, vid: str) -> list[str]:
+        """The files of a version folder that are derived from data (not evidence)."""
+        return [n for n in self.storage.listdir(self.layout.version_dir(vid)) if n not in EVIDENCE]
 
     # -- registry --------------------------------------------------------------------
     def registry(self) -> Registry:
-        if not self.storage.exists(self.layout.registry):
-            return Registry()
-        return Registry.from_json(self.storage.read_json(self.layout.registry))
+        """The newest registry: read ``registry.json``, then follow any newer generation
+        (normally one ``exists`` that says there is none)."""
+        gen, doc = self._current()
+        reg = Registry.from_json(doc) if doc is not None else Registry()
+        reg.generation = gen
+        return reg
 
-    def write_registry(self, reg: Registry) -> None:
-        reg.updated_at = time.time()
-        self.storage.write_json(self.layout.registry, reg.to_json())
+    def registry_generation(self) -> int:
+        return self._current()[0]
+
+    def _current(self) -> tuple[int, dict[str, Any] | None]:
+        try:
+            doc = self.storage.read_json(self.layout.registry)
+        except StorageError:
+            doc = None
+        gen = int(doc.get("generation", 0)) if doc is not None else 0
+        while self.storage.exists(self.layout.registry_generation(gen + 1)):
+            try:
+                doc = self.storage.read_json(self.layout.registry_generation(gen + 1))
+            except StorageError:  # pruned meanwhile by a writer far ahead: re-read the copy
+                return self._current()
+            gen += 1
+        return gen, doc
+
+    def write_registry(self, reg: Registry) -> int:
+        """Publish ``reg`` as the next registry generation; returns that generation.
+
+        A registry read from the store (``reg.generation`` set) is written only if it is
+        still the newest: otherwise :class:`RegistryConflict`. A registry built from scratch
+        (``generation`` None: training's first registry) replaces whatever is current."""
+        expected = reg.generation
+        while True:
+            base = self._current()[0] if expected is None else expected
+            nxt = base + 1
+            reg.updated_at = time.time()
+            reg.generation = nxt
+            try:
+                self.storage.write_json(
+                    self.layout.registry_generation(nxt), reg.to_json(), exclusive=True
+                )
+            except AlreadyExists:
+                reg.generation = expected
+                if expected is None:
+                    continue  # an unconditional write: place it after the newer one
+                raise RegistryConflict(
+                    f"run {self.layout.run_id}: the registry moved past generation {expected} "
+                    f"(generation {nxt} was published by another writer); re-read and retry"
+                ) from None
+            break
+        # The switch is done; the copy on the read path follows, unless a newer one exists.
+        if not self.storage.exists(self.layout.registry_generation(nxt + 1)):
+            self.storage.write_json(self.layout.registry, reg.to_json())
+        old = nxt - KEEP_GENERATIONS
+        if old > 0:
+            self.storage.delete(self.layout.registry_generation(old))
+        return nxt
 
     # -- audit -----------------------------------------------------------------------
     def live_versions_containing(

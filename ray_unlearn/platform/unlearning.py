@@ -14,13 +14,22 @@ Order of effects for a batch of requests, chosen so a crash at any point loses n
 
 After a crash, unfinished requests are executed again by the next ``execute_pending``; training is
 deterministic, so a repeated step writes the same versions.
+
+Executions are exclusive per run across processes: each one (and each S3T restore's publish)
+holds the run's lease (platform/lease.py) and starts by recovering what an interrupted one
+left (platform/publish.py: an intent record before the switch, so a kill -9 between steps 3
+and 5 is finished, and one before step 3 rolled back). Request transitions happen only
+under the lease; the registry is written by compare-and-swap.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,11 +38,22 @@ from ray_unlearn.platform import fence
 from ray_unlearn.platform.compaction import scrub_deleted
 from ray_unlearn.platform.deletion_log import RequestRecord, RequestState
 from ray_unlearn.platform.evaluate import ensemble_accuracy
+from ray_unlearn.platform.lease import Lease, LeaseError
 from ray_unlearn.platform.plan import TEST
+from ray_unlearn.platform.publish import (
+    EXECUTING,
+    clear_intent,
+    done_details,
+    has_intent,
+    pause_point,
+    publish,
+    recover,
+    write_intent,
+)
 from ray_unlearn.platform.run import RunContext
 from ray_unlearn.platform.s3t_runtime import is_s3t, restore_candidates, validation_records
 from ray_unlearn.platform.shard import ShardRuntime, make_runtime
-from ray_unlearn.platform.store import ShardEntry
+from ray_unlearn.platform.store import RegistryConflict
 
 
 class ShardBackend(Protocol):
@@ -146,6 +166,11 @@ class UnlearningEngine:
         self.last_restore: dict[str, Any] | None = None
         # (plan, request_ids) -> None: schedules an S3T restore instead of running it inline
         self.restore_hook: Callable[[dict[str, Any], list[str]], None] | None = None
+        # (holder's lease record) -> None: told once when an execution waits for another's
+        self.on_lease_wait: Callable[[dict[str, Any]], None] | None = None
+        self.lease_ttl_s: float | None = None  # None: platform/lease.py's default
+        self.last_recovery: dict[str, Any] | None = None
+        self._lease: Lease | None = None  # held during an execution of this engine
 
     # -- requests --------------------------------------------------------------------
     def submit(
@@ -160,11 +185,51 @@ class UnlearningEngine:
         )
 
     # -- execution -------------------------------------------------------------------
+    @contextmanager
+    def _exclusive(self, keep=()) -> Iterator[Lease]:
+        """Hold the run's lease, recover an interrupted execution, mark this one in flight;
+        re-entrant (an inline S3T restore publishes inside an execution)."""
+        if self._lease is not None:
+            yield self._lease
+            return
+        kwargs = {"ttl_s": self.lease_ttl_s} if self.lease_ttl_s else {}
+        lease = Lease(
+            self.ctx.storage,
+            self.ctx.layout.lease,
+            holder=f"{self.executor_name}@{socket.gethostname()}:{os.getpid()}",
+            **kwargs,
+        )
+        lease.acquire(on_wait=self.on_lease_wait)
+        self._lease = lease
+        try:
+            pause_point("lease-acquired")
+            self.last_recovery = recover(self.ctx, executor=self.executor_name, keep=keep)
+            write_intent(self.ctx, {"phase": EXECUTING, "lease_generation": lease.generation})
+            yield lease
+            pause_point("done")
+            clear_intent(self.ctx)  # kept after an error: the next execution recovers it
+        finally:
+            self._lease = None
+            lease.release()
+
     def execute_pending(
         self, strategy: str | None = None, request_ids: list[str] | None = None
     ) -> list[RequestRecord]:
         """Execute every unfinished request (or those of ``request_ids`` still unfinished) as
-        one batch; returns their final records."""
+        one batch, holding the run's lease (another process's execution is waited for);
+        returns their final records."""
+        if self._lease is None and not has_intent(self.ctx):
+            wanted = self.ctx.deletion_log.unfinished()
+            if request_ids is not None:
+                wanted = [r for r in wanted if r.request.request_id in set(request_ids)]
+            if not wanted:  # nothing to do and nothing to recover: no lease needed
+                return []
+        with self._exclusive():
+            return self._execute_pending(strategy, request_ids)
+
+    def _execute_pending(
+        self, strategy: str | None, request_ids: list[str] | None
+    ) -> list[RequestRecord]:
         log = self.ctx.deletion_log
         todo = log.unfinished()
         if request_ids is not None:
@@ -197,41 +262,34 @@ class UnlearningEngine:
                 if per_shard
                 else {}
             )
-            self._publish(results, ids)
+            # each request's done record, computed before the switch: the intent carries
+            # them so that recovery after a crash past the switch can finish the requests
+            details = {
+                r.request.request_id: done_details(
+                    self.ctx,
+                    r.request.sample_ids,
+                    results,
+                    executor=self.executor_name,
+                    strategy=strategy,
+                    batch=ids,
+                    seconds=time.perf_counter() - t0,
+                )
+                for r in todo
+            }
+            self._publish(results, ids, details)
             # "done" means scrubbed: reports, the run's data copy, Train's transport
             scrub_deleted(self.ctx, set(already).union(*(r.request.sample_ids for r in todo)))
         except Exception as e:
-            for rid in ids:
-                log.transition(rid, RequestState.FAILED, error=f"{type(e).__name__}: {e}")
+            # a lost lease (or another writer's registry) means another executor owns these
+            # requests now: their transitions are its to make
+            if not isinstance(e, (LeaseError, RegistryConflict)):
+                for rid in ids:
+                    log.transition(rid, RequestState.FAILED, error=f"{type(e).__name__}: {e}")
             raise
-        seconds = time.perf_counter() - t0
-        done = []
-        for r in todo:
-            shards = sorted(
-                set(self._group_by_shard(np.asarray(r.request.sample_ids, dtype=np.int64)))
-            )
-            touched = [results[k] for k in shards if k in results and results[k].get("changed")]
-            done.append(
-                log.transition(
-                    r.request.request_id,
-                    RequestState.DONE,
-                    executed_by=self.executor_name,
-                    strategy=strategy,
-                    batch=ids,
-                    shards=shards,
-                    first_slices={str(t["shard"]): t["first_stage"] for t in touched},
-                    versions_retired=[v for t in touched for v in t["retired"]],
-                    versions_created=[v for t in touched for v in t["created"]],
-                    emptied_shards=[t["shard"] for t in touched if t["empty"]],
-                    seconds=seconds,
-                    train_seconds=sum(t.get("train_seconds", 0.0) for t in results.values()),
-                    train_cpu_seconds=sum(
-                        t.get("train_cpu_seconds", 0.0) for t in results.values()
-                    ),
-                    exact=all(t.get("exact", True) for t in touched),
-                    strategy_info={str(t["shard"]): t["info"] for t in touched if t.get("info")},
-                )
-            )
+        done = [
+            log.transition(r.request.request_id, RequestState.DONE, **details[r.request.request_id])
+            for r in todo
+        ]
         # S3T: a deletion only deactivates stages, so it is done above in microseconds; a
         # shard left too shallow (or every truncated shard, when the ensemble's validation
         # accuracy fell too low) is retrained after the requests are already honoured: by
@@ -254,7 +312,9 @@ class UnlearningEngine:
     def publish_restored(
         self, plan: dict[str, Any], restored: list[dict[str, Any]], request_ids, seconds: float
     ) -> dict[str, Any]:
-        self._publish({r["shard"]: r for r in restored}, request_ids)
+        # trained outside the lease (in the background): its new versions are not orphans
+        with self._exclusive(keep=[v for r in restored for v in r.get("created", [])]):
+            self._publish({r["shard"]: r for r in restored}, request_ids)
         self.last_restore = {
             "shards": plan["shards"],
             "depth": plan["depth"],
@@ -299,25 +359,12 @@ class UnlearningEngine:
                 groups[k].append(sid)
         return {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
 
-    def _publish(self, results: dict[int, dict[str, Any]], request_ids: list[str]) -> None:
-        store = self.ctx.model_store
-        reg = store.registry()
-        retired = []
-        for k, res in results.items():
-            if res.get("changed"):
-                current = reg.shards.get(k)
-                if current is not None and res["generation"] < current.generation:
-                    # a newer state of this shard is already published (a deactivation that
-                    # ran while this result's restore trained): keep it, retire ours' victims
-                    retired += res["retired"]
-                    continue
-                reg.shards[k] = ShardEntry(
-                    res["chain"],
-                    res["generation"],
-                    res["empty"],
-                    res.get("serving"),
-                    res.get("meta", {}),
-                )
-                retired += res["retired"]
-        store.write_registry(reg)  # the switch: old versions serve nothing from here on
-        store.retire(retired, request_ids=request_ids)
+    def _publish(
+        self,
+        results: dict[int, dict[str, Any]],
+        request_ids: list[str],
+        details: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Intent, registry switch (compare-and-swap), retire: see platform/publish.py."""
+        with self._exclusive() as lease:
+            publish(self.ctx, results, request_ids, lease=lease, details=details)
