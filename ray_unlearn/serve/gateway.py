@@ -316,6 +316,11 @@ class Gateway:
             task = getattr(self, name, None)
             if task is not None:
                 task.cancel()
+        pool = getattr(self, "_fence_pool", None)
+        if pool is not None:
+            # a registration write already running in the fence thread would otherwise land
+            # after the delete below and leave this replica registered
+            pool.shutdown(wait=True, cancel_futures=True)
         try:
             self.journal.flush()
             fence.remove_registration(self.ctx.storage, self.ctx.layout, self.replica)
@@ -396,7 +401,7 @@ class Gateway:
             # first by a read that started before it was durable is confirmed by the next),
             # else as a heartbeat: an acknowledgement waits only for reads that matter.
             self._reads_since_change = 0 if changed else self._reads_since_change + 1
-            if (
+            if not self._closing and (
                 self._reads_since_change < 5
                 or self._registration.view_at is None
                 or time.time() - self._published_at > self.fence.lease_s / 4
