@@ -46,8 +46,7 @@ trains the S shadows as parallel Ray tasks.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,7 +58,7 @@ from sklearn.metrics import auc, roc_curve
 
 from ray_unlearn.platform.config import ModelConfig, TrainingConfig
 from ray_unlearn.platform.models import build_model
-from ray_unlearn.platform.training import ShardData, derive_seed, train_shard
+from ray_unlearn.platform.training import ShardData, derive_seed, torch_threads, train_shard
 
 # features of the candidate rows -> (n, classes) probabilities or logits
 PredictFn = Callable[[Any], np.ndarray]
@@ -364,14 +363,6 @@ def forget_metrics(
 # -- a train_fn for the platform's models --------------------------------------------------------
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def mask_seed(seed: int, member_mask: np.ndarray) -> int:
@@ -434,7 +425,7 @@ class MLPShadowTrainer:
         # torch_threads=0: train_shard leaves the thread count alone; this context sets it
         # and gives the caller's back
         cfg = self.training.model_copy(update={"torch_threads": 0})
-        with _torch_threads(self.threads):
+        with torch_threads(self.threads):
             state = train_shard(
                 data,
                 self.model,
@@ -448,7 +439,7 @@ class MLPShadowTrainer:
         net.eval()
 
         def predict(features: np.ndarray) -> np.ndarray:
-            with _torch_threads(self.threads), torch.no_grad():
+            with torch_threads(self.threads), torch.no_grad():
                 z = net(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
             return z.double().numpy()
 

@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,7 +47,7 @@ from torch import nn
 
 from ray_unlearn.platform.config import ModelConfig
 from ray_unlearn.platform.models import build_model
-from ray_unlearn.platform.training import derive_seed
+from ray_unlearn.platform.training import derive_seed, torch_threads
 
 if TYPE_CHECKING:
     from ray_unlearn.platform.run import RunContext
@@ -99,15 +98,6 @@ def as_memorization(name: str, score: np.ndarray) -> np.ndarray:
     return DIRECTION[name] * np.asarray(score, dtype=np.float64)
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads, then restore the caller's count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _new_model(spec: FitSpec, seed: int) -> nn.Module:
@@ -166,7 +156,7 @@ def subset_model_correctness(
     One torch thread (the estimator's parallelism is across models, not inside one)."""
     mask = subset_mask(len(y), keep, seed, index)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
-    with _torch_threads(1):
+    with torch_threads(1):
         m = fit(spec, xt[mask], yt[mask], derive_seed(seed, index))
         correct = (probabilities(m, xt).argmax(1) == yt).numpy()
     return mask, correct
