@@ -59,9 +59,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from ray_unlearn.platform.config import load_config
-    from ray_unlearn.platform.run import create_run
-    from ray_unlearn.platform.shard import train_all_shards
+    from ray_unlearn.platform.core.config import load_config
+    from ray_unlearn.platform.core.run import create_run
+    from ray_unlearn.platform.core.runtime import train_all_shards
     from ray_unlearn.serve.app import build_app
 
     root = Path(tempfile.mkdtemp(prefix="ru-fuzz-"))

@@ -22,7 +22,7 @@ shorter streams are the prefixes of the longer one):
                   when other jobs share the cores.
 * accuracy        test accuracy of the serving ensemble (the run's aggregation rule);
                   accuracy_retain / accuracy_forget on the live training rows / the deleted rows.
-* mia             forget-set member rate of a membership-inference attack (platform/mia.py:
+* mia             forget-set member rate of a membership-inference attack (platform/eval/mia.py:
                   threshold on true-class log-confidence of the ensemble's mean probability,
                   trained on retain vs. half the test split), the mean over 5 seeded splits
                   (mia_forget_sd: their spread; mia_forget_se: the binomial sampling error of
@@ -34,7 +34,7 @@ shorter streams are the prefixes of the longer one):
 * reference       ``retrained``: every shard trained from scratch without the forget set (what
                   exact unlearning must equal; SISA equals it bit for bit).
 * estimator       per request, the estimator's predicted seconds of exact partial retraining
-                  (platform/hybrid.py; HS/OHS: as the deletion log's ``strategy_info`` records
+                  (platform/methods/hybrid/workload.py; HS/OHS: as the deletion log's ``strategy_info`` records
                   it; SISA predicts nothing, so the benchmark's own untimed estimate) against the
                   measured retraining (training seconds of the stages, and the whole request's
                   wall time) for every exactly executed request (all of SISA's; HS/OHS's exact
@@ -74,26 +74,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ray_unlearn.platform.config import load_config
-from ray_unlearn.platform.contributions import (
+from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+from ray_unlearn.platform.core.models import build_model, count_parameters
+from ray_unlearn.platform.core.plan import TEST
+from ray_unlearn.platform.core.run import create_run, open_run
+from ray_unlearn.platform.core.training import predict_proba, train_shard
+from ray_unlearn.platform.eval.mia import (
+    eval_sets,
+    evaluate,
+    retrained_predictor,
+    serving_predictor,
+)
+from ray_unlearn.platform.methods.hybrid.contributions import (
     ContributionRecorder,
     contribution_bytes,
     purge_contributions,
     state_digest,
     versions_without_contributions,
 )
-from ray_unlearn.platform.hybrid import estimate_workload, measured_throughput
-from ray_unlearn.platform.mia import (
-    eval_sets,
-    evaluate,
-    retrained_predictor,
-    serving_predictor,
-)
-from ray_unlearn.platform.models import build_model, count_parameters
-from ray_unlearn.platform.plan import TEST
-from ray_unlearn.platform.run import create_run, open_run
-from ray_unlearn.platform.training import predict_proba, train_shard
-from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+from ray_unlearn.platform.methods.hybrid.workload import estimate_workload, measured_throughput
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,7 +241,7 @@ def encoding_error(ctx, owners: list[str]) -> list[dict]:
 
 def reconstruction_error(ctx, shard: int) -> dict[str, float]:
     """max |W_R-1 - (W_0_init + sum of all recorded updates)| per encoding, one shard."""
-    from ray_unlearn.platform.training import init_model
+    from ray_unlearn.platform.core.training import init_model
 
     cfg = ctx.config
     rec = ContributionRecorder("float32")
@@ -374,7 +374,7 @@ MIA_REPEATS = 5
 
 
 def assess(pred, retain, forget, test, seed: int) -> dict:
-    """The shared evaluation (platform/mia.py) with the threshold attack fitted on
+    """The shared evaluation (platform/eval/mia.py) with the threshold attack fitted on
     ``MIA_REPEATS`` seeded splits (means; ``mia_forget_sd`` their spread), and the logistic
     attack as a second opinion (``mia_logistic``): a calibration that only fooled one cut on
     the confidence would show up as a gap between them."""
@@ -536,7 +536,7 @@ def main(argv=None) -> int:
     ]
     cfg = load_config(REPO / "configs" / "purchase.yaml", overrides)
     ctx = create_run(cfg)
-    from ray_unlearn.platform.contributions import train_and_record
+    from ray_unlearn.platform.methods.hybrid.contributions import train_and_record
 
     trained = train_and_record(ctx)
     reg = ctx.model_store.registry()

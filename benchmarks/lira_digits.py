@@ -30,8 +30,8 @@ import numpy as np
 import ray
 from sklearn.datasets import load_digits
 
-from ray_unlearn.platform.config import ModelConfig, TrainingConfig
-from ray_unlearn.platform.lira import (
+from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
+from ray_unlearn.platform.eval.lira import (
     MLPShadowTrainer,
     attack_metrics,
     fit_lira,

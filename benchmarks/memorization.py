@@ -68,9 +68,10 @@ import ray
 import torch
 from scipy.stats import spearmanr
 
-from ray_unlearn.platform.approximate import ALGORITHMS, ApproxSettings, unlearn
-from ray_unlearn.platform.config import load_config
-from ray_unlearn.platform.memorization import (
+from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.methods.approximate import ALGORITHMS, ApproxSettings, unlearn
+from ray_unlearn.platform.methods.rum.memorization import (
     PROXIES,
     FitSpec,
     as_memorization,
@@ -79,8 +80,13 @@ from ray_unlearn.platform.memorization import (
     save_scores,
     train_with_proxies,
 )
-from ray_unlearn.platform.rum import RumPlan, quality, rum_unlearn, seed_interval, tow
-from ray_unlearn.platform.run import create_run
+from ray_unlearn.platform.methods.rum.unlearn import (
+    RumPlan,
+    quality,
+    rum_unlearn,
+    seed_interval,
+    tow,
+)
 from ray_unlearn.train.memorization import exact_memorization_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,9 +216,9 @@ def routing(p: dict, seed: int, workdir: str) -> dict:
     """The platform end to end: the same owners deleted from the same 4-shard digits run
     with each strategy; quality against SISA's result, which *is* the ensemble retrained from
     scratch without them (exact), so SISA's ToW is 1 by construction."""
-    from ray_unlearn.platform.mia import eval_sets, serving_predictor
-    from ray_unlearn.platform.shard import train_all_shards
-    from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+    from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+    from ray_unlearn.platform.core.runtime import train_all_shards
+    from ray_unlearn.platform.eval.mia import eval_sets, serving_predictor
     from ray_unlearn.train.demo import pick_owners
 
     out, evals = {}, {}
@@ -262,7 +268,7 @@ def routing(p: dict, seed: int, workdir: str) -> dict:
 def ensemble_quality(predict, sets, seed: int, repeats: int = 10) -> dict[str, float]:
     """Accuracy on (retain, forget, test) and the forget set's MIA member rate, averaged over
     ``repeats`` attack fits as in ``platform.rum.quality``."""
-    from ray_unlearn.platform.mia import membership_inference
+    from ray_unlearn.platform.eval.mia import membership_inference
 
     out, got = {}, {}
     for es in sets:

@@ -53,12 +53,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ray_unlearn.platform.config import load_config  # noqa: E402
-from ray_unlearn.platform.deletion_log import RequestState  # noqa: E402
-from ray_unlearn.platform.plan import TEST  # noqa: E402
-from ray_unlearn.platform.publish import PAUSE_POINTS, stray_versions  # noqa: E402
-from ray_unlearn.platform.run import create_run, open_run  # noqa: E402
-from ray_unlearn.platform.shard import train_all_shards  # noqa: E402
+from ray_unlearn.platform.core.config import load_config  # noqa: E402
+from ray_unlearn.platform.core.deletion_log import RequestState  # noqa: E402
+from ray_unlearn.platform.core.plan import TEST  # noqa: E402
+from ray_unlearn.platform.core.publish import PAUSE_POINTS, stray_versions  # noqa: E402
+from ray_unlearn.platform.core.run import create_run, open_run  # noqa: E402
+from ray_unlearn.platform.core.runtime import train_all_shards  # noqa: E402
 
 RUN = "bench"
 TINY = [

@@ -1,6 +1,6 @@
 """Residue after deletions: an S3T run, a hybrid run with share-scaled DPUS and a RUM run with
 memorization reports each take single-owner deletions, then every file under the run is
-scanned for the deleted samples' ids and rows (platform/residue.py).
+scanned for the deleted samples' ids and rows (platform/core/residue.py).
 
 Run:  .venv/bin/python benchmarks/residue.py --out results/residue [--quick]
 
@@ -38,14 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ray_unlearn.platform.config import load_config
-from ray_unlearn.platform.memorization import compute_run_scores
-from ray_unlearn.platform.plan import TEST
-from ray_unlearn.platform.residue import scan_residue
-from ray_unlearn.platform.run import create_run
-from ray_unlearn.platform.s3t_runtime import is_s3t, public_sample_ids
-from ray_unlearn.platform.shard import train_all_shards
-from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+from ray_unlearn.platform.core.plan import TEST
+from ray_unlearn.platform.core.residue import scan_residue
+from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.core.runtime import train_all_shards
+from ray_unlearn.platform.methods.rum.memorization import compute_run_scores
+from ray_unlearn.platform.methods.s3t.runtime import is_s3t, public_sample_ids
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 3

@@ -71,21 +71,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_unlearn.platform.config import load_config
-from ray_unlearn.platform.data import held_out_mask
-from ray_unlearn.platform.evaluate import ensemble_accuracy
-from ray_unlearn.platform.models import build_model
-from ray_unlearn.platform.run import create_run
-from ray_unlearn.platform.s3t import (
+from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.data import held_out_mask
+from ray_unlearn.platform.core.models import build_model
+from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.core.training import derive_seed, predict_proba, train_shard
+from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
+from ray_unlearn.platform.methods import ShardState, get_strategy
+from ray_unlearn.platform.methods.s3t.orders import simulate_deletion_rate
+from ray_unlearn.platform.methods.s3t.training import (
     S3TConfig,
     full_finetune,
     model_for,
     shard_data_from,
     train_s3t,
 )
-from ray_unlearn.platform.s3t_orders import simulate_deletion_rate
-from ray_unlearn.platform.strategies import ShardState, get_strategy
-from ray_unlearn.platform.training import derive_seed, predict_proba, train_shard
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 Run:  .venv/bin/python benchmarks/serving.py --out results/serving [--quick]
 
 One embedded Ray (2 CPUs) and one Serve HTTP proxy on 127.0.0.1 (a free port). For every
-policy in ``ray_unlearn.platform.policies.PRESETS`` (the ERASER presets, then the baselines
+policy in ``ray_unlearn.platform.serving.policies.PRESETS`` (the ERASER presets, then the baselines
 "inference-oblivion" and "naive-postponed"; ``--quick``: one safe lazy/wait preset and
 naive-postponed, 12 s of stream, no warm-up deletions, about a minute per policy) and every
 deletion rate:
@@ -46,7 +46,7 @@ deletion rate:
    time (``max_batch=1``), in arrival order; the ERASER presets execute all that is due.
 5. drain: poll GET /v1/stats until ``pending_deletions`` is 0 (at most D + 60 s), read the
    counters, ``serve.delete`` the app (the replicas flush their answer journals), replay the
-   journals against the manifests and the log (``ray_unlearn.platform.receipts.replay``, as
+   journals against the manifests and the log (``ray_unlearn.platform.serving.receipts.replay``, as
    ``ray-unlearn verify-exposure`` does) and kill the run's executor actor.
 
 Output: ``<out>/serving.json``, ``<out>/serving.png`` (latency CDF per policy, log x, one
@@ -126,13 +126,13 @@ import torch
 from ray import serve
 
 import ray_unlearn
-from ray_unlearn.platform.config import load_config
-from ray_unlearn.platform.journal import read_journal
-from ray_unlearn.platform.policies import PRESETS, get_policy
-from ray_unlearn.platform.receipts import replay
-from ray_unlearn.platform.run import create_run, open_run
-from ray_unlearn.platform.shard import train_all_shards
-from ray_unlearn.platform.unlearning import submit_request
+from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.engine import submit_request
+from ray_unlearn.platform.core.run import create_run, open_run
+from ray_unlearn.platform.core.runtime import train_all_shards
+from ray_unlearn.platform.serving.journal import read_journal
+from ray_unlearn.platform.serving.policies import PRESETS, get_policy
+from ray_unlearn.platform.serving.receipts import replay
 from ray_unlearn.serve.app import build_app
 from ray_unlearn.serve.gateway import TOKEN_ENV
 from ray_unlearn.train.demo import pick_owners

@@ -61,12 +61,12 @@ import torch
 import torch.nn.functional as F
 
 import ray_unlearn
-from ray_unlearn.platform.config import load_config
-from ray_unlearn.platform.evaluate import model_accuracy, serving_accuracy, train_single_model
-from ray_unlearn.platform.models import build_model
-from ray_unlearn.platform.run import create_run
-from ray_unlearn.platform.shard import train_all_shards
-from ray_unlearn.platform.training import stage_steps
+from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.models import build_model
+from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.core.runtime import train_all_shards
+from ray_unlearn.platform.core.training import stage_steps
+from ray_unlearn.platform.eval.accuracy import model_accuracy, serving_accuracy, train_single_model
 from ray_unlearn.train.demo import pick_owners
 from ray_unlearn.train.executor import executor_actor_name, get_executor
 from ray_unlearn.train.session import NAMESPACE, connect

@@ -96,11 +96,11 @@ def _fail(out: _Output, message: str, code: int = 2) -> None:
 @contextlib.contextmanager
 def _errors(out: _Output):
     """Turn the platform's input errors into a message and exit code 2 (no traceback)."""
-    from ray_unlearn.platform.config import ConfigError
-    from ray_unlearn.platform.data import DataError
-    from ray_unlearn.platform.deletion_log import DeletionLogError
-    from ray_unlearn.platform.plan import PlanError
-    from ray_unlearn.platform.run import RunError
+    from ray_unlearn.platform.core.config import ConfigError
+    from ray_unlearn.platform.core.data import DataError
+    from ray_unlearn.platform.core.deletion_log import DeletionLogError
+    from ray_unlearn.platform.core.plan import PlanError
+    from ray_unlearn.platform.core.run import RunError
 
     try:
         yield
@@ -121,9 +121,9 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train a sharded, sliced ensemble as a Ray Train job and record every slice version."""
-    from ray_unlearn.platform.config import load_config
-    from ray_unlearn.platform.evaluate import serving_accuracy
-    from ray_unlearn.platform.run import create_run
+    from ray_unlearn.platform.core.config import load_config
+    from ray_unlearn.platform.core.run import create_run
+    from ray_unlearn.platform.eval.accuracy import serving_accuracy
     from ray_unlearn.train.job import run_training
     from ray_unlearn.train.session import connect
 
@@ -202,8 +202,8 @@ def forget(
     as_json: JsonOpt = False,
 ) -> None:
     """Log a deletion request durably, then execute it (retrain only the affected shards)."""
-    from ray_unlearn.platform.run import open_run
-    from ray_unlearn.platform.unlearning import submit_request
+    from ray_unlearn.platform.core.engine import submit_request
+    from ray_unlearn.platform.core.run import open_run
 
     with _Output(as_json) as out, _errors(out):
         if (owner is None) == (samples is None):
@@ -238,8 +238,8 @@ def forget(
                 get_executor(ctx.storage.uri, run, detached=True).execute_pending(strategy)
             else:
                 # No cluster: this one process does the work, loading only the affected shards.
-                from ray_unlearn.platform.lease import describe
-                from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+                from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+                from ray_unlearn.platform.core.lease import describe
 
                 engine = UnlearningEngine(ctx, LocalShards(ctx), executor_name="cli")
                 engine.on_lease_wait = lambda rec: err.print(
@@ -267,8 +267,8 @@ def _check_strategy(ctx, name: str | None, owner: str | None = None, ids=None) -
     its contributions (an exact SISA retrain does not record them)."""
     if name is None:
         return
-    from ray_unlearn.platform.config import RunConfig
-    from ray_unlearn.platform.s3t_runtime import is_s3t
+    from ray_unlearn.platform.core.config import RunConfig
+    from ray_unlearn.platform.methods.s3t.runtime import is_s3t
 
     s3t_run = is_s3t(ctx)
     if s3t_run != (name == "s3t"):
@@ -291,7 +291,7 @@ def _check_strategy(ctx, name: str | None, owner: str | None = None, ids=None) -
 
 
 def _check_contributions(ctx, owner: str | None, ids) -> None:
-    from ray_unlearn.platform.contributions import versions_without_contributions
+    from ray_unlearn.platform.methods.hybrid.contributions import versions_without_contributions
 
     try:
         wanted = ctx.plan.samples_of_owner(owner) if owner is not None else ids
@@ -346,7 +346,7 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a deletion request's state, timestamps and retired versions."""
-    from ray_unlearn.platform.run import open_run
+    from ray_unlearn.platform.core.run import open_run
 
     with _Output(as_json) as out, _errors(out):
         rec = open_run(storage, run).deletion_log.get(request_id)
@@ -383,8 +383,8 @@ def audit(
     as_json: JsonOpt = False,
 ) -> None:
     """List the live model versions containing the data, and the request history."""
-    from ray_unlearn.platform.audit import audit as run_audit
-    from ray_unlearn.platform.run import open_run
+    from ray_unlearn.platform.core.audit import audit as run_audit
+    from ray_unlearn.platform.core.run import open_run
 
     with _Output(as_json) as out, _errors(out):
         ctx = open_run(storage, run)
@@ -417,8 +417,8 @@ def audit(
 
 
 def _residue_doc(ctx) -> dict[str, Any]:
-    from ray_unlearn.platform.compaction import outside_sources, waiting_for_compaction
-    from ray_unlearn.platform.residue import scan_residue
+    from ray_unlearn.platform.core.compaction import outside_sources, waiting_for_compaction
+    from ray_unlearn.platform.core.residue import scan_residue
 
     doc = scan_residue(ctx)
     doc["waiting_for_compaction"] = waiting_for_compaction(ctx)
@@ -454,8 +454,8 @@ def compact(
     as_json: JsonOpt = False,
 ) -> None:
     """Rewrite the run's own copy of its data without the rows of done deletions."""
-    from ray_unlearn.platform.compaction import compact as compact_run
-    from ray_unlearn.platform.run import open_run
+    from ray_unlearn.platform.core.compaction import compact as compact_run
+    from ray_unlearn.platform.core.run import open_run
 
     with _Output(as_json) as out, _errors(out):
         ctx = open_run(storage, run)
@@ -489,9 +489,9 @@ def verify_exposure(
     """Replay answers against the manifests and the deletion log; exit 1 on a violation:
     an answer committed after a deletion was acknowledged that came from a version holding
     its samples, or whose certificate does not hold for the shards it excluded."""
-    from ray_unlearn.platform.journal import read_journal, read_journal_file
-    from ray_unlearn.platform.receipts import replay
-    from ray_unlearn.platform.run import open_run
+    from ray_unlearn.platform.core.run import open_run
+    from ray_unlearn.platform.serving.journal import read_journal, read_journal_file
+    from ray_unlearn.platform.serving.receipts import replay
 
     with _Output(as_json) as out, _errors(out):
         ctx = open_run(storage, run)
@@ -526,7 +526,7 @@ def verify_exposure(
 @app.command()
 def strategies(as_json: JsonOpt = False) -> None:
     """List the registered unlearning strategies."""
-    from ray_unlearn.platform.strategies import available_strategies, get_strategy
+    from ray_unlearn.platform.methods import available_strategies, get_strategy
 
     with _Output(as_json) as out:
         rows = [
@@ -570,8 +570,8 @@ def serve(
     as_json: JsonOpt = False,
 ) -> None:
     """Serve predictions with ERASER gating, plus /v1/forget, /v1/audit, /metrics (HTTP)."""
-    from ray_unlearn.platform.policies import get_policy
-    from ray_unlearn.platform.run import open_run
+    from ray_unlearn.platform.core.run import open_run
+    from ray_unlearn.platform.serving.policies import get_policy
 
     with _Output(as_json) as out, _errors(out):
         ctx = open_run(storage, run)
@@ -636,7 +636,7 @@ def serve(
 @app.command()
 def policies(as_json: JsonOpt = False) -> None:
     """List the serving policy presets."""
-    from ray_unlearn.platform.policies import PRESETS
+    from ray_unlearn.platform.serving.policies import PRESETS
 
     with _Output(as_json) as out:
         rows = [p.model_dump() for p in PRESETS.values()]

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from ray_unlearn.platform.config import load_config
-from ray_unlearn.platform.run import create_run
-from ray_unlearn.platform.shard import train_all_shards
+from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.core.runtime import train_all_shards
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 

@@ -100,8 +100,8 @@ def test_train_forget_status_audit(tmp_path):
     assert code == 2 and "unknown owner id 'nobody'" in bad["error"]
     assert not os.path.exists(os.path.join(store, "runs", run, "deletions", "requests"))
 
-    from ray_unlearn.platform.plan import TEST
-    from ray_unlearn.platform.run import open_run
+    from ray_unlearn.platform.core.plan import TEST
+    from ray_unlearn.platform.core.run import open_run
 
     ctx = open_run(store, run)
     owner = str(ctx.plan.owner_ids[ctx.plan.shards != TEST][0])
@@ -154,10 +154,10 @@ def test_train_forget_status_audit(tmp_path):
 def test_compact_and_audit_residue(tmp_path):
     """No Ray: a run trained in-process with manual compaction; the CLI shows the rows that
     wait, compacts them, passes the residue scan, and fails it on a planted id."""
-    from ray_unlearn.platform.plan import TEST
-    from ray_unlearn.platform.run import create_run
-    from ray_unlearn.platform.shard import train_all_shards
-    from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+    from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+    from ray_unlearn.platform.core.plan import TEST
+    from ray_unlearn.platform.core.run import create_run
+    from ray_unlearn.platform.core.runtime import train_all_shards
     from tests.conftest import tiny_config
 
     ctx = create_run(tiny_config(tmp_path, "data.compact=manual", "training.epochs=1"))

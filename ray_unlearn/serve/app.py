@@ -10,8 +10,8 @@ from typing import Any
 
 from ray.serve import Application
 
-from ray_unlearn.platform.policies import get_policy
-from ray_unlearn.platform.run import open_run
+from ray_unlearn.platform.core.run import open_run
+from ray_unlearn.platform.serving.policies import get_policy
 from ray_unlearn.serve.gateway import Gateway, GatewaySettings
 from ray_unlearn.serve.shard import ShardModel
 

@@ -1,21 +1,21 @@
 """The ERASER gateway: a FastAPI ingress that answers predictions while deletions are pending,
 accepts deletion requests, and reports their status, audits and metrics.
 
-Per request it asks :func:`ray_unlearn.platform.serving.answer_batch` how each instance is
+Per request it asks :func:`ray_unlearn.platform.serving.view.answer_batch` how each instance is
 answered under the policy, queries only the shard deployments that answer needs, and for
 "wait" instances blocks until the affected deletions are executed. A scheduler task executes
 deletions when the policy's timing says so, on the run's detached unlearning executor, then
 points the shard deployments at the new versions (each call names its version, so the swap
 needs no restart and drops nothing).
 
-Fencing (``ray_unlearn.platform.fence``): each replica registers under the run, reads the
+Fencing (``ray_unlearn.platform.serving.fence``): each replica registers under the run, reads the
 deletion log (then the registry) every ``fence_interval_s`` and publishes when that read
 started; it answers only within ``lease_s`` of its latest read, and an answer computed from
 a view that changed before the answer is committed is computed again. So a deletion
 acknowledged anywhere (this gateway, another replica, the CLI, a job, the Python API) gates
 every replica, whatever their number. Every committed answer carries a receipt (versions
 that voted, excluded shards, certificate inputs) and goes to the replica's answer journal
-(``ray_unlearn.platform.journal``), which ``ray-unlearn verify-exposure`` replays.
+(``ray_unlearn.platform.serving.journal``), which ``ray-unlearn verify-exposure`` replays.
 """
 
 import asyncio
@@ -36,27 +36,27 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from ray_unlearn.platform import fence
-from ray_unlearn.platform.audit import audit
-from ray_unlearn.platform.deletion_log import REQUEST_ID_RE, DeletionLogError, RequestState
-from ray_unlearn.platform.journal import (
+from ray_unlearn.platform.core.audit import audit
+from ray_unlearn.platform.core.deletion_log import REQUEST_ID_RE, DeletionLogError, RequestState
+from ray_unlearn.platform.core.engine import submit_request
+from ray_unlearn.platform.core.plan import PlanError
+from ray_unlearn.platform.core.run import open_run
+from ray_unlearn.platform.core.storage import StorageError
+from ray_unlearn.platform.serving import fence
+from ray_unlearn.platform.serving.journal import (
     DEFAULT_MAX_SEGMENTS,
     DEFAULT_SEGMENT_ANSWERS,
     AnswerJournal,
 )
-from ray_unlearn.platform.plan import PlanError
-from ray_unlearn.platform.policies import due_for_execution, get_policy, next_wakeup
-from ray_unlearn.platform.receipts import make_receipt
-from ray_unlearn.platform.run import open_run
-from ray_unlearn.platform.serving import (
+from ray_unlearn.platform.serving.policies import due_for_execution, get_policy, next_wakeup
+from ray_unlearn.platform.serving.receipts import make_receipt
+from ray_unlearn.platform.serving.view import (
     DeletionTracker,
     ServingView,
     answer_batch,
     read_view,
     shards_to_query,
 )
-from ray_unlearn.platform.storage import StorageError
-from ray_unlearn.platform.unlearning import submit_request
 
 log = logging.getLogger("ray_unlearn.gateway")
 TOKEN_ENV = "RAY_UNLEARN_API_TOKEN"

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from ray_unlearn.platform.run import open_run
-from ray_unlearn.platform.s3t_runtime import load_serving_model
-from ray_unlearn.platform.training import configure_threads, predict_proba
+from ray_unlearn.platform.core.run import open_run
+from ray_unlearn.platform.core.training import configure_threads, predict_proba
+from ray_unlearn.platform.methods.s3t.runtime import load_serving_model
 
 _CACHED_VERSIONS = 3
 

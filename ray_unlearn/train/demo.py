@@ -15,11 +15,11 @@ import numpy as np
 from rich.console import Group
 from rich.table import Table
 
-from ray_unlearn.platform.audit import audit
-from ray_unlearn.platform.config import load_config
-from ray_unlearn.platform.evaluate import model_accuracy, train_single_model
-from ray_unlearn.platform.plan import TEST
-from ray_unlearn.platform.run import create_run
+from ray_unlearn.platform.core.audit import audit
+from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.plan import TEST
+from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.eval.accuracy import model_accuracy, train_single_model
 from ray_unlearn.train.executor import Executor
 from ray_unlearn.train.job import run_training
 from ray_unlearn.train.session import connect

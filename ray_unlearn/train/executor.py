@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import ray
 
-from ray_unlearn.platform.audit import audit
-from ray_unlearn.platform.evaluate import ensemble_accuracy
-from ray_unlearn.platform.run import open_run
-from ray_unlearn.platform.shard import make_runtime
-from ray_unlearn.platform.unlearning import UnlearningEngine
+from ray_unlearn.platform.core.audit import audit
+from ray_unlearn.platform.core.engine import UnlearningEngine
+from ray_unlearn.platform.core.run import open_run
+from ray_unlearn.platform.core.runtime import make_runtime
+from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
 from ray_unlearn.train.session import NAMESPACE
 
 

@@ -26,14 +26,14 @@ from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from ray_unlearn.platform.contributions import (
+from ray_unlearn.platform.core.run import RunContext, open_run
+from ray_unlearn.platform.core.training import configure_threads, init_model, snapshot, train_stage
+from ray_unlearn.platform.core.versions import Registry, ShardEntry, version_id
+from ray_unlearn.platform.methods.hybrid.contributions import (
     ContributionRecorder,
     save_contributions,
     state_digest,
 )
-from ray_unlearn.platform.run import RunContext, open_run
-from ray_unlearn.platform.store import Registry, ShardEntry, version_id
-from ray_unlearn.platform.training import configure_threads, init_model, snapshot, train_stage
 
 
 def worker_layout(num_shards: int, num_workers: int, cluster_cpus: float, cpus_per_worker: float):
@@ -119,7 +119,7 @@ def run_training(ctx: RunContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     s3t = ctx.config.unlearning.strategy == "s3t"
     if s3t:  # the backbone first, once, on the driver: the workers only add adapters
-        from ray_unlearn.platform.s3t_runtime import pretrain_and_save_backbone
+        from ray_unlearn.platform.methods.s3t.runtime import pretrain_and_save_backbone
 
         pretrain_and_save_backbone(ctx, created_by="train-job")
     trainer = TorchTrainer(
@@ -195,14 +195,14 @@ def _s3t_loop(config: dict[str, Any]) -> None:
     stage round: in round i it trains stage i of each (shard, order) and reports one
     checkpoint holding ``shard_<k>/o<b>/`` with those stage-i snapshots. (Orders are
     independent, so interleaving them gives the results of training each in one go.)"""
-    from ray_unlearn.platform.s3t import iter_order_stages
-    from ray_unlearn.platform.s3t_orders import select_orders
-    from ray_unlearn.platform.s3t_runtime import (
+    from ray_unlearn.platform.methods.s3t.orders import select_orders
+    from ray_unlearn.platform.methods.s3t.runtime import (
         BACKBONE,
         load_backbone,
         public_sample_ids,
         s3t_config,
     )
+    from ray_unlearn.platform.methods.s3t.training import iter_order_stages
 
     ctx = open_run(config["storage"], config["run_id"])
     tctx = ray.train.get_context()
@@ -253,8 +253,8 @@ def _s3t_loop(config: dict[str, Any]) -> None:
 
 
 def _ingest_s3t(ctx: RunContext, result) -> float:
-    from ray_unlearn.platform.s3t import S3TStage
-    from ray_unlearn.platform.s3t_runtime import BACKBONE, fresh_entry, save_stage
+    from ray_unlearn.platform.methods.s3t.runtime import BACKBONE, fresh_entry, save_stage
+    from ray_unlearn.platform.methods.s3t.training import S3TStage
 
     t0 = time.perf_counter()
     versions: dict[int, dict[str, str]] = {k: {} for k in range(ctx.config.partition.shards)}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import ray
 
-from ray_unlearn.platform.memorization import (
+from ray_unlearn.platform.methods.rum.memorization import (
     SCORES,
     FitSpec,
     check_estimator,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from ray_unlearn.platform.lira import (
+from ray_unlearn.platform.eval.lira import (
     Outputs,
     TrainFn,
     check_masks,

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ray_unlearn.platform.run import RunContext
+from ray_unlearn.platform.core.run import RunContext
 
 
 class ExposureCheck:

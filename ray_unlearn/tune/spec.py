@@ -52,7 +52,7 @@ from pydantic import (
     model_validator,
 )
 
-from ray_unlearn.platform.config import (
+from ray_unlearn.platform.core.config import (
     ConfigError,
     RunConfig,
     S3TConfig,
@@ -60,7 +60,7 @@ from ray_unlearn.platform.config import (
     load_config,
     parse_overrides,
 )
-from ray_unlearn.platform.policies import get_policy
+from ray_unlearn.platform.serving.policies import get_policy
 
 POLICY_KEY = "serving.policy"
 HIGHER_IS_BETTER = {"val_accuracy", "served_accuracy"}
@@ -402,8 +402,8 @@ def _s3t_problems(cfg: RunConfig) -> list[str]:
     the model's layers, so a stand-in input shape and class count are enough."""
     if cfg.unlearning.strategy != "s3t":
         return []
-    from ray_unlearn.platform.models import build_model
-    from ray_unlearn.platform.s3t import S3TConfigError, check_s3t
+    from ray_unlearn.platform.core.models import build_model
+    from ray_unlearn.platform.methods.s3t.training import S3TConfigError, check_s3t
 
     try:
         model = build_model(cfg.model, (8,) if cfg.model.kind == "mlp" else (1, 8, 8), 2)

@@ -39,8 +39,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from ray_unlearn.platform.config import config_to_yaml
-from ray_unlearn.platform.storage import Storage
+from ray_unlearn.platform.core.config import config_to_yaml
+from ray_unlearn.platform.core.storage import Storage
 from ray_unlearn.tune.pareto import choose, pareto_front, plot_front, plot_trial
 from ray_unlearn.tune.spec import (
     POLICY_KEY,

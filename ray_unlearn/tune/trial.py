@@ -27,9 +27,9 @@ Measured per trial (and reported after every deletion step, so early stopping ca
   refused (503) under a ``reject`` policy;
 * ``latency_mean_ms`` / ``latency_p99_ms`` / ``certified_fraction``: serving under the
   trial's ERASER policy, measured in process with the gateway's own decision code
-  (:func:`ray_unlearn.platform.serving.answer_batch`). At each deletion step the request is
+  (:func:`ray_unlearn.platform.serving.view.answer_batch`). At each deletion step the request is
   logged as pending and ``stream.predictions`` validation instances are answered, querying
-  only the shards the gateway would (:func:`ray_unlearn.platform.serving.shards_to_query`):
+  only the shards the gateway would (:func:`ray_unlearn.platform.serving.view.shards_to_query`):
   an instance's latency is its share of those shards' prediction time, plus, when the policy
   makes it wait, the measured time of the execution it waits for. Executions happen when
   the policy's timing says so (immediate: every step; batched: every ``batch_count``
@@ -48,17 +48,17 @@ from typing import Any
 
 import numpy as np
 
-from ray_unlearn.platform.aggregate import aggregate
-from ray_unlearn.platform.data import held_out_mask
-from ray_unlearn.platform.evaluate import ensemble_accuracy
-from ray_unlearn.platform.plan import TEST
-from ray_unlearn.platform.policies import get_policy
-from ray_unlearn.platform.run import RunContext, create_run
-from ray_unlearn.platform.s3t_runtime import VALIDATION_STREAM
-from ray_unlearn.platform.serving import DeletionTracker, answer_batch, shards_to_query
-from ray_unlearn.platform.shard import train_all_shards
-from ray_unlearn.platform.training import derive_seed
-from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+from ray_unlearn.platform.core.aggregate import aggregate
+from ray_unlearn.platform.core.data import held_out_mask
+from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+from ray_unlearn.platform.core.plan import TEST
+from ray_unlearn.platform.core.run import RunContext, create_run
+from ray_unlearn.platform.core.runtime import train_all_shards
+from ray_unlearn.platform.core.training import derive_seed
+from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
+from ray_unlearn.platform.methods.s3t.runtime import VALIDATION_STREAM
+from ray_unlearn.platform.serving.policies import get_policy
+from ray_unlearn.platform.serving.view import DeletionTracker, answer_batch, shards_to_query
 from ray_unlearn.tune.exposure import ExposureCheck
 from ray_unlearn.tune.spec import SweepSpec, trial_config, trial_policy
 
@@ -67,7 +67,7 @@ Reporter = Callable[[dict[str, Any]], None]
 
 def stream_owners(ctx: RunContext, n: int, seed: int) -> list[str]:
     """``n`` owners with training data that may be deleted (S3T public rows excluded)."""
-    from ray_unlearn.platform.s3t_runtime import is_s3t, public_sample_ids
+    from ray_unlearn.platform.methods.s3t.runtime import is_s3t, public_sample_ids
 
     owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
     if is_s3t(ctx):

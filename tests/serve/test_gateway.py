@@ -16,13 +16,13 @@ import httpx
 import numpy as np
 import pytest
 
-from ray_unlearn.platform import fence
-from ray_unlearn.platform.evaluate import serving_accuracy
-from ray_unlearn.platform.journal import read_journal
-from ray_unlearn.platform.plan import TEST
-from ray_unlearn.platform.run import create_run
-from ray_unlearn.platform.shard import train_all_shards
-from ray_unlearn.platform.unlearning import submit_request
+from ray_unlearn.platform.core.engine import submit_request
+from ray_unlearn.platform.core.plan import TEST
+from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.core.runtime import train_all_shards
+from ray_unlearn.platform.eval.accuracy import serving_accuracy
+from ray_unlearn.platform.serving import fence
+from ray_unlearn.platform.serving.journal import read_journal
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -102,8 +102,8 @@ def test_predictions_match_the_ensemble(gateway):
 
 
 def _offline_accuracy(ctx, n):
-    from ray_unlearn.platform.evaluate import ensemble_accuracy
-    from ray_unlearn.platform.unlearning import LocalShards
+    from ray_unlearn.platform.core.engine import LocalShards
+    from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
 
     test = ctx.split_records("test")
     probs = LocalShards(ctx).predict_proba(test.features[:n])

@@ -164,7 +164,7 @@ def test_ray_job_submit_trains_a_run(ray_head, tmp_path):
     # the job printed its one JSON document; the run is in the store, trained by Ray Train
     doc = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith('{"run_id"')))
     assert doc["run_id"] == "submitted" and doc["workers"] == 2 and doc["attached_cluster"]
-    from ray_unlearn.platform.run import open_run
+    from ray_unlearn.platform.core.run import open_run
 
     ctx = open_run(str(store), "submitted")
     assert sorted(ctx.model_store.registry().shards) == [0, 1]

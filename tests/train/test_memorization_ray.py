@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_unlearn.platform.memorization import exact_memorization
-from tests.platform.test_memorization import SPEC, blobs
+from ray_unlearn.platform.methods.rum.memorization import exact_memorization
+from tests.platform.methods.rum.test_memorization import SPEC, blobs
 
 pytestmark = pytest.mark.ray
 
@@ -23,8 +23,8 @@ def test_ray_estimator_equals_the_serial_one(ray_session):
 
 
 def test_run_scores_with_the_estimator_on_ray(ray_session, tmp_path):
-    from ray_unlearn.platform.memorization import load_scores
-    from ray_unlearn.platform.run import create_run
+    from ray_unlearn.platform.core.run import create_run
+    from ray_unlearn.platform.methods.rum.memorization import load_scores
     from ray_unlearn.train.memorization import compute_run_scores_ray
     from tests.conftest import tiny_config
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from ray_unlearn.platform.audit import audit
-from ray_unlearn.platform.plan import TEST
-from ray_unlearn.platform.run import create_run
-from ray_unlearn.platform.training import train_shard
+from ray_unlearn.platform.core.audit import audit
+from ray_unlearn.platform.core.plan import TEST
+from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.core.training import train_shard
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -69,7 +69,7 @@ def test_train_job_weights_equal_in_process_training(trained):
 
 
 def test_train_job_records_contributions_dpus_can_use(trained):
-    from ray_unlearn.platform.contributions import load_contributions
+    from ray_unlearn.platform.methods.hybrid.contributions import load_contributions
 
     ctx, _ = trained
     chain = ctx.model_store.registry().shards[1].chain
@@ -121,7 +121,7 @@ def test_detached_executor_is_named_and_reused(trained):
 def test_s3t_train_job_and_instant_forget(ray_session, tmp_path):
     """S3T as a Ray Train job of the same shape (worker k owns shard k, a checkpoint per
     stage round), then a deletion through the shard actors: deactivation, no training."""
-    from ray_unlearn.platform.s3t_runtime import BACKBONE, public_sample_ids
+    from ray_unlearn.platform.methods.s3t.runtime import BACKBONE, public_sample_ids
     from ray_unlearn.train.executor import Executor
     from ray_unlearn.train.job import run_training
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_unlearn.platform.config import ModelConfig, TrainingConfig
-from ray_unlearn.platform.lira import MLPShadowTrainer, membership_matrix, shadow_confidences
+from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
+from ray_unlearn.platform.eval.lira import MLPShadowTrainer, membership_matrix, shadow_confidences
 
 pytestmark = pytest.mark.ray
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from ray_unlearn.platform.config import ConfigError, load_config
+from ray_unlearn.platform.core.config import ConfigError, load_config
 from ray_unlearn.tune.pareto import choose, dominates, pareto_front
 from ray_unlearn.tune.spec import grid_points, load_sweep, num_trials, trial_config
 
@@ -77,7 +77,7 @@ def test_missing_or_broken_file(tmp_path):
 
 
 def test_trial_config_round_trips_through_train_yaml(tmp_path):
-    from ray_unlearn.platform.config import config_to_yaml
+    from ray_unlearn.platform.core.config import config_to_yaml
 
     spec = load_sweep(os.path.join(CONFIGS, "sweep.yaml"))
     cfg = trial_config(spec, {"partition.shards": 8, "serving.policy": "lazy-exclude"})

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ray_unlearn.platform.config import load_config
+from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.tune.spec import load_sweep, num_trials
 from ray_unlearn.tune.sweep import run_sweep
 
@@ -133,7 +133,7 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
     from typer.testing import CliRunner
 
     from ray_unlearn.cli import app
-    from ray_unlearn.platform.run import open_run
+    from ray_unlearn.platform.core.run import open_run
 
     chosen = load_config(doc["chosen"]["config"], [])
     assert chosen.partition.shards == doc["chosen"]["params"]["partition.shards"]

@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from ray_unlearn.platform.config import load_config
-from ray_unlearn.platform.plan import TEST
-from ray_unlearn.platform.run import create_run
-from ray_unlearn.platform.s3t_runtime import validation_records
-from ray_unlearn.platform.shard import train_all_shards
-from ray_unlearn.platform.unlearning import LocalShards, UnlearningEngine
+from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+from ray_unlearn.platform.core.plan import TEST
+from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.core.runtime import train_all_shards
+from ray_unlearn.platform.methods.s3t.runtime import validation_records
 from ray_unlearn.tune.exposure import ExposureCheck
 from ray_unlearn.tune.spec import load_sweep
 from ray_unlearn.tune.trial import held_out_split, run_trial

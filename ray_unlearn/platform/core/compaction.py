@@ -1,0 +1,187 @@
+"""The run's own copy of its data, compacted without deleted rows, and the scrub that runs
+when a deletion is done.
+
+A run reads its records from ``runs/<id>/data/records.parquet`` (:attr:`RunLayout.data_copy`),
+written when the run is created, never from the configured source again: the source may be
+the shared bundled cache (``datasets/``, used by other runs) or a user's Parquet, neither of
+which the platform may rewrite. Deleting a person's rows then means rewriting the run's copy
+without them (:func:`compact`): immediately when the deletion is done (``data.compact:
+on_delete``, the default) or on ``ray-unlearn compact`` (``manual``). The source outside the
+run is reported, never touched (:func:`outside_sources`): erasing it is the user's job.
+
+:func:`scrub_deleted` is what "done" adds after the old versions are retired: per-sample
+reports lose the deleted rows, the copy is compacted (on_delete), Ray Train's transport
+checkpoints go. Readers of ``ctx.records`` keep working after a compaction because the plan's
+deleted ids are filtered out by :meth:`RunContext.present` (they are gone from the copy).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ray_unlearn.platform.core.data import (
+    BUNDLED,
+    SAMPLE_ID,
+    DataConfig,
+    Records,
+    bundled_name,
+    records_from_table,
+)
+from ray_unlearn.platform.core.storage import RunLayout, Storage, dataset_path
+
+if TYPE_CHECKING:
+    from ray_unlearn.platform.core.run import RunContext
+
+
+def write_copy(storage: Storage, layout: RunLayout, records: Records) -> None:
+    storage.write_table(layout.data_copy, records.to_table())
+
+
+def has_copy(storage: Storage, layout: RunLayout) -> bool:
+    return storage.exists(layout.data_copy)
+
+
+def load_copy(storage: Storage, layout: RunLayout, cfg: DataConfig) -> Records:
+    table = storage.read_table(layout.data_copy)
+    return records_from_table(table, f"{storage.uri.rstrip('/')}/{layout.data_copy}", cfg)
+
+
+def _ids(ids: Iterable[int]) -> np.ndarray:
+    return np.fromiter((int(i) for i in ids), dtype=np.int64)
+
+
+def compact(ctx: RunContext, removed_ids: Iterable[int] = ()) -> dict[str, Any]:
+    """Rewrite the run's copy without every row whose deletion is done and ``removed_ids``
+    (the requests being finished now). Atomic (readers see the old or the new file);
+    idempotent. Returns ``{"rows_removed", "rows"}``."""
+    storage, layout = ctx.storage, ctx.layout
+    if not has_copy(storage, layout):
+        return {"rows_removed": 0, "rows": None, "copy": None}
+    gone = _ids(ctx.deletion_log.deleted_sample_ids() | {int(i) for i in removed_ids})
+    table = storage.read_table(layout.data_copy)
+    hit = pc.is_in(table[SAMPLE_ID], value_set=pa.array(gone, type=pa.int64()))
+    n_hit = int(pc.sum(hit).as_py() or 0)
+    if n_hit:
+        kept = table.filter(pc.invert(hit))
+        storage.write_table(layout.data_copy, kept.replace_schema_metadata(table.schema.metadata))
+        prior = (
+            storage.read_json(layout.data_compaction)
+            if storage.exists(layout.data_compaction)
+            else {}
+        )
+        storage.write_json(
+            layout.data_compaction,
+            {
+                "compacted_at": time.time(),
+                "rows": kept.num_rows,
+                "rows_removed_total": int(prior.get("rows_removed_total", 0)) + n_hit,
+            },
+        )
+        ctx.__dict__.pop("records", None)  # the next read sees the compacted copy
+    return {"rows_removed": n_hit, "rows": table.num_rows - n_hit, "copy": layout.data_copy}
+
+
+def waiting_for_compaction(ctx: RunContext) -> dict[str, Any]:
+    """What the run's copy still holds of done deletions (``manual`` mode, or a crash)."""
+    layout = ctx.layout
+    mode = ctx.config.data.compact
+    if not has_copy(ctx.storage, layout):
+        return {"copy": None, "mode": mode, "rows_waiting": 0}
+    ids = ctx.storage.read_table(layout.data_copy).column(SAMPLE_ID).to_numpy()
+    deleted = _ids(ctx.deletion_log.deleted_sample_ids())
+    return {
+        "copy": layout.data_copy,
+        "mode": mode,
+        "rows_waiting": int(np.isin(ids, deleted).sum()),
+    }
+
+
+def outside_sources(ctx: RunContext) -> list[dict[str, Any]]:
+    """The data source outside the run (the shared bundled cache, a user's Parquet) with the
+    number of done-deleted rows it still holds: the user's to erase; never touched here."""
+    cfg = ctx.config.data
+    deleted = _ids(ctx.deletion_log.deleted_sample_ids())
+    if cfg.source in BUNDLED:
+        rel = dataset_path(bundled_name(cfg))
+        if not ctx.storage.exists(rel):
+            return []
+        path = ctx.storage.full(rel)
+        ids = pq.read_table(ctx.storage.fs.open_input_file(path), columns=[SAMPLE_ID])
+    else:
+        src = cfg.source
+        fs, path = (
+            pafs.FileSystem.from_uri(src)
+            if "://" in src
+            else (pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(src)))
+        )
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return [{"source": src, "path": path, "deleted_rows": 0, "exists": False}]
+        ids = pq.read_table(path, filesystem=fs, columns=[SAMPLE_ID])
+    held = np.isin(ids.column(SAMPLE_ID).to_numpy(), deleted)
+    return [
+        {
+            "source": cfg.source,
+            "path": path,
+            "exists": True,
+            "deleted_rows": int(held.sum()),
+            "note": "outside the run: the user's to erase (ray-unlearn never rewrites it)",
+        }
+    ]
+
+
+# -- per-sample reports ---------------------------------------------------------------------
+
+
+def _files_under(storage: Storage, rel: str) -> list[str]:
+    sel = pafs.FileSelector(storage.full(rel), allow_not_found=True, recursive=True)
+    base = storage.full("")
+    return sorted(
+        i.path[len(base) :].lstrip("/")
+        for i in storage.fs.get_file_info(sel)
+        if i.type == pafs.FileType.File
+    )
+
+
+def scrub_reports(ctx: RunContext, sample_ids: Iterable[int]) -> int:
+    """Rewrite every Parquet report under ``runs/<id>/reports`` that has a ``sample_id``
+    column (memorization scores, any per-sample table) without the rows of ``sample_ids``.
+    Returns the rows removed."""
+    gone = pa.array(_ids(sample_ids), type=pa.int64())
+    removed = 0
+    for rel in _files_under(ctx.storage, ctx.layout.reports):
+        if not rel.endswith(".parquet"):
+            continue
+        table = ctx.storage.read_table(rel)
+        if SAMPLE_ID not in table.column_names:
+            continue
+        hit = pc.is_in(table[SAMPLE_ID], value_set=gone)
+        n = int(pc.sum(hit).as_py() or 0)
+        if n:
+            kept = table.filter(pc.invert(hit))
+            ctx.storage.write_table(rel, kept.replace_schema_metadata(table.schema.metadata))
+            removed += n
+    return removed
+
+
+def scrub_deleted(ctx: RunContext, sample_ids: Iterable[int]) -> dict[str, Any]:
+    """Everything a deletion of ``sample_ids`` must leave behind once its models are
+    retired, before the requests are marked done: per-sample reports, the run's data copy
+    (``data.compact: on_delete``) and Ray Train's transport checkpoints (weights of rows that
+    may now be deleted; the platform's store is the record)."""
+    ids = _ids(sample_ids)
+    out: dict[str, Any] = {"report_rows_removed": scrub_reports(ctx, ids)}
+    if ctx.config.data.compact == "on_delete":
+        out["data_rows_removed"] = compact(ctx, ids)["rows_removed"]
+    if ctx.storage.exists(ctx.layout.train_transport):
+        ctx.storage.delete(ctx.layout.train_transport)
+        out["train_transport_deleted"] = True
+    return out

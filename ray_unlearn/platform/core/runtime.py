@@ -1,0 +1,225 @@
+"""One shard's live state in memory: its rows, its snapshot chain, and what it does with them.
+
+A long-lived worker (a Ray actor in ``ray_unlearn.train.executor``, or the process itself
+in tests) holds a :class:`ShardRuntime`, so a deletion pays for retraining and nothing else:
+no data loading, no checkpoint download, no cluster start.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray_unlearn.platform.core.models import build_model
+from ray_unlearn.platform.core.run import RunContext
+from ray_unlearn.platform.core.training import (
+    StageResult,
+    configure_threads,
+    predict_proba,
+    train_shard,
+)
+from ray_unlearn.platform.methods import ShardState, get_strategy
+
+
+def persist_stages(
+    ctx: RunContext,
+    shard: int,
+    generation: int,
+    stages: list[StageResult],
+    parent: str | None,
+    created_by: str,
+) -> list[str]:
+    """Save stage snapshots as versions of ``generation``, each the parent of the next."""
+    vids = []
+    for st in stages:
+        m = ctx.model_store.save_version(
+            shard=shard,
+            stage=st.stage,
+            generation=generation,
+            state=st.state,
+            sample_ids=st.sample_ids,
+            parent=parent,
+            metrics=st.metrics,
+            config_digest=ctx.config_digest,
+            created_by=created_by,
+        )
+        parent = m["version"]
+        vids.append(parent)
+    return vids
+
+
+def make_runtime(ctx: RunContext, shard: int, deleted=()):
+    """The shard runtime for the run's kind: SISA slices, or S3T orders and stages."""
+    from ray_unlearn.platform.methods.s3t import runtime as s3t_runtime
+
+    if s3t_runtime.is_s3t(ctx):
+        return s3t_runtime.S3TShardRuntime(ctx, shard, deleted)
+    return ShardRuntime(ctx, shard, deleted)
+
+
+def train_all_shards(ctx: RunContext) -> dict[str, Any]:
+    """Train every shard in this process and record generation 0 (no Ray: tests, small runs).
+
+    The Ray Train job (``ray_unlearn.train.job``) does the same work spread over workers.
+    """
+    from ray_unlearn.platform.methods.s3t import runtime as s3t_runtime
+
+    if s3t_runtime.is_s3t(ctx):
+        return s3t_runtime.train_s3t_run(ctx)
+    if ctx.config.hybrid.record:  # dpus/hs/ohs subtract the updates recorded here
+        from ray_unlearn.platform.methods.hybrid.contributions import train_and_record
+
+        return train_and_record(ctx).to_json()
+    from ray_unlearn.platform.core.versions import Registry, ShardEntry
+
+    cfg = ctx.config
+    t0 = time.perf_counter()
+    chains = {}
+    for k in range(cfg.partition.shards):
+        stages = train_shard(
+            ctx.shard_data(k),
+            cfg.model,
+            cfg.training,
+            seed=cfg.seed,
+            feature_shape=ctx.feature_shape,
+            num_classes=ctx.num_classes,
+        )
+        chains[k] = persist_stages(ctx, k, 0, stages, None, created_by="train-local")
+    ctx.model_store.write_registry(Registry({k: ShardEntry(c, 0) for k, c in chains.items()}))
+    return {"run_id": ctx.run_id, "train_seconds": time.perf_counter() - t0}
+
+
+class ShardRuntime:
+    def __init__(self, ctx: RunContext, shard: int, deleted=()):
+        configure_threads(ctx.config.training.torch_threads)
+        self.ctx, self.shard = ctx, shard
+        self._load(deleted)
+
+    def _load(self, deleted) -> None:
+        entry = self.ctx.model_store.registry().shards.get(self.shard)
+        if entry is None:
+            raise ValueError(
+                f"shard {self.shard} is not in run {self.ctx.run_id}'s registry: was the run trained?"
+            )
+        self.data = self.ctx.shard_data(self.shard, exclude=deleted)
+        self.chain, self.generation, self.empty = list(entry.chain), entry.generation, entry.empty
+        self.snapshots = [self.ctx.model_store.load_state(v) for v in self.chain]
+        self._model: torch.nn.Module | None = None
+
+    def refresh(self) -> bool:
+        """Reload if another process published a newer generation of this shard (say, a
+        one-off ``forget`` run without the cluster): retraining from a stale chain or stale
+        rows would bring deleted samples back. Returns True when it reloaded."""
+        entry = self.ctx.model_store.registry().shards.get(self.shard)
+        if entry is not None and entry.generation == self.generation:
+            return False
+        self._load(self.ctx.deletion_log.deleted_sample_ids())
+        return True
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "rows": len(self.data),
+            "chain": self.chain,
+            "generation": self.generation,
+            "empty": self.empty,
+        }
+
+    def unlearn(self, deleted, strategy: str, request_ids: list[str]) -> dict[str, Any]:
+        """Remove ``deleted`` ids (those live in this shard) and publish new versions."""
+        t0 = time.perf_counter()
+        self.refresh()
+        deleted = np.asarray(deleted, dtype=np.int64)
+        deleted = deleted[np.isin(deleted, self.data.sample_ids)]
+        out: dict[str, Any] = {
+            "shard": self.shard,
+            "strategy": strategy,
+            "deleted": int(len(deleted)),
+        }
+        if not len(deleted):
+            return {**out, "changed": False, "seconds": time.perf_counter() - t0}
+        remaining = self.data.without(deleted)
+        if len(remaining) == 0:
+            # Nothing left to learn from: the shard leaves the ensemble until new data comes.
+            retired, self.chain, self.snapshots, self.empty = self.chain, [], [], True
+            self.data, self._model = remaining, None
+            self.generation += 1
+            return {
+                **out,
+                "changed": True,
+                "empty": True,
+                "first_stage": 0,
+                "chain": [],
+                "generation": self.generation,
+                "created": [],
+                "retired": retired,
+                "train_seconds": 0.0,
+                "exact": True,
+                "seconds": time.perf_counter() - t0,
+            }
+        update = get_strategy(strategy)(self.ctx).unlearn_shard(
+            ShardState(self.data, self.snapshots, self.chain), deleted
+        )
+        train_s = sum(s.metrics.get("seconds", 0.0) for s in update.stages)
+        train_cpu = sum(s.metrics.get("cpu_seconds", 0.0) for s in update.stages)
+        gen = self.generation + 1
+        first = update.first_stage
+        parent = self.chain[first - 1] if first > 0 else None
+        created = persist_stages(
+            self.ctx, self.shard, gen, update.stages, parent, created_by=",".join(request_ids)
+        )
+        retired = self.chain[first:]
+        self.chain = self.chain[:first] + created
+        self.snapshots = self.snapshots[:first] + [s.state for s in update.stages]
+        self.data, self.generation, self._model = remaining, gen, None
+        return {
+            **out,
+            "changed": True,
+            "empty": False,
+            "first_stage": first,
+            "chain": self.chain,
+            "generation": gen,
+            "created": created,
+            "retired": retired,
+            "train_seconds": train_s,
+            "train_cpu_seconds": train_cpu,
+            "exact": update.exact,
+            "info": update.info,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def retrain_from_scratch(self) -> dict[str, Any]:
+        """Train every stage anew on the live rows and discard the result: the cost a
+        deletion would have without slicing and sharding (benchmarks and the demo time it)."""
+        t0 = time.perf_counter()
+        cfg = self.ctx.config
+        stages = train_shard(
+            self.data,
+            cfg.model,
+            cfg.training,
+            seed=cfg.seed,
+            feature_shape=self.ctx.feature_shape,
+            num_classes=self.ctx.num_classes,
+        )
+        return {
+            "shard": self.shard,
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": sum(s.metrics["seconds"] for s in stages),
+        }
+
+    def serving_state(self) -> dict[str, torch.Tensor] | None:
+        return None if self.empty else self.snapshots[-1]
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray | None:
+        """(n, D) -> (n, classes), or None for an empty shard."""
+        if self.empty:
+            return None
+        if self._model is None:
+            self._model = build_model(
+                self.ctx.config.model, self.ctx.feature_shape, self.ctx.num_classes
+            )
+            self._model.load_state_dict(self.snapshots[-1])
+        return predict_proba(self._model, torch.tensor(features, dtype=torch.float32)).numpy()

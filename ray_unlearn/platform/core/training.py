@@ -1,0 +1,252 @@
+"""SISA shard training: one model per shard, trained slice by slice with a snapshot per slice.
+
+Stage r (0-based) continues from stage r-1's weights and trains on the shard's slices
+0..r. Its length is set by the *new* slice alone: ``ceil(epochs * |slice r| / batch)``
+optimizer steps drawn from the cumulative data, so a shard's total work equals ``epochs``
+passes over its data, and a stage's work never depends on later slices.
+
+Exactness. Every random choice is a function of (seed, shard, slice, pass): the initial
+weights of (seed, shard), the batch order of (seed, shard, slice, pass) over the stage's
+rows sorted by sample id. The optimizer is created afresh at each stage, so a snapshot
+(weights only) is the complete state. Hence retraining from the snapshot before the first
+affected slice, on the data without the deleted samples, performs exactly the operations
+that training from scratch on that data performs: the results are equal bit for bit on
+CPU for a fixed thread count (tests/platform/test_training.py checks it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
+from ray_unlearn.platform.core.models import build_model
+
+StateDict = dict[str, torch.Tensor]
+# on_step(stage, step, batch_sample_ids, params_before, params_after): called after each
+# optimizer step with the parameters (by name) before and after it; ``params_after`` are the
+# live tensors (copy what you keep). Used to record contributions (platform/methods/hybrid/contributions.py).
+StepHook = Callable[[int, int, np.ndarray, StateDict, StateDict], None]
+
+_INIT, _BATCHES = 0x494E4954, 0x42415443  # "INIT", "BATC": separate seed streams
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (numpy SeedSequence hashing)."""
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+        >> 1
+    )
+
+
+def configure_threads(n: int) -> None:
+    """Set torch's intra-op threads (results are reproducible for a fixed count)."""
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class ShardData:
+    """The rows of one shard, sorted by sample id (the canonical order batches are drawn from)."""
+
+    shard: int
+    sample_ids: np.ndarray  # int64 (n,)
+    slices: np.ndarray  # int32 (n,)
+    features: torch.Tensor  # float32 (n, D)
+    labels: torch.Tensor  # int64 (n,)
+    num_slices: int
+
+    def __post_init__(self) -> None:
+        order = np.argsort(self.sample_ids, kind="stable")
+        if not np.array_equal(order, np.arange(len(order))):
+            self.sample_ids, self.slices = self.sample_ids[order], self.slices[order]
+            idx = torch.from_numpy(order)
+            self.features, self.labels = self.features[idx], self.labels[idx]
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def without(self, sample_ids: Iterable[int]) -> ShardData:
+        drop = np.isin(self.sample_ids, np.fromiter(sample_ids, dtype=np.int64))
+        if not drop.any():
+            return self
+        keep = torch.from_numpy(np.flatnonzero(~drop))
+        return ShardData(
+            self.shard,
+            self.sample_ids[~drop],
+            self.slices[~drop],
+            self.features[keep],
+            self.labels[keep],
+            self.num_slices,
+        )
+
+    def slice_sizes(self) -> np.ndarray:
+        return np.bincount(self.slices, minlength=self.num_slices)
+
+    def ids_through(self, stage: int) -> np.ndarray:
+        """Sample ids a stage-``stage`` snapshot was trained on (slices 0..stage)."""
+        return self.sample_ids[self.slices <= stage]
+
+
+@dataclass
+class StageResult:
+    stage: int
+    state: StateDict
+    sample_ids: np.ndarray  # ids of slices 0..stage
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def init_model(
+    model_cfg: ModelConfig, feature_shape, num_classes: int, seed: int, shard: int
+) -> nn.Module:
+    """The shard's initial model: weights depend only on (seed, shard)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, shard, _INIT))
+        return build_model(model_cfg, feature_shape, num_classes)
+
+
+def _optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay
+    )
+
+
+def stage_steps(new_samples: int, epochs: int, batch_size: int) -> int:
+    """Optimizer steps of a stage whose new slice holds ``new_samples`` samples."""
+    return math.ceil(epochs * new_samples / batch_size)
+
+
+def stage_batches(
+    n_rows: int, steps: int, batch_size: int, seed: int, shard: int, stage: int
+) -> Iterable[np.ndarray]:
+    """Row indices of each batch: seeded passes over ``n_rows`` rows, cut at ``steps`` batches."""
+    done, pass_no = 0, 0
+    while done < steps:
+        rng = np.random.default_rng(derive_seed(seed, shard, stage, pass_no, _BATCHES))
+        perm = rng.permutation(n_rows)
+        for i in range(0, n_rows, batch_size):
+            if done == steps:
+                return
+            yield perm[i : i + batch_size]
+            done += 1
+        pass_no += 1
+
+
+def train_stage(
+    model: nn.Module,
+    data: ShardData,
+    stage: int,
+    cfg: TrainingConfig,
+    seed: int,
+    *,
+    on_step: StepHook | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place for one stage; returns metrics (loss, steps, samples, seconds).
+
+    ``on_step`` (optional) sees every optimizer step; it reads, never changes, the training
+    (the copies it costs are made only when it is given).
+    """
+    rows = np.flatnonzero(data.slices <= stage)
+    new = int((data.slices == stage).sum())
+    steps = stage_steps(new, cfg.epochs, cfg.batch_size) if len(rows) else 0
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    model.train()
+    opt = _optimizer(model, cfg)
+    x_all, y_all = data.features[torch.from_numpy(rows)], data.labels[torch.from_numpy(rows)]
+    loss_sum, seen = 0.0, 0
+    params = dict(model.named_parameters()) if on_step is not None else None
+    batches = stage_batches(len(rows), steps, cfg.batch_size, seed, data.shard, stage)
+    for step, batch in enumerate(batches):
+        idx = torch.from_numpy(batch)
+        xb, yb = x_all[idx], y_all[idx]
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        if params is None:
+            opt.step()
+        else:
+            before = {k: p.detach().clone() for k, p in params.items()}
+            opt.step()
+            after = {k: p.detach() for k, p in params.items()}
+            on_step(stage, step, data.sample_ids[rows[batch]], before, after)
+        loss_sum += float(loss.detach()) * len(batch)
+        seen += len(batch)
+    return {
+        "loss": loss_sum / seen if seen else float("nan"),
+        "steps": float(steps),
+        "samples_seen": float(seen),
+        "train_rows": float(len(rows)),
+        "seconds": time.perf_counter() - t0,
+        # CPU seconds of this process (all torch threads): the work done, unlike wall time
+        # not inflated when serving or other jobs compete for the cores.
+        "cpu_seconds": time.process_time() - cpu0,
+    }
+
+
+def snapshot(model: nn.Module) -> StateDict:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def train_shard(
+    data: ShardData,
+    model_cfg: ModelConfig,
+    train_cfg: TrainingConfig,
+    *,
+    seed: int,
+    feature_shape,
+    num_classes: int,
+    start_stage: int = 0,
+    start_state: StateDict | None = None,
+    on_stage: Callable[[StageResult], None] | None = None,
+    on_step: StepHook | None = None,
+) -> list[StageResult]:
+    """Train stages ``start_stage..R-1``; stage ``start_stage`` continues from ``start_state``
+    (the snapshot of stage ``start_stage - 1``), or from the seeded initial weights when it is 0.
+    ``on_step``: see :func:`train_stage`.
+    """
+    configure_threads(train_cfg.torch_threads)  # part of what makes training reproducible
+    if start_stage > 0 and start_state is None:
+        raise ValueError(f"start_stage={start_stage} needs the snapshot of stage {start_stage - 1}")
+    model = init_model(model_cfg, feature_shape, num_classes, seed, data.shard)
+    if start_stage > 0:
+        model.load_state_dict(start_state)
+    results = []
+    for stage in range(start_stage, data.num_slices):
+        metrics = train_stage(model, data, stage, train_cfg, seed, on_step=on_step)
+        res = StageResult(stage, snapshot(model), data.ids_through(stage), metrics)
+        if on_stage is not None:
+            on_stage(res)
+        results.append(res)
+    return results
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """(n, D) -> (n, classes) softmax probabilities."""
+    model.eval()
+    out = [
+        F.softmax(model(features[i : i + batch_size]), dim=1)
+        for i in range(0, len(features), batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0)

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy, membership inference (threshold attacks, LiRA / U-LiRA)."""

@@ -1,0 +1,94 @@
+"""The unlearning-strategy interface and its registry.
+
+A strategy turns "these samples of this shard are deleted" into new snapshots for the
+shard's stages. Adding one is one module with a class and one ``@register_strategy`` line
+(see docs/strategies.md); runs pick theirs with ``unlearning.strategy``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ray_unlearn.platform.core.run import RunContext
+    from ray_unlearn.platform.core.training import ShardData, StageResult, StateDict
+
+
+@dataclass
+class ShardState:
+    """What a strategy sees of one shard: its rows before the deletion and its live chain."""
+
+    data: ShardData  # rows still live before this deletion (earlier deletions removed)
+    snapshots: list[StateDict]  # live snapshot per stage, stage 0..R-1
+    chain: list[str]  # version id per stage
+    # per stage: is the live snapshot exact (no approximate strategy in its lineage)?
+    # None: read from the versions' manifests (snapshots held outside the store pass it)
+    exact: list[bool] | None = None
+
+
+@dataclass
+class ShardUpdate:
+    """A strategy's answer: stages ``first_stage..R-1`` replaced by ``stages``."""
+
+    first_stage: int
+    stages: list[StageResult]
+    exact: bool  # True when the new snapshots equal training without the deleted samples
+    # what the strategy decided and why (hybrid: prediction, decision, actual seconds); goes
+    # into the deletion log's details of every request of the batch
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class UnlearningStrategy(ABC):
+    name: ClassVar[str]
+    exact: ClassVar[bool]
+    description: ClassVar[str] = ""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    @abstractmethod
+    def unlearn_shard(self, state: ShardState, deleted: np.ndarray) -> ShardUpdate:
+        """Remove ``deleted`` (sample ids, all in this shard, at least one) from the shard."""
+
+
+def affected_rows(state: ShardState, deleted: np.ndarray) -> tuple[np.ndarray, int]:
+    """(mask of the shard's rows being deleted, first affected slice); raises if none is."""
+    data = state.data
+    in_shard = np.isin(data.sample_ids, np.asarray(deleted, dtype=np.int64))
+    if not in_shard.any():
+        raise ValueError(
+            f"none of the deleted samples {np.asarray(deleted)[:5].tolist()} is live in "
+            f"shard {data.shard}"
+        )
+    return in_shard, int(data.slices[in_shard].min())
+
+
+_REGISTRY: dict[str, type[UnlearningStrategy]] = {}
+
+
+def register_strategy(cls: type[UnlearningStrategy]) -> type[UnlearningStrategy]:
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a class attribute `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(
+            f"strategy name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}"
+        )
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_strategies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str) -> type[UnlearningStrategy]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown unlearning strategy {name!r}; available: {', '.join(available_strategies())}"
+        ) from None

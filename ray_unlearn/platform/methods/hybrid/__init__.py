@@ -1,0 +1,1 @@
+"""Hybrid exact/approximate unlearning: workload estimate, DPUS, HS and OHS."""

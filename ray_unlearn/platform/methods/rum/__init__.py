@@ -1,0 +1,1 @@
+"""RUM: memorization-aware approximate unlearning and its memorization scores."""

@@ -1,0 +1,1 @@
+"""S3T: sliced LoRA training on a frozen backbone; deletion deactivates stages."""

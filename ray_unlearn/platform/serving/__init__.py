@@ -1,0 +1,2 @@
+"""Serving decisions without Ray: certificates, ERASER policies, the serving view of pending
+deletions, the gateway fence, the answer journal and its replay."""
