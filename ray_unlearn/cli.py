@@ -1,4 +1,4 @@
-"""The ``ray-unlearn`` command: train, forget, status, audit, compact, strategies, serve, sweep, demo.
+"""The ray-unlearn command: train, forget, status, audit, compact, strategies, serve, sweep, demo.
 
 Every command takes ``--json`` and then prints exactly one JSON document on stdout
 (everything else, Ray's output included, goes to stderr), so scripts can drive it.
@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +40,26 @@ AddressOpt = Annotated[
     ),
 ]
 RunOpt = Annotated[str, typer.Option("--run", help="Run id (printed by `ray-unlearn train`).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ray_unlearn import __version__
+
+        typer.echo(f"ray-unlearn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Machine unlearning on Ray: train, forget, serve, audit, sweep."""
 
 
 class _Output:
@@ -117,46 +136,45 @@ def train(
     run_id: Annotated[
         str | None, typer.Option(help="Run id to use (default: <name>-<time>-<rand>).")
     ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            envvar="RAY_UNLEARN_STORAGE",
+            help="Storage root (local dir or pyarrow.fs URI); default: the config's storage.",
+        ),
+    ] = None,
     address: AddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a sharded, sliced ensemble as a Ray Train job and record every slice version."""
-    from ray_unlearn.platform.core.config import load_config
-    from ray_unlearn.platform.core.run import create_run
-    from ray_unlearn.platform.eval.accuracy import serving_accuracy
-    from ray_unlearn.train.job import run_training
-    from ray_unlearn.train.session import connect
+    from ray_unlearn import api
+
+    def created(ctx) -> None:
+        cfg = ctx.config
+        err.print(
+            f"run [bold]{ctx.run_id}[/bold] under {ctx.storage.uri}: {cfg.partition.shards} "
+            f"shards x {cfg.partition.slices} slices, {ctx.info['num_train']} training samples"
+        )
 
     with _Output(as_json) as out, _errors(out):
-        cfg = load_config(config, overrides or [])
-        t0 = time.perf_counter()
-        ctx = create_run(cfg, run_id)
-        err.print(
-            f"run [bold]{ctx.run_id}[/bold] under {ctx.storage.uri}: {cfg.partition.shards} shards x "
-            f"{cfg.partition.slices} slices, {ctx.info['num_train']} training samples"
+        doc = api.train(
+            config,
+            overrides or [],
+            run_id=run_id,
+            storage=storage,
+            address=address,
+            on_created=created,
         )
-        attached = connect(address)
-        summary = run_training(ctx)
-        acc = serving_accuracy(ctx)
-        doc = {
-            **summary,
-            "storage": ctx.storage.uri,
-            "attached_cluster": attached,
-            "test_accuracy": acc,
-            "shards": cfg.partition.shards,
-            "slices": cfg.partition.slices,
-            "num_train": ctx.info["num_train"],
-            "seconds": time.perf_counter() - t0,
-        }
-        table = Table(title=f"trained {ctx.run_id}")
+        table = Table(title=f"trained {doc['run_id']}")
         for col in ("run id", "shards x slices", "workers", "train s", "test accuracy"):
             table.add_column(col)
         table.add_row(
-            ctx.run_id,
-            f"{cfg.partition.shards} x {cfg.partition.slices}",
-            str(summary["workers"]),
-            f"{summary['train_seconds']:.1f}",
-            f"{acc:.4f}",
+            doc["run_id"],
+            f"{doc['shards']} x {doc['slices']}",
+            str(doc["workers"]),
+            f"{doc['train_seconds']:.1f}",
+            f"{doc['test_accuracy']:.4f}",
         )
         out.emit(doc, table)
 
@@ -202,139 +220,58 @@ def forget(
     as_json: JsonOpt = False,
 ) -> None:
     """Log a deletion request durably, then execute it (retrain only the affected shards)."""
-    from ray_unlearn.platform.core.engine import submit_request
-    from ray_unlearn.platform.core.run import open_run
+    from ray_unlearn import api
+    from ray_unlearn.platform.core.lease import describe
+
+    def logged(record, created: bool) -> None:
+        err.print(
+            f"request [bold]{record.request.request_id}[/bold] "
+            f"{'logged' if created else 'already logged'} "
+            f"({len(record.request.sample_ids)} samples, state {record.state.value})"
+        )
 
     with _Output(as_json) as out, _errors(out):
         if (owner is None) == (samples is None):
             raise ValueError("give exactly one of --owner or --samples")
-        t0 = time.perf_counter()
-        if strategy is not None and no_wait:
-            raise ValueError(
-                "--strategy applies to an execution now; with --no-wait the request is executed "
-                "later with the run's unlearning.strategy (or the executor's): drop one of them"
-            )
-        ctx = open_run(storage, run)
-        ids = _parse_ids(samples) if samples is not None else None
-        _check_strategy(ctx, strategy, owner, ids)  # before anything is logged
-        # Validate and log in this process: the request is durable before anything else runs.
-        deadline = time.time() + deadline_s if deadline_s is not None else None
-        record, created = submit_request(
-            ctx, owner_id=owner, sample_ids=ids, request_id=request_id, deadline=deadline
+        doc = api.forget(
+            run,
+            owner=owner,
+            samples=_parse_ids(samples) if samples is not None else None,
+            request_id=request_id,
+            deadline_s=deadline_s,
+            wait=not no_wait,
+            strategy=strategy,
+            storage=storage,
+            address=address,
+            on_logged=logged,
+            on_lease_wait=lambda rec: err.print(
+                f"another execution holds run {run}'s lease: {describe(rec)}; waiting"
+            ),
         )
-        rid = record.request.request_id
-        err.print(
-            f"request [bold]{rid}[/bold] {'logged' if created else 'already logged'} "
-            f"({len(record.request.sample_ids)} samples, state {record.state.value})"
-        )
-        ack_s = time.perf_counter() - t0
-        if not no_wait and record.state.value != "done":
-            if address:
-                # A cluster: the run's detached executor (shard snapshots already in memory).
-                from ray_unlearn.train.executor import get_executor
-                from ray_unlearn.train.session import connect
-
-                connect(address)
-                get_executor(ctx.storage.uri, run, detached=True).execute_pending(strategy)
-            else:
-                # No cluster: this one process does the work, loading only the affected shards.
-                from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
-                from ray_unlearn.platform.core.lease import describe
-
-                engine = UnlearningEngine(ctx, LocalShards(ctx), executor_name="cli")
-                engine.on_lease_wait = lambda rec: err.print(
-                    f"another execution holds run {run}'s lease: {describe(rec)}; waiting"
-                )
-                engine.execute_pending(strategy)
-        final = ctx.deletion_log.get(rid)
-        doc = {
-            "run_id": run,
-            "request_id": rid,
-            "created": created,
-            "state": final.state.value,
-            "samples": len(final.request.sample_ids),
-            "ack_seconds": ack_s,
-            "seconds": time.perf_counter() - t0,
-            **_record_summary(final),
-        }
         out.emit(doc, _request_table(doc))
 
 
-def _check_strategy(ctx, name: str | None, owner: str | None = None, ids=None) -> None:
-    """``--strategy``: a registered strategy the run can execute (its config's own checks:
-    approximate strategies need recorded contributions; S3T runs only deactivate). For
-    ``dpus``, which cannot fall back to retraining, every version it would correct must have
-    its contributions (an exact SISA retrain does not record them)."""
-    if name is None:
-        return
-    from ray_unlearn.platform.core.config import RunConfig
-    from ray_unlearn.platform.methods.s3t.runtime import is_s3t
-
-    s3t_run = is_s3t(ctx)
-    if s3t_run != (name == "s3t"):
-        raise ValueError(
-            f"--strategy {name!r}: run {ctx.run_id} "
-            + (
-                "is an S3T run, whose deletions are deactivations: only 's3t' applies"
-                if s3t_run
-                else "was not trained with S3T: 's3t' does not apply"
-            )
-        )
-    doc = ctx.config.model_dump()
-    doc["unlearning"]["strategy"] = name
-    try:
-        RunConfig.model_validate(doc)
-    except ValueError as e:
-        raise ValueError(f"--strategy {name!r} does not fit run {ctx.run_id}: {e}") from None
-    if name == "dpus":
-        _check_contributions(ctx, owner, ids)
-
-
-def _check_contributions(ctx, owner: str | None, ids) -> None:
-    from ray_unlearn.platform.methods.hybrid.contributions import versions_without_contributions
-
-    try:
-        wanted = ctx.plan.samples_of_owner(owner) if owner is not None else ids
-        missing = versions_without_contributions(ctx, wanted)
-    except (KeyError, ValueError):
-        return  # unknown owner or ids: submit_request reports them
-    for k, versions in missing.items():
-        raise ValueError(
-            f"--strategy dpus: shard {k}'s versions {', '.join(versions)} have no recorded "
-            "contributions of these samples (an exact retrain wrote them without recording, "
-            "or an earlier DPUS dropped the steps they shared with a revoked sample), so DPUS "
-            "cannot correct them; use hs or ohs, which retrain such a shard exactly"
-        )
-
-
-def _record_summary(rec) -> dict[str, Any]:
-    d = rec.details or {}
-    return {
-        "executed_by": rec.executed_by,
-        "strategy": d.get("strategy"),
-        "shards": d.get("shards", []),
-        "first_slices": d.get("first_slices", {}),
-        "versions_retired": rec.versions_retired,
-        "versions_created": rec.versions_created,
-        "unlearn_seconds": d.get("seconds"),
-        "history": [{"state": h["state"], "at": h["at"]} for h in rec.history],
-    }
-
-
 def _request_table(doc: dict[str, Any]) -> Table:
+    """One row; "total s" (this command's own wall time) only for a command that did the
+    work, not for `status`, which only reads the log."""
     t = Table(title=f"request {doc['request_id']}")
-    for col in ("state", "samples", "shards", "retired", "created", "unlearn s", "total s"):
+    cols = ["state", "samples", "shards", "retired", "created", "unlearn s"]
+    if "seconds" in doc:
+        cols.append("total s")
+    for col in cols:
         t.add_column(col)
     us = doc.get("unlearn_seconds")
-    t.add_row(
+    row = [
         doc["state"],
         str(doc["samples"]),
         ",".join(map(str, doc.get("shards", []))),
         str(len(doc.get("versions_retired", []))),
         str(len(doc.get("versions_created", []))),
         f"{us:.2f}" if us is not None else "-",
-        f"{doc['seconds']:.2f}",
-    )
+    ]
+    if "seconds" in doc:
+        row.append(f"{doc['seconds']:.2f}")
+    t.add_row(*row)
     return t
 
 
@@ -346,22 +283,10 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a deletion request's state, timestamps and retired versions."""
-    from ray_unlearn.platform.core.run import open_run
+    from ray_unlearn import api
 
     with _Output(as_json) as out, _errors(out):
-        rec = open_run(storage, run).deletion_log.get(request_id)
-        doc = {
-            "run_id": run,
-            "request_id": request_id,
-            "state": rec.state.value,
-            "samples": len(rec.request.sample_ids),
-            "owner_id": rec.request.owner_id,
-            "received_at": rec.request.received_at,
-            "deadline": rec.request.deadline,
-            "done_at": rec.done_at,
-            "seconds": 0.0,
-            **_record_summary(rec),
-        }
+        doc = api.status(run, request_id, storage=storage)
         out.emit(doc, _request_table(doc))
 
 
@@ -383,15 +308,10 @@ def audit(
     as_json: JsonOpt = False,
 ) -> None:
     """List the live model versions containing the data, and the request history."""
-    from ray_unlearn.platform.core.audit import audit as run_audit
-    from ray_unlearn.platform.core.run import open_run
+    from ray_unlearn import api
 
     with _Output(as_json) as out, _errors(out):
-        ctx = open_run(storage, run)
-        doc = run_audit(ctx, owner_id=owner, sample_id=sample)
-        if residue:
-            doc["residue"] = _residue_doc(ctx)
-            doc["clean"] = doc["clean"] and doc["residue"]["clean"]
+        doc = api.audit(run, owner=owner, sample=sample, residue=residue, storage=storage)
         t = Table(title=f"audit of {owner or sample or 'all executed deletions'} in {run}")
         for col in (
             "live versions containing it",
@@ -414,16 +334,6 @@ def audit(
         out.emit(doc, _residue_table(doc["residue"], t) if residue else t)
         if not doc["clean"]:
             raise typer.Exit(1)
-
-
-def _residue_doc(ctx) -> dict[str, Any]:
-    from ray_unlearn.platform.core.compaction import outside_sources, waiting_for_compaction
-    from ray_unlearn.platform.core.residue import scan_residue
-
-    doc = scan_residue(ctx)
-    doc["waiting_for_compaction"] = waiting_for_compaction(ctx)
-    doc["users_to_erase"] = outside_sources(ctx)
-    return doc
 
 
 def _residue_table(doc: dict[str, Any], audit_table: Table) -> Group:
@@ -570,45 +480,24 @@ def serve(
     as_json: JsonOpt = False,
 ) -> None:
     """Serve predictions with ERASER gating, plus /v1/forget, /v1/audit, /metrics (HTTP)."""
-    from ray_unlearn.platform.core.run import open_run
-    from ray_unlearn.platform.serving.policies import get_policy
+    from ray_unlearn import api
 
     with _Output(as_json) as out, _errors(out):
-        ctx = open_run(storage, run)
-        get_policy(policy)
         if detach and not address:
             raise ValueError(
-                "--detach needs a running cluster (--address or RAY_ADDRESS): an embedded Ray ends with this process"
+                "--detach needs a running cluster (--address or RAY_ADDRESS): an embedded Ray "
+                "ends with this process"
             )
-        from ray import serve as ray_serve
-
-        from ray_unlearn.serve.app import build_app
-        from ray_unlearn.train.session import connect
-
-        connect(address)
-        ray_serve.start(http_options={"host": host, "port": port})
-        t0 = time.perf_counter()
-        ray_serve.run(
-            build_app(
-                {
-                    "storage": ctx.storage.uri,
-                    "run_id": run,
-                    "policy": policy,
-                    "protect_predict": protect_predict,
-                }
-            ),
-            name="ray-unlearn",
-            route_prefix="/",
+        doc = api.serve(
+            run,
+            policy=policy,
+            host=host,
+            port=port,
+            protect_predict=protect_predict,
+            storage=storage,
+            address=address,
         )
-        url = f"http://{host}:{port}"
-        doc = {
-            "run_id": run,
-            "url": url,
-            "policy": policy,
-            "docs": f"{url}/docs",
-            "startup_seconds": time.perf_counter() - t0,
-            "token_configured": bool(os.environ.get("RAY_UNLEARN_API_TOKEN")),
-        }
+        url = doc["url"]
         if not doc["token_configured"]:
             err.print(
                 "[yellow]RAY_UNLEARN_API_TOKEN is not set: /v1/forget and /v1/audit will answer 503[/yellow]"
@@ -624,6 +513,8 @@ def serve(
         err.print("stopping: shutting Serve down")
         # Bounded: if a signal to the whole process group already took Ray's own processes
         # down, Serve's graceful shutdown would wait forever.
+        from ray import serve as ray_serve
+
         closer = threading.Thread(target=ray_serve.shutdown, daemon=True)
         closer.start()
         closer.join(timeout=20)
@@ -688,12 +579,9 @@ def sweep(
             f"sweep [bold]{spec.name}[/bold]: {num_trials(spec)} trial(s), "
             f"{spec.stream.deletions} deletions each"
         )
-        from ray_unlearn.train.session import connect
-        from ray_unlearn.tune.sweep import preflight, run_sweep
+        from ray_unlearn import api
 
-        preflight(spec)
-        connect(address)
-        doc = run_sweep(spec)
+        doc = api.sweep(spec, address=address)
         out.emit(doc, _sweep_table(doc))
         if doc["chosen"]:
             err.print(f"chosen: {doc['chosen']['label']} -> {doc['chosen']['config']}")

@@ -1,0 +1,317 @@
+"""The Python API: what the ``ray-unlearn`` command does, for programs that embed the platform.
+
+Every function returns the same JSON-able document the command prints with ``--json``, and
+raises the platform's input errors (:class:`ValueError` and its subclasses ``ConfigError``,
+``DataError``, ``RunError``, ...) on bad input, before anything is changed. Heavy modules
+(torch, Ray) are imported inside the functions, so ``import ray_unlearn`` stays cheap.
+
+    import ray_unlearn as ru
+
+    run = ru.train("configs/digits.yaml", ["partition.shards=4"])
+    req = ru.forget(run["run_id"], owner="owner-00017")
+    assert ru.audit(run["run_id"], owner="owner-00017")["clean"]
+
+``storage`` is the storage root (a local folder or a ``pyarrow.fs`` URI such as
+``s3://bucket/prefix``); it defaults to ``RAY_UNLEARN_STORAGE`` or ``./runs``. ``address``
+names a Ray cluster to attach to (default ``RAY_ADDRESS``; none starts an embedded Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["audit", "forget", "serve", "status", "sweep", "train"]
+
+
+def _storage(storage: str | None) -> str:
+    return storage or os.environ.get("RAY_UNLEARN_STORAGE") or "./runs"
+
+
+def train(
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    run_id: str | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+    on_created: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Create a run from a YAML config (plus ``key=value`` overrides) and train it as a Ray
+    Train job; every slice version is recorded. Returns the run's summary, ``run_id`` among
+    it. The storage root is ``storage`` if given, else ``RAY_UNLEARN_STORAGE`` if set, else
+    the config's ``storage``. ``on_created`` gets the run context once the run exists
+    (before training starts)."""
+    from ray_unlearn.platform.core.config import load_config
+    from ray_unlearn.platform.core.run import create_run
+    from ray_unlearn.platform.eval.accuracy import serving_accuracy
+    from ray_unlearn.train.job import run_training
+    from ray_unlearn.train.session import connect
+
+    cfg = load_config(config, list(overrides))
+    root = storage or os.environ.get("RAY_UNLEARN_STORAGE")
+    if root:
+        cfg = cfg.model_copy(update={"storage": root})
+    t0 = time.perf_counter()
+    ctx = create_run(cfg, run_id)
+    if on_created is not None:
+        on_created(ctx)
+    attached = connect(address)
+    summary = run_training(ctx)
+    acc = serving_accuracy(ctx)
+    return {
+        **summary,
+        "run_id": ctx.run_id,
+        "storage": ctx.storage.uri,
+        "attached_cluster": attached,
+        "test_accuracy": acc,
+        "shards": cfg.partition.shards,
+        "slices": cfg.partition.slices,
+        "num_train": ctx.info["num_train"],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def forget(
+    run: str,
+    *,
+    owner: str | None = None,
+    samples: Sequence[int] | None = None,
+    request_id: str | None = None,
+    deadline_s: float | None = None,
+    wait: bool = True,
+    strategy: str | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+    on_logged: Callable[[Any, bool], None] | None = None,
+    on_lease_wait: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Log a deletion request durably (it is acknowledged only once every serving gateway
+    is fenced), then, unless ``wait=False``, execute every unfinished request: on the
+    cluster's executor with ``address``, else in this process. Give exactly one of
+    ``owner`` or ``samples``; ``request_id`` is an idempotency key. ``strategy`` overrides
+    the run's ``unlearning.strategy`` for this execution; the method checks it fits the run
+    before anything is logged."""
+    from ray_unlearn.platform.core.engine import submit_request
+    from ray_unlearn.platform.core.run import open_run
+
+    if (owner is None) == (samples is None):
+        raise ValueError("give exactly one of owner (--owner) or samples (--samples)")
+    if strategy is not None and not wait:
+        raise ValueError(
+            "strategy (--strategy) applies to an execution now; without waiting (--no-wait) "
+            "the request is executed later with the run's unlearning.strategy (or the "
+            "executor's): drop one of them"
+        )
+    t0 = time.perf_counter()
+    ctx = open_run(_storage(storage), run)
+    ids = list(samples) if samples is not None else None
+    _check_strategy(ctx, strategy, owner, ids)  # before anything is logged
+    deadline = time.time() + deadline_s if deadline_s is not None else None
+    record, created = submit_request(
+        ctx, owner_id=owner, sample_ids=ids, request_id=request_id, deadline=deadline
+    )
+    rid = record.request.request_id
+    if on_logged is not None:
+        on_logged(record, created)
+    ack_s = time.perf_counter() - t0
+    if wait and record.state.value != "done":
+        if address:
+            # A cluster: the run's detached executor (shard snapshots already in memory).
+            from ray_unlearn.train.executor import get_executor
+            from ray_unlearn.train.session import connect
+
+            connect(address)
+            get_executor(ctx.storage.uri, run, detached=True).execute_pending(strategy)
+        else:
+            # No cluster: this one process does the work, loading only the affected shards.
+            from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+
+            engine = UnlearningEngine(ctx, LocalShards(ctx), executor_name="cli")
+            if on_lease_wait is not None:
+                engine.on_lease_wait = on_lease_wait
+            engine.execute_pending(strategy)
+    final = ctx.deletion_log.get(rid)
+    return {
+        "run_id": run,
+        "request_id": rid,
+        "created": created,
+        "state": final.state.value,
+        "samples": len(final.request.sample_ids),
+        "ack_seconds": ack_s,
+        "seconds": time.perf_counter() - t0,
+        **record_summary(final),
+    }
+
+
+def _check_strategy(ctx, name: str | None, owner: str | None = None, ids=None) -> None:
+    """A strategy named for one execution must be one the run can execute: the method's own
+    checks (S3T runs only deactivate; DPUS needs every version it corrects to have recorded
+    contributions of the samples)."""
+    if name is None:
+        return
+    from ray_unlearn.platform.core.config import RunConfig
+    from ray_unlearn.platform.methods.s3t.runtime import is_s3t
+
+    s3t_run = is_s3t(ctx)
+    if s3t_run != (name == "s3t"):
+        raise ValueError(
+            f"--strategy {name!r}: run {ctx.run_id} "
+            + (
+                "is an S3T run, whose deletions are deactivations: only 's3t' applies"
+                if s3t_run
+                else "was not trained with S3T: 's3t' does not apply"
+            )
+        )
+    doc = ctx.config.model_dump()
+    doc["unlearning"]["strategy"] = name
+    try:
+        RunConfig.model_validate(doc)
+    except ValueError as e:
+        raise ValueError(f"--strategy {name!r} does not fit run {ctx.run_id}: {e}") from None
+    if name == "dpus":
+        from ray_unlearn.platform.methods.hybrid.contributions import (
+            versions_without_contributions,
+        )
+
+        try:
+            wanted = ctx.plan.samples_of_owner(owner) if owner is not None else ids
+            missing = versions_without_contributions(ctx, wanted)
+        except (KeyError, ValueError):
+            return  # unknown owner or ids: submit_request reports them
+        for k, versions in missing.items():
+            raise ValueError(
+                f"--strategy dpus: shard {k}'s versions {', '.join(versions)} have no recorded "
+                "contributions of these samples (an exact retrain wrote them without recording, "
+                "or an earlier DPUS dropped the steps they shared with a revoked sample), so DPUS "
+                "cannot correct them; use hs or ohs, which retrain such a shard exactly"
+            )
+
+
+def record_summary(rec) -> dict[str, Any]:
+    """What a deletion record says about its execution, as plain JSON-able values."""
+    d = rec.details or {}
+    return {
+        "executed_by": rec.executed_by,
+        "strategy": d.get("strategy"),
+        "shards": d.get("shards", []),
+        "first_slices": d.get("first_slices", {}),
+        "versions_retired": rec.versions_retired,
+        "versions_created": rec.versions_created,
+        "unlearn_seconds": d.get("seconds"),
+        "history": [{"state": h["state"], "at": h["at"]} for h in rec.history],
+    }
+
+
+def status(run: str, request_id: str, *, storage: str | None = None) -> dict[str, Any]:
+    """A deletion request's state, timestamps and the versions it retired and created."""
+    from ray_unlearn.platform.core.run import open_run
+
+    rec = open_run(_storage(storage), run).deletion_log.get(request_id)
+    return {
+        "run_id": run,
+        "request_id": request_id,
+        "state": rec.state.value,
+        "samples": len(rec.request.sample_ids),
+        "owner_id": rec.request.owner_id,
+        "received_at": rec.request.received_at,
+        "deadline": rec.request.deadline,
+        "done_at": rec.done_at,
+        **record_summary(rec),
+    }
+
+
+def audit(
+    run: str,
+    *,
+    owner: str | None = None,
+    sample: int | None = None,
+    residue: bool = False,
+    storage: str | None = None,
+) -> dict[str, Any]:
+    """The live model versions that contain an owner's or a sample's data (or, with neither,
+    any executed deletion's), the request history and a verdict ``clean``. With ``residue``,
+    also scan every file under the run for deleted ids and deleted rows' bytes."""
+    from ray_unlearn.platform.core.audit import audit as run_audit
+    from ray_unlearn.platform.core.run import open_run
+
+    ctx = open_run(_storage(storage), run)
+    doc = run_audit(ctx, owner_id=owner, sample_id=sample)
+    if residue:
+        from ray_unlearn.platform.core.compaction import outside_sources, waiting_for_compaction
+        from ray_unlearn.platform.core.residue import scan_residue
+
+        scan = scan_residue(ctx)
+        scan["waiting_for_compaction"] = waiting_for_compaction(ctx)
+        scan["users_to_erase"] = outside_sources(ctx)
+        doc["residue"] = scan
+        doc["clean"] = doc["clean"] and scan["clean"]
+    return doc
+
+
+def serve(
+    run: str,
+    *,
+    policy: str = "lazy-wait",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    protect_predict: bool = False,
+    storage: str | None = None,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """Deploy the run's Ray Serve application (shard deployments + the ERASER gateway) and
+    return once it answers; it serves while this Ray session (or the cluster) lives.
+    Stop it with ``ray.serve.shutdown()``."""
+    from ray_unlearn.platform.core.run import open_run
+    from ray_unlearn.platform.serving.policies import get_policy
+
+    ctx = open_run(_storage(storage), run)
+    get_policy(policy)
+    from ray import serve as ray_serve
+
+    from ray_unlearn.serve.app import build_app
+    from ray_unlearn.train.session import connect
+
+    connect(address)
+    ray_serve.start(http_options={"host": host, "port": port})
+    t0 = time.perf_counter()
+    ray_serve.run(
+        build_app(
+            {
+                "storage": ctx.storage.uri,
+                "run_id": run,
+                "policy": policy,
+                "protect_predict": protect_predict,
+            }
+        ),
+        name="ray-unlearn",
+        route_prefix="/",
+    )
+    url = f"http://{host}:{port}"
+    return {
+        "run_id": run,
+        "url": url,
+        "policy": policy,
+        "docs": f"{url}/docs",
+        "startup_seconds": time.perf_counter() - t0,
+        "token_configured": bool(os.environ.get("RAY_UNLEARN_API_TOKEN")),
+    }
+
+
+def sweep(
+    config: str | Path | Any, overrides: Sequence[str] = (), *, address: str | None = None
+) -> dict[str, Any]:
+    """Run a Ray Tune sweep from a sweep YAML (plus overrides) or a loaded ``SweepSpec``:
+    every trial trains, streams deletions while serving, and is logged to MLflow; returns
+    the trials, the Pareto front and the chosen config."""
+    from ray_unlearn.train.session import connect
+    from ray_unlearn.tune.spec import load_sweep
+    from ray_unlearn.tune.sweep import preflight, run_sweep
+
+    spec = load_sweep(config, list(overrides)) if isinstance(config, str | Path) else config
+    preflight(spec)
+    connect(address)
+    return run_sweep(spec)
