@@ -125,6 +125,9 @@ def _errors(out: _Output):
         yield
     except (ConfigError, DataError, DeletionLogError, PlanError, RunError, ValueError) as e:
         _fail(out, str(e))
+    except OSError as e:  # a storage root that cannot be read or written
+        where = f" {e.filename}" if e.filename else ""
+        _fail(out, f"storage{where}: {e.strerror or e} (check --storage / RAY_UNLEARN_STORAGE)")
 
 
 @app.command()
@@ -327,13 +330,25 @@ def audit(
             str(len(doc["requests"])),
             str(doc["pending_requests"]),
             str(doc["deleted_sample_count"]),
-            "clean"
-            if doc["clean"]
-            else f"VIOLATION {doc['violations'] or {'stray': doc['stray_violations']}}",
+            _audit_verdict(doc),
         )
         out.emit(doc, _residue_table(doc["residue"], t) if residue else t)
         if not doc["clean"]:
             raise typer.Exit(1)
+
+
+def _audit_verdict(doc: dict[str, Any]) -> str:
+    """The human verdict says what --json says: clean only when no live version holds the
+    data, every request is done, and every live version is exact."""
+    if not doc["clean"]:
+        return f"VIOLATION {doc['violations'] or {'stray': doc['stray_violations']}}"
+    notes = []
+    if doc["pending_requests"]:
+        notes.append(f"pending: {doc['pending_requests']} request(s) not executed yet")
+    if not doc.get("exact", True):
+        approx = doc.get("approximate_live_versions") or []
+        notes.append(f"approximate: {len(approx)} live version(s) changed by an approximate update")
+    return "clean" if not notes else "clean so far; " + "; ".join(notes)
 
 
 def _residue_table(doc: dict[str, Any], audit_table: Table) -> Group:

@@ -35,6 +35,33 @@ def test_strategies_lists_sisa():
     assert by_name.get("dpus", {"exact": False})["exact"] is False  # approximate
 
 
+def test_unwritable_storage_and_bad_yaml_override_exit_2_with_one_message(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, doc = run_cli(
+        "train",
+        "--config",
+        "configs/digits.yaml",
+        "--storage",
+        str(blocker / "runs"),
+        check=False,
+    )
+    assert code == 2 and "a-file" in doc["error"] and "storage" in doc["error"]
+    code, doc = run_cli(
+        "train",
+        "--config",
+        "configs/digits.yaml",
+        "model.hidden=[64",
+        "--storage",
+        str(tmp_path / "runs"),
+        check=False,
+    )
+    assert code == 2 and "override 'model.hidden=[64'" in doc["error"]
+    assert not (tmp_path / "runs").exists()  # nothing written
+    p = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("ray-unlearn ")
+
+
 def test_bad_config_is_reported_without_a_traceback(tmp_path):
     code, doc = run_cli(
         "train",

@@ -58,6 +58,7 @@ from ray_unlearn.platform.core.config import (
     S3TConfig,
     _format_validation_error,
     load_config,
+    parse_override_value,
     parse_overrides,
 )
 from ray_unlearn.platform.serving.policies import get_policy
@@ -255,7 +256,7 @@ def _split_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str], d
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         if key.startswith("space."):
-            space[key.removeprefix("space.")] = yaml.safe_load(o.split("=", 1)[1])
+            space[key.removeprefix("space.")] = parse_override_value(o, o.split("=", 1)[1])
         elif key.split(".", 1)[0] in sweep_keys:
             sweep.append(o)
         else:

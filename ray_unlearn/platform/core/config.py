@@ -461,8 +461,23 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         )
     for o in overrides:
         key, raw = o.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(tree, key.strip(), parse_override_value(o, raw))
     return tree
+
+
+def parse_override_value(override: str, raw: str) -> Any:
+    """The value of ``key=value``, parsed as YAML (``[64,64]`` is a list, ``0.5`` a float);
+    a value that does not parse is blamed on the override, not on the config file."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"override {override!r}: the value {raw!r} is not valid YAML ({problem}); "
+            'to pass it as a string, quote it inside the value: key="\'...\'"'
+        ) from None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
