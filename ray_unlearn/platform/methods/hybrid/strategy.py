@@ -73,7 +73,7 @@ never saw it, give ~0.30), and that is what a membership attack reads. Calibrati
 each revoked row's loss to a target drawn from the losses of non-members: training rows of
 the *other* shards, which this shard's model never saw (no held-out row is used; every
 requested id is left out), matched by rank
-(:func:`~ray_unlearn.platform.methods.hybrid.workload.quantile_targets`), with the retain loss beside it,
+(:func:`~ray_unlearn.platform.methods.hybrid.calibration.quantile_targets`), with the retain loss beside it,
 until the rows are at their targets (``calibrate_fraction`` of the shortfall closed) or
 ``calibrate_max_steps``. ``calibrate_depth`` (default 2) newest corrected snapshots are
 calibrated (None: all), each from its own DPUS weights: the restart points matter because
@@ -114,7 +114,7 @@ layer toward the other shards' prediction cost ~9 points of a shard model's accu
 
 Memorization-aware routing (``hybrid.route_gap``, off by default): before taking DPUS,
 HS/OHS compare the revoked rows' mean true-class probability on the shard's serving model
-with the other shards' serving models' (:func:`~ray_unlearn.platform.methods.hybrid.workload.memorization_gap`)
+with the other shards' serving models' (:func:`~ray_unlearn.platform.methods.hybrid.calibration.memorization_gap`)
 and retrain exactly where the gap is above the setting (decision reason ``memorized``). It
 works for privacy without touching accuracy, but the rows that gap most are those of the
 oldest slices, seen most often in training, whose exact retrains cost what SISA's do: at 0.6
@@ -193,6 +193,13 @@ from ray_unlearn.platform.methods.base import (
     UnlearningStrategy,
     register_strategy,
 )
+from ray_unlearn.platform.methods.hybrid.calibration import (
+    calibrate_forget,
+    memorization_gap,
+    nonmember_reference,
+    teacher_probabilities,
+    teacher_shards,
+)
 from ray_unlearn.platform.methods.hybrid.contributions import (
     ContributionRecorder,
     MissingContributions,
@@ -201,21 +208,14 @@ from ray_unlearn.platform.methods.hybrid.contributions import (
     save_contributions,
     state_digest,
 )
+from ray_unlearn.platform.methods.hybrid.finetune import finetune, finetune_rows, validation_mask
 from ray_unlearn.platform.methods.hybrid.workload import (
     Decision,
     batch_deletions,
-    calibrate_forget,
     chain_exactness,
     decide,
     estimate_workload,
-    finetune,
-    finetune_rows,
-    memorization_gap,
-    nonmember_reference,
     optimizer_momentum,
-    teacher_probabilities,
-    teacher_shards,
-    validation_mask,
 )
 
 
