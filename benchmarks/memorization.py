@@ -211,10 +211,10 @@ def routing(p: dict, seed: int, workdir: str) -> dict:
     """The platform end to end: the same owners deleted from the same 4-shard digits run
     with each strategy; quality against SISA's result, which *is* the ensemble retrained from
     scratch without them (exact), so SISA's ToW is 1 by construction."""
+    from ray_unlearn.harness import pick_owners
     from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
     from ray_unlearn.platform.core.runtime import train_all_shards
     from ray_unlearn.platform.eval.mia import eval_sets, serving_predictor
-    from ray_unlearn.train.demo import pick_owners
 
     out, evals = {}, {}
     for label, overrides in ROUTING.items():
