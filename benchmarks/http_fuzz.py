@@ -18,7 +18,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,12 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _count_5xx(ndjson: Path) -> tuple[int, int]:
@@ -59,6 +52,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from ray_unlearn.harness import free_port
     from ray_unlearn.platform.core.config import load_config
     from ray_unlearn.platform.core.run import create_run
     from ray_unlearn.platform.core.runtime import train_all_shards
@@ -71,7 +65,7 @@ def main() -> None:
     )
     ctx = create_run(cfg)
     train_all_shards(ctx)
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     runs = []
     try:

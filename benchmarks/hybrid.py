@@ -74,10 +74,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ray_unlearn.harness import pick_owners
 from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
 from ray_unlearn.platform.core.models import build_model, count_parameters
-from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.run import create_run, open_run
 from ray_unlearn.platform.core.training import predict_proba, train_shard
 from ray_unlearn.platform.eval.mia import (
@@ -157,12 +157,6 @@ def parse_variant(label: str) -> tuple[str, dict]:
 def warm_torch() -> None:
     """Pay torch's one-off lazy imports before anything is timed."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-
-
-def pick_owners(ctx, n: int, seed: int) -> list[str]:
-    trained = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
-    rng = np.random.default_rng(seed)
-    return [str(o) for o in rng.choice(trained, size=min(n, len(trained)), replace=False)]
 
 
 # -- encodings -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ rows); every model is the run's MLP (hidden [128]) trained with Adam (lr 2e-3, b
    the proxy model of (2). RUM with each score (tertiles: low -> finetune, medium ->
    neggrad_plus, high -> salun; 3 epochs each, lr 1e-3) and every plain algorithm on the
    whole forget set, each compared with the reference: ToW and ToW-MIA
-   (``platform.rum.quality``; the MIA is the threshold attack of the hybrid evaluation,
+   (``platform.eval.tow.quality``; the MIA is the threshold attack of the hybrid evaluation,
    fitted on retain vs half of the evaluation rows, its member rate averaged over 10 fits
    because on digits the attack has little signal and a single fit's rate is noise).
 
@@ -70,6 +70,7 @@ from scipy.stats import spearmanr
 
 from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.platform.core.run import create_run
+from ray_unlearn.platform.eval.tow import quality, seed_interval, tow
 from ray_unlearn.platform.methods.approximate import ALGORITHMS, ApproxSettings, unlearn
 from ray_unlearn.platform.methods.rum.memorization import (
     PROXIES,
@@ -80,13 +81,7 @@ from ray_unlearn.platform.methods.rum.memorization import (
     save_scores,
     train_with_proxies,
 )
-from ray_unlearn.platform.methods.rum.unlearn import (
-    RumPlan,
-    quality,
-    rum_unlearn,
-    seed_interval,
-    tow,
-)
+from ray_unlearn.platform.methods.rum.unlearn import RumPlan, rum_unlearn
 from ray_unlearn.train.memorization import exact_memorization_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,10 +211,10 @@ def routing(p: dict, seed: int, workdir: str) -> dict:
     """The platform end to end: the same owners deleted from the same 4-shard digits run
     with each strategy; quality against SISA's result, which *is* the ensemble retrained from
     scratch without them (exact), so SISA's ToW is 1 by construction."""
+    from ray_unlearn.harness import pick_owners
     from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
     from ray_unlearn.platform.core.runtime import train_all_shards
     from ray_unlearn.platform.eval.mia import eval_sets, serving_predictor
-    from ray_unlearn.train.demo import pick_owners
 
     out, evals = {}, {}
     for label, overrides in ROUTING.items():
@@ -267,7 +262,7 @@ def routing(p: dict, seed: int, workdir: str) -> dict:
 
 def ensemble_quality(predict, sets, seed: int, repeats: int = 10) -> dict[str, float]:
     """Accuracy on (retain, forget, test) and the forget set's MIA member rate, averaged over
-    ``repeats`` attack fits as in ``platform.rum.quality``."""
+    ``repeats`` attack fits as in ``platform.eval.tow.quality``."""
     from ray_unlearn.platform.eval.mia import membership_inference
 
     out, got = {}, {}

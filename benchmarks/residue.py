@@ -35,17 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ray_unlearn.harness import pick_owners
 from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
-from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.residue import scan_residue
 from ray_unlearn.platform.core.run import create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.methods.rum.memorization import compute_run_scores
-from ray_unlearn.platform.methods.s3t.runtime import is_s3t, public_sample_ids
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 3
@@ -71,17 +69,6 @@ KINDS = {
 }  # fmt: skip
 
 
-def owners_to_delete(ctx, n: int, seed: int) -> list[str]:
-    owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
-    if is_s3t(ctx):
-        public = public_sample_ids(ctx)
-        owners = np.array(
-            [o for o in owners if not np.isin(ctx.plan.samples_of_owner(o), public).any()]
-        )
-    rng = np.random.default_rng(seed)
-    return [str(o) for o in rng.choice(owners, size=min(n, len(owners)), replace=False)]
-
-
 def one_run(kind: str, p: dict, root: Path) -> dict:
     name, overrides = KINDS[kind]
     cfg = load_config(
@@ -97,7 +84,7 @@ def one_run(kind: str, p: dict, root: Path) -> dict:
         reports = ctx.storage.listdir(f"{ctx.layout.reports}/memorization")
     train_s = time.perf_counter() - t0
     engine = UnlearningEngine(ctx, LocalShards(ctx))
-    owners = owners_to_delete(ctx, p["deletions"], SEED)
+    owners = pick_owners(ctx, p["deletions"], SEED)
     decisions: dict[str, int] = {}
     t0 = time.perf_counter()
     for owner in owners:

@@ -111,7 +111,6 @@ import os
 import platform
 import secrets
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -126,6 +125,7 @@ import torch
 from ray import serve
 
 import ray_unlearn
+from ray_unlearn.harness import free_port, pick_owners
 from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.platform.core.engine import submit_request
 from ray_unlearn.platform.core.run import create_run, open_run
@@ -135,7 +135,6 @@ from ray_unlearn.platform.serving.policies import PRESETS, get_policy
 from ray_unlearn.platform.serving.receipts import replay
 from ray_unlearn.serve.app import build_app
 from ray_unlearn.serve.gateway import TOKEN_ENV
-from ray_unlearn.train.demo import pick_owners
 from ray_unlearn.train.executor import executor_actor_name
 from ray_unlearn.train.session import NAMESPACE
 
@@ -175,12 +174,6 @@ QUICK = {
 }
 SEED = 0
 JSON_HEADERS = {"content-type": "application/json"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(a: np.ndarray, q: float) -> float | None:
@@ -829,7 +822,7 @@ def main() -> None:
     out_json = args.out / "serving.json"
     lats: dict[tuple[str, float], np.ndarray] = {}
     t_start = time.perf_counter()
-    port = _free_port()
+    port = free_port()
     try:
         ray.init(
             address="local",

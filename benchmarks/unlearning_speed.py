@@ -43,14 +43,10 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,19 +57,19 @@ import torch
 import torch.nn.functional as F
 
 import ray_unlearn
+from ray_unlearn.harness import LocalRayHead, pick_owners
 from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.platform.core.models import build_model
 from ray_unlearn.platform.core.run import create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.core.training import stage_steps
 from ray_unlearn.platform.eval.accuracy import model_accuracy, serving_accuracy, train_single_model
-from ray_unlearn.train.demo import pick_owners
 from ray_unlearn.train.executor import executor_actor_name, get_executor
 from ray_unlearn.train.session import NAMESPACE, connect
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-RAY, CLI = str(VENV_BIN / "ray"), str(VENV_BIN / "ray-unlearn")
+CLI = str(VENV_BIN / "ray-unlearn")
 
 FULL = {
     "n_samples": 100_000,  # ~80k training rows (20% held out)
@@ -94,65 +90,6 @@ QUICK = {
 
 
 # -- the cluster --------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalRayHead:
-    """``ray start --head --block`` as our own child process; stopping it ends only this
-    cluster (``ray stop`` would end every Ray on the machine, other sessions' included)."""
-
-    def __init__(self):
-        self.temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = Path(self.temp_dir) / "ray_start.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90.0) -> None:
-        ports = {
-            "--port": self.port,
-            "--ray-client-server-port": _free_port(),
-            "--dashboard-port": _free_port(),
-            "--dashboard-agent-listen-port": _free_port(),
-            "--dashboard-agent-grpc-port": _free_port(),
-            "--runtime-env-agent-port": _free_port(),
-            "--metrics-export-port": _free_port(),
-        }
-        cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
-        cmd += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
-        cmd += [f"{k}={v}" for k, v in ports.items()]
-        self.proc = subprocess.Popen(
-            cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-        t0 = time.time()
-        while "Ray runtime started" not in self.log.read_text():
-            if self.proc.poll() is not None or time.time() - t0 > timeout:
-                raise RuntimeError(f"ray start failed:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        self.start_s = time.time() - t0
-        text = self.log.read_text()
-        # `ray start` warns about token auth only when it turns it on implicitly (token file).
-        self.auth = (
-            os.environ.get("RAY_AUTH_MODE") == "token" or "Token authentication is enabled" in text
-        )
-        m = re.search(r"Local node IP.*?(\d+\.\d+\.\d+\.\d+)", text)
-        self.node_ip = m.group(1) if m else None  # Ray replaces 127.0.0.1 by a routable IP
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # drains, then stops this node's processes
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # our own process group only
-            self.proc.wait()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def warm_torch() -> None:
@@ -543,10 +480,10 @@ def main() -> None:
     root = (args.out / "runs").resolve()
 
     t_start = time.perf_counter()
-    head = LocalRayHead()
+    head = LocalRayHead(prefix="rb")
     records, single = [], {}
     try:
-        head.start()
+        head.start(timeout=90)
         print(
             f"Ray head at {head.address} (node IP {head.node_ip}, token auth {head.auth}) "
             f"up in {head.start_s:.1f} s",
@@ -566,7 +503,7 @@ def main() -> None:
     finally:
         ray.shutdown()
         t0 = time.perf_counter()
-        head.stop()
+        head.stop(grace_s=60)  # drains, then stops this node's processes
         print(f"Ray head stopped in {time.perf_counter() - t0:.1f} s", flush=True)
     t0 = time.perf_counter()
     digits = run_digits(root)

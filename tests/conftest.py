@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.platform.core.run import create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
+from ray_unlearn.platform.core.training import train_shard
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -20,6 +22,24 @@ def tiny_config(tmp_path, *overrides: str):
     return load_config(
         os.path.join(CONFIGS, "digits.yaml"), [f"storage={tmp_path / 'store'}", *TINY, *overrides]
     )
+
+
+def assert_equals_scratch(ctx, shard: int, deleted_ids) -> list:
+    """The published model of ``shard`` is bitwise the shard trained from scratch without
+    ``deleted_ids`` (same config and seed); returns the scratch stages (StageResult list)."""
+    torch.set_num_threads(1)
+    cfg = ctx.config
+    scratch = train_shard(
+        ctx.shard_data(shard, exclude=deleted_ids),
+        cfg.model,
+        cfg.training,
+        seed=cfg.seed,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+    )
+    live = ctx.model_store.load_state(ctx.model_store.registry().shards[shard].chain[-1])
+    assert all(torch.equal(live[n], scratch[-1].state[n]) for n in live)
+    return scratch
 
 
 @pytest.fixture

@@ -11,25 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Group
 from rich.table import Table
 
+from ray_unlearn.harness import pick_owners
 from ray_unlearn.platform.core.audit import audit
 from ray_unlearn.platform.core.config import load_config
-from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.run import create_run
 from ray_unlearn.platform.eval.accuracy import model_accuracy, train_single_model
 from ray_unlearn.train.executor import Executor
 from ray_unlearn.train.job import run_training
 from ray_unlearn.train.session import connect
-
-
-def pick_owners(ctx, n: int, seed: int) -> list[str]:
-    """``n`` owners with training data, chosen by a seeded draw."""
-    trained = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
-    rng = np.random.default_rng(seed)
-    return [str(o) for o in rng.choice(trained, size=min(n, len(trained)), replace=False)]
 
 
 def run_demo(config: Path, overrides: list[str], deletions: int) -> tuple[dict[str, Any], Any]:

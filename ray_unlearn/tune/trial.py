@@ -48,10 +48,10 @@ from typing import Any
 
 import numpy as np
 
+from ray_unlearn.harness import pick_owners
 from ray_unlearn.platform.core.aggregate import aggregate
 from ray_unlearn.platform.core.data import held_out_mask
 from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
-from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.run import RunContext, create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.core.training import derive_seed
@@ -63,20 +63,6 @@ from ray_unlearn.tune.exposure import ExposureCheck
 from ray_unlearn.tune.spec import SweepSpec, trial_config, trial_policy
 
 Reporter = Callable[[dict[str, Any]], None]
-
-
-def stream_owners(ctx: RunContext, n: int, seed: int) -> list[str]:
-    """``n`` owners with training data that may be deleted (S3T public rows excluded)."""
-    from ray_unlearn.platform.methods.s3t.runtime import is_s3t, public_sample_ids
-
-    owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
-    if is_s3t(ctx):
-        public = set(public_sample_ids(ctx).tolist())
-        owners = np.array(
-            [o for o in owners if not set(ctx.plan.samples_of_owner(o).tolist()) & public]
-        )
-    rng = np.random.default_rng(seed)
-    return [str(o) for o in rng.choice(owners, size=min(n, len(owners)), replace=False)]
 
 
 def held_out_split(ctx: RunContext, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +147,7 @@ def run_trial(
         tracker.sync(ctx.deletion_log.unfinished())
         return dt
 
-    owners = stream_owners(ctx, spec.stream.deletions, spec.stream.seed)
+    owners = pick_owners(ctx, spec.stream.deletions, spec.stream.seed)
     metrics: dict[str, Any] = {}
     for step, owner in enumerate(owners, start=1):
         record, _ = engine.submit(owner_id=owner)

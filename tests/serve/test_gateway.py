@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from ray_unlearn.harness import free_port
 from ray_unlearn.platform.core.engine import submit_request
 from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.run import create_run
@@ -30,12 +30,6 @@ TOKEN = "test-token-not-a-secret"
 # A safe policy under any preset naming: lazy execution, uncertified answers wait.
 POLICY = {"timing": "lazy", "uncertified": "wait", "deadline_s": 60.0}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def gateway(ray_session, tmp_path_factory):
         )
     )
     train_all_shards(ctx)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         build_app(

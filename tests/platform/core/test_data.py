@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from ray_unlearn.platform.core import data as data_mod
 from ray_unlearn.platform.core.data import (
     DataConfig,
     DataError,
@@ -21,6 +20,8 @@ from ray_unlearn.platform.core.data import (
     split_train_test,
     write_records,
 )
+from ray_unlearn.platform.core.data import bundled as bundled_mod
+from ray_unlearn.platform.core.data import parquet as parquet_mod
 from ray_unlearn.platform.core.storage import Storage, dataset_path
 
 
@@ -81,8 +82,9 @@ def test_bundled_second_load_reuses_parquet(tmp_path, monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("regenerated instead of reusing the stored parquet")
 
-    monkeypatch.setattr(data_mod, "make_synthetic", boom)
-    monkeypatch.setattr(data_mod, "make_digits", boom)
+    # load_dataset calls the generators by their names in the bundled module.
+    monkeypatch.setattr(bundled_mod, "make_synthetic", boom)
+    monkeypatch.setattr(bundled_mod, "make_digits", boom)
     again = load_dataset(cfg, storage)
     np.testing.assert_array_equal(first.features, again.features)
     np.testing.assert_array_equal(first.owner_ids, again.owner_ids)
@@ -273,7 +275,7 @@ def test_all_problems_reported_together(tmp_path):
 
 def _small(n: int = 500) -> Records:
     cfg = SyntheticConfig(preset="custom", n_samples=n, n_features=3, n_classes=2)
-    return data_mod._records_from_table(make_synthetic(cfg), "test")
+    return parquet_mod._records_from_table(make_synthetic(cfg), "test")
 
 
 def test_records_subset_index_of_owners():

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from ray_unlearn.platform.core.audit import audit
 from ray_unlearn.platform.core.deletion_log import RequestState
 from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
 from ray_unlearn.platform.core.plan import TEST, PlanError
-from ray_unlearn.platform.core.training import train_shard
 from ray_unlearn.platform.eval.accuracy import serving_accuracy
 from ray_unlearn.platform.methods import ShardUpdate, UnlearningStrategy, available_strategies
 from ray_unlearn.platform.methods.base import _REGISTRY, register_strategy
+from tests.conftest import assert_equals_scratch
 
 
 def _engine(ctx):
@@ -58,18 +57,7 @@ def test_forget_owner_end_to_end(tiny_run):
             "samples.parquet",
         ]
     # The published model is exactly the shard trained from scratch without the owner.
-    torch.set_num_threads(1)
-    cfg = ctx.config
-    scratch = train_shard(
-        ctx.shard_data(shard, exclude=ids),
-        cfg.model,
-        cfg.training,
-        seed=cfg.seed,
-        feature_shape=ctx.feature_shape,
-        num_classes=ctx.num_classes,
-    )
-    live = ctx.model_store.load_state(reg.shards[shard].chain[-1])
-    assert all(torch.equal(live[k], scratch[-1].state[k]) for k in live)
+    scratch = assert_equals_scratch(ctx, shard, ids)
     m = ctx.model_store.manifest(reg.shards[shard].chain[-1])
     assert m["parent"] == (reg.shards[shard].chain[first - 1] if first else None)
     assert m["n_samples"] == len(scratch[-1].sample_ids)
@@ -208,14 +196,4 @@ def test_a_long_lived_executor_notices_deletions_made_elsewhere(tiny_run):
     assert audit(ctx, owner_id=x)["live_versions_containing"] == {}
     assert audit(ctx, owner_id=y)["live_versions_containing"] == {}
     gone = np.concatenate([ctx.plan.samples_of_owner(x), ctx.plan.samples_of_owner(y)])
-    cfg = ctx.config
-    scratch = train_shard(
-        ctx.shard_data(shard, exclude=gone),
-        cfg.model,
-        cfg.training,
-        seed=cfg.seed,
-        feature_shape=ctx.feature_shape,
-        num_classes=ctx.num_classes,
-    )
-    live = ctx.model_store.load_state(ctx.model_store.registry().shards[shard].chain[-1])
-    assert all(torch.equal(live[n], scratch[-1].state[n]) for n in live)
+    assert_equals_scratch(ctx, shard, gone)

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from ray_unlearn.platform.core import publish as publish_mod
 from ray_unlearn.platform.core.audit import audit
@@ -23,9 +22,8 @@ from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.run import create_run, open_run
 from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.core.storage import Storage
-from ray_unlearn.platform.core.training import train_shard
 from ray_unlearn.platform.core.versions import KEEP_GENERATIONS, RegistryConflict
-from tests.conftest import tiny_config
+from tests.conftest import assert_equals_scratch, tiny_config
 
 
 # -- the lease -------------------------------------------------------------------------------
@@ -245,23 +243,7 @@ def test_recovery_after_a_crash_at_each_step(run, monkeypatch, point):
     assert not ctx.storage.exists(ctx.layout.publish_intent)
     ids = ctx.plan.samples_of_owner(owner)
     assert ctx.model_store.live_versions_containing(ids) == {}
-    _assert_equals_scratch(ctx, k, ids)
-
-
-def _assert_equals_scratch(ctx, k, deleted_ids):
-    """The published shard is bitwise the shard trained from scratch without ``deleted_ids``."""
-    torch.set_num_threads(1)
-    cfg = ctx.config
-    scratch = train_shard(
-        ctx.shard_data(k, exclude=deleted_ids),
-        cfg.model,
-        cfg.training,
-        seed=cfg.seed,
-        feature_shape=ctx.feature_shape,
-        num_classes=ctx.num_classes,
-    )
-    live = ctx.model_store.load_state(ctx.model_store.registry().shards[k].chain[-1])
-    assert all(torch.equal(live[n], scratch[-1].state[n]) for n in live)
+    assert_equals_scratch(ctx, k, ids)
 
 
 def test_a_crash_past_the_switch_is_finished_not_retrained(run, monkeypatch):
@@ -334,7 +316,7 @@ def test_two_forget_processes_race_on_one_run(run):
     assert a["clean"] and a["stray_versions"] == {} and a["pending_requests"] == 0
     both = np.concatenate([ctx.plan.samples_of_owner(o) for o in owners])
     assert ctx.model_store.live_versions_containing(both) == {}
-    _assert_equals_scratch(ctx, k, both)  # the chain that deleted both owners
+    assert_equals_scratch(ctx, k, both)  # the chain that deleted both owners
 
 
 def test_kill_9_after_the_switch_then_the_next_forget_finishes(run, tmp_path):

@@ -11,44 +11,17 @@
 What DPUS subtracts (``hybrid.dpus_scale``, ``hybrid.dpus_share_factor``,
 ``hybrid.dpus_momentum``). ``batch`` (the paper's DPUS): each touched step's whole update;
 ``share``: ``f * d / |batch|`` of it (``d`` revoked samples in the batch, ``f`` the share
-factor, capped at the whole update). ``f = 1`` is the revoked samples' part of a mean-loss
-batch if all samples contributed alike; but a trained-on sample's influence compounds over
-the later steps (the model it shaped computes every later gradient), so removing its
-first-order part alone leaves it a member. With many epochs a sample sits in many batches
-(``epochs / (r + 1)`` per stage r): at 20 epochs a 5-sample owner is in ~40% of its
-shard's serving-stage batches, so ``batch`` removes much of the shard's training (the
-revoked rows end far *less* confident than unseen rows, and accuracy drops), ``f = 1``
-removes too little (the revoked rows still look like members). A factor in between (the
-default, 8, chosen on a development run: benchmarks/hybrid.py measures 1, 8 and ``batch``)
-brings the revoked rows' confidence close to that of unseen rows while keeping accuracy.
-The factor trades one for the other and no value is right for every run: on the Purchase
-benchmark over held-out seeds, 8 leaves the threshold attack ~6 points above a retrained
-model (range 3.3 to 8.4 over 8 seeds) at about SISA's accuracy; 10 and 12 bring it to ~0
-to 2 but cost 0.5 to 1.7 points of accuracy. Either way the revoked rows stay ~10 points more often
-correctly classified than after retraining: subtraction removes the first-order part of a
-sample's influence, not what it shaped later. Two
-removals from the same batch in different requests take their shares of what is left
-(``f * d2 / (|batch| - d1)`` of ``(1 - f * d1 / |batch|)`` of the update): slightly less
-than ``f * d2 / |batch|`` of the original. With ``dpus_momentum`` the batch's *gradient*
+factor, capped at the whole update). Two removals from the same batch in different
+requests take their shares of what is left (``f * d2 / (|batch| - d1)`` of
+``(1 - f * d1 / |batch|)`` of the update). With ``dpus_momentum`` the batch's *gradient*
 is removed from this and the later steps it reached through the optimizer's momentum
 (Adam, SGD 0.9), instead of the step's raw update.
 
-OHS fine-tuning (``hybrid.ohs_slices``, ``ohs_lr``, ``ohs_max_epochs``). Default
-``affected``: the remaining rows of slices f..R-1. The removed updates were drawn from the
-rows of stages f..R-1, so that is where the collateral damage is, and those rows are what
-exact retraining would train on again; ``last`` (only the newest slice) is cheaper;
-``all`` adds slices 0..f-1, whose stages DPUS did not touch. The fine-tune is short and
-gentle (a fresh optimizer at ``ohs_lr`` = 1e-4, a tenth of the training rate, at most
-``ohs_max_epochs`` = 2 passes): at the training rate a fresh Adam's first steps undo more
-than they repair (the held-out loss rose after the first pass, so nothing was kept), and
-with the scaled-share DPUS there is little to repair; the full retrain-like fine-tune of the
-first version (up to 10 passes over the affected slices after a whole-batch DPUS) cost more
-than SISA itself. Stopping: a fixed 10% of the shard's remaining rows (by a hash of the
-sample id, the same rows every time; ``ohs_validation_fraction``) is held out from
-fine-tuning and its loss is checked after every pass; the pass with the lowest loss is kept
-(``ohs_patience``, ``ohs_max_epochs``). The test split is never used. These rows were part
-of the original training (they belong to the shard); they are held out from the fine-tuning
-only.
+OHS fine-tuning (``hybrid.ohs_slices``, ``ohs_lr``, ``ohs_max_epochs``): a fresh optimizer
+at ``ohs_lr`` on the remaining rows of the affected slices (``affected``), the newest slice
+(``last``) or all; a fixed ``ohs_validation_fraction`` of the shard's remaining rows (by a
+hash of the sample id) is held out from the fine-tuning and the pass with its lowest loss
+is kept. The test split is never used.
 
 What the stage snapshots mean after DPUS. Stage r's snapshot is a restart point for later
 exact retrains from slice r + 1, and every stage from the first affected slice f on was
@@ -65,100 +38,16 @@ samples are listed as untracked, and a later request for one of them retrains ex
 fine-tuning sample removes them too); the restart points keep the DPUS weights, and a later
 exact retrain of the shard discards the fine-tuning with the stages it replaces.
 
-Forget calibration (``hybrid.calibrate_forget``; off by default, on in
-configs/purchase.yaml). After DPUS the revoked rows are still fitted far better than rows
-the model never saw: on Purchase a shard model gives a revoked row a true-class probability
-of ~0.85 after DPUS against ~0.29 after exact retraining (the other shards' models, which
-never saw it, give ~0.30), and that is what a membership attack reads. Calibration raises
-each revoked row's loss to a target drawn from the losses of non-members: training rows of
-the *other* shards, which this shard's model never saw (no held-out row is used; every
-requested id is left out), matched by rank
-(:func:`~ray_unlearn.platform.methods.hybrid.workload.quantile_targets`), with the retain loss beside it,
-until the rows are at their targets (``calibrate_fraction`` of the shortfall closed) or
-``calibrate_max_steps``. ``calibrate_depth`` (default 2) newest corrected snapshots are
-calibrated (None: all), each from its own DPUS weights: the restart points matter because
-an exact retrain that restarts from one would bring the revoked rows' fit back (calibrating
-the serving snapshot alone: threshold attack -7.5 points at 10 requests, +5 at 100);
-carrying one stage's change into the next compounded (the serving model over-forgot:
-accuracy -3.6 to -5.2 points). Depth 2 covers the restart point of a one-stage exact
-retrain, the only kind ``hs`` makes at the default threshold. Each calibration is recorded
-as one step with no sample ids: its steps hold gradients of the revoked rows, which must
-not be stored. Two settings matter most. Calibration moves the feature layers only
-(``calibrate_params=body``): the output layer's class weights are shared by every row of a
-class, so moving them to forget five rows costs their whole class (calibrating the whole
-model cost 0.71 points of accuracy on average over 14 held-out seeds, more than 1 on three;
-only the feature layers: none on average over ten, -0.42 at worst). And the rate
-(``calibrate_lr``, 3e-4): a fresh Adam's first steps move every weight by about the rate,
-so at the training rate (1e-3) its 3-8 steps overshoot the targets (-1.3 points of accuracy
-over held-out seeds) and at 1e-4 it takes 20-50 steps a snapshot (slower than SISA). It
-stops once 80% of the rows' shortfall is closed (``calibrate_fraction``): the attack then
-already sits at or below the retrained model's, and the last fifth costs a fifth of the
-time.
+Forget calibration (``hybrid.calibrate_forget``) raises each revoked row's loss to a
+target drawn from the losses of non-members (training rows of the other shards), on the
+``calibrate_depth`` newest corrected snapshots, moving ``calibrate_params`` at
+``calibrate_lr`` until ``calibrate_fraction`` of the shortfall is closed; each calibration
+is recorded as one step with no sample ids. Memorization-aware routing
+(``hybrid.route_gap``) retrains exactly where the revoked rows' true-class probability on
+the shard's model exceeds the other shards' models' by more than the setting.
 
-Alternatives measured and left off (seeds 0-1 unless said; accuracy against SISA, threshold
-attack against the retrained model, in points): ``calibrate_target=teacher`` (each revoked
-row moved to the other shards' stage-matched models' mean prediction) kept accuracy but
-left the attack +7 to +8; calibrating the output layer only cost more accuracy than the
-whole model (-1.4 to -1.7 points on seeds 6 and 11); for the whole-model calibration on
-those seeds, a batch of 256 retain rows saved 0.0-0.4 points at 14% more time, lr 2e-4
-(fraction 0.9) 0.2 points, and calibrating the serving snapshot alone lost 0.2-0.3 more; a
-retain term that keeps the model's outputs on the retain rows (KL to the pre-calibration
-model; seeds 1 and 6) over-forgot (attack -6 to -9) and cost 1.7-2.4 points; plain SGD
-steps instead of Adam (lr 0.005-0.02, seed 0) cost 1.1-1.6 points and were slower; share
-factor 4 or 2 under calibration left the attack +3.4 to +7.4; fitting the share factor per
-request so the revoked rows' mean probability matches the other shards' models (factors up
-to 24; seed 0) cost 3.8 points: scaled past ~10, the subtraction takes other samples'
-training with it; an exact replay of the last stage from the DPUS restart point left the
-revoked rows at ~0.79 (the restart point remembers them); a minimal-norm edit of the output
-layer toward the other shards' prediction cost ~9 points of a shard model's accuracy.
-
-Memorization-aware routing (``hybrid.route_gap``, off by default): before taking DPUS,
-HS/OHS compare the revoked rows' mean true-class probability on the shard's serving model
-with the other shards' serving models' (:func:`~ray_unlearn.platform.methods.hybrid.workload.memorization_gap`)
-and retrain exactly where the gap is above the setting (decision reason ``memorized``). It
-works for privacy without touching accuracy, but the rows that gap most are those of the
-oldest slices, seen most often in training, whose exact retrains cost what SISA's do: at 0.6
-(30-40% of the requests routed) the attack came within +1.7 to +2.7 of the retrained model
-at 1.0-1.2x SISA's speed; at 0.7 (few routed) it left +2.5 to +6.6.
-
-Cost. A share-scaled DPUS changes only each touched step's scale, so a corrected version's
-recorded updates are the old file hard-linked (platform/methods/hybrid/contributions.py) and only the
-touched steps are read: ~12 ms a corrected stage on Purchase (it was ~40 ms when every
-update of the stage was read, rescaled and written again), against ~90 ms to retrain one.
-Calibration then costs ~100-150 ms a request (two snapshots, ~20 Adam steps each).
-
-Measured (``benchmarks/hybrid.py --seed N --variants 'sisa;hs;hs[calibrate_forget=true,
-calibrate_depth=2,calibrate_params=body,calibrate_lr=0.0003,calibrate_fraction=0.8]'``, 100
-single-owner requests; seeds 0, 1, 6 and 11 chose the settings, the ten below were held out;
-two runs at a time on 2 cores, each ratio from one run): speed-up over SISA (wall), test
-accuracy against SISA and forget-set threshold attack against the retrained model, in
-points:
-
-==========  ============================  ============================
-held-out    plain HS                      HS + calibration (defaults)
-seed        speed-up  accuracy  attack    speed-up  accuracy  attack
-==========  ============================  ============================
-2           4.19x     -0.10     +6.5      1.98x     -0.17     -2.7
-3           3.32x     +1.14     +8.5      1.69x     +0.85     -1.6
-4           3.75x     -0.07     +5.4      1.84x     +0.16     -2.9
-5           3.84x     -0.69     +4.5      1.75x     -0.41     -1.9
-7           3.81x     +0.64     +8.4      1.88x     +0.22     -0.2
-8           3.91x     -0.96     +3.3      1.90x     -0.35     -0.9
-12          3.74x     -0.23     +8.8      1.86x     -0.42     -2.3
-13          3.35x     +0.22     +8.9      1.82x     +0.03     +0.5
-14          3.37x     +0.23     +5.1      1.82x     +0.33     -3.5
-15          3.81x     -0.38     +10.4     1.89x     -0.22     -1.0
-==========  ============================  ============================
-
-Plain HS is fast and accurate but the revoked rows stay recognisable (attack +3.3 to +10.4;
-the logistic attack +9 to +18; the forget set's accuracy 6-14 points above the retrained
-model's). With calibration every target is met on all ten (CPU-second speed-up 1.82-2.03x):
-the threshold attack within -3.5..+0.5, the logistic one -6.0..-1.2 (the rows end a little
-*less* recognisable than after retraining), the forget set's accuracy within -2.5..+2.8
-points of the retrained model's. The whole-model calibration (``calibrate_params=all``,
-fraction 1) met them on 11 of 14 held-out seeds (accuracy -0.71 on average, below -1 on three)
-at 1.67-1.81x. OHS with that calibration ran 1.13-1.28x (its fine-tuning costs more than it
-repairs here).
+Why these settings, the measured figures (speed-up over SISA, accuracy, membership attack,
+cost) with their commands, and the alternatives tried: docs/methods/hybrid.md.
 
 Exactness. The new versions' sample lists omit the revoked ids (their recorded influence
 is removed, so the audit must not report them as contained), and their metrics say
@@ -193,6 +82,13 @@ from ray_unlearn.platform.methods.base import (
     UnlearningStrategy,
     register_strategy,
 )
+from ray_unlearn.platform.methods.hybrid.calibration import (
+    calibrate_forget,
+    memorization_gap,
+    nonmember_reference,
+    teacher_probabilities,
+    teacher_shards,
+)
 from ray_unlearn.platform.methods.hybrid.contributions import (
     ContributionRecorder,
     MissingContributions,
@@ -201,21 +97,14 @@ from ray_unlearn.platform.methods.hybrid.contributions import (
     save_contributions,
     state_digest,
 )
+from ray_unlearn.platform.methods.hybrid.finetune import finetune, finetune_rows, validation_mask
 from ray_unlearn.platform.methods.hybrid.workload import (
     Decision,
     batch_deletions,
-    calibrate_forget,
     chain_exactness,
     decide,
     estimate_workload,
-    finetune,
-    finetune_rows,
-    memorization_gap,
-    nonmember_reference,
     optimizer_momentum,
-    teacher_probabilities,
-    teacher_shards,
-    validation_mask,
 )
 
 

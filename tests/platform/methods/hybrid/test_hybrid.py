@@ -493,7 +493,7 @@ def test_stage_contributions_reject_inconsistent_shapes():
 
 
 def test_quantile_targets_keep_the_order_and_take_reference_quantiles():
-    from ray_unlearn.platform.methods.hybrid.workload import quantile_targets
+    from ray_unlearn.platform.methods.hybrid.calibration import quantile_targets
 
     ref = torch.arange(101, dtype=torch.float32) / 100  # quantile q is q itself
     got = quantile_targets(torch.tensor([0.9, 0.1, 0.5, 0.2]), ref)
@@ -503,7 +503,7 @@ def test_quantile_targets_keep_the_order_and_take_reference_quantiles():
 
 
 def test_nonmember_reference_is_other_shards_minus_the_deleted(recorded_run):
-    from ray_unlearn.platform.methods.hybrid.workload import nonmember_reference
+    from ray_unlearn.platform.methods.hybrid.calibration import nonmember_reference
 
     ctx = recorded_run
     plan = ctx.plan
@@ -534,7 +534,7 @@ def _kl(ctx, teacher, x, st) -> float:
 
 def _losses(ctx, data, st, deleted):
     from ray_unlearn.platform.core.models import build_model
-    from ray_unlearn.platform.methods.hybrid.workload import _per_sample_loss
+    from ray_unlearn.platform.methods.hybrid.calibration import _per_sample_loss
 
     model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
     model.load_state_dict(st)
@@ -668,7 +668,10 @@ def test_dpus_is_refused_before_logging_where_a_version_has_no_contributions(rec
 
 
 def test_calibration_stops_at_the_targets(recorded_run):
-    from ray_unlearn.platform.methods.hybrid.workload import calibrate_forget, nonmember_reference
+    from ray_unlearn.platform.methods.hybrid.calibration import (
+        calibrate_forget,
+        nonmember_reference,
+    )
 
     ctx = recorded_run
     cfg = ctx.config
@@ -712,7 +715,7 @@ def test_calibration_stops_at_the_targets(recorded_run):
 
 
 def test_teacher_shards_leave_out_every_shard_holding_the_same_person(tmp_path):
-    from ray_unlearn.platform.methods.hybrid.workload import teacher_shards
+    from ray_unlearn.platform.methods.hybrid.calibration import teacher_shards
 
     ctx = create_run(tiny_config(tmp_path, "partition.group_by=sample"))
     plan = ctx.plan
@@ -736,7 +739,10 @@ def test_teacher_shards_leave_out_every_shard_holding_the_same_person(tmp_path):
 def test_teacher_probabilities_average_the_other_shards_and_skip_requested_ids(recorded_run):
     from ray_unlearn.platform.core.models import build_model
     from ray_unlearn.platform.core.training import predict_proba
-    from ray_unlearn.platform.methods.hybrid.workload import teacher_probabilities, teacher_shards
+    from ray_unlearn.platform.methods.hybrid.calibration import (
+        teacher_probabilities,
+        teacher_shards,
+    )
 
     ctx = recorded_run
     owner = _owner_in(ctx, 0, 0)
@@ -762,7 +768,7 @@ def test_teacher_probabilities_average_the_other_shards_and_skip_requested_ids(r
 
 
 def test_calibration_toward_a_teacher_moves_the_rows_to_its_prediction(recorded_run):
-    from ray_unlearn.platform.methods.hybrid.workload import calibrate_forget
+    from ray_unlearn.platform.methods.hybrid.calibration import calibrate_forget
 
     ctx = recorded_run
     cfg = ctx.config
@@ -801,7 +807,7 @@ def test_memorization_gap_is_the_shard_model_minus_the_models_that_never_saw_the
 ):
     from ray_unlearn.platform.core.models import build_model
     from ray_unlearn.platform.core.training import predict_proba
-    from ray_unlearn.platform.methods.hybrid.workload import memorization_gap
+    from ray_unlearn.platform.methods.hybrid.calibration import memorization_gap
 
     ctx = recorded_run
     ids = ctx.plan.samples_of_owner(_owner_in(ctx, 0, 0))
@@ -836,7 +842,7 @@ def test_route_gap_retrains_remembered_rows_exactly(recorded_run, name):
     ctx = recorded_run
     hy = ctx.config.hybrid
     hy.threshold_unit, hy.threshold = "seconds", 0.0  # the workload rule alone: DPUS
-    from ray_unlearn.platform.methods.hybrid.workload import memorization_gap
+    from ray_unlearn.platform.methods.hybrid.calibration import memorization_gap
 
     shard = 1
     state = _state(ctx, shard)

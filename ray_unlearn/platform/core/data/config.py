@@ -1,0 +1,135 @@
+"""The ``data`` section of a run's config: where the records come from and how to read and
+split them (:class:`DataConfig`), and the generated dataset's parameters
+(:class:`SyntheticConfig`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Names of the bundled sources accepted by ``DataConfig.source``.
+BUNDLED = ("digits", "synthetic")
+
+_SOURCE_HELP = (
+    "data.source must be 'digits', 'synthetic', or a Parquet file/directory given as a local "
+    "path or a pyarrow.fs URI (s3://bucket/key.parquet, gs://..., hdfs://..., file:///...)"
+)
+
+
+class SyntheticConfig(BaseModel):
+    """Generated data. ``purchase``: 600 binary features and 100 classes shaped like the
+    Purchase-100 benchmark (customers' purchase vectors); ``custom``: Gaussian class blobs
+    (20 features, 4 classes unless given)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    preset: Literal["purchase", "custom"] = Field(
+        "purchase", description="purchase: Purchase-100-like binary data; custom: Gaussian blobs."
+    )
+    n_samples: int = Field(20000, ge=10, description="Rows to generate.")
+    n_features: int | None = Field(
+        None, ge=1, description="Features per row; None: 600 (purchase) or 20 (custom)."
+    )
+    n_classes: int | None = Field(
+        None, ge=2, description="Classes; None: 100 (purchase) or 4 (custom)."
+    )
+    seed: int = Field(0, ge=0, description="Generator seed (data and owners).")
+    samples_per_owner: float = Field(
+        5.0, ge=1.0, description="Mean samples per owner (sizes vary, at least 1 each)."
+    )
+
+    @property
+    def features(self) -> int:
+        """The number of features after preset defaults."""
+        if self.n_features is not None:
+            return self.n_features
+        return 600 if self.preset == "purchase" else 20
+
+    @property
+    def classes(self) -> int:
+        """The number of classes after preset defaults."""
+        if self.n_classes is not None:
+            return self.n_classes
+        return 100 if self.preset == "purchase" else 4
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> SyntheticConfig:
+        if self.classes > self.n_samples:
+            raise ValueError(
+                f"n_classes ({self.classes}) exceeds n_samples ({self.n_samples}); "
+                "every class needs samples"
+            )
+        return self
+
+
+class DataConfig(BaseModel):
+    """Where the records come from and how to read and split them."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    source: str = Field(
+        "digits",
+        description="'digits', 'synthetic', or a Parquet file/directory (local path or "
+        "pyarrow.fs URI such as s3://bucket/key.parquet).",
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    samples_per_owner: float = Field(
+        4.0, ge=1.0, description="digits: mean samples per owner (sizes vary, at least 1 each)."
+    )
+    label_column: str = Field("label", min_length=1, description="Integer class column.")
+    features_column: str | None = Field(
+        None,
+        description="A list<number> column; None: 'features' if present, else every numeric "
+        "column other than sample_id / owner_id / the label.",
+    )
+    num_classes: int | None = Field(
+        None, ge=2, description="None: from the file's metadata, else max label + 1."
+    )
+    feature_shape: list[int] | None = Field(
+        None,
+        description="Per-sample shape for the model, e.g. [1, 8, 8]; None: (1, 8, 8) for "
+        "digits, the file's metadata, else (D,).",
+    )
+    test_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of samples held out (by hash of the id)."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the digits owner assignment and the split.")
+    compact: Literal["on_delete", "manual"] = Field(
+        "on_delete",
+        description="When the run's own copy of the data drops deleted rows: 'on_delete' (as "
+        "each deletion is done) or 'manual' (`ray-unlearn compact --run ID`; the audit lists "
+        "what waits).",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError(f"must not be empty; {_SOURCE_HELP}")
+        looks_like_path = "/" in v or "." in v or os.sep in v or "://" in v
+        if v not in BUNDLED and not looks_like_path:
+            raise ValueError(
+                f"unknown bundled dataset {v!r}; {_SOURCE_HELP} (write ./{v} for a local "
+                "directory of that name)"
+            )
+        return v
+
+    @field_validator("feature_shape")
+    @classmethod
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(s < 1 for s in v)):
+            raise ValueError(f"must be a non-empty list of positive sizes, e.g. [1, 8, 8]; got {v}")
+        return v
+
+    @field_validator("features_column")
+    @classmethod
+    def _features_column(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a column name or null")
+        return v
+
+
+# -- reading Parquet ---------------------------------------------------------------------
