@@ -83,12 +83,16 @@ class ContributionRecorder:
 class RecordingHook:
     """The SISA driver's hook that records contributions: every step of shard ``shard`` goes
     to a :class:`ContributionRecorder`; every finished stage's contributions are written
-    beside its version (generation 0: the id is known before the version is saved, so a Ray
-    worker writes them while the driver ingests the weights later). Contributions whose
-    version never appears are harmless: loading checks them against the weights' digest."""
+    beside its version of ``generation`` (the id is known before the version is saved, so a
+    Ray worker writes them while the driver ingests the weights later). Contributions whose
+    version never appears are harmless: loading checks them against the weights' digest.
+    (``on_step``/``on_stage`` also fit :func:`~ray_unlearn.platform.core.training.train_shard`.)
+    """
 
-    def __init__(self, ctx: RunContext, shard: int, dtype: str | None = None):
-        self.ctx, self.shard = ctx, shard
+    def __init__(
+        self, ctx: RunContext, shard: int, dtype: str | None = None, *, generation: int = 0
+    ):
+        self.ctx, self.shard, self.generation = ctx, shard, generation
         self.recorder = ContributionRecorder(dtype or ctx.config.hybrid.dtype)
         self.bytes_written = 0
 
@@ -100,7 +104,7 @@ class RecordingHook:
     def on_stage(self, result: StageResult) -> None:
         self.recorder.set_parameters(result.state)  # names a stage that took no step
         contrib = self.recorder.take(result.stage, state_digest(result.state))
-        vid = version_id(self.shard, result.stage, 0)
+        vid = version_id(self.shard, result.stage, self.generation)
         self.bytes_written += save_contributions(self.ctx.storage, self.ctx.layout, vid, contrib)
 
     def summary(self) -> dict[str, float]:
