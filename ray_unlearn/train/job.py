@@ -27,13 +27,9 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from ray_unlearn.platform.core.run import RunContext, open_run
-from ray_unlearn.platform.core.training import configure_threads, init_model, snapshot, train_stage
-from ray_unlearn.platform.core.versions import Registry, ShardEntry, version_id
-from ray_unlearn.platform.methods.hybrid.contributions import (
-    ContributionRecorder,
-    save_contributions,
-    state_digest,
-)
+from ray_unlearn.platform.core.training import configure_threads, train_run_shard
+from ray_unlearn.platform.core.versions import Registry, ShardEntry
+from ray_unlearn.platform.methods.hybrid.recording import recording_hook
 
 
 def worker_layout(num_shards: int, num_workers: int, cluster_cpus: float, cpus_per_worker: float):
@@ -55,39 +51,21 @@ def _train_loop(config: dict[str, Any]) -> None:
     configure_threads(config["threads"])
     cfg = ctx.config
     mine = [k for k in range(cfg.partition.shards) if k % world == rank]
-    data = {k: ctx.shard_data(k) for k in mine}
-    models = {
-        k: init_model(cfg.model, ctx.feature_shape, ctx.num_classes, cfg.seed, k) for k in mine
-    }
-    # hybrid.record: each step's update and batch ids, written beside the version it belongs
-    # to (ids are deterministic: generation 0) for DPUS/HS/OHS to subtract later
-    recorders = (
-        {k: ContributionRecorder(cfg.hybrid.dtype) for k in mine} if cfg.hybrid.record else {}
-    )
-    for k, rec in recorders.items():
-        rec.set_parameters(snapshot(models[k]))
+    # the SISA driver, one per shard: this worker only interleaves their stages so that it
+    # reports once per slice round. hybrid.record: the hook writes each stage's contributions
+    # beside the version it belongs to (ids are deterministic: generation 0)
+    runs = {k: train_run_shard(ctx, k, hook=recording_hook(ctx, k)) for k in mine}
     for stage in range(cfg.partition.slices):
         with tempfile.TemporaryDirectory() as d:
             losses = []
             for k in mine:
-                m = train_stage(
-                    models[k], data[k], stage, cfg.training, cfg.seed, on_step=recorders.get(k)
-                )
-                if k in recorders:
-                    state = snapshot(models[k])
-                    save_contributions(
-                        ctx.storage,
-                        ctx.layout,
-                        version_id(k, stage, 0),
-                        recorders[k].take(stage, state_digest(state)),
-                    )
+                st = next(runs[k])
+                m = st.metrics
                 losses.append(m["loss"])
                 out = Path(d) / f"shard_{k}"
                 out.mkdir()
-                save_file(snapshot(models[k]), str(out / "weights.safetensors"))
-                pq.write_table(
-                    pa.table({"sample_id": data[k].ids_through(stage)}), out / "samples.parquet"
-                )
+                save_file(st.state, str(out / "weights.safetensors"))
+                pq.write_table(pa.table({"sample_id": st.sample_ids}), out / "samples.parquet")
                 (out / "metrics.json").write_text(json.dumps(m))
                 print(
                     f"[ray-unlearn] shard {k}: slice {stage + 1}/{cfg.partition.slices} "

@@ -476,7 +476,7 @@ def parse_override_value(override: str, raw: str) -> Any:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(
             f"override {override!r}: the value {raw!r} is not valid YAML ({problem}); "
-            'to pass it as a string, quote it inside the value: key="\'...\'"'
+            "to pass it as a string, quote it inside the value: key=\"'...'\""
         ) from None
 
 

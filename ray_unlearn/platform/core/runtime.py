@@ -8,6 +8,7 @@ no data loading, no checkpoint download, no cluster start.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,11 @@ import torch
 from ray_unlearn.platform.core.models import build_model
 from ray_unlearn.platform.core.run import RunContext
 from ray_unlearn.platform.core.training import (
+    ShardHook,
     StageResult,
     configure_threads,
     predict_proba,
+    train_run_shard,
     train_shard,
 )
 from ray_unlearn.platform.methods import ShardState, get_strategy
@@ -69,27 +72,38 @@ def train_all_shards(ctx: RunContext) -> dict[str, Any]:
 
     if s3t_runtime.is_s3t(ctx):
         return s3t_runtime.train_s3t_run(ctx)
-    if ctx.config.hybrid.record:  # dpus/hs/ohs subtract the updates recorded here
-        from ray_unlearn.platform.methods.hybrid.contributions import train_and_record
+    hook_for = None
+    if ctx.config.hybrid.record:  # dpus/hs/ohs subtract the updates recorded by this hook
+        from ray_unlearn.platform.methods.hybrid.recording import RecordingHook
 
-        return train_and_record(ctx).to_json()
+        def hook_for(shard: int) -> RecordingHook:
+            return RecordingHook(ctx, shard)
+
+    return train_run(ctx, hook_for)[0]
+
+
+def train_run(
+    ctx: RunContext,
+    hook_for: Callable[[int], ShardHook | None] | None = None,
+    created_by: str = "train-local",
+) -> tuple[dict[str, Any], dict[int, list[str]]]:
+    """Every shard through the SISA driver (:func:`train_run_shard`) in this process, its
+    stages saved as generation 0 and the registry written. ``hook_for(shard)`` gives the
+    shard's hook (or None). Returns the report (run id, seconds, the hooks' summed figures)
+    and each shard's chain of versions."""
     from ray_unlearn.platform.core.versions import Registry, ShardEntry
 
-    cfg = ctx.config
     t0 = time.perf_counter()
-    chains = {}
-    for k in range(cfg.partition.shards):
-        stages = train_shard(
-            ctx.shard_data(k),
-            cfg.model,
-            cfg.training,
-            seed=cfg.seed,
-            feature_shape=ctx.feature_shape,
-            num_classes=ctx.num_classes,
-        )
-        chains[k] = persist_stages(ctx, k, 0, stages, None, created_by="train-local")
+    chains, figures = {}, {}
+    for k in range(ctx.config.partition.shards):
+        hook = hook_for(k) if hook_for is not None else None
+        stages = list(train_run_shard(ctx, k, hook=hook))
+        chains[k] = persist_stages(ctx, k, 0, stages, None, created_by=created_by)
+        for name, v in (hook.summary() if hook is not None else {}).items():
+            figures[name] = figures.get(name, 0) + v
     ctx.model_store.write_registry(Registry({k: ShardEntry(c, 0) for k, c in chains.items()}))
-    return {"run_id": ctx.run_id, "train_seconds": time.perf_counter() - t0}
+    report = {"run_id": ctx.run_id, "train_seconds": time.perf_counter() - t0, **figures}
+    return report, chains
 
 
 class ShardRuntime:

@@ -1,4 +1,12 @@
-"""SISA shard training: one model per shard, trained slice by slice with a snapshot per slice.
+"""Training: the one supervised loop, and SISA shard training on it.
+
+:func:`run_steps` is the loop every plain supervised model of the platform trains in (SISA
+stages, memorization subset models, LiRA and MIA shadow models), with an ``on_step`` hook;
+:func:`train_run_shard` is the one SISA driver (in process and on Ray Train workers), with a
+:class:`ShardHook` through which a method adds to a run's training (hybrid records every
+step's update) without a loop of its own.
+
+SISA: one model per shard, trained slice by slice with a snapshot per slice.
 
 Stage r (0-based) continues from stage r-1's weights and trains on the shard's slices
 0..r. Its length is set by the *new* slice alone: ``ceil(epochs * |slice r| / batch)``
@@ -11,7 +19,7 @@ rows sorted by sample id. The optimizer is created afresh at each stage, so a sn
 (weights only) is the complete state. Hence retraining from the snapshot before the first
 affected slice, on the data without the deleted samples, performs exactly the operations
 that training from scratch on that data performs: the results are equal bit for bit on
-CPU for a fixed thread count (tests/platform/test_training.py checks it).
+CPU for a fixed thread count (tests/platform/core/test_training.py checks it).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -30,10 +39,16 @@ from torch import nn
 from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
 from ray_unlearn.platform.core.models import build_model
 
+if TYPE_CHECKING:
+    from ray_unlearn.platform.core.run import RunContext
+
 StateDict = dict[str, torch.Tensor]
-# on_step(stage, step, batch_sample_ids, params_before, params_after): called after each
-# optimizer step with the parameters (by name) before and after it; ``params_after`` are the
-# live tensors (copy what you keep). Used to record contributions (platform/methods/hybrid/contributions.py).
+# on_step(step, batch_rows, params_before, params_after) of :func:`run_steps`: called after
+# each optimizer step with the batch's row indices and the parameters (by name) before and
+# after it; ``params_after`` are the live tensors (copy what you keep).
+LoopHook = Callable[[int, Any, StateDict, StateDict], None]
+# on_step(stage, step, batch_sample_ids, params_before, params_after) of a SISA stage: the
+# same, with the batch's sample ids. Records contributions (methods/hybrid/recording.py).
 StepHook = Callable[[int, int, np.ndarray, StateDict, StateDict], None]
 
 _INIT, _BATCHES = 0x494E4954, 0x42415443  # "INIT", "BATC": separate seed streams
@@ -153,6 +168,42 @@ def stage_batches(
         pass_no += 1
 
 
+def run_steps(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: Iterable[np.ndarray | torch.Tensor],
+    *,
+    on_step: LoopHook | None = None,
+) -> tuple[float, int]:
+    """The one supervised loop: one cross-entropy step of ``opt`` per batch (row indices
+    into ``x`` (n, D) and ``y`` (n,)), in order. Returns (sum of batch loss x batch size,
+    rows seen). SISA stages, the memorization and LiRA/MIA shadow models all train here.
+
+    ``on_step(step, batch_rows, params_before, params_after)`` (optional) sees every step;
+    it reads, never changes, the training (the copies it costs are made only when given).
+    """
+    model.train()
+    loss_sum, seen = 0.0, 0
+    params = dict(model.named_parameters()) if on_step is not None else None
+    for step, batch in enumerate(batches):
+        idx = torch.as_tensor(batch)
+        xb, yb = x[idx], y[idx]
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        if params is None:
+            opt.step()
+        else:
+            before = {k: p.detach().clone() for k, p in params.items()}
+            opt.step()
+            on_step(step, batch, before, {k: p.detach() for k, p in params.items()})
+        loss_sum += float(loss.detach()) * len(batch)
+        seen += len(batch)
+    return loss_sum, seen
+
+
 def train_stage(
     model: nn.Module,
     data: ShardData,
@@ -164,8 +215,7 @@ def train_stage(
 ) -> dict[str, float]:
     """Train ``model`` in place for one stage; returns metrics (loss, steps, samples, seconds).
 
-    ``on_step`` (optional) sees every optimizer step; it reads, never changes, the training
-    (the copies it costs are made only when it is given).
+    ``on_step`` (optional) sees every optimizer step with the sample ids of its batch.
     """
     rows = np.flatnonzero(data.slices <= stage)
     new = int((data.slices == stage).sum())
@@ -174,24 +224,14 @@ def train_stage(
     model.train()
     opt = _optimizer(model, cfg)
     x_all, y_all = data.features[torch.from_numpy(rows)], data.labels[torch.from_numpy(rows)]
-    loss_sum, seen = 0.0, 0
-    params = dict(model.named_parameters()) if on_step is not None else None
-    batches = stage_batches(len(rows), steps, cfg.batch_size, seed, data.shard, stage)
-    for step, batch in enumerate(batches):
-        idx = torch.from_numpy(batch)
-        xb, yb = x_all[idx], y_all[idx]
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        if params is None:
-            opt.step()
-        else:
-            before = {k: p.detach().clone() for k, p in params.items()}
-            opt.step()
-            after = {k: p.detach() for k, p in params.items()}
+    hook = None
+    if on_step is not None:
+
+        def hook(step: int, batch, before: StateDict, after: StateDict) -> None:
             on_step(stage, step, data.sample_ids[rows[batch]], before, after)
-        loss_sum += float(loss.detach()) * len(batch)
-        seen += len(batch)
+
+    batches = stage_batches(len(rows), steps, cfg.batch_size, seed, data.shard, stage)
+    loss_sum, seen = run_steps(model, opt, x_all, y_all, batches, on_step=hook)
     return {
         "loss": loss_sum / seen if seen else float("nan"),
         "steps": float(steps),
@@ -208,6 +248,35 @@ def snapshot(model: nn.Module) -> StateDict:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
+def iter_stages(
+    data: ShardData,
+    model_cfg: ModelConfig,
+    train_cfg: TrainingConfig,
+    *,
+    seed: int,
+    feature_shape,
+    num_classes: int,
+    start_stage: int = 0,
+    start_state: StateDict | None = None,
+    on_step: StepHook | None = None,
+) -> Iterator[StageResult]:
+    """Train stages ``start_stage..R-1`` one at a time, yielding each stage's snapshot as
+    soon as it is trained; stage ``start_stage`` continues from ``start_state`` (the snapshot
+    of stage ``start_stage - 1``), or from the seeded initial weights when it is 0.
+    ``on_step``: see :func:`train_stage`. Shards are independent, so the stages of several
+    shards may be interleaved (the Ray Train job does) with the results of one at a time.
+    """
+    configure_threads(train_cfg.torch_threads)  # part of what makes training reproducible
+    if start_stage > 0 and start_state is None:
+        raise ValueError(f"start_stage={start_stage} needs the snapshot of stage {start_stage - 1}")
+    model = init_model(model_cfg, feature_shape, num_classes, seed, data.shard)
+    if start_stage > 0:
+        model.load_state_dict(start_state)
+    for stage in range(start_stage, data.num_slices):
+        metrics = train_stage(model, data, stage, train_cfg, seed, on_step=on_step)
+        yield StageResult(stage, snapshot(model), data.ids_through(stage), metrics)
+
+
 def train_shard(
     data: ShardData,
     model_cfg: ModelConfig,
@@ -221,24 +290,64 @@ def train_shard(
     on_stage: Callable[[StageResult], None] | None = None,
     on_step: StepHook | None = None,
 ) -> list[StageResult]:
-    """Train stages ``start_stage..R-1``; stage ``start_stage`` continues from ``start_state``
-    (the snapshot of stage ``start_stage - 1``), or from the seeded initial weights when it is 0.
-    ``on_step``: see :func:`train_stage`.
-    """
-    configure_threads(train_cfg.torch_threads)  # part of what makes training reproducible
-    if start_stage > 0 and start_state is None:
-        raise ValueError(f"start_stage={start_stage} needs the snapshot of stage {start_stage - 1}")
-    model = init_model(model_cfg, feature_shape, num_classes, seed, data.shard)
-    if start_stage > 0:
-        model.load_state_dict(start_state)
+    """Every stage of :func:`iter_stages`, each given to ``on_stage`` when it is trained."""
     results = []
-    for stage in range(start_stage, data.num_slices):
-        metrics = train_stage(model, data, stage, train_cfg, seed, on_step=on_step)
-        res = StageResult(stage, snapshot(model), data.ids_through(stage), metrics)
+    for res in iter_stages(
+        data,
+        model_cfg,
+        train_cfg,
+        seed=seed,
+        feature_shape=feature_shape,
+        num_classes=num_classes,
+        start_stage=start_stage,
+        start_state=start_state,
+        on_step=on_step,
+    ):
         if on_stage is not None:
             on_stage(res)
         results.append(res)
     return results
+
+
+class ShardHook(Protocol):
+    """What a method adds to a run's training without a loop of its own (hybrid's
+    contribution recorder): it sees every optimizer step and every finished stage of one
+    shard, and reads, never changes, the training."""
+
+    def on_step(
+        self, stage: int, step: int, batch_ids: np.ndarray, before: StateDict, after: StateDict
+    ) -> None: ...
+
+    def on_stage(self, result: StageResult) -> None: ...
+
+    def summary(self) -> dict[str, float]:
+        """Figures to add to the training report (summed over shards)."""
+        ...
+
+
+def train_run_shard(
+    ctx: RunContext, shard: int, *, hook: ShardHook | None = None
+) -> Iterator[StageResult]:
+    """The SISA driver: shard ``shard`` of run ``ctx`` trained from its seeded initial
+    weights on all its rows, stage by stage (generation 0). Both the in-process training
+    (``core.runtime.train_all_shards``) and the Ray Train workers (``ray_unlearn.train.job``,
+    which only place shards on workers and ship the snapshots) run it. Each stage is given
+    to ``hook.on_stage`` before it is yielded.
+    """
+    cfg = ctx.config
+    stages = iter_stages(
+        ctx.shard_data(shard),
+        cfg.model,
+        cfg.training,
+        seed=cfg.seed,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+        on_step=None if hook is None else hook.on_step,
+    )
+    for res in stages:
+        if hook is not None:
+            hook.on_stage(res)
+        yield res
 
 
 @torch.no_grad()

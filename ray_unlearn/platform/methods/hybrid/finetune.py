@@ -19,6 +19,7 @@ from ray_unlearn.platform.core.training import (
     StateDict,
     _optimizer,
     derive_seed,
+    run_steps,
     snapshot,
 )
 
@@ -102,25 +103,19 @@ def finetune(
         return FinetuneResult(state, 0, 0, 0, before, best, n_train, n_val, 0.0)
     cfg = train_cfg.model_copy(update={"lr": lr or train_cfg.lr})
     opt = _optimizer(model, cfg)
-    params = dict(model.named_parameters())
     steps, bad, epoch = 0, 0, 0
     for epoch in range(1, max_epochs + 1):
-        model.train()
         rng = np.random.default_rng(derive_seed(*seed_parts, epoch, _FINETUNE))
         perm = train_rows[rng.permutation(len(train_rows))]
-        for i in range(0, len(perm), cfg.batch_size):
-            rows = perm[i : i + cfg.batch_size]
-            idx = torch.from_numpy(rows)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(data.features[idx]), data.labels[idx]).backward()
-            if recorder is None:
-                opt.step()
-            else:
-                prev = {k: p.detach().clone() for k, p in params.items()}
-                opt.step()
-                after = {k: p.detach() for k, p in params.items()}
-                recorder(stage, steps, data.sample_ids[rows], prev, after)
-            steps += 1
+        batches = [perm[i : i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+        hook = None
+        if recorder is not None:  # step numbers continue across passes: one optimizer run
+
+            def hook(step, rows, before, after, first=steps):
+                recorder(stage, first + step, data.sample_ids[rows], before, after)
+
+        run_steps(model, opt, data.features, data.labels, batches, on_step=hook)
+        steps += len(batches)
         val = _loss(model, xv, yv)
         if val < best:
             best, best_state, best_epoch, best_steps, bad = val, snapshot(model), epoch, steps, 0

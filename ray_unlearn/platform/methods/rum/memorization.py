@@ -15,7 +15,7 @@
   *low* mean confidence, max-confidence or accuracy and a *high* mean entropy point to high
   memorization; :data:`DIRECTION` says which way each score points, and
   :func:`as_memorization` turns any score into "higher = more memorized". This is an
-  epoch-end pass, not ``training.train_stage``'s per-step ``on_step`` hook: every row is
+  epoch-end pass, not ``training.run_steps``'s per-step ``on_step`` hook: every row is
   read once per epoch under the same weights (the hook sees a row only in its own batch,
   under weights that differ from batch to batch).
 * **Holdout retraining** (:func:`holdout_kl`): fine-tune a copy of the trained model on
@@ -42,12 +42,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ray_unlearn.platform.core.config import ModelConfig
 from ray_unlearn.platform.core.models import build_model
-from ray_unlearn.platform.core.training import derive_seed, torch_threads
+from ray_unlearn.platform.core.training import derive_seed, run_steps, torch_threads
 
 if TYPE_CHECKING:
     from ray_unlearn.platform.core.run import RunContext
@@ -120,11 +119,7 @@ def fit(
     g = torch.Generator().manual_seed(derive_seed(seed, _BATCH))
     n = len(y)
     for _ in range(spec.epochs if epochs is None else epochs):
-        model.train()
-        for idx in torch.randperm(n, generator=g).split(spec.batch_size):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+        run_steps(model, opt, x, y, torch.randperm(n, generator=g).split(spec.batch_size))
         model.eval()
         if on_epoch is not None:
             on_epoch(model)
