@@ -11,11 +11,12 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from ray_unlearn.platform.core.aggregate import aggregate
 from ray_unlearn.platform.core.audit import audit
-from ray_unlearn.platform.core.config import ConfigError, config_from_dict
+from ray_unlearn.platform.core.config import ConfigError, config_from_dict, config_to_yaml
 from ray_unlearn.platform.core.deletion_log import RequestState
 from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
 from ray_unlearn.platform.core.models import (
@@ -137,6 +138,21 @@ def test_parts_default_to_the_builtins_body_and_head(tmp_path):
         "norm.bias",
     ]
     assert parts_of(net).blocks is None  # a user component names its own
+
+
+def test_short_form_dumps_as_before_and_a_component_round_trips(tmp_path):
+    # the stored config (and so the run's config digest) of a `kind` config is unchanged
+    assert tiny_config(tmp_path).model_dump(mode="json")["model"] == {
+        "kind": "mlp",
+        "hidden": [32],
+        "channels": [16, 32],
+    }
+    cfg = _config(tmp_path, USER)
+    parts = {"head": "classifier", "body": None, "blocks": None}
+    assert cfg.model_dump(mode="json")["model"] == {**USER, "parts": parts}
+    assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg
+    builtin = _config(tmp_path, {"component": "cnn", "args": {"channels": [4]}}).model
+    assert type(build_model(builtin, (1, 8, 8), 10)).__name__ == "SmallCNN"
 
 
 # -- a whole run with the user's model -------------------------------------------------------
