@@ -26,6 +26,7 @@ from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
+from ray_unlearn.platform.core.models import in_module
 from ray_unlearn.platform.core.run import RunContext, open_run
 from ray_unlearn.platform.core.training import configure_threads, train_run_shard
 from ray_unlearn.platform.core.versions import Registry, ShardEntry
@@ -234,6 +235,7 @@ def _ingest_s3t(ctx: RunContext, result) -> float:
     from ray_unlearn.platform.methods.s3t.runtime import BACKBONE, fresh_entry, save_stage
     from ray_unlearn.platform.methods.s3t.training import S3TStage
 
+    head = ctx.config.model.parts.head  # the head's parameters are "<head>.*"
     t0 = time.perf_counter()
     versions: dict[int, dict[str, str]] = {k: {} for k in range(ctx.config.partition.shards)}
     orders: dict[int, dict[int, list[int]]] = {k: {} for k in versions}
@@ -251,8 +253,8 @@ def _ingest_s3t(ctx: RunContext, result) -> float:
                         m["adapter"],
                         m["lora_rank"],
                         m["lora_alpha"],
-                        {n: v for n, v in state.items() if not n.startswith("head.")},
-                        {n: v for n, v in state.items() if n.startswith("head.")},
+                        {n: v for n, v in state.items() if not in_module(n, head)},
+                        {n: v for n, v in state.items() if in_module(n, head)},
                         pq.read_table(odir / "samples.parquet")["sample_id"].to_numpy(),
                         m["metrics"],
                     )

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from ray_unlearn.platform.core.data import DataConfig
 
@@ -40,7 +48,102 @@ class PartitionConfig(_Strict):
     )
 
 
+BUILTIN_COMPONENTS = {
+    "mlp": "ray_unlearn.platform.core.models:build_mlp",
+    "cnn": "ray_unlearn.platform.core.models:build_cnn",
+}
+
+
+def resolve_component(spec: str) -> Any:
+    """The factory a ``model.component`` names: a built-in short name (``mlp``, ``cnn``) or
+    ``package.module:function``. Raises ValueError naming ``spec`` and what is allowed."""
+    import importlib
+
+    allowed = (
+        f"a built-in ({', '.join(BUILTIN_COMPONENTS)}) or an import path "
+        "'package.module:function' of a factory (feature_shape, num_classes, **args) -> nn.Module"
+    )
+    path = BUILTIN_COMPONENTS.get(spec, spec)
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"model.component {spec!r} is not {allowed}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or an error raised while the module runs
+        raise ValueError(
+            f"model.component {spec!r}: cannot import module {module_name!r} "
+            f"({type(e).__name__}: {e}); expected {allowed}"
+        ) from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ValueError(
+                f"model.component {spec!r}: module {module_name!r} has no attribute {attr!r}; "
+                f"expected {allowed}"
+            )
+    if not callable(factory):
+        raise ValueError(f"model.component {spec!r} is a {type(factory).__name__}, not callable")
+    return factory
+
+
+class ModelParts(_Strict):
+    """The parts of a model that methods use, by module name (``dict(model.named_modules())``
+    keys, matched exactly). The defaults are the built-in models' ``body`` and ``head``."""
+
+    head: str = Field(
+        "head",
+        description="The output layer: S3T trains one copy per order; calibration's `head`.",
+    )
+    body: list[str] | None = Field(
+        None,
+        description="Modules whose weights are the hybrid calibration's `body` (the feature "
+        "layers it may move); None = every parameter outside the head.",
+    )
+    blocks: list[str] | None = Field(
+        None,
+        description="S3T's LoRA blocks (Linear or Conv2d), bottom to top, one per slice; "
+        "None = the built-in models' hidden Linear / conv layers (a user component must "
+        "name them, here or in s3t.block_names).",
+    )
+
+    @field_validator("head")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v:
+            raise ValueError("the head must be a module name (the built-ins' is 'head')")
+        return v
+
+    @field_validator("body", "blocks")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v or any(not n for n in v):
+                raise ValueError(f"must be a non-empty list of module names, got {v}")
+            repeated = sorted({n for n in v if v.count(n) > 1})
+            if repeated:
+                raise ValueError(f"module names repeated: {', '.join(repeated)}")
+        return v
+
+
+_LEGACY = ("kind", "hidden", "channels")
+
+
 class ModelConfig(_Strict):
+    """The model: a component (a factory named by import path, or a built-in) and its parts.
+
+    ``kind: mlp|cnn`` with ``hidden`` / ``channels`` is the short form of ``component: mlp``
+    / ``cnn`` and stays as it is (a config written that way dumps, and so digests, exactly
+    as before ``component`` existed)."""
+
+    component: str | None = Field(
+        None,
+        description="Factory of the model: 'mlp', 'cnn' or 'package.module:function', called "
+        "as factory(feature_shape, num_classes, **args) -> torch.nn.Module; None = model.kind.",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the component's factory."
+    )
     kind: Literal["mlp", "cnn"] = Field(
         "mlp", description="mlp for tabular rows, cnn for (C, H, W) images."
     )
@@ -50,6 +153,9 @@ class ModelConfig(_Strict):
     channels: list[int] = Field(
         default_factory=lambda: [16, 32], description="Conv channels of the CNN."
     )
+    parts: ModelParts = Field(
+        default_factory=ModelParts, description="Module names of the parts methods use."
+    )
 
     @field_validator("hidden", "channels")
     @classmethod
@@ -57,6 +163,71 @@ class ModelConfig(_Strict):
         if not v or any(w < 1 for w in v):
             raise ValueError(f"must be a non-empty list of positive widths, got {v}")
         return v
+
+    @field_validator("component")
+    @classmethod
+    def _importable(cls, v: str | None) -> str | None:
+        if v is not None:
+            resolve_component(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ModelConfig:
+        legacy = sorted(set(_LEGACY) & self.model_fields_set)
+        if self.component is not None and legacy:
+            raise ValueError(
+                f"model.{', model.'.join(legacy)} is the short form of model.component "
+                f"(mlp|cnn); with model.component={self.component!r} set, put the factory's "
+                "arguments in model.args"
+            )
+        if self.component is None and self.args:
+            raise ValueError("model.args are the arguments of model.component: set it too")
+        if self.component is not None:
+            import inspect
+
+            factory = resolve_component(self.component)
+            try:
+                inspect.signature(factory).bind((1,), 2, **self.args)
+            except TypeError as e:
+                raise ValueError(
+                    f"model.component {self.component!r} cannot take model.args "
+                    f"{sorted(self.args)}: {e}"
+                ) from None
+            except ValueError:  # no signature to check (a builtin): checked when built
+                pass
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # Only what was chosen: a config of the short form dumps exactly as before
+        # `component` and `parts` existed, so its digest (sha256 of the dumped YAML) holds.
+        out = handler(self)
+        if self.component is None:
+            out.pop("component", None)
+            out.pop("args", None)
+        else:
+            for k in _LEGACY:
+                out.pop(k, None)
+        if self.parts == ModelParts():
+            out.pop("parts", None)
+        return out
+
+    @property
+    def factory(self) -> str:
+        """The component's name: ``component``, or ``kind`` in the short form."""
+        return self.component if self.component is not None else self.kind
+
+    @property
+    def builtin(self) -> bool:
+        return self.factory in BUILTIN_COMPONENTS
+
+    def factory_args(self) -> dict[str, Any]:
+        """Keyword arguments of the factory (the short form's widths for ``kind``)."""
+        if self.component is not None:
+            return dict(self.args)
+        if self.kind == "mlp":
+            return {"hidden": list(self.hidden)}
+        return {"channels": list(self.channels)}
 
 
 class TrainingConfig(_Strict):

@@ -21,6 +21,7 @@ from ray_unlearn.platform.core.compaction import has_copy, load_copy, write_copy
 from ray_unlearn.platform.core.config import RunConfig, config_from_dict, config_to_yaml
 from ray_unlearn.platform.core.data import Records, load_dataset, split_train_test
 from ray_unlearn.platform.core.deletion_log import DeletionLog
+from ray_unlearn.platform.core.models import check_model
 from ray_unlearn.platform.core.plan import TEST, PartitionPlan, make_plan
 from ray_unlearn.platform.core.storage import RunLayout, Storage
 from ray_unlearn.platform.core.training import ShardData
@@ -141,6 +142,7 @@ def create_run(cfg: RunConfig, run_id: str | None = None) -> RunContext:
     if storage.exists(layout.run_info):
         raise RunError(f"run {layout.run_id} already exists under {storage.uri}")
     records = load_dataset(cfg.data, storage)
+    check_model(cfg.model, records.feature_shape, records.num_classes)  # before any write
     train, test = split_train_test(records, cfg.data.test_fraction, cfg.seed)
     plan = make_plan(
         train.sample_ids,

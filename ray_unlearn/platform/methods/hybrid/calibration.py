@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
-from ray_unlearn.platform.core.models import build_model
+from ray_unlearn.platform.core.models import build_model, calibration_parameter_names
 from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.training import (
     ShardData,
@@ -241,11 +241,10 @@ def calibrate_forget(
     cfg = train_cfg.model_copy(
         update={"lr": lr or train_cfg.lr, "batch_size": batch_size or train_cfg.batch_size}
     )
-    if params not in ("all", "body", "head"):
-        raise ValueError(f"unknown calibration params {params!r}; allowed: all, body, head")
-    if params != "all":  # the models' two parts (platform/core/models.py): body, head
+    if params != "all":  # the parts named by model.parts (built-ins: body.*, head.*)
+        movable = set(calibration_parameter_names(model, params))
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(params + "."))
+            p.requires_grad_(name in movable)
     opt = _optimizer(model, cfg)
     rng = np.random.default_rng(derive_seed(*seed_parts, _CALIBRATE))
     steps = 0

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ray_unlearn.platform.core.models import build_model
+from ray_unlearn.platform.core.models import build_model, in_module
 from ray_unlearn.platform.core.run import RunContext
 from ray_unlearn.platform.core.training import configure_threads, predict_proba
 from ray_unlearn.platform.core.versions import Registry, ShardEntry
@@ -298,8 +298,8 @@ def load_backbone(ctx: RunContext, vid: str = BACKBONE) -> nn.Module:
 def load_stage(ctx: RunContext, vid: str) -> tuple[S3TStage, dict[str, Any]]:
     m = ctx.model_store.manifest(vid)
     state = ctx.model_store.load_state(vid)
-    head = {k: v for k, v in state.items() if k.startswith("head.")}
-    adapter = {k: v for k, v in state.items() if not k.startswith("head.")}
+    head = {k: v for k, v in state.items() if in_module(k, ctx.config.model.parts.head)}
+    adapter = {k: v for k, v in state.items() if k not in head}
     st = S3TStage(
         m["order_index"],
         tuple(m["order"]),

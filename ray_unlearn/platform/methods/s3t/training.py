@@ -7,21 +7,17 @@ stages, and stage i trains, on the union ``S_1..S_i``:
 
 * one LoRA adapter on block i counted from the top (``block_names[L - i]``, the list
   being bottom-up), and
-* the model's ``head`` (a full copy per order),
+* the model's head (``model.parts.head``; a full copy per order),
 
 with everything else fixed. A snapshot after each stage holds that stage's adapter and
 head weights and the ids it was trained on.
 
-Adapters. One peft adapter per (order, stage), named ``s3t_o{order}_s{stage}``, injected
-just before its stage with ``inject_adapter_in_model`` and targeting exactly one block
-(``target_modules`` is a regex that must *fully* match the module name, so ``body.1``
-never matches ``body.10``). An order's model therefore holds adapters only for the stages
-trained so far; each adapted layer holds exactly one adapter, and all of them are active.
+Adapters, blocks and the stage-p model: :mod:`ray_unlearn.platform.methods.s3t.adapters`.
 
 Isolation. A stage's optimizer receives only its own adapter's parameters (selected by the
 exact adapter-name component of the parameter names) and the head's; every other
 parameter has ``requires_grad=False`` and is in no optimizer, so it cannot change
-(tests/platform/test_s3t.py checks every parameter bitwise after every stage).
+(tests/platform/methods/s3t/test_s3t.py checks every parameter bitwise after every stage).
 
 Deletion by deactivation. The stage-p model of an order is the backbone plus the adapters
 of stages 1..p plus the head of stage p (:func:`model_for`), a function of slices
@@ -39,12 +35,9 @@ slices alone would give.
 from __future__ import annotations
 
 import copy
-import math
-import re
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,16 +45,67 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_unlearn.platform.core.config import ModelConfig, S3TConfig, TrainingConfig
+from ray_unlearn.platform.core.config import S3TConfig
 from ray_unlearn.platform.core.training import (
     ShardData,
-    StateDict,
     derive_seed,
     init_model,
     predict_proba,
     stage_batches,
     stage_steps,
-    train_stage,
+)
+
+# re-exported (`X as X`): the S3T domain API is importable from this module
+from ray_unlearn.platform.methods.s3t.adapters import (
+    S3TConfigError as S3TConfigError,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    S3TStage as S3TStage,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    _activate as _activate,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    _freeze as _freeze,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    _inject as _inject,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    adapter_name as adapter_name,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    adapter_parameters as adapter_parameters,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    check_s3t as check_s3t,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    default_block_names as default_block_names,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    head_parameters as head_parameters,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    model_for as model_for,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    stage_block as stage_block,
+)
+from ray_unlearn.platform.methods.s3t.backbone import (
+    BACKBONE_STREAM as BACKBONE_STREAM,
+)
+from ray_unlearn.platform.methods.s3t.backbone import (
+    full_finetune as full_finetune,
+)
+from ray_unlearn.platform.methods.s3t.backbone import (
+    pretrain_backbone as pretrain_backbone,
+)
+from ray_unlearn.platform.methods.s3t.backbone import (
+    public_mask as public_mask,
+)
+from ray_unlearn.platform.methods.s3t.backbone import (
+    shard_data_from as shard_data_from,
 )
 from ray_unlearn.platform.methods.s3t.orders import (
     Order,
@@ -70,248 +114,10 @@ from ray_unlearn.platform.methods.s3t.orders import (
     surviving_prefix,
 )
 
-BACKBONE_STREAM = 0x7FFE  # seed-stream id of the backbone (no real shard has it)
-FULL_FINETUNE_STREAM = 0x7FFD  # seed-stream id of the full fine-tuning reference
-_ADAPTER_INIT, _S3T_BATCHES, _PUBLIC = 0x4C4F5241, 0x53335442, 0x5055424C  # "LORA" "S3TB" "PUBL"
-_ADAPTABLE = (nn.Linear, nn.Conv2d)
-
-
-class S3TConfigError(ValueError):
-    """An S3T config that does not fit the model or the partition; lists every problem."""
-
-
-# -- blocks and validation ---------------------------------------------------------------
-
-
-def default_block_names(model: nn.Module) -> list[str]:
-    """The factory models' adaptable blocks, bottom to top: the Linear / Conv2d layers of
-    ``model.body`` (MLP: ``body.0, body.2, ...``; SmallCNN: its conv layers)."""
-    body = getattr(model, "body", None)
-    if isinstance(body, nn.Sequential):
-        return [f"body.{i}" for i, m in enumerate(body) if isinstance(m, _ADAPTABLE)]
-    return [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, _ADAPTABLE) and n.split(".")[0] != "head"
-    ]
-
-
-def check_s3t(cfg: S3TConfig, model: nn.Module, num_slices: int) -> list[str]:
-    """Validate ``cfg`` against a (fresh, un-adapted) model and the partition's R slices.
-
-    Returns the block names (bottom to top). Raises :class:`S3TConfigError` listing every
-    problem. Names match exactly: ``body.1`` is not ``body.10``.
-    """
-    problems: list[str] = []
-    modules = dict(model.named_modules())
-    head = modules.get("head")
-    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
-        problems.append("the model needs a trainable `head` module (one copy per order)")
-    blocks = list(cfg.block_names) if cfg.block_names is not None else default_block_names(model)
-    adaptable = [n for n, m in modules.items() if isinstance(m, _ADAPTABLE)]
-    for name in blocks:
-        if name not in modules:
-            problems.append(
-                f"block_names: {name!r} is not a module of the model (exact names); "
-                f"adaptable modules: {', '.join(adaptable) or 'none'}"
-            )
-        elif not isinstance(modules[name], _ADAPTABLE):
-            problems.append(
-                f"block_names: {name!r} is a {type(modules[name]).__name__}; LoRA blocks must be "
-                f"Linear or Conv2d (adaptable: {', '.join(adaptable)})"
-            )
-        elif name == "head" or name.startswith("head."):
-            problems.append(f"block_names: {name!r} is in the head, which every stage trains fully")
-    if not blocks:
-        problems.append("the model has no adaptable block (Linear/Conv2d outside the head)")
-    elif len(blocks) != num_slices:
-        problems.append(
-            f"S3T adapts one block per slice: L = {len(blocks)} blocks "
-            f"({', '.join(blocks)}) must equal the number of slices R = {num_slices}; "
-            f"set partition.slices={len(blocks)}, or name {num_slices} blocks in block_names "
-            f"(or give the model {num_slices} hidden layers)"
-        )
-    L = len(blocks) if blocks else num_slices
-    if L >= 1 and cfg.budget > math.factorial(L):
-        problems.append(
-            f"budget: B={cfg.budget} exceeds the {math.factorial(L)} distinct orders of "
-            f"L={L} slices; use budget <= {math.factorial(L)}"
-        )
-    if cfg.retrain_depth_threshold > L:
-        problems.append(
-            f"retrain_depth_threshold: {cfg.retrain_depth_threshold} exceeds the depth L={L}; "
-            f"use 1..{L}"
-        )
-    if cfg.deletion_prior is not None and len(cfg.deletion_prior) != L:
-        problems.append(
-            f"deletion_prior: one probability per slice is needed (L={L}), "
-            f"got {len(cfg.deletion_prior)}"
-        )
-    if problems:
-        raise S3TConfigError(
-            f"invalid S3T config: {len(problems)} problem(s)\n"
-            + "\n".join(f"  - {p}" for p in problems)
-        )
-    return blocks
-
-
-def adapter_name(order_index: int, stage: int) -> str:
-    """The peft adapter name of (order, 1-based stage)."""
-    return f"s3t_o{order_index}_s{stage}"
-
-
-def stage_block(blocks: Sequence[str], stage: int) -> str:
-    """Block trained by 1-based ``stage``: the stage-th from the top (blocks are bottom-up)."""
-    return blocks[len(blocks) - stage]
-
-
-def _exact(names: Sequence[str]) -> str:
-    """A ``target_modules`` regex that peft full-matches against module names: exact names."""
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
-
-
-def _tuner_layer() -> type:
-    from peft.tuners.tuners_utils import BaseTunerLayer  # lazy: peft imports transformers
-
-    return BaseTunerLayer
-
-
-def _inject(
-    model: nn.Module, name: str, block: str, rank: int, alpha: float, init_seed: int
-) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=_exact([block]),
-        lora_dropout=0.0,
-        bias="none",
-        init_lora_weights=True,  # A: seeded Kaiming-uniform, B: zeros (a no-op until trained)
-    )
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # one adapter per stage is the design, not an accident
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        torch.manual_seed(init_seed)
-        inject_adapter_in_model(cfg, model, adapter_name=name)
-    layer = dict(model.named_modules()).get(block)
-    if not isinstance(layer, _tuner_layer()) or name not in getattr(layer, "lora_A", {}):
-        raise RuntimeError(f"adapter {name} was not injected into block {block!r}")
-
-
-def _activate(model: nn.Module, names: Sequence[str]) -> None:
-    """Make exactly ``names`` active (each adapted layer holds one of them); no gradients.
-
-    Every injection re-activates only the newest adapter model-wide, so this is called
-    after each one."""
-    tuner_layer = _tuner_layer()
-    for m in model.modules():
-        if isinstance(m, tuner_layer):
-            m.set_adapter([n for n in names if n in m.lora_A], inference_mode=True)
-
-
-def _freeze(model: nn.Module) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-    """Parameters of adapter ``name``: those with ``name`` as an exact dotted component."""
-    return {n: p for n, p in model.named_parameters() if name in n.split(".")}
-
-
-def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if n.split(".")[0] == "head"}
-
-
-# -- public data and the backbone --------------------------------------------------------
-
-
-def public_mask(owner_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """True for the rows whose owner is drawn into the public split (whole owners, about
-    ``fraction`` of them, a function of (seed, the sorted owner set))."""
-    owners, inverse = np.unique(np.asarray(owner_ids).astype(str), return_inverse=True)
-    u = np.random.default_rng(derive_seed(seed, _PUBLIC)).random(len(owners))
-    return (u < fraction)[inverse]
-
-
-def shard_data_from(features, labels, sample_ids, stream: int) -> ShardData:
-    """One-slice :class:`ShardData` (for the backbone and the full fine-tuning reference)."""
-    return ShardData(
-        shard=stream,
-        sample_ids=np.asarray(sample_ids, dtype=np.int64),
-        slices=np.zeros(len(sample_ids), dtype=np.int32),
-        features=torch.as_tensor(np.ascontiguousarray(features), dtype=torch.float32),
-        labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)),
-        num_slices=1,
-    )
-
-
-def _full_weight_cfg(cfg: S3TConfig, epochs: int) -> TrainingConfig:
-    return TrainingConfig(
-        epochs=epochs, batch_size=cfg.batch_size, lr=cfg.pretrain_lr, optimizer="adam"
-    )
-
-
-def pretrain_backbone(
-    model_cfg: ModelConfig,
-    feature_shape,
-    num_classes: int,
-    public: ShardData,
-    cfg: S3TConfig,
-    seed: int,
-) -> nn.Module:
-    """Build the model (seeded), fully fine-tune it on the public rows for
-    ``pretrain_epochs`` passes at ``pretrain_lr``, and freeze it."""
-    model = init_model(model_cfg, feature_shape, num_classes, seed, BACKBONE_STREAM)
-    if cfg.pretrain_epochs > 0 and len(public):
-        train_stage(model, public, 0, _full_weight_cfg(cfg, cfg.pretrain_epochs), seed)
-    model.eval()
-    return _freeze(model)
-
-
-def full_finetune(backbone: nn.Module, data: ShardData, cfg: S3TConfig, seed: int) -> nn.Module:
-    """Reference: every parameter of a copy of the backbone trained on ``data`` (one
-    slice) for ``cfg.epochs`` passes at the full-weight rate (``pretrain_lr``)."""
-    model = copy.deepcopy(backbone)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    one = ShardData(
-        FULL_FINETUNE_STREAM,
-        data.sample_ids,
-        np.zeros(len(data), dtype=np.int32),
-        data.features,
-        data.labels,
-        1,
-    )
-    train_stage(model, one, 0, _full_weight_cfg(cfg, cfg.epochs), seed)
-    model.eval()
-    return _freeze(model)
+_ADAPTER_INIT, _S3T_BATCHES = 0x4C4F5241, 0x53335442  # "LORA" "S3TB"
 
 
 # -- one order -----------------------------------------------------------------------------
-
-
-@dataclass
-class S3TStage:
-    """Snapshot after one stage of one order."""
-
-    order_index: int
-    order: Order
-    stage: int  # 1-based
-    block: str
-    adapter: str
-    lora_rank: int
-    lora_alpha: float
-    adapter_state: StateDict  # parameter name in the model -> tensor (this adapter only)
-    head_state: StateDict  # "head.weight", "head.bias", ...
-    sample_ids: np.ndarray  # ids of slices order[:stage] it was trained on
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def tensors(self) -> StateDict:
-        """All weights of the snapshot, flat (for safetensors)."""
-        return {**self.adapter_state, **self.head_state}
 
 
 def _check_order(order: Sequence[int], num_slices: int) -> Order:
@@ -421,45 +227,6 @@ def iter_order_stages(
             },
         )
         yield snap, model
-
-
-def model_for(
-    backbone: nn.Module, order_snapshots: Sequence[S3TStage | None], prefix: int
-) -> nn.Module:
-    """The stage-``prefix`` model of an order: a copy of the backbone with the adapters of
-    stages 1..prefix (active) and the head of stage ``prefix``; later stages' adapters are
-    not even present. ``prefix=0`` is the backbone itself (public data only)."""
-    if not 0 <= prefix <= len(order_snapshots):
-        raise ValueError(f"prefix must be in 0..{len(order_snapshots)}, got {prefix}")
-    model = _freeze(copy.deepcopy(backbone))
-    names = []
-    for i, snap in enumerate(order_snapshots[:prefix], start=1):
-        if snap is None:
-            raise ValueError(f"stage {i} was retired (trained on deleted data): it cannot serve")
-        if snap.stage != i:
-            raise ValueError(f"snapshot {i - 1} is of stage {snap.stage}; stages must be 1..L")
-        _inject(model, snap.adapter, snap.block, snap.lora_rank, snap.lora_alpha, 0)
-        names.append(snap.adapter)
-        params = adapter_parameters(model, snap.adapter)
-        if params.keys() != snap.adapter_state.keys():
-            raise ValueError(
-                f"snapshot of {snap.adapter} does not fit the model: "
-                f"{sorted(snap.adapter_state)} vs {sorted(params)}"
-            )
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(snap.adapter_state[k])
-    _activate(model, names)
-    if prefix:
-        head = head_parameters(model)
-        state = order_snapshots[prefix - 1].head_state  # type: ignore[union-attr]
-        if head.keys() != state.keys():
-            raise ValueError(f"head snapshot keys {sorted(state)} do not fit {sorted(head)}")
-        with torch.no_grad():
-            for k, p in head.items():
-                p.copy_(state[k])
-    model.eval()
-    return _freeze(model)
 
 
 # -- a shard -------------------------------------------------------------------------------
