@@ -55,8 +55,8 @@ from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.run import RunContext, create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.core.training import derive_seed
-from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
-from ray_unlearn.platform.methods.s3t.runtime import VALIDATION_STREAM
+from ray_unlearn.platform.eval.accuracy import VALIDATION_STREAM, ensemble_accuracy
+from ray_unlearn.platform.methods import registry
 from ray_unlearn.platform.serving.policies import get_policy
 from ray_unlearn.platform.serving.view import DeletionTracker, answer_batch, shards_to_query
 from ray_unlearn.tune.exposure import ExposureCheck
@@ -66,14 +66,13 @@ Reporter = Callable[[dict[str, Any]], None]
 
 
 def stream_owners(ctx: RunContext, n: int, seed: int) -> list[str]:
-    """``n`` owners with training data that may be deleted (S3T public rows excluded)."""
-    from ray_unlearn.platform.methods.s3t.runtime import is_s3t, public_sample_ids
-
+    """``n`` owners with training data that may be deleted (rows a method declares not
+    subject to deletion, such as S3T's public split, excluded)."""
     owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
-    if is_s3t(ctx):
-        public = set(public_sample_ids(ctx).tolist())
+    protected = set(registry.undeletable_ids(ctx).tolist())
+    if protected:
         owners = np.array(
-            [o for o in owners if not set(ctx.plan.samples_of_owner(o).tolist()) & public]
+            [o for o in owners if not set(ctx.plan.samples_of_owner(o).tolist()) & protected]
         )
     rng = np.random.default_rng(seed)
     return [str(o) for o in rng.choice(owners, size=min(n, len(owners)), replace=False)]

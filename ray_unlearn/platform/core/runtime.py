@@ -21,7 +21,8 @@ from ray_unlearn.platform.core.training import (
     predict_proba,
     train_shard,
 )
-from ray_unlearn.platform.methods import ShardState, get_strategy
+from ray_unlearn.platform.methods import registry
+from ray_unlearn.platform.methods.base import ShardState, get_strategy
 
 
 def persist_stages(
@@ -52,12 +53,21 @@ def persist_stages(
 
 
 def make_runtime(ctx: RunContext, shard: int, deleted=()):
-    """The shard runtime for the run's kind: SISA slices, or S3T orders and stages."""
-    from ray_unlearn.platform.methods.s3t import runtime as s3t_runtime
+    """The shard runtime for the run's kind: SISA slices, or a method's own (the registry's
+    ``runtime`` hook)."""
+    own = registry.own_runtime(ctx, shard, deleted)
+    return own if own is not None else ShardRuntime(ctx, shard, deleted)
 
-    if s3t_runtime.is_s3t(ctx):
-        return s3t_runtime.S3TShardRuntime(ctx, shard, deleted)
-    return ShardRuntime(ctx, shard, deleted)
+
+def load_serving_model(ctx: RunContext, vid: str) -> torch.nn.Module:
+    """The model a version id serves: a SISA slice snapshot, or what the run's method builds
+    from the id (the registry's ``serving_model`` hook: an S3T stage on its backbone)."""
+    own = registry.serving_model(ctx, vid)
+    if own is not None:
+        return own
+    model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
+    model.load_state_dict(ctx.model_store.load_state(vid))
+    return model.eval()
 
 
 def train_all_shards(ctx: RunContext) -> dict[str, Any]:
@@ -65,14 +75,10 @@ def train_all_shards(ctx: RunContext) -> dict[str, Any]:
 
     The Ray Train job (``ray_unlearn.train.job``) does the same work spread over workers.
     """
-    from ray_unlearn.platform.methods.s3t import runtime as s3t_runtime
-
-    if s3t_runtime.is_s3t(ctx):
-        return s3t_runtime.train_s3t_run(ctx)
-    if ctx.config.hybrid.record:  # dpus/hs/ohs subtract the updates recorded here
-        from ray_unlearn.platform.methods.hybrid.contributions import train_and_record
-
-        return train_and_record(ctx).to_json()
+    # a method that trains the run its own way (a run kind; recorded contributions)
+    own = registry.train_run(ctx)
+    if own is not None:
+        return own
     from ray_unlearn.platform.core.versions import Registry, ShardEntry
 
     cfg = ctx.config

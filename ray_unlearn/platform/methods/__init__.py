@@ -1,6 +1,17 @@
-"""Unlearning strategies. Importing this package registers the built-in ones."""
+"""Unlearning methods as plug-ins behind one registry (:mod:`.registry`).
 
-from ray_unlearn.platform.methods import sisa as _sisa  # noqa: F401  (registers "sisa")
+Importing this package registers the built-in methods: each line below imports one method
+package, whose ``__init__`` calls :func:`register` once. Adding a method is one package and
+one line here; core, the CLI and the config ask the registry and never name a method.
+"""
+
+# -- built-in methods (each import registers one) ---------------------------------------------
+from ray_unlearn.platform.methods import (
+    hybrid,  # noqa: E402, F401  (dpus, hs, ohs)
+    rum,  # noqa: E402, F401  (rum)
+    s3t,  # noqa: E402, F401  (s3t, a run kind)
+    sisa,  # noqa: E402, F401, I001  (sisa)
+)
 from ray_unlearn.platform.methods.base import (
     ShardState,
     ShardUpdate,
@@ -9,14 +20,30 @@ from ray_unlearn.platform.methods.base import (
     get_strategy,
     register_strategy,
 )
-from ray_unlearn.platform.methods.hybrid import strategy as _hybrid  # noqa: F401  (dpus, hs, ohs)
-from ray_unlearn.platform.methods.rum import strategy as _rum  # noqa: F401  (rum)
+from ray_unlearn.platform.methods.registry import (
+    Method,
+    Section,
+    check_request,
+    get_method,
+    methods,
+    register,
+    strategy_names,
+    unregister,
+)
 
 __all__ = [
+    "Method",
+    "Section",
     "ShardState",
     "ShardUpdate",
     "UnlearningStrategy",
     "available_strategies",
+    "check_request",
+    "get_method",
     "get_strategy",
+    "methods",
+    "register",
     "register_strategy",
+    "strategy_names",
+    "unregister",
 ]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_unlearn.platform.core.config import HybridConfig, ModelConfig, TrainingConfig
+from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
 from ray_unlearn.platform.core.models import build_model
 from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.training import (
@@ -37,6 +37,7 @@ from ray_unlearn.platform.core.training import (
     snapshot,
     stage_steps,
 )
+from ray_unlearn.platform.methods.hybrid.config import HybridConfig
 
 if TYPE_CHECKING:
     from ray_unlearn.platform.core.run import RunContext

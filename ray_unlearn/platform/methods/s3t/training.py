@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_unlearn.platform.core.config import ModelConfig, S3TConfig, TrainingConfig
+from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
 from ray_unlearn.platform.core.training import (
     ShardData,
     StateDict,
@@ -63,6 +63,7 @@ from ray_unlearn.platform.core.training import (
     stage_steps,
     train_stage,
 )
+from ray_unlearn.platform.methods.s3t.config import S3TConfig
 from ray_unlearn.platform.methods.s3t.orders import (
     Order,
     best_order,
