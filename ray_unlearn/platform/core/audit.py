@@ -65,7 +65,7 @@ def audit(
         "violations": violations,
         "clean": not violations and not store["stray_violations"],
         **store,
-        # live versions an approximate strategy (DPUS, HS's approximate path, OHS) produced,
+        # live versions an approximate strategy (a direct parameter update) produced,
         # or that descend from one: deletions behind them were honoured approximately (the
         # deleted ids are in no manifest, but the weights are not a retrain without them)
         "approximate_live_versions": approximate,

@@ -106,7 +106,7 @@ class UnlearningConfig(_Strict):
 
 class CoreRunConfig(_Strict):
     """The run's own sections. The full :data:`RunConfig` adds the sections the registered
-    methods own (``hybrid:``, ``rum:``, ``s3t:``, ...): see :func:`run_config_model`."""
+    methods own (one top-level key each): see :func:`run_config_model`."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     seed: int = Field(0, ge=0)

@@ -65,7 +65,7 @@ class ShardBackend(Protocol):
         """Run ``ShardRuntime.retrain_from_scratch`` on every non-empty shard."""
 
     def restore(self, shards: list[int], request_ids: list[str]) -> list[dict[str, Any]]:
-        """Retrain whole shards a method's restore plan names (S3T: depth fell too low);
+        """Retrain whole shards a method's restore plan names (say, too shallow);
         results like ``unlearn``."""
 
     def predict_proba(self, features: np.ndarray) -> dict[int, np.ndarray]:
@@ -118,7 +118,7 @@ def resolve_request(ctx: RunContext, owner_id: str | None = None, sample_ids=Non
     else:
         ids = np.unique(np.asarray(list(sample_ids), dtype=np.int64))
         ctx.plan.positions(ids)  # raises on unknown ids, before anything is written
-    # a method may declare samples not subject to deletion (S3T: its public split): a
+    # a method may declare samples not subject to deletion (a public split): a
     # request for them is refused before it is logged
     return registry.refuse_undeletable(ctx, ids)
 
@@ -278,9 +278,9 @@ class UnlearningEngine:
             log.transition(r.request.request_id, RequestState.DONE, **details[r.request.request_id])
             for r in todo
         ]
-        # a method may retrain shards after the requests are already honoured (S3T: a
-        # deletion only deactivates stages, done above in microseconds; a shard left too
-        # shallow is retrained): by ``restore_hook`` when one is set (the executor actor: in
+        # a method may retrain shards after the requests are already honoured (when a
+        # deletion only deactivated stages, done above in microseconds, and left a shard too
+        # shallow): by ``restore_hook`` when one is set (the executor actor: in
         # the background), else now.
         plan = registry.restore_plan(self.ctx, results, self.backend.predict_proba)
         if plan is not None:

@@ -61,7 +61,7 @@ def make_runtime(ctx: RunContext, shard: int, deleted=()):
 
 def load_serving_model(ctx: RunContext, vid: str) -> torch.nn.Module:
     """The model a version id serves: a SISA slice snapshot, or what the run's method builds
-    from the id (the registry's ``serving_model`` hook: an S3T stage on its backbone)."""
+    from the id (the registry's ``serving_model`` hook: say, adapters on a backbone)."""
     own = registry.serving_model(ctx, vid)
     if own is not None:
         return own

@@ -5,13 +5,6 @@ package, whose ``__init__`` calls :func:`register` once. Adding a method is one 
 one line here; core, the CLI and the config ask the registry and never name a method.
 """
 
-# -- built-in methods (each import registers one) ---------------------------------------------
-from ray_unlearn.platform.methods import (
-    hybrid,  # noqa: E402, F401  (dpus, hs, ohs)
-    rum,  # noqa: E402, F401  (rum)
-    s3t,  # noqa: E402, F401  (s3t, a run kind)
-    sisa,  # noqa: E402, F401, I001  (sisa)
-)
 from ray_unlearn.platform.methods.base import (
     ShardState,
     ShardUpdate,
@@ -30,6 +23,14 @@ from ray_unlearn.platform.methods.registry import (
     strategy_names,
     unregister,
 )
+
+# -- built-in methods: each line imports one package, whose __init__ registers it ---------------
+# isort: off
+from ray_unlearn.platform.methods import sisa  # noqa: E402, F401  (sisa)
+from ray_unlearn.platform.methods import hybrid  # noqa: E402, F401  (dpus, hs, ohs; hybrid:)
+from ray_unlearn.platform.methods import rum  # noqa: E402, F401  (rum; rum:)
+from ray_unlearn.platform.methods import s3t  # noqa: E402, F401  (s3t, a run kind; s3t:)
+# isort: on
 
 __all__ = [
     "Method",

@@ -31,5 +31,6 @@ METHOD = register(
         serving_model=hooks.serving_model,
         background_restore=hooks.background_restore,
         sweep_problems=hooks.sweep_problems,
+        ray_train_job="ray_unlearn.train.s3t_job",
     )
 )
