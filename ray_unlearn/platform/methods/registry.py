@@ -15,6 +15,14 @@ there, with no edit in core, the CLI or the config. A method declares
   ``sweep_problems``, ``ray_train_job``) are asked of the run's own method only (the one owning
   its ``unlearning.strategy``); ``config_problems``, ``train`` and ``check_request`` of every
   method, since they read sections any run may set (``hybrid.record`` on a SISA run).
+
+A new method, say ``methods/mine/``: ``config.py`` with its section's pydantic class,
+``strategy.py`` with an ``UnlearningStrategy`` subclass, and in ``__init__.py``::
+
+    register(Method("mine", strategies=(MyStrategy,), sections=(Section("mine", MineConfig),)))
+
+plus the line ``from ray_unlearn.platform.methods import mine`` in ``methods/__init__.py``.
+A run then takes ``unlearning.strategy: my-strategy`` and a top-level ``mine:`` section.
 """
 
 from __future__ import annotations
