@@ -109,7 +109,9 @@ def forget(
     t0 = time.perf_counter()
     ctx = open_run(_storage(storage), run)
     ids = list(samples) if samples is not None else None
-    _check_strategy(ctx, strategy, owner, ids)  # before anything is logged
+    from ray_unlearn.platform.methods import check_request
+
+    check_request(ctx, strategy, owner, ids)  # the methods' own checks, before anything is logged
     deadline = time.time() + deadline_s if deadline_s is not None else None
     record, created = submit_request(
         ctx, owner_id=owner, sample_ids=ids, request_id=request_id, deadline=deadline
@@ -145,50 +147,6 @@ def forget(
         "seconds": time.perf_counter() - t0,
         **record_summary(final),
     }
-
-
-def _check_strategy(ctx, name: str | None, owner: str | None = None, ids=None) -> None:
-    """A strategy named for one execution must be one the run can execute: the method's own
-    checks (S3T runs only deactivate; DPUS needs every version it corrects to have recorded
-    contributions of the samples)."""
-    if name is None:
-        return
-    from ray_unlearn.platform.core.config import RunConfig
-    from ray_unlearn.platform.methods.s3t.runtime import is_s3t
-
-    s3t_run = is_s3t(ctx)
-    if s3t_run != (name == "s3t"):
-        raise ValueError(
-            f"--strategy {name!r}: run {ctx.run_id} "
-            + (
-                "is an S3T run, whose deletions are deactivations: only 's3t' applies"
-                if s3t_run
-                else "was not trained with S3T: 's3t' does not apply"
-            )
-        )
-    doc = ctx.config.model_dump()
-    doc["unlearning"]["strategy"] = name
-    try:
-        RunConfig.model_validate(doc)
-    except ValueError as e:
-        raise ValueError(f"--strategy {name!r} does not fit run {ctx.run_id}: {e}") from None
-    if name == "dpus":
-        from ray_unlearn.platform.methods.hybrid.contributions import (
-            versions_without_contributions,
-        )
-
-        try:
-            wanted = ctx.plan.samples_of_owner(owner) if owner is not None else ids
-            missing = versions_without_contributions(ctx, wanted)
-        except (KeyError, ValueError):
-            return  # unknown owner or ids: submit_request reports them
-        for k, versions in missing.items():
-            raise ValueError(
-                f"--strategy dpus: shard {k}'s versions {', '.join(versions)} have no recorded "
-                "contributions of these samples (an exact retrain wrote them without recording, "
-                "or an earlier DPUS dropped the steps they shared with a revoked sample), so DPUS "
-                "cannot correct them; use hs or ohs, which retrain such a shard exactly"
-            )
 
 
 def record_summary(rec) -> dict[str, Any]:

@@ -451,21 +451,10 @@ def verify_exposure(
 @app.command()
 def strategies(as_json: JsonOpt = False) -> None:
     """List the registered unlearning strategies."""
-    from ray_unlearn.platform.methods import available_strategies, get_strategy
+    from ray_unlearn.platform.methods import registry
 
     with _Output(as_json) as out:
-        rows = [
-            {"name": n, "exact": get_strategy(n).exact, "description": get_strategy(n).description}
-            for n in available_strategies()
-        ]
-        rows.append(
-            {
-                "name": "s3t",
-                "exact": True,
-                "description": "exact, a run kind: sliced LoRA "
-                "training on a frozen backbone; deletions deactivate the stages that saw the data",
-            }
-        )
+        rows = registry.listing()
         t = Table(title="unlearning strategies")
         for col in ("name", "exact", "description"):
             t.add_column(col)

@@ -192,15 +192,16 @@ class LocalRayHead:
 
 
 def pick_owners(ctx: RunContext, n: int, seed: int) -> list[str]:
-    """``n`` owners with training data that may be deleted, chosen by a seeded draw (S3T's
-    public rows cannot be deleted: their owners are left out)."""
-    owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
-    from ray_unlearn.platform.methods.s3t.runtime import is_s3t, public_sample_ids
+    """``n`` owners with training data that may be deleted, chosen by a seeded draw (rows a
+    method declares not subject to deletion, such as S3T's public split: their owners are
+    left out)."""
+    from ray_unlearn.platform.methods import registry
 
-    if is_s3t(ctx):
-        public = set(public_sample_ids(ctx).tolist())
+    owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
+    protected = set(registry.undeletable_ids(ctx).tolist())
+    if protected:
         owners = np.array(
-            [o for o in owners if not set(ctx.plan.samples_of_owner(o).tolist()) & public]
+            [o for o in owners if not set(ctx.plan.samples_of_owner(o).tolist()) & protected]
         )
     rng = np.random.default_rng(seed)
     return [str(o) for o in rng.choice(owners, size=min(n, len(owners)), replace=False)]

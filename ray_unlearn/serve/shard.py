@@ -15,8 +15,8 @@ import torch
 from ray import serve
 
 from ray_unlearn.platform.core.run import open_run
+from ray_unlearn.platform.core.runtime import load_serving_model
 from ray_unlearn.platform.core.training import configure_threads, predict_proba
-from ray_unlearn.platform.methods.s3t.runtime import load_serving_model
 
 _CACHED_VERSIONS = 3
 
@@ -33,7 +33,7 @@ class ShardModel:
         if version in self._models:
             self._models.move_to_end(version)
             return self._models[version]
-        m = load_serving_model(self.ctx, version)  # a SISA snapshot or an S3T stage
+        m = load_serving_model(self.ctx, version)  # a slice snapshot, or a method's own
         self._models[version] = m
         while len(self._models) > _CACHED_VERSIONS:
             self._models.popitem(last=False)

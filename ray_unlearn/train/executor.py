@@ -28,6 +28,7 @@ from ray_unlearn.platform.core.engine import UnlearningEngine
 from ray_unlearn.platform.core.run import open_run
 from ray_unlearn.platform.core.runtime import make_runtime
 from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
+from ray_unlearn.platform.methods import registry
 from ray_unlearn.train.session import NAMESPACE
 
 
@@ -158,8 +159,7 @@ class Executor:
         self._restoring: set[int] = set()
         self._restore_errors: list[dict[str, Any]] = []
         self._restores = 0
-        s3t_cfg = getattr(cfg, "s3t", None)
-        if background_restore and s3t_cfg is not None and s3t_cfg.background_restore:
+        if background_restore and registry.background_restore(cfg):
             self.engine.restore_hook = self._restore_in_background
         self.settings = {
             "torch_threads": threads,

@@ -9,6 +9,7 @@ and deletes Train's copies, which would otherwise keep deleted data alive.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -26,10 +27,10 @@ from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from ray_unlearn.platform.core.models import in_module
 from ray_unlearn.platform.core.run import RunContext, open_run
 from ray_unlearn.platform.core.training import configure_threads, train_run_shard
 from ray_unlearn.platform.core.versions import Registry, ShardEntry
+from ray_unlearn.platform.methods import registry
 from ray_unlearn.platform.methods.hybrid.recording import recording_hook
 
 
@@ -96,13 +97,14 @@ def run_training(ctx: RunContext) -> dict[str, Any]:
         cfg.training.cpus_per_worker,
     )
     t0 = time.perf_counter()
-    s3t = ctx.config.unlearning.strategy == "s3t"
-    if s3t:  # the backbone first, once, on the driver: the workers only add adapters
-        from ray_unlearn.platform.methods.s3t.runtime import pretrain_and_save_backbone
-
-        pretrain_and_save_backbone(ctx, created_by="train-job")
+    # a run of a method's own kind brings its own job (prepare on the driver, worker loop,
+    # ingest into the model store): the registry names its module
+    job_module = registry.ray_train_job(cfg)
+    job = importlib.import_module(job_module) if job_module else None
+    if job is not None:
+        job.prepare(ctx)
     trainer = TorchTrainer(
-        _s3t_loop if s3t else _train_loop,
+        job.loop if job is not None else _train_loop,
         train_loop_config={"storage": ctx.storage.uri, "run_id": ctx.run_id, "threads": threads},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus}
@@ -120,7 +122,7 @@ def run_training(ctx: RunContext) -> dict[str, Any]:
             f"training job of run {ctx.run_id} failed: {result.error}"
         ) from result.error
     train_seconds = time.perf_counter() - t0
-    ingest_seconds = _ingest_s3t(ctx, result) if s3t else _ingest(ctx, result)
+    ingest_seconds = job.ingest(ctx, result) if job is not None else _ingest(ctx, result)
     return {
         "run_id": ctx.run_id,
         "workers": workers,
@@ -164,109 +166,5 @@ def _ingest(ctx: RunContext, result) -> float:
                 )
                 chains[k].append(m["version"])
     ctx.model_store.write_registry(Registry({k: ShardEntry(c, 0) for k, c in chains.items()}))
-    ctx.storage.delete(ctx.layout.train_transport)
-    return time.perf_counter() - t0
-
-
-# -- S3T --------------------------------------------------------------------------------------
-def _s3t_loop(config: dict[str, Any]) -> None:
-    """Worker w trains every order of its shards on the frozen backbone, stage round by
-    stage round: in round i it trains stage i of each (shard, order) and reports one
-    checkpoint holding ``shard_<k>/o<b>/`` with those stage-i snapshots. (Orders are
-    independent, so interleaving them gives the results of training each in one go.)"""
-    from ray_unlearn.platform.methods.s3t.orders import select_orders
-    from ray_unlearn.platform.methods.s3t.runtime import (
-        BACKBONE,
-        load_backbone,
-        public_sample_ids,
-        s3t_config,
-    )
-    from ray_unlearn.platform.methods.s3t.training import iter_order_stages
-
-    ctx = open_run(config["storage"], config["run_id"])
-    tctx = ray.train.get_context()
-    rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    configure_threads(config["threads"])
-    cfg, s3t = ctx.config, s3t_config(ctx)
-    blocks = ctx.model_store.manifest(BACKBONE)["blocks"]
-    orders = select_orders(s3t.selection, len(blocks), s3t.budget, s3t.deletion_prior)
-    public = set(public_sample_ids(ctx).tolist())
-    mine = [k for k in range(cfg.partition.shards) if k % world == rank]
-    backbone = load_backbone(ctx)
-    runs = {
-        (k, b): iter_order_stages(backbone, data, order, b, s3t, seed=cfg.seed, blocks=blocks)
-        for k in mine
-        for data in [ctx.shard_data(k, exclude=public)]
-        for b, order in enumerate(orders)
-    }
-    for stage in range(1, len(blocks) + 1):
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as d:
-            for (k, b), run in runs.items():
-                st, _ = next(run)
-                out = Path(d) / f"shard_{k}" / f"o{b}"
-                out.mkdir(parents=True)
-                save_file(st.tensors(), str(out / "weights.safetensors"))
-                pq.write_table(pa.table({"sample_id": st.sample_ids}), out / "samples.parquet")
-                (out / "meta.json").write_text(
-                    json.dumps(
-                        {
-                            "order_index": st.order_index,
-                            "order": list(st.order),
-                            "stage": st.stage,
-                            "block": st.block,
-                            "adapter": st.adapter,
-                            "lora_rank": st.lora_rank,
-                            "lora_alpha": st.lora_alpha,
-                            "metrics": st.metrics,
-                        }
-                    )
-                )
-            print(
-                f"[ray-unlearn] s3t stage {stage}/{len(blocks)} of shards {mine} "
-                f"({len(orders)} orders each) in {time.perf_counter() - t0:.1f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-            ray.train.report({"stage": stage - 1}, checkpoint=Checkpoint.from_directory(d))
-
-
-def _ingest_s3t(ctx: RunContext, result) -> float:
-    from ray_unlearn.platform.methods.s3t.runtime import BACKBONE, fresh_entry, save_stage
-    from ray_unlearn.platform.methods.s3t.training import S3TStage
-
-    head = ctx.config.model.parts.head  # the head's parameters are "<head>.*"
-    t0 = time.perf_counter()
-    versions: dict[int, dict[str, str]] = {k: {} for k in range(ctx.config.partition.shards)}
-    orders: dict[int, dict[int, list[int]]] = {k: {} for k in versions}
-    for ckpt, _ in sorted(result.best_checkpoints, key=lambda cm: cm[1]["stage"]):
-        with ckpt.as_directory() as d:
-            for k in versions:
-                for odir in sorted((Path(d) / f"shard_{k}").iterdir()):
-                    m = json.loads((odir / "meta.json").read_text())
-                    state = load_file(str(odir / "weights.safetensors"))
-                    st = S3TStage(
-                        m["order_index"],
-                        tuple(m["order"]),
-                        m["stage"],
-                        m["block"],
-                        m["adapter"],
-                        m["lora_rank"],
-                        m["lora_alpha"],
-                        {n: v for n, v in state.items() if not in_module(n, head)},
-                        {n: v for n, v in state.items() if in_module(n, head)},
-                        pq.read_table(odir / "samples.parquet")["sample_id"].to_numpy(),
-                        m["metrics"],
-                    )
-                    parent = versions[k].get(f"{st.order_index}/{st.stage - 1}", BACKBONE)
-                    versions[k][f"{st.order_index}/{st.stage}"] = save_stage(
-                        ctx, k, st, 0, parent, "train-job"
-                    )
-                    orders[k][st.order_index] = list(st.order)
-    reg = Registry(
-        {k: fresh_entry([orders[k][b] for b in sorted(orders[k])], v) for k, v in versions.items()},
-        shared=[BACKBONE],
-    )
-    ctx.model_store.write_registry(reg)
     ctx.storage.delete(ctx.layout.train_transport)
     return time.perf_counter() - t0

@@ -54,13 +54,14 @@ from pydantic import (
 
 from ray_unlearn.platform.core.config import (
     ConfigError,
-    RunConfig,
-    S3TConfig,
+    CoreRunConfig,
     _format_validation_error,
     load_config,
     parse_override_value,
     parse_overrides,
+    run_config_model,
 )
+from ray_unlearn.platform.methods import registry
 from ray_unlearn.platform.serving.policies import get_policy
 
 POLICY_KEY = "serving.policy"
@@ -335,7 +336,9 @@ def dimensions(spec: SweepSpec) -> dict[str, list[Any]]:
     return dims
 
 
-def trial_config(spec: SweepSpec, params: dict[str, Any], storage: str | None = None) -> RunConfig:
+def trial_config(
+    spec: SweepSpec, params: dict[str, Any], storage: str | None = None
+) -> CoreRunConfig:
     """The run config of one trial: base + the trial's values (serving.policy excluded)."""
     tree = yaml.safe_load(yaml.safe_dump(spec.base))
     for key, value in params.items():
@@ -352,7 +355,7 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], storage: str | None = 
         node[parts[-1]] = value
     if storage is not None:
         tree["storage"] = storage
-    return RunConfig.model_validate(tree)
+    return run_config_model().model_validate(tree)
 
 
 def trial_policy(spec: SweepSpec, params: dict[str, Any]) -> str:
@@ -373,14 +376,9 @@ def check_trials(spec: SweepSpec) -> list[str]:
     for params in grid_points(spec):
         try:
             cfg = trial_config(spec, params)
-            msgs = [f"s3t: {p}" for p in _s3t_problems(cfg)]
-            s3t_val = (cfg.s3t or S3TConfig()).validation_fraction
-            if cfg.unlearning.strategy == "s3t" and s3t_val > val:
-                msgs.append(
-                    f"s3t.validation_fraction={s3t_val} exceeds stream.validation_fraction="
-                    f"{val}: rows S3T's accuracy trigger reads would count as test rows "
-                    "(lower it or raise stream.validation_fraction)"
-                )
+            # the trial's method: what its run would refuse at training time (S3T: the
+            # model's blocks against slices and budget; its validation rows against ours)
+            msgs = registry.sweep_problems(cfg, val)
         except ValidationError as e:
             msgs = [
                 f"{'.'.join(str(x) for x in err['loc'])}: "
@@ -395,26 +393,6 @@ def check_trials(spec: SweepSpec) -> list[str]:
         which = "trial" if len(trials) == 1 else f"{len(trials)} trials, e.g."
         problems.append(f"  - {msg} ({which} {trials[0]})")
     return problems
-
-
-def _s3t_problems(cfg: RunConfig) -> list[str]:
-    """An S3T trial's model against its slices and budget (what the run would refuse at
-    training time), checked before the sweep starts. The block structure depends only on
-    the model's layers, so a stand-in input shape and class count are enough."""
-    if cfg.unlearning.strategy != "s3t":
-        return []
-    from ray_unlearn.platform.core.models import build_model
-    from ray_unlearn.platform.methods.s3t.training import S3TConfigError, check_s3t
-
-    try:
-        model = build_model(cfg.model, (8,) if cfg.model.kind == "mlp" else (1, 8, 8), 2)
-    except (ValueError, RuntimeError):
-        return []  # not an S3T problem: the run itself reports it
-    try:
-        check_s3t(cfg.s3t or S3TConfig(), model, cfg.partition.slices)
-    except S3TConfigError as e:
-        return [ln.strip().removeprefix("- ") for ln in str(e).splitlines()[1:]]
-    return []
 
 
 def num_trials(spec: SweepSpec) -> int:

@@ -55,8 +55,7 @@ from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
 from ray_unlearn.platform.core.run import RunContext, create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.core.training import derive_seed
-from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
-from ray_unlearn.platform.methods.s3t.runtime import VALIDATION_STREAM
+from ray_unlearn.platform.eval.accuracy import VALIDATION_STREAM, ensemble_accuracy
 from ray_unlearn.platform.serving.policies import get_policy
 from ray_unlearn.platform.serving.view import DeletionTracker, answer_batch, shards_to_query
 from ray_unlearn.tune.exposure import ExposureCheck

@@ -13,6 +13,7 @@ import numpy as np
 from ray_unlearn.platform.core.deletion_log import RequestState
 from ray_unlearn.platform.core.publish import store_report
 from ray_unlearn.platform.core.run import RunContext
+from ray_unlearn.platform.methods import registry
 
 
 def audit(
@@ -64,7 +65,7 @@ def audit(
         "violations": violations,
         "clean": not violations and not store["stray_violations"],
         **store,
-        # live versions an approximate strategy (DPUS, HS's approximate path, OHS) produced,
+        # live versions an approximate strategy (a direct parameter update) produced,
         # or that descend from one: deletions behind them were honoured approximately (the
         # deleted ids are in no manifest, but the weights are not a retrain without them)
         "approximate_live_versions": approximate,
@@ -88,17 +89,26 @@ def audit(
     }
 
 
-def approximate_live_versions(ctx: RunContext) -> list[str]:
-    """Live versions whose snapshot is not exact (see :func:`chain_exactness`)."""
-    from ray_unlearn.platform.methods.hybrid.workload import chain_exactness
+def chain_exactness(ctx: RunContext, chain: list[str]) -> list[bool]:
+    """Per stage of a live chain: is its snapshot exact (equal to training without every
+    deleted sample)? A version's manifest says ``metrics.exact = 0`` when a strategy
+    produced it approximately; a snapshot is exact when it and all its ancestors (the
+    chain before it) are."""
+    out, ok = [], True
+    for vid in chain:
+        ok = ok and ctx.model_store.manifest(vid).get("metrics", {}).get("exact", 1.0) != 0
+        out.append(ok)
+    return out
 
+
+def approximate_live_versions(ctx: RunContext) -> list[str]:
+    """Live versions whose snapshot is not exact: the run's method judges its chains when
+    it says how (a method whose deletions only deactivate stages: always exact), else
+    :func:`chain_exactness`."""
     out = []
     for entry in ctx.model_store.registry().shards.values():
-        if entry.meta.get("kind") == "s3t":  # deactivation only: always exact
-            continue
-        out += [
-            v
-            for v, ok in zip(entry.chain, chain_exactness(ctx, entry.chain), strict=True)
-            if not ok
-        ]
+        exact = registry.chain_exact(ctx, entry)
+        if exact is None:
+            exact = chain_exactness(ctx, entry.chain)
+        out += [v for v, ok in zip(entry.chain, exact, strict=True) if not ok]
     return out

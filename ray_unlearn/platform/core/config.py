@@ -7,10 +7,9 @@ always be rebuilt from its own folder.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -18,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_serializer,
     model_validator,
@@ -268,286 +268,10 @@ class UnlearningConfig(_Strict):
     )
 
 
-class S3TConfig(BaseModel):
-    """S3T settings. Cross-checks against a model and a partition: :func:`check_s3t`."""
+class CoreRunConfig(_Strict):
+    """The run's own sections. The full :data:`RunConfig` adds the sections the registered
+    methods own (one top-level key each): see :func:`run_config_model`."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    budget: int = Field(3, ge=1, description="B: slice orders trained per shard.")
-    selection: Literal["cyclic", "bms"] = Field(
-        "cyclic", description="cyclic rotation or bipartite-matching selection of the orders."
-    )
-    deletion_prior: list[float] | None = Field(
-        None, description="bms only: per-slice deletion probabilities (None = uniform)."
-    )
-    lora_rank: int = Field(4, ge=1, description="r of every LoRA adapter.")
-    lora_alpha: float = Field(8.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
-    block_names: list[str] | None = Field(
-        None,
-        description="Module names of the L adapted blocks, bottom to top; None = the "
-        "model's hidden Linear layers (MLP: body.0, body.2, ...) or conv layers (CNN).",
-    )
-    public_fraction: float = Field(
-        0.2,
-        ge=0,
-        lt=1,
-        description="Part of the training data (by owner) that pre-trains the backbone; "
-        "declared public: not subject to deletion.",
-    )
-    pretrain_epochs: int = Field(20, ge=0, description="Backbone passes over the public data.")
-    epochs: int = Field(
-        10, ge=1, description="Per order: passes over the shard's data (like training.epochs)."
-    )
-    lr: float = Field(1e-2, gt=0, description="Adam learning rate of the adapters and heads.")
-    pretrain_lr: float = Field(
-        2e-3,
-        gt=0,
-        description="Adam learning rate of full-weight training (the backbone, and the full "
-        "fine-tuning reference); LoRA usually wants a larger rate than full training.",
-    )
-    batch_size: int = Field(32, ge=1)
-    retrain_depth_threshold: int = Field(
-        1,
-        ge=1,
-        description="A shard is queued for retraining when its best surviving prefix falls "
-        "below this depth (1: only when it is dead).",
-    )
-    retrain_accuracy_threshold: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="Also retrain every truncated shard when the ensemble's accuracy on the "
-        "validation rows falls below this (None: depth threshold only).",
-    )
-    validation_fraction: float = Field(
-        0.5,
-        gt=0,
-        le=1,
-        description="Part of the held-out rows (seeded by sample id) the accuracy trigger "
-        "measures; no training ever sees them.",
-    )
-    background_restore: bool = Field(
-        True,
-        description="Executor actors retrain too-shallow shards in the background (the "
-        "deletion is answered first); a one-off in-process `forget` always restores inline.",
-    )
-
-    @field_validator("block_names")
-    @classmethod
-    def _names(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("must name at least one block, or be null for the model's defaults")
-        bad = [n for n in v if not isinstance(n, str) or not n.strip()]
-        if bad:
-            raise ValueError(f"block names must be non-empty strings, got {bad}")
-        dup = sorted({n for n in v if v.count(n) > 1})
-        if dup:
-            raise ValueError(f"each block can be adapted once; repeated: {', '.join(dup)}")
-        return v
-
-    @field_validator("deletion_prior")
-    @classmethod
-    def _prior(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and (
-            not v or any(not math.isfinite(p) or p < 0 for p in v) or sum(v) <= 0
-        ):
-            raise ValueError(f"must be finite non-negative probabilities, not all 0; got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> S3TConfig:
-        if self.deletion_prior is not None and self.selection != "bms":
-            raise ValueError(
-                "deletion_prior is only used by selection=bms; drop it or set selection: bms"
-            )
-        return self
-
-
-class HybridConfig(_Strict):
-    """Hybrid exact/approximate unlearning (strategies ``dpus``, ``hs``, ``ohs``)."""
-
-    record: bool = Field(
-        False,
-        description="Record each training batch's parameter update and sample ids beside "
-        "every slice checkpoint (what DPUS subtracts). Needed by dpus/hs/ohs.",
-    )
-    dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="Encoding of the recorded updates (storage vs. precision)."
-    )
-    threshold: float = Field(
-        0.04,
-        ge=0,
-        description="HS/OHS: exact retraining when the predicted retraining time of a batch "
-        "of requests is <= this; otherwise a direct parameter update (DPUS).",
-    )
-    threshold_unit: Literal["fraction", "seconds"] = Field(
-        "fraction",
-        description="fraction: of the predicted time of a full retrain of every shard; "
-        "seconds: predicted seconds.",
-    )
-    scope: Literal["batch", "shard"] = Field(
-        "batch",
-        description="batch: one decision for a whole batch of requests (its workload summed "
-        "over the affected shards); shard: one decision per affected shard.",
-    )
-    route_gap: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="HS/OHS: a shard's part of a batch that the workload rule sends to DPUS is "
-        "retrained exactly instead when the shard's serving model gives the revoked rows a "
-        "mean true-class probability more than this above what the other shards' serving "
-        "models (which never saw them) give: rows the model remembers, which a direct update "
-        "leaves recognisable to a membership attack. None: the workload rule alone.",
-    )
-    dpus_scale: Literal["batch", "share"] = Field(
-        "share",
-        description="batch: subtract the whole update of every batch that held a revoked "
-        "sample (the paper's DPUS); share: subtract dpus_share_factor times the revoked "
-        "samples' share of it (count / batch size).",
-    )
-    dpus_share_factor: float = Field(
-        8.0,
-        ge=1,
-        description="share: subtract this many times the revoked samples' share of each "
-        "batch update (at most the whole update).",
-    )
-    dpus_momentum: bool = Field(
-        False,
-        description="Remove each revoked batch's gradient as it acted through the optimizer's "
-        "momentum (this and the following steps) rather than its step's raw update, which "
-        "with momentum (Adam, SGD 0.9) mostly carries earlier batches' gradients.",
-    )
-    ohs_slices: Literal["last", "affected", "all"] = Field(
-        "affected",
-        description="OHS fine-tunes the serving model on the remaining rows of: the last "
-        "slice, the first affected slice onward, or all slices.",
-    )
-    ohs_validation_fraction: float = Field(
-        0.1,
-        gt=0,
-        lt=1,
-        description="Share of the shard's remaining rows held out (not trained on) to stop "
-        "OHS fine-tuning when their loss stops improving.",
-    )
-    ohs_max_epochs: int = Field(2, ge=0, description="Cap on OHS fine-tuning passes.")
-    ohs_patience: int = Field(
-        1, ge=1, description="Passes without a lower validation loss before OHS stops."
-    )
-    ohs_lr: float | None = Field(
-        1e-4, gt=0, description="OHS fine-tuning learning rate; None = training.lr."
-    )
-    calibrate_forget: bool = Field(
-        False,
-        description="After every direct parameter update (dpus, and hs/ohs when they take "
-        "it), raise the revoked rows' loss on the serving model to that of rows it never saw "
-        "(other shards' rows: it needs two or more shards), with a retain loss beside it "
-        "(platform/methods/hybrid/workload.py calibrate_forget).",
-    )
-    calibrate_depth: int | None = Field(
-        2,
-        ge=1,
-        description="How many of the newest corrected snapshots to calibrate: None = all "
-        "(restart points too, so a later exact retrain does not restart from weights that "
-        "still fit the revoked rows); 1 = the serving one only; 2 = it and the restart point "
-        "of a one-stage exact retrain (what hs does at a small threshold).",
-    )
-    calibrate_fraction: float = Field(
-        0.8,
-        gt=0,
-        le=1,
-        description="Stop once this share of the revoked rows' total shortfall below their "
-        "targets is closed (1: every row at its target).",
-    )
-    calibrate_target: Literal["quantile", "teacher"] = Field(
-        "quantile",
-        description="quantile: raise each revoked row's loss to a rank-matched loss of other "
-        "shards' rows on this shard's model; teacher: move each revoked row's prediction to "
-        "the mean prediction of the other shards' models at the same stage (models that "
-        "never saw it), falling back to quantile where no such shard exists.",
-    )
-    calibrate_params: Literal["all", "head", "body"] = Field(
-        "body",
-        description="Which weights calibration may change: all; body: the feature layers "
-        "(the output layer stays: its class weights are shared by every row of a class, "
-        "so moving them to forget a few rows costs their whole class); head: the output "
-        "layer only.",
-    )
-    calibrate_batch_size: int | None = Field(
-        None, ge=1, description="Retain rows per calibration step; None = training.batch_size."
-    )
-    calibrate_reference_rows: int = Field(
-        1024, ge=1, description="Other shards' rows whose losses set the calibration targets."
-    )
-    calibrate_max_steps: int = Field(
-        100, ge=0, description="Cap on calibration steps per shard and request batch."
-    )
-    calibrate_lr: float | None = Field(
-        3e-4,
-        gt=0,
-        description="Calibration learning rate; None = training.lr. A fresh Adam's first "
-        "steps move every weight by about the rate: at the training rate (1e-3 on Purchase) "
-        "they overshoot the targets and cost accuracy, at 1e-4 they take too many steps.",
-    )
-
-
-class RumConfig(_Strict):
-    """Memorization-aware approximate unlearning (strategy ``rum``)."""
-
-    score: Literal[
-        "confidence", "max_confidence", "entropy", "binary_accuracy", "holdout_kl", "exact"
-    ] = Field(
-        "confidence",
-        description="Memorization score that splits the deleted samples into thirds. The four "
-        "training proxies are running means over the shard's slice checkpoints, read when the "
-        "request executes (nothing to precompute); holdout_kl and exact are read from the "
-        "scores stored with the run (platform.memorization.compute_run_scores).",
-    )
-    low: str | None = Field("finetune", description="Algorithm for the low-memorization third.")
-    medium: str | None = Field("neggrad_plus", description="... for the medium third.")
-    high: str | None = Field("salun", description="... for the high third (null: skip).")
-    epochs: int = Field(3, ge=1, description="Passes of each group's algorithm.")
-    lr: float = Field(1e-3, gt=0)
-    route_quantile: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="Memorization-aware routing: a request whose samples' mean memorization "
-        "ranks at or above this quantile of the shard's rows is retrained exactly (SISA); "
-        "the others are unlearnt approximately. None: always approximate.",
-    )
-    route_by: Literal["memorization", "random"] = Field(
-        "memorization",
-        description="random: route the same share of requests (1 - route_quantile) to exact "
-        "retraining by a seeded coin instead of by memorization: the control that shows "
-        "whether memorization is what makes routing pay.",
-    )
-
-    @field_validator("low", "medium", "high")
-    @classmethod
-    def _algorithm(cls, v: str | None) -> str | None:
-        from ray_unlearn.platform.methods.approximate import ALGORITHMS
-
-        if v is not None and v not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(ALGORITHMS)} or null")
-        return v
-
-    @model_validator(mode="after")
-    def _some_algorithm(self) -> RumConfig:
-        if self.low is None and self.medium is None and self.high is None:
-            raise ValueError(
-                "rum.low, rum.medium and rum.high are all null: name an algorithm for at "
-                "least one group, or nothing is unlearnt"
-            )
-        return self
-
-
-APPROXIMATE_STRATEGIES = ("dpus", "hs", "ohs")  # need hybrid.record
-
-
-class RunConfig(_Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     seed: int = Field(0, ge=0)
     storage: str = Field(
@@ -558,33 +282,19 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
-    hybrid: HybridConfig = Field(default_factory=HybridConfig)
-    rum: RumConfig = Field(default_factory=RumConfig)
-    s3t: S3TConfig | None = Field(
-        None,
-        description="S3T settings; used when unlearning.strategy is s3t (defaults if omitted).",
-    )
 
     @model_validator(mode="after")
-    def _consistent(self) -> RunConfig:
-        from ray_unlearn.platform.methods import available_strategies
+    def _consistent(self) -> CoreRunConfig:
+        from ray_unlearn.platform.methods import registry
 
         problems = []
-        if self.unlearning.strategy not in [*available_strategies(), "s3t"]:
+        names = registry.strategy_names()
+        if self.unlearning.strategy not in names:
             problems.append(
                 f"unlearning.strategy: unknown strategy {self.unlearning.strategy!r}; "
-                f"available: {', '.join([*available_strategies(), 's3t'])}"
+                f"available: {', '.join(names)}"
             )
-        if self.unlearning.strategy in APPROXIMATE_STRATEGIES and not self.hybrid.record:
-            problems.append(
-                f"unlearning.strategy={self.unlearning.strategy} subtracts recorded training "
-                "updates: set hybrid.record=true (contributions are recorded while training)"
-            )
-        if self.hybrid.threshold_unit == "fraction" and self.hybrid.threshold > 1:
-            problems.append(
-                f"hybrid.threshold ({self.hybrid.threshold}) is a fraction of a full retrain "
-                "(hybrid.threshold_unit=fraction): it must be <= 1"
-            )
+        problems += registry.config_problems(self)
         if self.training.num_workers > self.partition.shards:
             problems.append(
                 f"training.num_workers ({self.training.num_workers}) exceeds partition.shards "
@@ -593,6 +303,43 @@ class RunConfig(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+_ASSEMBLED: dict[int, type[CoreRunConfig]] = {}
+
+
+def run_config_model() -> type[CoreRunConfig]:
+    """The run config class: :class:`CoreRunConfig` plus one field per section of a registered
+    method (``ray_unlearn.platform.methods`` registers the built-in ones when imported), built
+    once per state of the registry. Module attribute ``RunConfig`` is this class."""
+    from ray_unlearn.platform.methods import registry
+
+    gen = registry.generation()
+    if gen not in _ASSEMBLED:
+        fields: dict[str, Any] = {}
+        for sec in registry.config_sections():
+            if sec.optional:
+                fields[sec.key] = (sec.model | None, Field(None, description=sec.description))
+            else:
+                fields[sec.key] = (
+                    sec.model,
+                    Field(default_factory=sec.model, description=sec.description),
+                )
+        model = create_model("RunConfig", __base__=CoreRunConfig, __module__=__name__, **fields)
+        _ASSEMBLED.clear()  # one live class: pickles find it as this module's RunConfig
+        _ASSEMBLED[gen] = model
+    return _ASSEMBLED[gen]
+
+
+if TYPE_CHECKING:
+    RunConfig = CoreRunConfig
+else:
+
+    def __getattr__(name: str) -> Any:
+        # assembled on first use, not at import: the methods import core modules themselves
+        if name == "RunConfig":
+            return run_config_model()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -660,7 +407,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(
     path: str | os.PathLike[str] | None, overrides: list[str] | None = None
-) -> RunConfig:
+) -> CoreRunConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     tree: dict[str, Any] = {}
     source = "(defaults)"
@@ -681,12 +428,12 @@ def load_config(
     return config_from_dict(tree, source)
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "(dict)") -> RunConfig:
+def config_from_dict(tree: dict[str, Any], source: str = "(dict)") -> CoreRunConfig:
     try:
-        return RunConfig.model_validate(tree)
+        return run_config_model().model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
 
 
-def config_to_yaml(cfg: RunConfig) -> str:
+def config_to_yaml(cfg: CoreRunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -15,7 +15,7 @@ Order of effects for a batch of requests, chosen so a crash at any point loses n
 After a crash, unfinished requests are executed again by the next ``execute_pending``; training is
 deterministic, so a repeated step writes the same versions.
 
-Executions are exclusive per run across processes: each one (and each S3T restore's publish)
+Executions are exclusive per run across processes: each one (and each restore's publish)
 holds the run's lease (platform/core/lease.py) and starts by recovering what an interrupted one
 left (platform/core/publish.py: an intent record before the switch, so a kill -9 between steps 3
 and 5 is finished, and one before step 3 rolled back). Request transitions happen only
@@ -51,8 +51,7 @@ from ray_unlearn.platform.core.publish import (
 from ray_unlearn.platform.core.run import RunContext
 from ray_unlearn.platform.core.runtime import ShardRuntime, make_runtime
 from ray_unlearn.platform.core.versions import RegistryConflict
-from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
-from ray_unlearn.platform.methods.s3t.runtime import is_s3t, restore_candidates, validation_records
+from ray_unlearn.platform.methods import registry
 from ray_unlearn.platform.serving import fence
 
 
@@ -66,7 +65,8 @@ class ShardBackend(Protocol):
         """Run ``ShardRuntime.retrain_from_scratch`` on every non-empty shard."""
 
     def restore(self, shards: list[int], request_ids: list[str]) -> list[dict[str, Any]]:
-        """Retrain whole shards whose depth fell too low (S3T); results like ``unlearn``."""
+        """Retrain whole shards a method's restore plan names (say, too shallow);
+        results like ``unlearn``."""
 
     def predict_proba(self, features: np.ndarray) -> dict[int, np.ndarray]:
         """shard -> (n, classes) for every non-empty shard."""
@@ -114,25 +114,13 @@ def resolve_request(ctx: RunContext, owner_id: str | None = None, sample_ids=Non
             "a deletion request names exactly one of: an owner id, or a non-empty list of sample ids"
         )
     if owner_id is not None:
-        return _not_public(ctx, np.sort(ctx.plan.samples_of_owner(owner_id)))
-    ids = np.unique(np.asarray(list(sample_ids), dtype=np.int64))
-    ctx.plan.positions(ids)  # raises on unknown ids, before anything is written
-    return _not_public(ctx, ids)
-
-
-def _not_public(ctx: RunContext, ids: np.ndarray) -> np.ndarray:
-    """S3T runs pre-train a backbone on a public split declared not subject to deletion:
-    a request for those samples is refused before it is logged."""
-    from ray_unlearn.platform.methods.s3t import runtime as s3t_runtime
-
-    if s3t_runtime.is_s3t(ctx):
-        public = ids[np.isin(ids, s3t_runtime.public_sample_ids(ctx))]
-        if len(public):
-            raise ValueError(
-                f"sample ids {public[:5].tolist()} are in the public split that pre-trained this S3T run's "
-                "backbone, declared not subject to deletion; forgetting them needs a new run"
-            )
-    return ids
+        ids = np.sort(ctx.plan.samples_of_owner(owner_id))
+    else:
+        ids = np.unique(np.asarray(list(sample_ids), dtype=np.int64))
+        ctx.plan.positions(ids)  # raises on unknown ids, before anything is written
+    # a method may declare samples not subject to deletion (a public split): a
+    # request for them is refused before it is logged
+    return registry.refuse_undeletable(ctx, ids)
 
 
 def submit_request(
@@ -164,7 +152,7 @@ class UnlearningEngine:
     def __init__(self, ctx: RunContext, backend: ShardBackend, executor_name: str = "local"):
         self.ctx, self.backend, self.executor_name = ctx, backend, executor_name
         self.last_restore: dict[str, Any] | None = None
-        # (plan, request_ids) -> None: schedules an S3T restore instead of running it inline
+        # (plan, request_ids) -> None: schedules a restore instead of running it inline
         self.restore_hook: Callable[[dict[str, Any], list[str]], None] | None = None
         # (holder's lease record) -> None: told once when an execution waits for another's
         self.on_lease_wait: Callable[[dict[str, Any]], None] | None = None
@@ -188,7 +176,7 @@ class UnlearningEngine:
     @contextmanager
     def _exclusive(self, keep=()) -> Iterator[Lease]:
         """Hold the run's lease, recover an interrupted execution, mark this one in flight;
-        re-entrant (an inline S3T restore publishes inside an execution)."""
+        re-entrant (an inline restore publishes inside an execution)."""
         if self._lease is not None:
             yield self._lease
             return
@@ -290,12 +278,12 @@ class UnlearningEngine:
             log.transition(r.request.request_id, RequestState.DONE, **details[r.request.request_id])
             for r in todo
         ]
-        # S3T: a deletion only deactivates stages, so it is done above in microseconds; a
-        # shard left too shallow (or every truncated shard, when the ensemble's validation
-        # accuracy fell too low) is retrained after the requests are already honoured: by
-        # ``restore_hook`` when one is set (the executor actor: in the background), else now.
-        if is_s3t(self.ctx) and results:
-            plan = restore_candidates(self.ctx, results, self._validation_accuracy)
+        # a method may retrain shards after the requests are already honoured (when a
+        # deletion only deactivated stages, done above in microseconds, and left a shard too
+        # shallow): by ``restore_hook`` when one is set (the executor actor: in
+        # the background), else now.
+        plan = registry.restore_plan(self.ctx, results, self.backend.predict_proba)
+        if plan is not None:
             if plan["shards"]:
                 if self.restore_hook is not None:
                     self.restore_hook(plan, ids)
@@ -304,7 +292,7 @@ class UnlearningEngine:
         return done
 
     def restore(self, plan: dict[str, Any], request_ids: list[str]) -> dict[str, Any]:
-        """Retrain ``plan["shards"]`` (S3T depth restoration) and publish the new versions."""
+        """Retrain ``plan["shards"]`` (a method's restore plan) and publish the new versions."""
         t0 = time.perf_counter()
         restored = self.backend.restore(plan["shards"], request_ids)
         return self.publish_restored(plan, restored, request_ids, time.perf_counter() - t0)
@@ -327,16 +315,6 @@ class UnlearningEngine:
             "finished_at": time.time(),
         }
         return self.last_restore
-
-    def _validation_accuracy(self) -> float:
-        val = validation_records(self.ctx)
-        if not len(val.labels):
-            raise ValueError(
-                "s3t.retrain_accuracy_threshold needs validation rows: the run has no held-out "
-                "rows (data.test_fraction) or s3t.validation_fraction selects none"
-            )
-        probs = self.backend.predict_proba(val.features)
-        return ensemble_accuracy(probs, val.labels, self.ctx.config.unlearning.aggregation)
 
     def forget(
         self, *, owner_id=None, sample_ids=None, request_id=None, deadline=None

@@ -244,7 +244,7 @@ def recover(ctx: RunContext, *, executor: str, keep=()) -> dict[str, Any]:
     """Finish or roll back whatever an interrupted execution left (see the module doc).
 
     Call it under the lease. ``keep``: versions written by this process and about to be
-    published (an S3T restore trained outside the lease): not orphans."""
+    published (a method's restore trained outside the lease): not orphans."""
     intent = read_intent(ctx)
     if intent is None and not has_intent(ctx):
         return {"intent": None}

@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from ray_unlearn.platform.core.compaction import has_copy, load_copy, write_copy
-from ray_unlearn.platform.core.config import RunConfig, config_from_dict, config_to_yaml
+from ray_unlearn.platform.core.config import CoreRunConfig as RunConfig
+from ray_unlearn.platform.core.config import config_from_dict, config_to_yaml
 from ray_unlearn.platform.core.data import Records, load_dataset, split_train_test
 from ray_unlearn.platform.core.deletion_log import DeletionLog
 from ray_unlearn.platform.core.models import check_model

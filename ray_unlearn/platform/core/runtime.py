@@ -24,7 +24,8 @@ from ray_unlearn.platform.core.training import (
     train_run_shard,
     train_shard,
 )
-from ray_unlearn.platform.methods import ShardState, get_strategy
+from ray_unlearn.platform.methods import registry
+from ray_unlearn.platform.methods.base import ShardState, get_strategy
 
 
 def persist_stages(
@@ -55,12 +56,21 @@ def persist_stages(
 
 
 def make_runtime(ctx: RunContext, shard: int, deleted=()):
-    """The shard runtime for the run's kind: SISA slices, or S3T orders and stages."""
-    from ray_unlearn.platform.methods.s3t import runtime as s3t_runtime
+    """The shard runtime for the run's kind: SISA slices, or a method's own (the registry's
+    ``runtime`` hook)."""
+    own = registry.own_runtime(ctx, shard, deleted)
+    return own if own is not None else ShardRuntime(ctx, shard, deleted)
 
-    if s3t_runtime.is_s3t(ctx):
-        return s3t_runtime.S3TShardRuntime(ctx, shard, deleted)
-    return ShardRuntime(ctx, shard, deleted)
+
+def load_serving_model(ctx: RunContext, vid: str) -> torch.nn.Module:
+    """The model a version id serves: a SISA slice snapshot, or what the run's method builds
+    from the id (the registry's ``serving_model`` hook: say, adapters on a backbone)."""
+    own = registry.serving_model(ctx, vid)
+    if own is not None:
+        return own
+    model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
+    model.load_state_dict(ctx.model_store.load_state(vid))
+    return model.eval()
 
 
 def train_all_shards(ctx: RunContext) -> dict[str, Any]:
@@ -68,18 +78,11 @@ def train_all_shards(ctx: RunContext) -> dict[str, Any]:
 
     The Ray Train job (``ray_unlearn.train.job``) does the same work spread over workers.
     """
-    from ray_unlearn.platform.methods.s3t import runtime as s3t_runtime
-
-    if s3t_runtime.is_s3t(ctx):
-        return s3t_runtime.train_s3t_run(ctx)
-    hook_for = None
-    if ctx.config.hybrid.record:  # dpus/hs/ohs subtract the updates recorded by this hook
-        from ray_unlearn.platform.methods.hybrid.recording import RecordingHook
-
-        def hook_for(shard: int) -> RecordingHook:
-            return RecordingHook(ctx, shard)
-
-    return train_run(ctx, hook_for)[0]
+    # a method that trains the run its own way (a run kind; recorded contributions)
+    own = registry.train_run(ctx)
+    if own is not None:
+        return own
+    return train_run(ctx)[0]
 
 
 def train_run(

@@ -10,9 +10,13 @@ import torch
 from ray_unlearn.platform.core.aggregate import aggregate
 from ray_unlearn.platform.core.models import build_model
 from ray_unlearn.platform.core.run import RunContext
+from ray_unlearn.platform.core.runtime import load_serving_model
 from ray_unlearn.platform.core.training import ShardData, predict_proba, train_shard
 
 SINGLE_MODEL_SHARD = 0x7FFF  # seed-stream id of the one-model reference (no real shard has it)
+# seed stream of the held-out rows an accuracy trigger or a sweep validates on ("VALD"): the
+# same hash of the same ids wherever validation rows are picked
+VALIDATION_STREAM = 0x56414C44
 
 
 def ensemble_accuracy(shard_probs: dict[int, np.ndarray], labels: np.ndarray, rule: str) -> float:
@@ -63,8 +67,6 @@ def serving_accuracy(ctx: RunContext) -> float:
     test = ctx.split_records("test", ctx.deletion_log.deleted_sample_ids())
     x = torch.from_numpy(np.ascontiguousarray(test.features))
     probs = {}
-    from ray_unlearn.platform.methods.s3t.runtime import load_serving_model
-
     for k, vid in ctx.model_store.registry().serving_versions().items():
         probs[k] = predict_proba(load_serving_model(ctx, vid), x).numpy()
     return ensemble_accuracy(probs, test.labels, ctx.config.unlearning.aggregation)

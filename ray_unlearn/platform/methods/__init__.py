@@ -1,6 +1,10 @@
-"""Unlearning strategies. Importing this package registers the built-in ones."""
+"""Unlearning methods as plug-ins behind one registry (:mod:`.registry`).
 
-from ray_unlearn.platform.methods import sisa as _sisa  # noqa: F401  (registers "sisa")
+Importing this package registers the built-in methods: each line below imports one method
+package, whose ``__init__`` calls :func:`register` once. Adding a method is one package and
+one line here; core, the CLI and the config ask the registry and never name a method.
+"""
+
 from ray_unlearn.platform.methods.base import (
     ShardState,
     ShardUpdate,
@@ -9,14 +13,38 @@ from ray_unlearn.platform.methods.base import (
     get_strategy,
     register_strategy,
 )
-from ray_unlearn.platform.methods.hybrid import strategy as _hybrid  # noqa: F401  (dpus, hs, ohs)
-from ray_unlearn.platform.methods.rum import strategy as _rum  # noqa: F401  (rum)
+from ray_unlearn.platform.methods.registry import (
+    Method,
+    Section,
+    check_request,
+    get_method,
+    methods,
+    register,
+    strategy_names,
+    unregister,
+)
+
+# -- built-in methods: each line imports one package, whose __init__ registers it ---------------
+# isort: off
+from ray_unlearn.platform.methods import sisa  # noqa: E402, F401  (sisa)
+from ray_unlearn.platform.methods import hybrid  # noqa: E402, F401  (dpus, hs, ohs; hybrid:)
+from ray_unlearn.platform.methods import rum  # noqa: E402, F401  (rum; rum:)
+from ray_unlearn.platform.methods import s3t  # noqa: E402, F401  (s3t, a run kind; s3t:)
+# isort: on
 
 __all__ = [
+    "Method",
+    "Section",
     "ShardState",
     "ShardUpdate",
     "UnlearningStrategy",
     "available_strategies",
+    "check_request",
+    "get_method",
     "get_strategy",
+    "methods",
+    "register",
     "register_strategy",
+    "strategy_names",
+    "unregister",
 ]

@@ -1,8 +1,9 @@
 """The unlearning-strategy interface and its registry.
 
 A strategy turns "these samples of this shard are deleted" into new snapshots for the
-shard's stages. Adding one is one module with a class and one ``@register_strategy`` line
-(see docs/strategies.md); runs pick theirs with ``unlearning.strategy``.
+shard's stages. A method brings its strategies in its :class:`~.registry.Method`
+(``strategies=``), registered by its package (see :mod:`.registry`); runs pick one with
+``unlearning.strategy``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from ray_unlearn.platform.methods.base import (
     affected_rows,
     register_strategy,
 )
+from ray_unlearn.platform.methods.registry import Method, register
 
 
 @register_strategy
@@ -36,3 +37,6 @@ class SisaRetrain(UnlearningStrategy):
         update = retrain_exact(self.ctx, state, data.sample_ids[in_shard], first, record=False)
         update.info = {"strategy": self.name, "decision": "exact", "first_slice": first}
         return update
+
+
+register(Method("sisa", description=SisaRetrain.description, strategies=(SisaRetrain,)))

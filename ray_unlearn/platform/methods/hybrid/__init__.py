@@ -1,1 +1,20 @@
 """Hybrid exact/approximate unlearning: workload estimate, DPUS, HS and OHS."""
+
+from __future__ import annotations
+
+from ray_unlearn.platform.methods.hybrid.checks import check_dpus_request, train_recording
+from ray_unlearn.platform.methods.hybrid.config import HybridConfig, config_problems
+from ray_unlearn.platform.methods.hybrid.strategy import Dpus, HybridStrategy, OptimizedHybrid
+from ray_unlearn.platform.methods.registry import Method, Section, register
+
+METHOD = register(
+    Method(
+        "hybrid",
+        description="exact retraining or a direct parameter update, by predicted workload",
+        strategies=(Dpus, HybridStrategy, OptimizedHybrid),
+        sections=(Section("hybrid", HybridConfig),),
+        config_problems=config_problems,
+        train=train_recording,
+        check_request=check_dpus_request,
+    )
+)

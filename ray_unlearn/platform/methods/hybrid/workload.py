@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ray_unlearn.platform.core.config import HybridConfig, TrainingConfig
+from ray_unlearn.platform.core.config import TrainingConfig
 from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.training import (
     ShardData,
     _optimizer,
     stage_steps,
 )
+from ray_unlearn.platform.methods.hybrid.config import HybridConfig
 
 if TYPE_CHECKING:
     from ray_unlearn.platform.core.run import RunContext

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ray_unlearn.platform.core.config import S3TConfig
 from ray_unlearn.platform.core.models import ADAPTABLE, head_parameter_names, parts_of
 from ray_unlearn.platform.core.training import StateDict
+from ray_unlearn.platform.methods.s3t.config import S3TConfig
 from ray_unlearn.platform.methods.s3t.orders import Order
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ray_unlearn.platform.core.config import ModelConfig, S3TConfig, TrainingConfig
+from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
 from ray_unlearn.platform.core.training import ShardData, derive_seed, init_model, train_stage
 from ray_unlearn.platform.methods.s3t.adapters import _freeze
+from ray_unlearn.platform.methods.s3t.config import S3TConfig
 
 BACKBONE_STREAM = 0x7FFE  # seed-stream id of the backbone (no real shard has it)
 FULL_FINETUNE_STREAM = 0x7FFD  # seed-stream id of the full fine-tuning reference

@@ -62,7 +62,7 @@ def stage_version(shard: int, order_index: int, stage: int, generation: int) -> 
     return f"s{shard:03d}-o{order_index:02d}-t{stage:02d}-g{generation:04d}"
 
 
-VALIDATION_STREAM = 0x56414C44  # "VALD": seed stream of the validation rows
+from ray_unlearn.platform.eval.accuracy import VALIDATION_STREAM  # noqa: E402
 
 
 def validation_records(ctx: RunContext):

@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_unlearn.platform.core.config import S3TConfig
 from ray_unlearn.platform.core.training import (
     ShardData,
     derive_seed,
@@ -107,6 +106,7 @@ from ray_unlearn.platform.methods.s3t.backbone import (
 from ray_unlearn.platform.methods.s3t.backbone import (
     shard_data_from as shard_data_from,
 )
+from ray_unlearn.platform.methods.s3t.config import S3TConfig
 from ray_unlearn.platform.methods.s3t.orders import (
     Order,
     best_order,

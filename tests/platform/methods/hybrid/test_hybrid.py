@@ -649,7 +649,7 @@ def test_requested_ids_include_requests_not_yet_done(recorded_run):
 
 
 def test_dpus_is_refused_before_logging_where_a_version_has_no_contributions(recorded_run):
-    from ray_unlearn.api import _check_strategy
+    from ray_unlearn.platform.methods import check_request as _check_strategy
 
     ctx = recorded_run
     shard = 2
@@ -1054,7 +1054,7 @@ def test_link_or_copy_copies_where_hard_links_fail(tmp_path, monkeypatch):
 def test_a_sample_whose_step_left_the_record_is_retrained_exactly(recorded_run):
     """After a share DPUS the co-batched samples of the dropped steps are untracked: DPUS
     refuses them before logging, HS retrains their shard exactly."""
-    from ray_unlearn.api import _check_strategy
+    from ray_unlearn.platform.methods import check_request as _check_strategy
     from ray_unlearn.platform.methods.hybrid.contributions import untracked_samples
 
     ctx = recorded_run
