@@ -32,6 +32,26 @@ from ray_unlearn.platform.methods import rum  # noqa: E402, F401  (rum; rum:)
 from ray_unlearn.platform.methods import s3t  # noqa: E402, F401  (s3t, a run kind; s3t:)
 # isort: on
 
+
+def _load_installed_plugins() -> None:
+    """Methods of other installed packages: each entry point of the group
+    ``ray_unlearn.methods`` names a module whose import registers its method(s), e.g. in the
+    plug-in's pyproject.toml ``[project.entry-points."ray_unlearn.methods"] mine =
+    "my_package.unlearning"``. A plug-in that fails to import is an error naming it."""
+    from importlib import import_module
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="ray_unlearn.methods"):
+        try:
+            import_module(ep.value.split(":", 1)[0])
+        except Exception as e:  # noqa: BLE001  (any failure: say which plug-in)
+            raise ImportError(
+                f"unlearning method plug-in {ep.name!r} ({ep.value}) failed to load: {e}"
+            ) from e
+
+
+_load_installed_plugins()
+
 __all__ = [
     "Method",
     "Section",
