@@ -127,6 +127,7 @@ import torch
 from ray import serve
 
 import ray_unlearn
+from ray_unlearn.platform import fence
 from ray_unlearn.platform.config import load_config
 from ray_unlearn.platform.journal import read_journal
 from ray_unlearn.platform.policies import PRESETS, get_policy
@@ -514,6 +515,7 @@ def metrics(name: str, rate: float, s: dict, rejects: bool) -> dict[str, Any]:
         "stale_labelled": answered.get("stale", 0),
         "ack_ms_p50": _pct(ack_ms, 50),
         "ack_ms_p99": _pct(ack_ms, 99),
+        "ack_fence": s.get("acks"),
         "ack_ms_by_channel": {
             ch: _pct(np.array([x[2] * 1000 for x in s["dels"] if x[4] == ch and x[2]]), 50)
             for ch in ("http", "api", "cli")
@@ -575,6 +577,8 @@ def metrics(name: str, rate: float, s: dict, rejects: bool) -> dict[str, Any]:
         "fence": {
             "refreshes": td["refreshes"],
             "read_ms_mean": td["read_s"] / refreshes * 1000,
+            "read_ms_max": a["timing"].get("read_max_s", 0.0) * 1000,
+            "predicts_finding_view_expired": td.get("expired_views"),
             "publishes": td["publishes"],
             "publish_ms_mean": td["publish_s"] / publishes * 1000,
             "journal_flush_ms_mean": td["journal_flush_s"] / refreshes * 1000,
@@ -690,6 +694,7 @@ def run_policy(name: str, rate: float, p: dict, root: Path, port: int, token: st
             journal = read_journal(ctx.storage, ctx.layout)
             s["replay"] = replay(ctx, journal)
             s["replay"]["replicas"] = len({e.get("replica") for e in journal})
+            s["acks"] = _ack_records(ctx)
         try:
             ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))
         except ValueError:
@@ -711,6 +716,25 @@ def run_policy(name: str, rate: float, p: dict, root: Path, port: int, token: st
         total_s=time.perf_counter() - t0,
     )
     return rec, np.array([x[1] for x in s["preds"] if 200 <= x[2] < 300]) * 1000
+
+
+def _ack_records(ctx) -> dict[str, Any]:
+    """The fence's side of the acknowledgements, from the run's ack records: how long each
+    waited for the gateway replicas after its request was durable, and how they were fenced
+    (``expired``: a replica did not publish a newer view within its lease)."""
+    waits, how = [], {"confirmed": 0, "expired": 0, "deregistered": 0, "dead": 0}
+    folder = f"{ctx.layout.root}/deletions/acks"
+    for name in ctx.storage.listdir(folder):
+        doc = fence.read_ack(ctx.storage, ctx.layout, name.removesuffix(".json"))
+        if doc is None or not str(doc.get("request_id", "")).startswith("bench-"):
+            continue  # warm-up deletions are not part of the stream
+        waits.append((doc["acknowledged_at"] - doc["written_at"]) * 1000)
+        for k in how:
+            how[k] += len(doc.get(k) or [])
+    a = np.array(waits)
+    return {"fence_wait_ms_p50": _pct(a, 50), "fence_wait_ms_p99": _pct(a, 99),
+            "fence_wait_ms_max": float(a.max()) if len(a) else None,
+            "replicas_by_outcome": how}  # fmt: skip
 
 
 def _wait_cpus_free(timeout: float = 60.0) -> None:

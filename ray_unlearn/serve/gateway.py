@@ -304,8 +304,10 @@ class Gateway:
             "wait_s": 0.0,  # "wait" instances blocked until deletions executed
             "recomputes": 0,  # computations thrown away: the view changed meanwhile
             "shard_calls": 0,  # shard deployment calls (each: one shard, many instances)
+            "expired_views": 0,  # predictions that found the view past its lease
             "refreshes": 0,
             "read_s": 0.0,  # log + registry reads, wall, including the thread hand-off
+            "read_max_s": 0.0,
             "publishes": 0,
             "publish_s": 0.0,  # registration writes (fsync'd), wall
             "journal_flush_s": 0.0,  # answer-journal writes (fsync'd), own thread, wall
@@ -426,8 +428,10 @@ class Gateway:
                 return
             t_read = time.perf_counter()
             started_at, unfinished, versions = await self._in_fence_thread(read_view, self.ctx)
+            t_read = time.perf_counter() - t_read
             self._timing["refreshes"] += 1
-            self._timing["read_s"] += time.perf_counter() - t_read
+            self._timing["read_s"] += t_read
+            self._timing["read_max_s"] = max(self._timing["read_max_s"], t_read)
             old = dict(self.view.versions)
             changed = self.view.adopt(started_at, unfinished, versions)  # no await inside
             self._stats["swaps"] += sum(old.get(k) != v for k, v in versions.items() if old)
@@ -489,6 +493,7 @@ class Gateway:
             raise HTTPException(503, "this gateway replica is shutting down; retry")
         if self.view.valid(time.time(), self.fence.lease_s):
             return
+        self._timing["expired_views"] += 1
         try:
             await self._refresh(if_expired=True)
         except Exception as e:
