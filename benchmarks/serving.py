@@ -120,6 +120,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import ray
 import torch
 from ray import serve
@@ -130,6 +131,7 @@ from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.platform.core.engine import submit_request
 from ray_unlearn.platform.core.run import create_run, open_run
 from ray_unlearn.platform.core.runtime import train_all_shards
+from ray_unlearn.platform.serving import fence
 from ray_unlearn.platform.serving.journal import read_journal
 from ray_unlearn.platform.serving.policies import PRESETS, get_policy
 from ray_unlearn.platform.serving.receipts import replay
@@ -184,7 +186,10 @@ def _pct(a: np.ndarray, q: float) -> float | None:
 
 
 def deletion_schedule(rate: float, horizon: float, seed: int) -> np.ndarray:
-    """Arrival offsets (s) of a Poisson process of ``rate`` per second in [0, horizon)."""
+    """Arrival offsets (s) of a Poisson process of ``rate`` per second in [0, horizon)
+    (none for rate 0: the no-deletion baseline of the same client load)."""
+    if rate <= 0:
+        return np.zeros(0)
     rng = np.random.default_rng([seed, int(round(rate * 1000))])
     times, t = [], 0.0
     while True:
@@ -215,6 +220,83 @@ async def _drain(client: httpx.AsyncClient, timeout: float) -> tuple[dict, float
         if time.perf_counter() - t0 > timeout:
             return stats, time.perf_counter() - t0, False
         await asyncio.sleep(0.2)
+
+
+SUMMED_STATS = ("executions", "unlearning_compute_s", "unlearning_cpu_s", "unlearning_wall_s",
+                "swaps", "exposure")  # fmt: skip
+
+
+async def _stats_all(client: httpx.AsyncClient, replicas: int, tries: int = 60) -> dict:
+    """GET /v1/stats of every gateway replica, summed. The proxy sends each call to one
+    replica, and each counts only its own executions, swaps and predictions, so one call
+    would mix replicas between the before and after snapshots. ``stats_replicas``: how many
+    answered (fewer than ``replicas`` if the proxy never routed to one in ``tries`` calls)."""
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        doc = (await client.get("/v1/stats")).json()
+        seen[doc["replica"]] = doc
+        if len(seen) >= replicas:
+            break
+    docs = list(seen.values())
+    out = {k: sum(d[k] for d in docs) for k in SUMMED_STATS}
+    out["pending_deletions"] = max(d["pending_deletions"] for d in docs)
+    out["timing"] = {
+        k: (max if k.endswith("_max_s") else sum)(d["timing"][k] for d in docs)
+        for k in docs[0]["timing"]
+    }
+    out["stats_replicas"] = len(docs)
+    return out
+
+
+def _role(cmd: str) -> str:
+    """Which part of the benchmark a process is, from its command line (a Ray worker sets it
+    to its actor: "ray::ServeReplica:ray-unlearn:shard_3", "ray::ShardActor", ...)."""
+    if cmd.startswith("ray::"):
+        for key, role in [("gateway", "gateway"), ("shard_", "shard_replicas"),
+                          ("ProxyActor", "http_proxy"), ("ServeController", "serve_controller"),
+                          ("Executor", "unlearning"), ("ShardActor", "unlearning")]:  # fmt: skip
+            if key in cmd:
+                return role
+        return "ray_system"  # idle workers, dashboard and runtime-env agents
+    if "/site-packages/ray/" in cmd:
+        return "ray_system"  # gcs_server, raylet, monitors
+    if "benchmarks/serving.py" in cmd and "python" in cmd.split(" ", 1)[0]:
+        return "client_and_driver"
+    if "ray_unlearn.cli" in cmd:
+        return "cli_forget"
+    return "other_processes"  # not this benchmark: other jobs sharing the cores
+
+
+def _cpu_snapshot() -> dict[str, Any]:
+    """CPU seconds (user + system) of every process by pid with its role, and the machine's
+    busy / steal seconds, to tell from their deltas who used the cores during the stream."""
+    procs = {}
+    for pr in psutil.process_iter(["cmdline", "cpu_times"]):
+        t = pr.info.get("cpu_times")
+        if t is None:
+            continue
+        procs[pr.pid] = (_role(" ".join(pr.info.get("cmdline") or [])), t.user + t.system)
+    m = psutil.cpu_times()
+    idle = m.idle + getattr(m, "iowait", 0.0)
+    return {"procs": procs, "busy": sum(m) - idle - getattr(m, "steal", 0.0),
+            "steal": getattr(m, "steal", 0.0), "at": time.perf_counter()}  # fmt: skip
+
+
+def _cpu_used(a: dict, b: dict) -> dict[str, Any]:
+    """Cores used between two snapshots, by role (a process born meanwhile counts from 0;
+    one that ended meanwhile, e.g. a CLI forget, is missed) and for the whole machine."""
+    wall = b["at"] - a["at"]
+    by_role: dict[str, float] = {}
+    for pid, (role, t) in b["procs"].items():
+        t0 = a["procs"].get(pid, (role, 0.0))[1]
+        by_role[role] = by_role.get(role, 0.0) + max(0.0, t - t0)
+    return {
+        "wall_s": wall,
+        "cores_by_role": {k: round(v / wall, 3) for k, v in sorted(by_role.items())},
+        "machine_busy_cores": (b["busy"] - a["busy"]) / wall,
+        "machine_steal_cores": (b["steal"] - a["steal"]) / wall,
+        "machine_cores": psutil.cpu_count(),
+    }
 
 
 async def _warmup(client, auth, bodies, owners, n, deadline_s) -> dict:
@@ -277,7 +359,7 @@ async def run_stream(base: str, token: str, test_x, test_y, owners, p: dict, rat
             p["warmup_predictions"],
             p["deadline_s"],
         )
-        before = (await ctl.get("/v1/stats")).json()
+        before = await _stats_all(ctl, p["replicas"])
 
         times = deletion_schedule(rate, p["horizon_s"], SEED)
         del_owners = owners["stream"][: len(times)]
@@ -352,13 +434,16 @@ async def run_stream(base: str, token: str, test_x, test_y, owners, p: dict, rat
             await asyncio.gather(*sent)
 
         load0 = os.getloadavg()[0]
+        cpu0 = _cpu_snapshot()
         await asyncio.gather(
             deleter(), *[predict(float(t), int(i)) for t, i in zip(arrivals, order, strict=True)]
         )
+        cpu = _cpu_used(cpu0, _cpu_snapshot())
         stream_s = max(s + lat for s, lat, *_ in preds)
         load1 = os.getloadavg()[0]
         pending_at_end = (await ctl.get("/v1/stats")).json()["pending_deletions"]
-        after, drain_s, drained = await _drain(ctl, p["deadline_s"] + 60)
+        _, drain_s, drained = await _drain(ctl, p["deadline_s"] + 60)
+        after = await _stats_all(ctl, p["replicas"])
     return {
         "preds": preds,
         "dels": dels,
@@ -369,6 +454,7 @@ async def run_stream(base: str, token: str, test_x, test_y, owners, p: dict, rat
         "drained": drained,
         "pending_at_stream_end": pending_at_end,
         "loadavg_1m": [load0, load1],
+        "cpu": cpu,
         **warm,
     }
 
@@ -400,6 +486,10 @@ def metrics(name: str, rate: float, s: dict, rejects: bool) -> dict[str, Any]:
     d = {k: a[k] - b[k] for k in ("executions", "unlearning_compute_s", "unlearning_cpu_s",
                                   "unlearning_wall_s", "swaps", "exposure")}  # fmt: skip
     del_status = [x[3] for x in s["dels"]]
+    td = {k: a["timing"][k] - b["timing"][k] for k in a["timing"] if not k.endswith("_max_s")}
+    npred = td["predicts"] or 1
+    parts = {k: td[k] / npred * 1000 for k in ("predict_s", "fresh_view_s", "query_s", "wait_s")}
+    refreshes, publishes = td["refreshes"] or 1, td["publishes"] or 1
     ack_ms = np.array([x[2] * 1000 for x in s["dels"] if x[3] == 202 and x[2] is not None])
     n = len(preds)
     return {
@@ -418,6 +508,7 @@ def metrics(name: str, rate: float, s: dict, rejects: bool) -> dict[str, Any]:
         "stale_labelled": answered.get("stale", 0),
         "ack_ms_p50": _pct(ack_ms, 50),
         "ack_ms_p99": _pct(ack_ms, 99),
+        "ack_fence": s.get("acks"),
         "ack_ms_by_channel": {
             ch: _pct(np.array([x[2] * 1000 for x in s["dels"] if x[4] == ch and x[2]]), 50)
             for ch in ("http", "api", "cli")
@@ -457,6 +548,38 @@ def metrics(name: str, rate: float, s: dict, rejects: bool) -> dict[str, Any]:
         "waited_fraction": answered.get("waited", 0) / n if n else None,
         "wait_baseline_ms": base,
         "gateway_latency_mean_ms": float(server.mean()) if len(server) else None,
+        # where a prediction's time goes (means per prediction, ms, both replicas): inside
+        # the gateway (fresh view, shard queries, waits for unlearning, the rest: answer,
+        # receipts, journal, event-loop turns), and outside it (client, HTTP proxy, Serve's
+        # queue to a replica) = client-side mean minus the gateway's own mean
+        "latency_breakdown_ms": {
+            "client_side": float(lat.mean()) if len(lat) else None,
+            "outside_gateway": float(lat.mean() - server.mean()) if len(server) else None,
+            "in_gateway": parts["predict_s"],
+            "fresh_view": parts["fresh_view_s"],
+            "shard_query": parts["query_s"],
+            "wait_for_unlearning": parts["wait_s"],
+            "gateway_rest": parts["predict_s"]
+            - parts["fresh_view_s"]
+            - parts["query_s"]
+            - parts["wait_s"],
+            "recomputes_per_predict": td["recomputes"] / npred,
+            "shard_calls_per_predict": td.get("shard_calls", 0) / npred,
+        },
+        # the fence's own cost, both replicas (stream + drain)
+        "fence": {
+            "refreshes": td["refreshes"],
+            "read_ms_mean": td["read_s"] / refreshes * 1000,
+            "read_ms_max": a["timing"].get("read_max_s", 0.0) * 1000,
+            "predicts_finding_view_expired": td.get("expired_views"),
+            "publishes": td["publishes"],
+            "publish_ms_mean": td["publish_s"] / publishes * 1000,
+            "journal_flush_ms_mean": td["journal_flush_s"] / refreshes * 1000,
+            "loop_lag_ms_mean": td["loop_lag_s"] / refreshes * 1000,
+            "loop_lag_ms_max": a["timing"]["loop_lag_max_s"] * 1000,
+        },
+        "stats_replicas": [b["stats_replicas"], a["stats_replicas"]],
+        "cpu": s["cpu"],
         "loadavg_1m": s["loadavg_1m"],
         "warmup_s": s["warmup_s"],
     }
@@ -502,6 +625,7 @@ def run_policy(name: str, rate: float, p: dict, root: Path, port: int, token: st
                 "run_id": ctx.run_id,
                 "policy": policy_spec,
                 "num_replicas": p["replicas"],
+                **p["gateway_args"],
             }
         ),
         name=APP,
@@ -563,6 +687,7 @@ def run_policy(name: str, rate: float, p: dict, root: Path, port: int, token: st
             journal = read_journal(ctx.storage, ctx.layout)
             s["replay"] = replay(ctx, journal)
             s["replay"]["replicas"] = len({e.get("replica") for e in journal})
+            s["acks"] = _ack_records(ctx)
         try:
             ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))
         except ValueError:
@@ -584,6 +709,25 @@ def run_policy(name: str, rate: float, p: dict, root: Path, port: int, token: st
         total_s=time.perf_counter() - t0,
     )
     return rec, np.array([x[1] for x in s["preds"] if 200 <= x[2] < 300]) * 1000
+
+
+def _ack_records(ctx) -> dict[str, Any]:
+    """The fence's side of the acknowledgements, from the run's ack records: how long each
+    waited for the gateway replicas after its request was durable, and how they were fenced
+    (``expired``: a replica did not publish a newer view within its lease)."""
+    waits, how = [], {"confirmed": 0, "expired": 0, "deregistered": 0, "dead": 0}
+    folder = f"{ctx.layout.root}/deletions/acks"
+    for name in ctx.storage.listdir(folder):
+        doc = fence.read_ack(ctx.storage, ctx.layout, name.removesuffix(".json"))
+        if doc is None or not str(doc.get("request_id", "")).startswith("bench-"):
+            continue  # warm-up deletions are not part of the stream
+        waits.append((doc["acknowledged_at"] - doc["written_at"]) * 1000)
+        for k in how:
+            how[k] += len(doc.get(k) or [])
+    a = np.array(waits)
+    return {"fence_wait_ms_p50": _pct(a, 50), "fence_wait_ms_p99": _pct(a, 99),
+            "fence_wait_ms_max": float(a.max()) if len(a) else None,
+            "replicas_by_outcome": how}  # fmt: skip
 
 
 def _wait_cpus_free(timeout: float = 60.0) -> None:
@@ -770,8 +914,15 @@ def main() -> None:
     ap.add_argument("--policies", help="comma-separated subset of presets (development only)")
     ap.add_argument("--epochs", type=int, help="training.epochs of the served run (full: 160)")
     ap.add_argument("--rates", help="comma-separated deletion rates (default: the mode's)")
+    ap.add_argument(
+        "--gateway-args",
+        type=json.loads,
+        default={},
+        help="JSON of extra gateway settings, e.g. '{\"lease_s\": 60}' (measurement only)",
+    )
     args = ap.parse_args()
     p = dict(QUICK if args.quick else FULL)
+    p["gateway_args"] = args.gateway_args
     if args.epochs:
         p["epochs"] = args.epochs
     if args.rates:

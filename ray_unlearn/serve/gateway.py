@@ -261,16 +261,18 @@ class Gateway:
         # Fence reads get their own thread: /v1/forget threads wait on this replica's
         # confirmation, so sharing the default pool with them could starve the reads.
         self._fence_pool = ThreadPoolExecutor(1, thread_name_prefix="fence")
+        # The journal's writes (a whole segment, fsync'd) get theirs too: in the fence thread
+        # they delayed every next read and publish, so acknowledgements, by ~0.2 s under load.
+        self._journal_pool = ThreadPoolExecutor(1, thread_name_prefix="journal")
         self._refresh_lock = asyncio.Lock()
         self._closing = False
         self._registration = fence.Registration.new(self.replica, self.fence)
         self._reads_since_change = 0
         self._published_at = 0.0
+        self._registered = False
         # Registered before the first read, so an acknowledgement listing us from now on
         # waits for a read of ours that started after its request was durable.
-        await self._in_fence_thread(
-            fence.write_registration, self.ctx.storage, self.ctx.layout, self._registration
-        )
+        await self._in_fence_thread(self._publish)
         self.journal = AnswerJournal(
             self.ctx.storage,
             self.ctx.layout,
@@ -292,9 +294,30 @@ class Gateway:
             "swaps": 0,
             "refresh_failures": 0,
         }
+        # Where a prediction's time goes, summed over predictions (s), and what the fence
+        # costs: read for the figures of benchmarks/serving.py (GET /v1/stats "timing").
+        self._timing = {
+            "predicts": 0,
+            "predict_s": 0.0,  # inside predict, from its start to the commit
+            "fresh_view_s": 0.0,  # waiting for a view within its lease (a log read)
+            "query_s": 0.0,  # the shard deployments' answers
+            "wait_s": 0.0,  # "wait" instances blocked until deletions executed
+            "recomputes": 0,  # computations thrown away: the view changed meanwhile
+            "shard_calls": 0,  # shard deployment calls (each: one shard, many instances)
+            "expired_views": 0,  # predictions that found the view past its lease
+            "refreshes": 0,
+            "read_s": 0.0,  # log + registry reads, wall, including the thread hand-off
+            "read_max_s": 0.0,
+            "publishes": 0,
+            "publish_s": 0.0,  # registration writes (fsync'd), wall
+            "journal_flush_s": 0.0,  # answer-journal writes (fsync'd), own thread, wall
+            "loop_lag_s": 0.0,  # fence loop sleeps overshooting fence_interval_s: busy loop
+            "loop_lag_max_s": 0.0,
+        }
         await self._refresh()
         loop = asyncio.get_running_loop()
         self._fence_task = loop.create_task(self._fence_loop())
+        self._journal_task = loop.create_task(self._journal_loop())
         self._scheduler_task = loop.create_task(self._scheduler())
         # Start the executor (and its shard actors) now, so the first deletion pays only
         # for retraining, not for loading every shard.
@@ -312,15 +335,17 @@ class Gateway:
         """Clean shutdown: stop answering, flush the journal, then deregister (an
         acknowledgement then counts this replica as fenced)."""
         self._closing = True
-        for name in ("_fence_task", "_scheduler_task"):
+        for name in ("_fence_task", "_journal_task", "_scheduler_task"):
             task = getattr(self, name, None)
             if task is not None:
                 task.cancel()
-        pool = getattr(self, "_fence_pool", None)
-        if pool is not None:
-            # a registration write already running in the fence thread would otherwise land
-            # after the delete below and leave this replica registered
-            pool.shutdown(wait=True, cancel_futures=True)
+        for name in ("_fence_pool", "_journal_pool"):
+            pool = getattr(self, name, None)
+            if pool is not None:
+                # a registration write already running in the fence thread would otherwise
+                # land after the delete below and leave this replica registered; a journal
+                # write, race the final flush
+                pool.shutdown(wait=True, cancel_futures=True)
         try:
             self.journal.flush()
             fence.remove_registration(self.ctx.storage, self.ctx.layout, self.replica)
@@ -380,6 +405,15 @@ class Gateway:
         )
         return dict(zip(shards, outs, strict=True))
 
+    def _publish(self) -> None:
+        """Write this replica's registration; only the first write is fsync'd (why this is
+        safe: ``fence.write_registration``)."""
+        first = not self._registered
+        fence.write_registration(
+            self.ctx.storage, self.ctx.layout, self._registration, durable=first
+        )
+        self._registered = True
+
     async def _in_fence_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._fence_pool, fn, *args)
 
@@ -392,7 +426,12 @@ class Gateway:
         async with self._refresh_lock:
             if if_expired and self.view.valid(time.time(), self.fence.lease_s):
                 return
+            t_read = time.perf_counter()
             started_at, unfinished, versions = await self._in_fence_thread(read_view, self.ctx)
+            t_read = time.perf_counter() - t_read
+            self._timing["refreshes"] += 1
+            self._timing["read_s"] += t_read
+            self._timing["read_max_s"] = max(self._timing["read_max_s"], t_read)
             old = dict(self.view.versions)
             changed = self.view.adopt(started_at, unfinished, versions)  # no await inside
             self._stats["swaps"] += sum(old.get(k) != v for k, v in versions.items() if old)
@@ -407,9 +446,10 @@ class Gateway:
                 or time.time() - self._published_at > self.fence.lease_s / 4
             ):
                 self._registration.view_at = started_at
-                await self._in_fence_thread(
-                    fence.write_registration, self.ctx.storage, self.ctx.layout, self._registration
-                )
+                t_pub = time.perf_counter()
+                await self._in_fence_thread(self._publish)
+                self._timing["publishes"] += 1
+                self._timing["publish_s"] += time.perf_counter() - t_pub
                 self._published_at = time.time()
         if changed:
             if self.tracker.items:
@@ -419,15 +459,32 @@ class Gateway:
 
     async def _fence_loop(self) -> None:
         while True:
+            t_sleep = time.perf_counter()
             await asyncio.sleep(self.fence.interval_s)
+            lag = time.perf_counter() - t_sleep - self.fence.interval_s
+            self._timing["loop_lag_s"] += max(0.0, lag)
+            self._timing["loop_lag_max_s"] = max(self._timing["loop_lag_max_s"], lag)
             try:
                 await self._refresh()
-                await self._in_fence_thread(self.journal.flush)
             except asyncio.CancelledError:
                 raise
             except Exception:  # storage unreachable: answers stop when the lease runs out
                 self._stats["refresh_failures"] += 1
                 log.exception("gateway %s: reading the deletion log failed", self.replica)
+
+    async def _journal_loop(self) -> None:
+        """Write the answers committed since the last flush, every ``fence_interval_s``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.fence.interval_s)
+            try:
+                t_flush = time.perf_counter()
+                await loop.run_in_executor(self._journal_pool, self.journal.flush)
+                self._timing["journal_flush_s"] += time.perf_counter() - t_flush
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # kept in memory; the next flush writes the segment whole
+                log.exception("gateway %s: writing the answer journal failed", self.replica)
 
     async def _fresh_view(self) -> None:
         """Make sure this replica may answer now: its view is within the lease, or a new
@@ -436,6 +493,7 @@ class Gateway:
             raise HTTPException(503, "this gateway replica is shutting down; retry")
         if self.view.valid(time.time(), self.fence.lease_s):
             return
+        self._timing["expired_views"] += 1
         try:
             await self._refresh(if_expired=True)
         except Exception as e:
@@ -531,6 +589,11 @@ class Gateway:
         results: list[InstanceOut | None] = [None] * n
         generation: list[int | None] = [None] * n  # the view each result was computed from
         todo, waited = list(range(n)), False
+        # Shard outputs this request already has: (shard, version) -> {instance: (C,)
+        # probabilities}. A version's output for an instance never changes, so when the view
+        # changes only shards serving a version not asked yet are queried again: after a new
+        # pending deletion (the common change) the answer is recomputed with no shard call.
+        seen: dict[tuple[int, str], dict[int, np.ndarray]] = {}
         until = time.time() + self.settings.wait_timeout_s
         rule = self.ctx.config.unlearning.aggregation
         while True:
@@ -543,9 +606,17 @@ class Gateway:
                 ):
                     break
                 todo = [i for i, g in enumerate(generation) if g != self.view.generation]
+                self._timing["recomputes"] += bool(todo)
             if time.time() > until:
                 raise HTTPException(504, "timed out: the deletion view kept changing")
+            t_fresh = time.perf_counter()
             await self._fresh_view()
+            self._timing["fresh_view_s"] += time.perf_counter() - t_fresh
+            if not todo:
+                # Only the lease ran out (every result is of the generation held): the read
+                # just done decides at the commit point. Querying the shards with no
+                # instance would return (0,) arrays that answer_batch cannot stack (a 500).
+                continue
             gen, view = self.view.generation, self.view
             live = sorted(view.versions)
             if not live:
@@ -555,9 +626,20 @@ class Gateway:
             affected = view.tracker.affected()
             queried = shards_to_query(self.policy, live, affected)
             versions = dict(view.versions)
-            probs = await self._query(queried, versions, x[todo]) if queried else {}
+            missing = [
+                k for k in queried if any(j not in seen.get((k, versions[k]), ()) for j in todo)
+            ]
+            if missing:
+                t_query = time.perf_counter()
+                got = await self._query(missing, versions, x[todo])
+                self._timing["query_s"] += time.perf_counter() - t_query
+                self._timing["shard_calls"] += len(missing)
+                for k, out in got.items():
+                    seen.setdefault((k, versions[k]), {}).update(zip(todo, out, strict=True))
             if self.view.generation != gen:
+                self._timing["recomputes"] += 1
                 continue  # the view changed while the shards answered: compute again
+            probs = {k: np.stack([seen[k, versions[k]][j] for j in todo]) for k in queried}
             answers = answer_batch(
                 self.policy,
                 rule,
@@ -598,7 +680,9 @@ class Gateway:
                 generation[j] = gen
             if left:
                 waited = True
+                t_wait = time.perf_counter()
                 await self._wait_for(set(self.tracker.items), until)
+                self._timing["wait_s"] += time.perf_counter() - t_wait
             todo = left
         committed_at, first = time.time(), self.journal.answers
         self.journal.append(
@@ -618,6 +702,8 @@ class Gateway:
             for j, r in enumerate(results)
         )
         seconds = time.perf_counter() - t0
+        self._timing["predicts"] += 1
+        self._timing["predict_s"] += seconds
         modes = [r.answered for r in results]
         self.metrics.record(modes, seconds, "waited" if waited else modes[0])
         return PredictResponse(
@@ -725,12 +811,14 @@ class Gateway:
     async def stats(self) -> dict[str, Any]:
         """Counters for benchmarks and dashboards (the same figures as /metrics, as JSON)."""
         return {
+            "replica": self.replica,
             "policy": self.policy.model_dump(),
             "answers": dict(self.metrics.counts),
             "exposure": self.metrics.counts.get("stale", 0),
             "pending_deletions": len(self.tracker.items),
             "versions": {str(k): v for k, v in self.versions.items()},
             **self._stats,
+            "timing": dict(self._timing),
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -204,3 +204,26 @@ def test_a_replica_whose_process_is_gone_fences_nothing_and_is_removed(root):
     out = fence.await_fence(storage, layout, 1000.0, clock=clock, sleep=clock.sleep)
     assert out["dead"] == ["killed"] and out["confirmed"] == ["alive"] and clock.t == 1000.0
     assert [r.replica for r in fence.list_registrations(storage, layout)] == ["alive"]
+
+
+def test_registration_updates_skip_fsync_but_stay_atomic(root, monkeypatch):
+    """A replica's frequent updates are replaced without fsync (on a local disk); the first
+    registration is fsync'd. Either way readers see the whole new file, no temp file stays."""
+    storage, layout = root
+    syncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (syncs.append(fd), real_fsync(fd)))
+    reg = fence.Registration("g1", 2.0, 0.05)
+    fence.write_registration(storage, layout, reg)  # durable by default
+    assert syncs
+    syncs.clear()
+    for t in (1000.0, 1000.1, 1000.2):
+        reg.view_at = t
+        fence.write_registration(storage, layout, reg, durable=False)
+        (listed,) = fence.list_registrations(storage, layout)
+        assert listed.view_at == t
+    assert syncs == []
+    assert sorted(os.listdir(storage.full(fence.gateways_dir(layout)))) == ["g1.json"]
+    clock = _Clock(1000.0)
+    out = fence.await_fence(storage, layout, 1000.1, clock=clock, sleep=clock.sleep)
+    assert out["confirmed"] == ["g1"]
