@@ -9,10 +9,10 @@ import time
 import numpy as np
 import torch
 
-from ray_unlearn.platform import fence
 from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.runtime import load_serving_model
 from ray_unlearn.platform.core.training import predict_proba
+from ray_unlearn.platform.serving import fence
 from ray_unlearn.serve.gateway import Gateway, PredictRequest
 
 

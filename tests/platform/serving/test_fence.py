@@ -139,7 +139,10 @@ def test_submit_request_waits_for_a_live_gateway_and_records_the_ack(tiny_run):
     Serve gateway does: the acknowledgement comes after its view holds the request."""
     ctx = tiny_run
     storage, layout = ctx.storage, ctx.layout
-    reg = fence.Registration.new("sim", fence.FenceSettings())
+    # a long lease: on a loaded machine the thread may take seconds to publish, and the ack
+    # must then still come from its confirmation, never from the lease running out
+    lease_s = 60.0
+    reg = fence.Registration.new("sim", fence.FenceSettings(lease_s=lease_s))
     fence.write_registration(storage, layout, reg)
     view = ServingView(DeletionTracker(ctx.plan))
     stop = threading.Event()
@@ -166,7 +169,7 @@ def test_submit_request_waits_for_a_live_gateway_and_records_the_ack(tiny_run):
         t.join()
     ack = fence.read_ack(storage, layout, "fenced")
     assert created and ack["confirmed"] == ["sim"] and ack["expired"] == []
-    assert ack["acknowledged_at"] >= ack["written_at"] and waited < fence.DEFAULT_LEASE_S
+    assert ack["acknowledged_at"] >= ack["written_at"] and waited < lease_s
     # a resubmission keeps the first acknowledgement: the promise started then
     submit_request(ctx, owner_id=owner, request_id="fenced")
     assert fence.read_ack(storage, layout, "fenced") == ack
