@@ -13,7 +13,8 @@ there, with no edit in core, the CLI or the config. A method declares
 * hooks, each defaulting to "nothing". Run-scoped hooks (``runtime``, ``undeletable``,
   ``restore_plan``, ``chain_exact``, ``serving_model``, ``background_restore``,
   ``sweep_problems``, ``ray_train_job``) are asked of the run's own method only (the one owning
-  its ``unlearning.strategy``); ``config_problems``, ``train`` and ``check_request`` of every
+  its ``unlearning.strategy``); ``config_problems``, ``train``, ``shard_hook`` and
+  ``check_request`` of every
   method, since they read sections any run may set (``hybrid.record`` on a SISA run).
 
 A new method, say ``methods/mine/``: ``config.py`` with its section's pydantic class,
@@ -73,6 +74,9 @@ class Method:
     config_problems: Callable[[Any], list[str]] | None = None
     # (ctx) -> the training summary, or None when this method does not train this run
     train: Callable[[RunContext], dict[str, Any] | None] | None = None
+    # (ctx, shard) -> a hook on that shard's SISA training (core/training.py's ShardHook:
+    # hybrid records every step's contribution), or None; asked of every method
+    shard_hook: Callable[[RunContext, int], Any] | None = None
     # (ctx, strategy name, owner id | None, sample ids | None) -> None; raises ValueError to
     # refuse a request before it is logged (the run config already accepted the strategy)
     check_request: Callable[[RunContext, str, str | None, Any], None] | None = None
@@ -211,6 +215,17 @@ def train_run(ctx: RunContext) -> dict[str, Any] | None:
             out = m.train(ctx)
             if out is not None:
                 return out
+    return None
+
+
+def shard_hook(ctx: RunContext, shard: int):
+    """The hook a method adds to ``shard``'s SISA training (in process and on Ray Train
+    workers alike), or None. The first method that gives one wins (one hook per shard)."""
+    for m in _METHODS.values():
+        if m.shard_hook is not None:
+            hook = m.shard_hook(ctx, shard)
+            if hook is not None:
+                return hook
     return None
 
 

@@ -52,6 +52,10 @@ def _toy_problems(cfg):
     return ["toy.strength: 13 is refused by the toy method"] if toy and toy.strength == 13 else []
 
 
+def _toy_hook(ctx, shard):
+    return ("toy-hook", shard) if ctx.config.unlearning.strategy == ToyForget.name else None
+
+
 @pytest.fixture
 def toy_method():
     CHECKED.clear()
@@ -62,6 +66,7 @@ def toy_method():
             sections=(Section("toy", ToySection),),
             config_problems=_toy_problems,
             check_request=_toy_check,
+            shard_hook=_toy_hook,
         )
     )
     yield method
@@ -106,6 +111,7 @@ def test_toy_strategy_runs_and_its_check_comes_before_logging(tmp_path, toy_meth
     ctx = create_run(tiny_config(tmp_path, "unlearning.strategy=toy-forget", "toy.strength=2"))
     train_all_shards(ctx)
     assert open_run(ctx.storage.uri, ctx.run_id).config.toy.strength == 2  # stored with the run
+    assert methods.registry.shard_hook(ctx, 1) == ("toy-hook", 1)
 
     # refused by the toy method's check: nothing is logged
     with pytest.raises(ValueError, match="the toy method refuses owner refused-by-toy"):
@@ -136,6 +142,7 @@ def test_check_request_keeps_the_cli_messages(tiny_run):
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):
         methods.check_request(ctx, "nope")
     methods.check_request(ctx, "rum")
+    assert methods.registry.shard_hook(ctx, 0) is None  # no method adds to plain SISA training
 
 
 def test_names_and_sections_have_one_owner():
