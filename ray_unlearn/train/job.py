@@ -31,7 +31,6 @@ from ray_unlearn.platform.core.run import RunContext, open_run
 from ray_unlearn.platform.core.training import configure_threads, train_run_shard
 from ray_unlearn.platform.core.versions import Registry, ShardEntry
 from ray_unlearn.platform.methods import registry
-from ray_unlearn.platform.methods.hybrid.recording import recording_hook
 
 
 def worker_layout(num_shards: int, num_workers: int, cluster_cpus: float, cpus_per_worker: float):
@@ -56,7 +55,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     # the SISA driver, one per shard: this worker only interleaves their stages so that it
     # reports once per slice round. hybrid.record: the hook writes each stage's contributions
     # beside the version it belongs to (ids are deterministic: generation 0)
-    runs = {k: train_run_shard(ctx, k, hook=recording_hook(ctx, k)) for k in mine}
+    runs = {k: train_run_shard(ctx, k, hook=registry.shard_hook(ctx, k)) for k in mine}
     for stage in range(cfg.partition.slices):
         with tempfile.TemporaryDirectory() as d:
             losses = []

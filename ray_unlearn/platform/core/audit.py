@@ -13,6 +13,7 @@ import numpy as np
 from ray_unlearn.platform.core.deletion_log import RequestState
 from ray_unlearn.platform.core.publish import store_report
 from ray_unlearn.platform.core.run import RunContext
+from ray_unlearn.platform.core.versions import chain_exactness
 from ray_unlearn.platform.methods import registry
 
 
@@ -87,18 +88,6 @@ def audit(
         ],
         "pending_requests": sum(r.state != RequestState.DONE for r in related),
     }
-
-
-def chain_exactness(ctx: RunContext, chain: list[str]) -> list[bool]:
-    """Per stage of a live chain: is its snapshot exact (equal to training without every
-    deleted sample)? A version's manifest says ``metrics.exact = 0`` when a strategy
-    produced it approximately; a snapshot is exact when it and all its ancestors (the
-    chain before it) are."""
-    out, ok = [], True
-    for vid in chain:
-        ok = ok and ctx.model_store.manifest(vid).get("metrics", {}).get("exact", 1.0) != 0
-        out.append(ok)
-    return out
 
 
 def approximate_live_versions(ctx: RunContext) -> list[str]:

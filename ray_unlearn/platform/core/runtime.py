@@ -82,7 +82,7 @@ def train_all_shards(ctx: RunContext) -> dict[str, Any]:
     own = registry.train_run(ctx)
     if own is not None:
         return own
-    return train_run(ctx)[0]
+    return train_run(ctx, lambda k: registry.shard_hook(ctx, k))[0]
 
 
 def train_run(

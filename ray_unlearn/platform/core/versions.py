@@ -320,3 +320,15 @@ class ModelStore:
             if len(hit):
                 out[vid] = sorted(int(i) for i in hit)
         return out
+
+
+def chain_exactness(ctx, chain: list[str]) -> list[bool]:
+    """Per stage of a live chain: is its snapshot exact (equal to training without every
+    deleted sample)? A version's manifest says ``metrics.exact = 0`` when a strategy
+    produced it approximately; a snapshot is exact when it and all its ancestors (the
+    chain before it) are. ``ctx``: the run (its ``model_store``)."""
+    out, ok = [], True
+    for vid in chain:
+        ok = ok and ctx.model_store.manifest(vid).get("metrics", {}).get("exact", 1.0) != 0
+        out.append(ok)
+    return out

@@ -93,3 +93,47 @@ def get_strategy(name: str) -> type[UnlearningStrategy]:
         raise ValueError(
             f"unknown unlearning strategy {name!r}; available: {', '.join(available_strategies())}"
         ) from None
+
+
+def next_generation(chain: list[str]) -> int:
+    """The generation a retrain of a shard whose live chain is ``chain`` writes (``-gNNNN``)."""
+    return int(chain[-1].rsplit("-g", 1)[1]) + 1
+
+
+def retrain_exact(
+    ctx: RunContext, state: ShardState, deleted: np.ndarray, first: int, *, record: bool = True
+) -> ShardUpdate:
+    """SISA retraining of ``state``'s shard from slice ``first`` without ``deleted``: exact
+    only when the snapshot it restarts from is (an approximate strategy may have made it).
+    With ``record``, the hook a method adds to SISA training (the registry's
+    ``shard_hook``: hybrid records contributions when ``hybrid.record``) sees the retraining
+    too, so a later approximate update can correct the new versions."""
+    from ray_unlearn.platform.core.training import train_shard
+    from ray_unlearn.platform.core.versions import chain_exactness
+    from ray_unlearn.platform.methods import registry
+
+    cfg = ctx.config
+    hook = None
+    if record:
+        hook = registry.shard_hook(ctx, state.data.shard, next_generation(state.chain))
+    stages = train_shard(
+        state.data.without(deleted),
+        cfg.model,
+        cfg.training,
+        seed=cfg.seed,
+        feature_shape=ctx.feature_shape,
+        num_classes=ctx.num_classes,
+        start_stage=first,
+        start_state=state.snapshots[first - 1] if first > 0 else None,
+        on_step=hook.on_step if hook is not None else None,
+        on_stage=hook.on_stage if hook is not None else None,
+    )
+    if first == 0:
+        parent_exact = True
+    elif state.exact is not None:
+        parent_exact = state.exact[first - 1]
+    else:
+        parent_exact = chain_exactness(ctx, state.chain[:first])[-1]
+    for st in stages:
+        st.metrics["exact"] = float(parent_exact)
+    return ShardUpdate(first_stage=first, stages=stages, exact=parent_exact)

@@ -74,9 +74,10 @@ class Method:
     config_problems: Callable[[Any], list[str]] | None = None
     # (ctx) -> the training summary, or None when this method does not train this run
     train: Callable[[RunContext], dict[str, Any] | None] | None = None
-    # (ctx, shard) -> a hook on that shard's SISA training (core/training.py's ShardHook:
-    # hybrid records every step's contribution), or None; asked of every method
-    shard_hook: Callable[[RunContext, int], Any] | None = None
+    # (ctx, shard, generation) -> a hook on that shard's SISA training of versions of that
+    # generation (core/training.py's ShardHook: hybrid records every step's contribution),
+    # or None; asked of every method
+    shard_hook: Callable[[RunContext, int, int], Any] | None = None
     # (ctx, strategy name, owner id | None, sample ids | None) -> None; raises ValueError to
     # refuse a request before it is logged (the run config already accepted the strategy)
     check_request: Callable[[RunContext, str, str | None, Any], None] | None = None
@@ -218,12 +219,13 @@ def train_run(ctx: RunContext) -> dict[str, Any] | None:
     return None
 
 
-def shard_hook(ctx: RunContext, shard: int):
-    """The hook a method adds to ``shard``'s SISA training (in process and on Ray Train
-    workers alike), or None. The first method that gives one wins (one hook per shard)."""
+def shard_hook(ctx: RunContext, shard: int, generation: int = 0):
+    """The hook a method adds to ``shard``'s SISA training of versions of ``generation``
+    (training in process, on Ray Train workers, and exact retraining alike), or None. The
+    first method that gives one wins (one hook per shard)."""
     for m in _METHODS.values():
         if m.shard_hook is not None:
-            hook = m.shard_hook(ctx, shard)
+            hook = m.shard_hook(ctx, shard, generation)
             if hook is not None:
                 return hook
     return None

@@ -16,6 +16,7 @@ from ray_unlearn.platform.methods.base import (
     UnlearningStrategy,
     affected_rows,
     register_strategy,
+    retrain_exact,
 )
 from ray_unlearn.platform.methods.registry import Method, register
 
@@ -32,8 +33,6 @@ class SisaRetrain(UnlearningStrategy):
         # retrain_exact carries exactness through the chain (retraining from a snapshot an
         # approximate strategy produced is not exact). Plain SISA records no contributions
         # (it never subtracts any): a later DPUS on these versions falls back to exact.
-        from ray_unlearn.platform.methods.hybrid.strategy import retrain_exact
-
         update = retrain_exact(self.ctx, state, data.sample_ids[in_shard], first, record=False)
         update.info = {"strategy": self.name, "decision": "exact", "first_slice": first}
         return update

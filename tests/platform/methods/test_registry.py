@@ -52,7 +52,7 @@ def _toy_problems(cfg):
     return ["toy.strength: 13 is refused by the toy method"] if toy and toy.strength == 13 else []
 
 
-def _toy_hook(ctx, shard):
+def _toy_hook(ctx, shard, generation=0):
     return ("toy-hook", shard) if ctx.config.unlearning.strategy == ToyForget.name else None
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray_unlearn.platform.methods.hybrid.checks import check_dpus_request, train_recording
+from ray_unlearn.platform.methods.hybrid.checks import check_dpus_request, recording_hook
 from ray_unlearn.platform.methods.hybrid.config import HybridConfig, config_problems
 from ray_unlearn.platform.methods.hybrid.strategy import Dpus, HybridStrategy, OptimizedHybrid
 from ray_unlearn.platform.methods.registry import Method, Section, register
@@ -14,7 +14,7 @@ METHOD = register(
         strategies=(Dpus, HybridStrategy, OptimizedHybrid),
         sections=(Section("hybrid", HybridConfig),),
         config_problems=config_problems,
-        train=train_recording,
+        shard_hook=recording_hook,  # hybrid.record: every step's contribution, recorded
         check_request=check_dpus_request,
     )
 )

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
 
-
-def train_recording(ctx) -> dict[str, Any] | None:
-    """``hybrid.record``: train in process and record every step's contribution beside its
-    version (what dpus/hs/ohs subtract); None when the run does not record."""
+def recording_hook(ctx, shard: int, generation: int = 0):
+    """``hybrid.record``: the hook that records every training step's contribution beside
+    its version (what dpus/hs/ohs subtract), in process and on Ray Train workers alike; None
+    when the run does not record."""
     if not ctx.config.hybrid.record:
         return None
-    from ray_unlearn.platform.methods.hybrid.contributions import train_and_record
+    from ray_unlearn.platform.methods.hybrid.recording import RecordingHook
 
-    return train_and_record(ctx).to_json()
+    return RecordingHook(ctx, shard, generation=generation)
 
 
 def check_dpus_request(ctx, name: str, owner: str | None, ids) -> None:

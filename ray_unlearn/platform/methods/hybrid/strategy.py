@@ -74,7 +74,7 @@ import time
 import numpy as np
 import torch
 
-from ray_unlearn.platform.core.training import StageResult, train_shard
+from ray_unlearn.platform.core.training import StageResult
 from ray_unlearn.platform.core.versions import version_id
 from ray_unlearn.platform.methods.base import (
     ShardState,
@@ -82,6 +82,7 @@ from ray_unlearn.platform.methods.base import (
     UnlearningStrategy,
     register_strategy,
 )
+from ray_unlearn.platform.methods.base import retrain_exact as base_retrain_exact
 from ray_unlearn.platform.methods.hybrid.calibration import (
     calibrate_forget,
     memorization_gap,
@@ -101,7 +102,6 @@ from ray_unlearn.platform.methods.hybrid.finetune import finetune, finetune_rows
 from ray_unlearn.platform.methods.hybrid.workload import (
     Decision,
     batch_deletions,
-    chain_exactness,
     decide,
     estimate_workload,
     optimizer_momentum,
@@ -112,43 +112,10 @@ def _generation(vid: str) -> int:
     return int(vid.rsplit("-g", 1)[1])
 
 
-def retrain_exact(
-    ctx, state: ShardState, deleted: np.ndarray, first: int, *, record: bool | None = None
-) -> ShardUpdate:
-    """SISA retraining from slice ``first`` that records contributions for the new versions
-    (``record``; default: when the run records), and is exact only when the snapshot it
-    restarts from is."""
-    cfg = ctx.config
-    remaining = state.data.without(deleted)
-    record = cfg.hybrid.record if record is None else record
-    rec = ContributionRecorder(cfg.hybrid.dtype) if record else None
-    stages = train_shard(
-        remaining,
-        cfg.model,
-        cfg.training,
-        seed=cfg.seed,
-        feature_shape=ctx.feature_shape,
-        num_classes=ctx.num_classes,
-        start_stage=first,
-        start_state=state.snapshots[first - 1] if first > 0 else None,
-        on_step=rec,
-    )
-    if first == 0:
-        parent_exact = True
-    elif state.exact is not None:
-        parent_exact = state.exact[first - 1]
-    else:
-        parent_exact = chain_exactness(ctx, state.chain[:first])[-1]
-    if rec is not None:
-        rec.set_parameters(stages[0].state)
-        gen = _generation(state.chain[-1]) + 1
-        for st in stages:
-            contrib = rec.take(st.stage, state_digest(st.state))
-            vid = version_id(state.data.shard, st.stage, gen)
-            save_contributions(ctx.storage, ctx.layout, vid, contrib)
-    for st in stages:
-        st.metrics["exact"] = float(parent_exact)
-    return ShardUpdate(first_stage=first, stages=stages, exact=parent_exact)
+def retrain_exact(ctx, state: ShardState, deleted: np.ndarray, first: int) -> ShardUpdate:
+    """Exact SISA retraining (:func:`~ray_unlearn.platform.methods.base.retrain_exact`),
+    recording contributions of the new versions when the run records (``hybrid.record``)."""
+    return base_retrain_exact(ctx, state, deleted, first, record=True)
 
 
 class HybridBase(UnlearningStrategy):

@@ -34,6 +34,7 @@ from ray_unlearn.platform.core.training import (
     _optimizer,
     stage_steps,
 )
+from ray_unlearn.platform.core.versions import chain_exactness  # noqa: F401  (re-exported)
 from ray_unlearn.platform.methods.hybrid.config import HybridConfig
 
 if TYPE_CHECKING:
@@ -283,15 +284,3 @@ def optimizer_momentum(train_cfg: TrainingConfig) -> tuple[float, bool]:
 
 
 # -- lineage ------------------------------------------------------------------------------
-
-
-def chain_exactness(ctx: RunContext, chain: list[str]) -> list[bool]:
-    """Per stage of a live chain: is its snapshot exact (equal to training without every
-    deleted sample)? A version's manifest says ``metrics.exact = 0`` when a strategy
-    produced it approximately; a snapshot is exact when it and all its ancestors (the
-    chain before it) are."""
-    out, ok = [], True
-    for vid in chain:
-        ok = ok and ctx.model_store.manifest(vid).get("metrics", {}).get("exact", 1.0) != 0
-        out.append(ok)
-    return out

@@ -93,7 +93,7 @@ class RumStrategy(UnlearningStrategy):
         info = {"strategy": self.name, "score": cfg.score, "route_by": cfg.route_by,
                 key: rank, "first_slice": first}  # fmt: skip
         if to_exact:
-            from ray_unlearn.platform.methods.hybrid.strategy import retrain_exact
+            from ray_unlearn.platform.methods.base import retrain_exact
 
             update = retrain_exact(self.ctx, state, data.sample_ids[in_shard], first)
             update.info = {**info, "decision": "exact",
