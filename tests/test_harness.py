@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -54,6 +55,10 @@ def test_processes_of_finds_only_processes_naming_the_directory(tmp_path):
     session = str(tmp_path / "session")
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", session])
     try:
+        # until the child has exec'd, /proc shows the parent's command line: wait for it
+        deadline = time.monotonic() + 30
+        while not processes_of(session) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert processes_of(session) == [proc.pid]
         assert processes_of(str(tmp_path / "other")) == []
     finally:
