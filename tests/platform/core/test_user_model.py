@@ -159,8 +159,8 @@ def test_short_form_dumps_as_before_and_a_component_round_trips(tmp_path):
 
 
 def test_user_model_trains_forgets_exactly_serves_and_audits(tmp_path):
-    cfg = _config(tmp_path, USER)
-    ctx = create_run(cfg)
+    ctx = create_run(_config(tmp_path, USER))
+    cfg = ctx.config  # as stored: training.torch_threads pinned (bitwise needs the same count)
     train_all_shards(ctx)
     state = ctx.model_store.load_state(ctx.model_store.registry().serving_versions()[0])
     assert "classifier.weight" in state and "blocks.2.weight" in state  # the user's model
