@@ -190,8 +190,7 @@ def test_user_model_trains_forgets_exactly_serves_and_audits(tmp_path):
     assert after["live_versions_containing"] == {} and after["clean"]
 
     test = ctx.split_records("test")
-    x = torch.from_numpy(np.ascontiguousarray(test.features))
-    probs = LocalShards(ctx).predict_proba(x)
+    probs = LocalShards(ctx).predict_proba(test.features)  # (n, D) rows, as the gateway sends
     assert sorted(probs) == list(range(cfg.partition.shards))
     labels, _ = aggregate(np.stack([probs[k] for k in sorted(probs)]), "vote")
     assert (labels == test.labels).mean() > 0.5  # 10 classes: chance is 0.1
