@@ -158,8 +158,8 @@ def test_short_form_dumps_as_before_and_a_component_round_trips(tmp_path):
 
 
 def test_user_model_trains_forgets_exactly_serves_and_audits(tmp_path):
-    cfg = _config(tmp_path, USER)
-    ctx = create_run(cfg)
+    ctx = create_run(_config(tmp_path, USER))
+    cfg = ctx.config  # as stored: training.torch_threads pinned (bitwise needs the same count)
     train_all_shards(ctx)
     state = ctx.model_store.load_state(ctx.model_store.registry().serving_versions()[0])
     assert "classifier.weight" in state and "blocks.2.weight" in state  # the user's model
@@ -182,8 +182,7 @@ def test_user_model_trains_forgets_exactly_serves_and_audits(tmp_path):
     assert after["live_versions_containing"] == {} and after["clean"]
 
     test = ctx.split_records("test")
-    x = torch.from_numpy(np.ascontiguousarray(test.features))
-    probs = LocalShards(ctx).predict_proba(x)
+    probs = LocalShards(ctx).predict_proba(test.features)  # (n, D) rows, as the gateway sends
     assert sorted(probs) == list(range(cfg.partition.shards))
     labels, _ = aggregate(np.stack([probs[k] for k in sorted(probs)]), "vote")
     assert (labels == test.labels).mean() > 0.5  # 10 classes: chance is 0.1
