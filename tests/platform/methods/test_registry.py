@@ -52,8 +52,28 @@ def _toy_problems(cfg):
     return ["toy.strength: 13 is refused by the toy method"] if toy and toy.strength == 13 else []
 
 
+class ToyHook:
+    """A method's hook on SISA training (core/training.py's ShardHook): counts what it sees."""
+
+    SEEN: list[tuple[int, int, int]] = []  # (shard, generation, stage) of every finished stage
+
+    def __init__(self, shard: int, generation: int):
+        self.shard, self.generation, self.steps = shard, generation, 0
+
+    def on_step(self, stage, step, batch_ids, before, after) -> None:
+        self.steps += 1
+
+    def on_stage(self, result) -> None:
+        ToyHook.SEEN.append((self.shard, self.generation, result.stage))
+
+    def summary(self) -> dict[str, float]:
+        return {"toy_steps": self.steps}
+
+
 def _toy_hook(ctx, shard, generation=0):
-    return ("toy-hook", shard) if ctx.config.unlearning.strategy == ToyForget.name else None
+    if ctx.config.unlearning.strategy != ToyForget.name:
+        return None
+    return ToyHook(shard, generation)
 
 
 @pytest.fixture
@@ -108,10 +128,16 @@ def test_unregistered_section_and_strategy_are_refused(tmp_path, toy_method):
 
 
 def test_toy_strategy_runs_and_its_check_comes_before_logging(tmp_path, toy_method):
+    ToyHook.SEEN.clear()
     ctx = create_run(tiny_config(tmp_path, "unlearning.strategy=toy-forget", "toy.strength=2"))
-    train_all_shards(ctx)
+    report = train_all_shards(ctx)
     assert open_run(ctx.storage.uri, ctx.run_id).config.toy.strength == 2  # stored with the run
-    assert methods.registry.shard_hook(ctx, 1) == ("toy-hook", 1)
+    # the method's hook saw every stage of every shard's training, and its figures reach the report
+    shards, slices = ctx.config.partition.shards, ctx.config.partition.slices
+    assert sorted(ToyHook.SEEN) == [(k, 0, r) for k in range(shards) for r in range(slices)]
+    assert report["toy_steps"] > 0
+    hook = methods.registry.shard_hook(ctx, 1, 3)
+    assert isinstance(hook, ToyHook) and (hook.shard, hook.generation) == (1, 3)
 
     # refused by the toy method's check: nothing is logged
     with pytest.raises(ValueError, match="the toy method refuses owner refused-by-toy"):
