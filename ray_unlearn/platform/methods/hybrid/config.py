@@ -91,7 +91,7 @@ class HybridConfig(BaseModel):
         description="After every direct parameter update (dpus, and hs/ohs when they take "
         "it), raise the revoked rows' loss on the serving model to that of rows it never saw "
         "(other shards' rows: it needs two or more shards), with a retain loss beside it "
-        "(platform/methods/hybrid/workload.py calibrate_forget).",
+        "(platform/methods/hybrid/calibration.py calibrate_forget).",
     )
     calibrate_depth: int | None = Field(
         2,
