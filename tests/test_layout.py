@@ -33,8 +33,6 @@ MAX_LINES = 500
 OVERSIZE = {
     "core/deletion_log.py": "504 lines: the log, its file format and its fold; issue 17 "
     "(per-request prefixes, snapshots) rewrites it",
-    "methods/s3t/runtime.py": "539 lines: S3T's versions in the store, its shard runtime and "
-    "serving model; not split yet",
 }
 #: The registry's own registration: the one package allowed on an import circle.
 REGISTRY = f"{PACKAGE}.methods"
