@@ -27,6 +27,7 @@ from ray_unlearn.platform.core.plan import TEST, PartitionPlan, make_plan
 from ray_unlearn.platform.core.storage import RunLayout, Storage
 from ray_unlearn.platform.core.training import ShardData
 from ray_unlearn.platform.core.versions import ModelStore
+from ray_unlearn.platform.methods import registry
 
 
 class RunError(ValueError):
@@ -143,7 +144,8 @@ def create_run(cfg: RunConfig, run_id: str | None = None) -> RunContext:
     if storage.exists(layout.run_info):
         raise RunError(f"run {layout.run_id} already exists under {storage.uri}")
     records = load_dataset(cfg.data, storage)
-    check_model(cfg.model, records.feature_shape, records.num_classes)  # before any write
+    model = check_model(cfg.model, records.feature_shape, records.num_classes)  # before any write
+    registry.check_model(cfg, model)  # the method's own assumptions (S3T: head, blocks)
     train, test = split_train_test(records, cfg.data.test_fraction, cfg.seed)
     plan = make_plan(
         train.sample_ids,

@@ -88,6 +88,10 @@ class Method:
     # (ctx, shard results of an execution, predict_proba of the backend) -> restore plan
     # {"shards", "depth", "triggered_by_accuracy", "accuracy"} or None
     restore_plan: Callable[[RunContext, dict[int, dict[str, Any]], Callable], Any] | None = None
+    # (run config, a fresh model built from it) -> None; raises ValueError naming every
+    # assumption of the method the model breaks (S3T: a head and a block list), at run
+    # creation, before anything is stored
+    check_model: Callable[[Any, nn.Module], None] | None = None
     # (ctx, registry entry) -> per chain version: is its snapshot exact?
     chain_exact: Callable[[RunContext, ShardEntry], list[bool]] | None = None
     # (ctx, version id) -> the model that version serves
@@ -255,6 +259,13 @@ def restore_plan(ctx: RunContext, results: dict[int, dict[str, Any]], predict_pr
     """Shards to retrain after an execution (and why), or None."""
     hook = _run_hook(ctx.config, "restore_plan")
     return None if hook is None or not results else hook(ctx, results, predict_proba)
+
+
+def check_model(config, model) -> None:
+    """The run's method's checks of the model it will train (ValueError), if it has any."""
+    hook = _run_hook(config, "check_model")
+    if hook is not None:
+        hook(config, model)
 
 
 def chain_exact(ctx: RunContext, entry: ShardEntry) -> list[bool] | None:

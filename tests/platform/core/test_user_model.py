@@ -196,9 +196,10 @@ def test_s3t_with_a_user_model_whose_blocks_are_named_by_config(tmp_path):
         "s3t.budget=1",
         "partition.shards=2",
     ]
-    unnamed = create_run(_config(tmp_path / "a", USER, *s3t))
+    # refused at run creation (the method's own model check), before anything is stored
     with pytest.raises(S3TConfigError, match="no block list: .*model.parts.blocks"):
-        train_all_shards(unnamed)
+        create_run(_config(tmp_path / "a", USER, *s3t))
+    assert not any((tmp_path / "a").rglob("run.json"))
 
     blocks = ["blocks.0", "blocks.1", "blocks.2"]
     named = {**USER, "parts": {"head": "classifier", "blocks": blocks}}

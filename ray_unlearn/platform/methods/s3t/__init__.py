@@ -28,6 +28,7 @@ METHOD = register(
         undeletable=hooks.undeletable,
         restore_plan=hooks.restore_plan,
         chain_exact=hooks.chain_exact,
+        check_model=hooks.check_model,
         serving_model=hooks.serving_model,
         background_restore=hooks.background_restore,
         sweep_problems=hooks.sweep_problems,

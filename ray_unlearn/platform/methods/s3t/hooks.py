@@ -100,3 +100,12 @@ def sweep_problems(config, validation_fraction: float) -> list[str]:
             "(lower it or raise stream.validation_fraction)"
         )
     return msgs
+
+
+def check_model(config, model) -> None:
+    """At run creation: the model has a trainable head and LoRA-adaptable blocks that fit
+    the partition (S3TConfigError lists every problem)."""
+    from ray_unlearn.platform.methods.s3t.adapters import check_s3t
+    from ray_unlearn.platform.methods.s3t.config import S3TConfig
+
+    check_s3t(config.s3t or S3TConfig(), model, config.partition.slices)
