@@ -261,13 +261,33 @@ class RunLayout:
     def version_samples(self, version_id: str) -> str:
         return f"{self.version_dir(version_id)}/samples.parquet"
 
+    def deletion_request_dir(self, request_id: str) -> str:
+        """One request's prefix: its request file and its events (platform/core/deletion_log.py)."""
+        return f"{self.root}/deletions/r/{request_id}"
+
+    @property
+    def deletion_feed(self) -> str:
+        """Change markers in time buckets: what readers follow from a cursor."""
+        return f"{self.root}/deletions/feed"
+
+    @property
+    def deletion_snapshots(self) -> str:
+        """Compacted snapshots of the whole log (the cold reader's starting point)."""
+        return f"{self.root}/deletions/snapshots"
+
     @property
     def deletion_requests(self) -> str:
+        """The first layout's requests folder (read once by the migration)."""
         return f"{self.root}/deletions/requests"
 
     @property
     def deletion_events(self) -> str:
+        """The first layout's events folder (read once by the migration)."""
         return f"{self.root}/deletions/events"
+
+    @property
+    def deletion_migrated(self) -> str:
+        return f"{self.root}/deletions/migrated.json"
 
     @property
     def data_copy(self) -> str:

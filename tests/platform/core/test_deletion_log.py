@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_unlearn.platform.core import deletion_feed as feed
 from ray_unlearn.platform.core.deletion_log import (
     DeletionLog,
     DeletionLogError,
@@ -101,6 +102,10 @@ def _folder(tmp_path: Path, which: str) -> Path:
     return tmp_path / getattr(LAYOUT, which)
 
 
+def _req_dir(tmp_path: Path, rid: str) -> Path:
+    return tmp_path / LAYOUT.deletion_request_dir(rid)
+
+
 def _drive(dlog: DeletionLog, rid: str, state: RequestState) -> None:
     path = {
         S.PENDING: [],
@@ -134,8 +139,8 @@ def test_submit_get_transition_round_trip(storage):
     assert r.versions_retired == ["s000-r01-g0001"] and r.versions_created == ["x"]
     assert r.executed_by == "executor-0"
     assert r.done_at == r.history[-1]["at"] and r.details["versions_created"] == ["x"]
-    assert storage.listdir(LAYOUT.deletion_requests) == ["r1.json"]
-    assert len(storage.listdir(LAYOUT.deletion_events)) == 2
+    names = storage.listdir(LAYOUT.deletion_request_dir("r1"))
+    assert names[-1] == "request.json" and len(names) == 3  # the request and its 2 events
     assert dlog.deleted_sample_ids() == {3, 5, 9}
     assert json.loads(json.dumps(r.to_json()))["state"] == "done"
 
@@ -190,7 +195,7 @@ ALLOWED = {
 def test_transition_matrix(dlog, tmp_path, src, dst):
     dlog.submit([1], request_id="r")
     _drive(dlog, "r", src)
-    events = _folder(tmp_path, "deletion_events")
+    events = _req_dir(tmp_path, "r")
     before = sorted(os.listdir(events)) if events.exists() else []
     if (src, dst) in ALLOWED:
         assert dlog.transition("r", dst).state is dst
@@ -236,7 +241,7 @@ def test_resubmitting_the_same_request_is_a_no_op(dlog, tmp_path):
     assert not created
     assert again.request == first.request  # the stored request, not the retry's times
     assert again.state is S.EXECUTING
-    assert os.listdir(_folder(tmp_path, "deletion_requests")) == ["r.json"]
+    assert os.listdir(tmp_path / "runs/run-1/deletions/r") == ["r"]
 
 
 @pytest.mark.parametrize(
@@ -244,14 +249,15 @@ def test_resubmitting_the_same_request_is_a_no_op(dlog, tmp_path):
 )
 def test_resubmitting_an_id_with_other_content_is_refused(dlog, tmp_path, kwargs):
     dlog.submit([1, 2, 3], owner_id="bob", request_id="r")
-    path = _folder(tmp_path, "deletion_requests") / "r.json"
+    path = _req_dir(tmp_path, "r") / "request.json"
     stored = path.read_bytes()
+    feed_before = sorted((tmp_path / LAYOUT.deletion_feed).rglob("*"))
     args = {"sample_ids": [1, 2, 3], "owner_id": "bob", "request_id": "r", **kwargs}
     with pytest.raises(DeletionLogError, match="'r' already exists with different content"):
         dlog.submit(args.pop("sample_ids"), **args)
     assert path.read_bytes() == stored
-    assert os.listdir(path.parent) == ["r.json"]
-    assert not _folder(tmp_path, "deletion_events").exists()
+    assert os.listdir(path.parent) == ["request.json"]
+    assert sorted((tmp_path / LAYOUT.deletion_feed).rglob("*")) == feed_before
 
 
 def test_generated_ids_are_unique_and_valid(dlog):
@@ -330,22 +336,45 @@ def test_an_empty_log_reads_empty(dlog):
 # -- tolerance and durability ------------------------------------------------------------------
 
 
+def _mark(tmp_path: Path, rid: str, record: str, ns: int | None = None) -> None:
+    """A feed marker for ``record`` of ``rid``, as a writer would leave it."""
+    ns = time.time_ns() if ns is None else ns
+    folder = tmp_path / LAYOUT.deletion_feed / f"{ns // feed.BUCKET_NS:012d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / feed.marker_name(ns, rid, record)).write_bytes(b"")
+
+
 def _plant_debris(tmp_path: Path, rid: str) -> None:
-    req_dir, ev_dir = _folder(tmp_path, "deletion_requests"), _folder(tmp_path, "deletion_events")
-    ev_dir.mkdir(parents=True, exist_ok=True)
+    req_dir = _req_dir(tmp_path, rid)
     ns = time.time_ns()
-    (ev_dir / f"{ns:020d}-{rid}-deadbeef.json").write_bytes(b'{"request_id": "' + rid.encode())
-    (ev_dir / f"{ns + 1:020d}-{rid}-0badf00d.json").write_bytes(b"\x00\xff garbage")
-    (ev_dir / f"{ns + 2:020d}-{rid}-00c0ffee.json").write_text(
-        json.dumps({"request_id": "someone-else", "state": "done", "at": 1.0, "details": {}})
-    )
-    (ev_dir / f"{ns + 3:020d}-ghost-12345678.json").write_text(
+    torn = {
+        f"{ns:020d}-deadbeef.json": b'{"request_id": "' + rid.encode(),
+        f"{ns + 1:020d}-0badf00d.json": b"\x00\xff garbage",
+        f"{ns + 2:020d}-00c0ffee.json": json.dumps(
+            {"request_id": "someone-else", "state": "done", "at": 1.0, "details": {}}
+        ).encode(),
+    }
+    for name, data in torn.items():
+        (req_dir / name).write_bytes(data)
+        _mark(tmp_path, rid, name)
+    ghost = _req_dir(tmp_path, "ghost")
+    ghost.mkdir(parents=True)
+    name = f"{ns + 3:020d}-12345678.json"
+    (ghost / name).write_text(
         json.dumps({"request_id": "ghost", "state": "executing", "at": 1.0, "details": {}})
     )
-    (ev_dir / ".tmp-abcdef.part").write_bytes(b'{"half')
-    (ev_dir / "README").write_text("not an event")
-    (req_dir / ".tmp-123456.part").write_bytes(b'{"half')
-    (req_dir / "torn.json").write_bytes(b'{"request_id": "torn", "sample_')
+    _mark(tmp_path, "ghost", name)
+    (req_dir / ".tmp-abcdef.part").write_bytes(b'{"half')
+    (req_dir / "README").write_text("not an event")
+    torn_req = _req_dir(tmp_path, "torn")
+    torn_req.mkdir(parents=True)
+    (torn_req / "request.json").write_bytes(b'{"request_id": "torn", "sample_')
+    _mark(tmp_path, "torn", "request.json")
+    feed_dir = tmp_path / LAYOUT.deletion_feed / f"{ns // feed.BUCKET_NS:012d}"
+    (feed_dir / ".tmp-123456.part").write_bytes(b"")
+    (feed_dir / "README").write_text("not a marker")
+    # a marker whose record never came (its writer died between the two writes): silent
+    _mark(tmp_path, rid, f"{ns + 5:020d}-facefeed.json")
 
 
 def test_reading_skips_debris_with_warnings(dlog, tmp_path, caplog):
@@ -355,8 +384,9 @@ def test_reading_skips_debris_with_warnings(dlog, tmp_path, caplog):
     expected = {r.request_id: r for r in dlog.records()}
     _plant_debris(tmp_path, "r")
     # A transition that is invalid from the folded state (two writers racing) is skipped.
-    late = _folder(tmp_path, "deletion_events") / f"{time.time_ns() + 10:020d}-s-feedface.json"
+    late = _req_dir(tmp_path, "s") / f"{time.time_ns() + 10:020d}-feedface.json"
     late.write_text(json.dumps({"request_id": "s", "state": "done", "at": 2.0, "details": {}}))
+    _mark(tmp_path, "s", late.name)
 
     with caplog.at_level(logging.WARNING, logger="ray_unlearn.platform.core.deletion_log"):
         recs = dlog.records()
@@ -367,8 +397,9 @@ def test_reading_skips_debris_with_warnings(dlog, tmp_path, caplog):
     for needle in (
         "unreadable event file",
         "unknown request 'ghost'",
-        "unreadable request file torn.json",
-        "unexpected file 'README'",
+        "unreadable request file of 'torn'",
+        "unexpected file 'README' in runs/run-1/deletions/r/r",
+        "unexpected file 'README' in the feed",
         "not a valid transition",
     ):
         assert needle in text
@@ -453,7 +484,7 @@ def test_file_uri_root_is_the_same_log_as_the_path(tmp_path):
     rec, created = via_uri.submit([4, 2], owner_id="o", request_id="r")
     assert created
     via_uri.transition("r", S.EXECUTING)
-    assert (tmp_path / LAYOUT.deletion_requests / "r.json").is_file()
+    assert (_req_dir(tmp_path, "r") / "request.json").is_file()
     via_path = DeletionLog(Storage(tmp_path), LAYOUT)
     assert via_path.get("r") == via_uri.get("r")
     assert via_path.submit([2, 4], owner_id="o", request_id="r")[1] is False
@@ -475,6 +506,7 @@ def test_reading_the_log_again_reads_only_new_files(storage):
         return real(rel)
 
     storage.read_bytes = counting  # type: ignore[method-assign]
+    dlog = DeletionLog(storage, LAYOUT)  # a new reader: it has read nothing yet
     first = dlog.records()
     assert len(reads) == 6 and [r.state for r in first] == [RequestState.EXECUTING] * 3
     reads.clear()
