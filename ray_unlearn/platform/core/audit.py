@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_unlearn.platform.core.deletion_log import RequestState
+from ray_unlearn.platform.core.deletion_log import RequestRecord, RequestState
 from ray_unlearn.platform.core.publish import store_report
 from ray_unlearn.platform.core.run import RunContext
 from ray_unlearn.platform.core.versions import chain_exactness
@@ -30,38 +30,32 @@ def audit(
     if owner_id is not None and sample_id is not None:
         raise ValueError("audit takes an owner id or a sample id, not both")
     log = ctx.deletion_log
-    records = log.records()
     if owner_id is not None:
         ids = ctx.plan.samples_of_owner(owner_id)
         subject = {"owner_id": owner_id}
-        related = [
-            r
-            for r in records
-            if r.request.owner_id == owner_id or np.isin(r.request.sample_ids, ids).any()
-        ]
+        # from the log's owner and sample indexes, not a fold of every request
+        related = _union([log.requests_for_owner(owner_id), log.requests_for_samples(ids)])
     elif sample_id is not None:
         ctx.plan.positions([sample_id])  # raises on an unknown id
         ids = np.asarray([sample_id], dtype=np.int64)
         subject = {"sample_id": int(sample_id)}
-        related = [r for r in records if int(sample_id) in r.request.sample_ids]
+        related = log.requests_for_sample(int(sample_id))
     else:
         ids = np.fromiter(log.deleted_sample_ids(), dtype=np.int64)
         subject = {"all_deletions": True}
-        related = records
-    deleted = log.deleted_sample_ids()
+        related = log.records()
+    deleted = log.deleted_among(ids)  # of the ids in question
     approximate = approximate_live_versions(ctx)
     containing = ctx.model_store.live_versions_containing(ids)
     violations = {v: [i for i in hits if i in deleted] for v, hits in containing.items()}
     violations = {v: hits for v, hits in violations.items() if hits}
     # the store itself: versions an interrupted publish left outside the live chain
-    store = store_report(ctx, set(int(i) for i in ids) & deleted)
+    store = store_report(ctx, deleted)
     return {
         "run_id": ctx.run_id,
         **subject,
         "sample_ids": [int(i) for i in ids] if len(ids) <= 1000 else f"{len(ids)} samples",
-        "deleted_sample_count": int(
-            np.isin(ids, np.fromiter(deleted, dtype=np.int64, count=len(deleted))).sum()
-        ),
+        "deleted_sample_count": len(deleted),
         "live_versions_containing": containing,
         "violations": violations,
         "clean": not violations and not store["stray_violations"],
@@ -101,3 +95,12 @@ def approximate_live_versions(ctx: RunContext) -> list[str]:
             exact = chain_exactness(ctx, entry.chain)
         out += [v for v, ok in zip(entry.chain, exact, strict=True) if not ok]
     return out
+
+
+def _union(groups: list[list[RequestRecord]]) -> list[RequestRecord]:
+    """The requests of several index look-ups, each once, in the log's order."""
+    seen: dict[str, RequestRecord] = {}
+    for group in groups:
+        for r in group:
+            seen.setdefault(r.request_id, r)
+    return sorted(seen.values(), key=lambda r: (r.request.received_at, r.request_id))

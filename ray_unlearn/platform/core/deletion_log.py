@@ -452,6 +452,19 @@ class DeletionLog:
         with self._lock:
             return _ordered(self._folded[r] for r in self._by_sample.get(sid, []))
 
+    def deleted_among(self, sample_ids: Iterable[int]) -> set[int]:
+        """Those of ``sample_ids`` whose deletion is done: one poll, O(1) per id."""
+        self.poll()
+        with self._lock:
+            return {int(s) for s in sample_ids if int(s) in self._deleted}
+
+    def requests_for_samples(self, sample_ids: Iterable[int]) -> list[RequestRecord]:
+        """Every request naming any of ``sample_ids``, each once: one poll, O(1) per id."""
+        self.poll()
+        with self._lock:
+            rids = {r for s in sample_ids for r in self._by_sample.get(int(s), [])}
+            return _ordered(self._folded[r] for r in rids)
+
     def requests_for_owner(self, owner_id: str) -> list[RequestRecord]:
         """Every request made for ``owner_id`` (audit), from the owner index."""
         self.poll()

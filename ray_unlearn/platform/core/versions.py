@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ray_unlearn.platform.core import sample_index
 from ray_unlearn.platform.core.storage import AlreadyExists, RunLayout, Storage, StorageError
 
 LIVE, RETIRED = "live", "retired"
@@ -145,6 +146,7 @@ class ModelStore:
     def __init__(self, storage: Storage, layout: RunLayout):
         self.storage, self.layout = storage, layout
         self._samples_cache: dict[str, np.ndarray] = {}
+        self._index_cache: dict[tuple[str, ...], sample_index.IndexGroup] = {}
 
     # -- versions --------------------------------------------------------------------
     def save_version(
@@ -215,6 +217,9 @@ class ModelStore:
         loses any data file still there; one with no manifest (its save was cut short) is
         removed whole. Recovery after a crash relies on this."""
         now = time.time()
+        # The sample index must not outlive the versions it names (it holds their ids).
+        sample_index.drop_groups_with(self, vids)
+        self._index_cache = {k: g for k, g in self._index_cache.items() if not set(k) & set(vids)}
         for vid in vids:
             folder = self.layout.version_dir(vid)
             names = self.storage.listdir(folder)
@@ -311,14 +316,33 @@ class ModelStore:
     def live_versions_containing(
         self, sample_ids, registry: Registry | None = None
     ) -> dict[str, list[int]]:
-        """version -> the given sample ids it was trained on, over every live version."""
+        """version -> the given sample ids it was trained on, over every live version, from
+        the stored sample index (platform/core/sample_index.py): binary searches per live
+        chain, not a scan of every version's sample list."""
         reg = registry or self.registry()
-        wanted = np.asarray(sample_ids, dtype=np.int64)
+        wanted = np.unique(np.asarray(sample_ids, dtype=np.int64).reshape(-1))
         out: dict[str, list[int]] = {}
-        for vid in reg.live_versions():
-            hit = wanted[np.isin(wanted, self.sample_ids(vid))]
-            if len(hit):
-                out[vid] = sorted(int(i) for i in hit)
+        for group in self.sample_index(reg):
+            for vid, hits in group.holding(wanted).items():
+                out.setdefault(vid, []).extend(hits)
+        return {v: sorted(set(h)) for v, h in out.items()}
+
+    def sample_index(self, registry: Registry | None = None) -> list[sample_index.IndexGroup]:
+        """The index groups of the live versions: one per shard's chain, one for the shared
+        versions; read (or built and stored) once per chain and kept in this process."""
+        reg = registry or self.registry()
+        groups = [tuple(e.chain) for _, e in sorted(reg.shards.items()) if e.chain]
+        if reg.shared:
+            groups.append(tuple(reg.shared))
+        out = []
+        for versions in groups:
+            if versions not in self._index_cache:
+                self._index_cache[versions] = sample_index.load_or_build(self, versions)
+            out.append(self._index_cache[versions])
+        if set(self._index_cache) != set(groups):  # chains changed: forget and drop the old
+            self._index_cache = {v: self._index_cache[v] for v in groups}
+            keep = {sample_index.group_path(self.layout, v) for v in groups}
+            sample_index.drop_groups_except(self, keep)
         return out
 
 
