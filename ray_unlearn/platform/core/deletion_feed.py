@@ -67,7 +67,7 @@ def write_marker(storage: Storage, layout: RunLayout, request_id: str, record: s
     """Write a fresh marker for ``record`` of ``request_id``; returns its ns."""
     ns = time.time_ns()
     name = marker_name(ns, request_id, record)
-    storage.write_bytes(f"{layout.deletion_feed}/{ns // BUCKET_NS:012d}/{name}", b"")
+    storage.touch(f"{layout.deletion_feed}/{ns // BUCKET_NS:012d}/{name}")
     return ns
 
 

@@ -38,6 +38,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _makedirs_durable(path: str) -> None:
+    """``os.makedirs`` that also fsyncs the parent of every folder it creates: a new folder's
+    own entry must survive a crash as much as the file written into it."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    _makedirs_durable(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return
+    _fsync_dir(parent)
+
+
 class Storage:
     """A filesystem rooted at ``root`` (local path or URI such as ``s3://bucket/prefix``).
 
@@ -102,7 +116,7 @@ class Storage:
         full = self.full(rel)
         if self.local:
             parent = os.path.dirname(full)
-            os.makedirs(parent, exist_ok=True)
+            _makedirs_durable(parent)
             fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".part")
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -134,6 +148,18 @@ class Storage:
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, full)
+
+    def touch(self, rel: str) -> None:
+        """Create an empty file, durably (an empty file is whole or absent: no temp file).
+        For markers whose name is the message (the deletion log's feed)."""
+        full = self.full(rel)
+        if self.local:
+            parent = os.path.dirname(full)
+            _makedirs_durable(parent)
+            os.close(os.open(full, os.O_CREAT | os.O_WRONLY, 0o644))
+            _fsync_dir(parent)
+            return
+        self.write_bytes(rel, b"")
 
     def link_or_copy(self, src: str, dst: str) -> None:
         """Make ``dst`` a file with ``src``'s content, replacing any old ``dst`` atomically:
