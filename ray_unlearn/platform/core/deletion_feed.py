@@ -27,6 +27,7 @@ while writing one loses nothing (the older snapshot and the feed are still there
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -119,7 +120,14 @@ def read_newest_snapshot(storage: Storage, layout: RunLayout) -> dict[str, Any] 
     names = [n for n in storage.listdir(layout.deletion_snapshots) if _SNAPSHOT_RE.match(n)]
     for name in reversed(names):
         try:
-            doc = json.loads(storage.read_bytes(f"{layout.deletion_snapshots}/{name}"))
+            raw = storage.read_bytes(f"{layout.deletion_snapshots}/{name}")
+            was = gc.isenabled()
+            gc.disable()  # one large document: see deletion_log._gc_paused
+            try:
+                doc = json.loads(raw)
+            finally:
+                if was:
+                    gc.enable()
             if doc.get("format") != SNAPSHOT_FORMAT:
                 raise ValueError(f"format {doc.get('format')!r}, expected {SNAPSHOT_FORMAT}")
             return doc

@@ -146,6 +146,7 @@ class ModelStore:
     def __init__(self, storage: Storage, layout: RunLayout):
         self.storage, self.layout = storage, layout
         self._samples_cache: dict[str, np.ndarray] = {}
+        self._metrics_cache: dict[str, dict[str, float]] = {}
         self._index_cache: dict[tuple[str, ...], sample_index.IndexGroup] = {}
 
     # -- versions --------------------------------------------------------------------
@@ -195,6 +196,13 @@ class ModelStore:
 
     def manifest(self, vid: str) -> dict[str, Any]:
         return self.storage.read_json(self.layout.version_manifest(vid))
+
+    def manifest_metrics(self, vid: str) -> dict[str, float]:
+        """A version's manifest metrics: written once at save and never changed (retiring a
+        version changes only its state), so read once per process."""
+        if vid not in self._metrics_cache:
+            self._metrics_cache[vid] = dict(self.manifest(vid).get("metrics", {}))
+        return self._metrics_cache[vid]
 
     def load_state(self, vid: str) -> dict[str, torch.Tensor]:
         path = self.layout.version_weights(vid)
@@ -353,6 +361,6 @@ def chain_exactness(ctx, chain: list[str]) -> list[bool]:
     chain before it) are. ``ctx``: the run (its ``model_store``)."""
     out, ok = [], True
     for vid in chain:
-        ok = ok and ctx.model_store.manifest(vid).get("metrics", {}).get("exact", 1.0) != 0
+        ok = ok and ctx.model_store.manifest_metrics(vid).get("exact", 1.0) != 0
         out.append(ok)
     return out
