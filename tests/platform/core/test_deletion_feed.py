@@ -251,7 +251,7 @@ def test_a_crash_while_snapshotting_loses_nothing(tmp_path, caplog):
 
 
 def test_polls_write_snapshots_by_themselves(tmp_path, monkeypatch):
-    monkeypatch.setattr("ray_unlearn.platform.core.deletion_log.SNAPSHOT_MIN_TAIL", 10)
+    monkeypatch.setattr("ray_unlearn.platform.core.deletion_reader.SNAPSHOT_MIN_TAIL", 10)
     storage = Storage(tmp_path)
     dlog = DeletionLog(storage, LAYOUT, snapshot_every=10)
     for i in range(12):
@@ -308,7 +308,7 @@ def test_index_queries_do_not_fold_the_log(tmp_path, monkeypatch):
     _fill(dlog, 30)
     dlog.poll()
     calls = []
-    import ray_unlearn.platform.core.deletion_log as mod
+    import ray_unlearn.platform.core.deletion_reader as mod
 
     real = mod.fold
     monkeypatch.setattr(mod, "fold", lambda *a: calls.append(1) or real(*a))
