@@ -84,7 +84,9 @@ class DeletionLog(FeedReader):
     ):
         self.storage = storage
         self.layout = layout
-        self.snapshot_every = snapshot_every  # None: this reader never writes snapshots
+        # None: never writes snapshots; else its polls do, once it has written a transition
+        self.snapshot_every = snapshot_every
+        self._executes = False
         self._last_ns = 0  # keeps this process's event names strictly increasing
         self._lock = threading.RLock()
         self._loaded = False
@@ -181,6 +183,7 @@ class DeletionLog(FeedReader):
         name = f"{ns:020d}-{uuid.uuid4().hex[:8]}.json"
         body = {"request_id": request_id, "state": new.value, "at": at, "details": details}
         self._write_record(request_id, name, json.dumps(body, sort_keys=True).encode())
+        self._executes = True
         record.state = new
         record.history.append({"state": new.value, "at": at, "details": details})
         return record

@@ -82,8 +82,10 @@ class FeedReader:
             floor = started - 2 * feed.LOOKBACK_NS - feed.BUCKET_NS
             self._marks_seen = {n: t for n, t in self._marks_seen.items() if t >= floor}
             self._tail += applied
+            # Only the executor (an instance that moves requests along) snapshots: a gateway
+            # replica's poll must stay O(changes), and one writer of snapshots is enough.
             every = self.snapshot_every
-            if every is not None and self._tail >= max(
+            if every is not None and self._executes and self._tail >= max(
                 every, len(self._requests) // SNAPSHOT_TAIL_DIVISOR
             ):
                 self.snapshot()

@@ -257,6 +257,9 @@ def test_polls_write_snapshots_by_themselves(tmp_path, monkeypatch):
     for i in range(12):
         dlog.submit([i], request_id=f"r{i}")
     assert dlog.count() == 12
+    assert storage.listdir(LAYOUT.deletion_snapshots) == []  # a gateway: it only submits
+    dlog.transition("r0", S.EXECUTING)  # now it executes: its polls snapshot
+    assert dlog.count() == 12
     assert len(storage.listdir(LAYOUT.deletion_snapshots)) == 1
     for i in range(40):
         dlog.submit([100 + i], request_id=f"s{i}")
