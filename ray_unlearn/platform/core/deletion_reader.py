@@ -85,8 +85,10 @@ class FeedReader:
             # Only the executor (an instance that moves requests along) snapshots: a gateway
             # replica's poll must stay O(changes), and one writer of snapshots is enough.
             every = self.snapshot_every
-            if every is not None and self._executes and self._tail >= max(
-                every, len(self._requests) // SNAPSHOT_TAIL_DIVISOR
+            if (
+                every is not None
+                and self._executes
+                and self._tail >= max(every, len(self._requests) // SNAPSHOT_TAIL_DIVISOR)
             ):
                 self.snapshot()
             return applied
