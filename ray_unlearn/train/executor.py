@@ -29,12 +29,7 @@ from ray_unlearn.platform.core.run import open_run
 from ray_unlearn.platform.core.runtime import make_runtime
 from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
 from ray_unlearn.platform.methods import registry
-from ray_unlearn.train.session import NAMESPACE
-
-
-def executor_actor_name(run_id: str) -> str:
-    return f"ray-unlearn-executor:{run_id}"
-
+from ray_unlearn.train.session import NAMESPACE, executor_actor_name
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +172,43 @@ class Executor:
             return self.engine.forget(
                 owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
             ).to_json()
+
+    def forget_request(
+        self,
+        storage_uri: str,
+        owner_id: str | None = None,
+        sample_ids: list[int] | None = None,
+        request_id: str | None = None,
+        deadline: float | None = None,
+        strategy: str | None = None,
+    ) -> dict[str, Any]:
+        """A client's whole ``forget``: the methods' checks, the durable log entry (and its
+        fences), then every unfinished request executed as one batch; returns
+        :func:`ray_unlearn.api.forget`'s document (less the client's own ``seconds``).
+
+        Done here, where the run is open and the shards are loaded, so that a client attached
+        to this executor (``ray-unlearn forget --address``) imports and reads nothing of the
+        run: no torch, no plan, no log fold in the client. ``storage_uri``: the client's
+        storage root (absolute), which must be this executor's."""
+        from ray_unlearn.api import forget_document
+        from ray_unlearn.platform.methods import check_request
+
+        if storage_uri.rstrip("/") != self.ctx.storage.uri.rstrip("/"):
+            raise ValueError(
+                f"run {self.ctx.run_id}'s executor on this cluster serves storage root "
+                f"{self.ctx.storage.uri}, not {storage_uri} (--storage): use that root"
+            )
+        with self._lock:
+            t0 = time.perf_counter()
+            check_request(self.ctx, strategy, owner_id, sample_ids)
+            record, created = self.engine.submit(
+                owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
+            )
+            ack_s = time.perf_counter() - t0
+            if record.state.value != "done":
+                self.engine.execute_pending(strategy)
+            final = self.ctx.deletion_log.get(record.request.request_id)
+            return forget_document(self.ctx.run_id, record, final, created, ack_s)
 
     def execute_pending(
         self, strategy: str | None = None, request_ids: list[str] | None = None
