@@ -193,9 +193,7 @@ class Storage:
             raise StorageError(f"no file {rel!r} under storage root {self.uri}") from e
 
     def write_table(self, rel: str, table: pa.Table) -> None:
-        buf = pa.BufferOutputStream()  # Arrow-owned memory, as in read_table
-        pq.write_table(table, buf)
-        self.write_bytes(rel, buf.getvalue().to_pybytes())
+        self.write_bytes(rel, table_bytes(table))
 
     def upload_dir(self, local_dir: str | os.PathLike[str], rel: str) -> None:
         """Copy a local folder's files (recursively) under ``rel``."""
@@ -203,6 +201,14 @@ class Storage:
         for p in sorted(local_dir.rglob("*")):
             if p.is_file():
                 self.write_bytes(f"{rel}/{p.relative_to(local_dir).as_posix()}", p.read_bytes())
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """``table`` as the Parquet file :meth:`Storage.write_table` writes (encoded apart from
+    the write, so that the encoding can run ahead of it: platform/core/compaction.py)."""
+    buf = pa.BufferOutputStream()  # Arrow-owned memory, as in read_table
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
 
 
 @dataclass(frozen=True)
