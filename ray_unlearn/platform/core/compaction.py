@@ -110,6 +110,10 @@ class PreparedCompaction:
         except Exception:  # noqa: BLE001  (compact() then reads it again, and reports)
             log.warning("preparing the compaction of the run's copy failed", exc_info=True)
 
+    def close(self) -> None:
+        """Wait for the thread (an execution that failed drops the result)."""
+        self._thread.join()
+
     def result(self, storage: Storage, layout: RunLayout, gone: np.ndarray):
         self._thread.join()
         out = self._out

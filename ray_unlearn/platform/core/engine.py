@@ -236,6 +236,7 @@ class UnlearningEngine:
                     executed_by=self.executor_name,
                     strategy=strategy,
                 )
+        prepared = None
         try:
             already = log.deleted_sample_ids()
             gone = set(already).union(*(r.request.sample_ids for r in todo))
@@ -278,6 +279,9 @@ class UnlearningEngine:
                 for rid in ids:
                     log.transition(rid, RequestState.FAILED, error=f"{type(e).__name__}: {e}")
             raise
+        finally:
+            if prepared is not None:
+                prepared.close()  # never leave it running into interpreter exit (Arrow threads)
         done = [
             log.transition(r.request.request_id, RequestState.DONE, **details[r.request.request_id])
             for r in todo
