@@ -23,26 +23,26 @@ def _copy_ids(ctx):
     return ctx.storage.read_table(ctx.layout.data_copy)["sample_id"].to_numpy()
 
 
-def test_the_copy_is_compacted_from_one_read_prepared_during_retraining(tiny_run, monkeypatch):
+def test_the_copy_is_compacted_once_prepared_during_retraining(tiny_run, monkeypatch):
     ctx = tiny_run
     engine = UnlearningEngine(ctx, LocalShards(ctx))
     engine.forget(owner_id=_owner(ctx, 0))  # shards loaded, one request done
     reads, threads = [], []
     real = compaction._without
 
-    def counted(storage, layout, gone):
+    def counted(storage, layout, gone, last=None):
         import threading
 
         threads.append(threading.current_thread().name)
         reads.append(len(gone))
-        return real(storage, layout, gone)
+        return real(storage, layout, gone, last)
 
     monkeypatch.setattr(compaction, "_without", counted)
     owner = _owner(ctx, 1)
     ids = ctx.plan.samples_of_owner(owner)
     rec = engine.forget(owner_id=owner)
     assert rec.state.value == "done"
-    assert threads == ["prepare-compaction"], threads  # one read, not on the request's path
+    assert threads == ["prepare-compaction"], threads  # once, not on the request's path
     assert not np.isin(ids, _copy_ids(ctx)).any()
     done = ctx.deletion_log.deleted_sample_ids()
     assert reads == [len(done)]
@@ -50,6 +50,25 @@ def test_the_copy_is_compacted_from_one_read_prepared_during_retraining(tiny_run
     stats = ctx.storage.read_json(ctx.layout.data_compaction)
     assert stats["rows_removed_total"] == len(done)
     assert stats["rows"] == len(ctx.plan.sample_ids) - len(done)
+
+
+def test_a_long_lived_executor_does_not_read_back_the_copy_it_wrote(tiny_run, monkeypatch):
+    ctx = tiny_run
+    engine = UnlearningEngine(ctx, LocalShards(ctx))
+    engine.forget(owner_id=_owner(ctx, 0))  # writes the copy: this process keeps its table
+    reads = []
+    real = type(ctx.storage).read_table
+
+    def read_table(self, rel):
+        reads.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(type(ctx.storage), "read_table", read_table)
+    engine.forget(owner_id=_owner(ctx, 1))
+    assert ctx.layout.data_copy not in reads
+    monkeypatch.undo()
+    done = ctx.deletion_log.deleted_sample_ids()
+    assert set(_copy_ids(ctx)) == set(ctx.plan.sample_ids) - done
 
 
 def test_a_prepared_compaction_is_not_written_over_a_copy_that_changed(tiny_run):
