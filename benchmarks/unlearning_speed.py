@@ -33,8 +33,9 @@ script starts on 127.0.0.1 and stops at the end:
                    attaching to Ray, exit; target <= 1.5 s.
 
 A grid too long for one sitting runs as several invocations (``--cases``, ``--skip-digits``):
-each case is kept in <out>/cases[-quick]/k<K>-r<R>.json with its commit and time, and the
-report covers every case file there.
+each case is kept in <out>/cases[-quick]/k<K>-r<R>.json with its commit and time as soon as
+it is done, and the report covers every case file there (``--report-only`` rewrites the
+report from them, say after an invocation was cut short).
 * *_cpu_s, speedup_cpu, overhead_ratio_cpu   the same in CPU seconds (executor + shard actor
                    processes, read with psutil; this process for the bare loop), beside the
                    wall-clock figures because other sessions may share the 2 cores: their load
@@ -583,38 +584,8 @@ def _git_commit() -> str | None:
         return None
 
 
-def main() -> None:
-    # `ray start` turns token auth on when ~/.ray/auth_token exists; then every client (this
-    # process, the CLI) needs RAY_AUTH_MODE=token, and Ray reads it at import: re-exec with it.
-    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
-        env = {**os.environ, "RAY_AUTH_MODE": "token"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("results/unlearning_speed"))
-    ap.add_argument("--quick", action="store_true", help="tiny data, K in {1,4}, R in {1,2}")
-    ap.add_argument("--cases", help="only these K:R pairs, e.g. '8:5,16:1' (to rerun a noisy case)")
-    ap.add_argument(
-        "--skip-digits",
-        action="store_true",
-        help="skip the digits accuracy check (reuse an earlier invocation's, if any)",
-    )
-    args = ap.parse_args()
-    p = dict(QUICK if args.quick else FULL)
-    cases = [(K, R) for K in p["shards"] for R in p["slices"]]
-    if args.cases:
-        cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
-    args.out.mkdir(parents=True, exist_ok=True)
-    root = (args.out / "runs").resolve()
-    # Each case is kept in its own file, so a grid too long for one sitting can be run as
-    # several invocations (--cases) and still be reported as one grid: the report holds every
-    # case file of this mode (quick or full), each with the commit and time it was run at.
-    cases_dir = args.out / ("cases-quick" if args.quick else "cases")
-    cases_dir.mkdir(exist_ok=True)
-    single_file = cases_dir / "single_model.json"
-
-    t_start = time.perf_counter()
-    head = LocalRayHead(prefix="rb")
-    single = json.loads(single_file.read_text()) if single_file.exists() else {}
+def run_cases(cases, p: dict, root: Path, head: LocalRayHead, cases_dir: Path, single: dict):
+    """Each (K, R) case on a Ray head started here, its record kept in ``cases_dir``."""
     try:
         head.start(timeout=90)
         print(
@@ -636,12 +607,55 @@ def main() -> None:
             rec["run_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             rec["ray_unlearn_commit"] = _git_commit()
             (cases_dir / f"k{K}-r{R}.json").write_text(json.dumps(rec, indent=2))
-            single_file.write_text(json.dumps(single))
+            (cases_dir / "single_model.json").write_text(json.dumps(single))
     finally:
         ray.shutdown()
         t0 = time.perf_counter()
         head.stop(grace_s=60)  # drains, then stops this node's processes
         print(f"Ray head stopped in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def main() -> None:
+    # `ray start` turns token auth on when ~/.ray/auth_token exists; then every client (this
+    # process, the CLI) needs RAY_AUTH_MODE=token, and Ray reads it at import: re-exec with it.
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("results/unlearning_speed"))
+    ap.add_argument("--quick", action="store_true", help="tiny data, K in {1,4}, R in {1,2}")
+    ap.add_argument("--cases", help="only these K:R pairs, e.g. '8:5,16:1' (to rerun a noisy case)")
+    ap.add_argument(
+        "--skip-digits",
+        action="store_true",
+        help="skip the digits accuracy check (reuse an earlier invocation's, if any)",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the JSON and PNG from the case files already in --out",
+    )
+    args = ap.parse_args()
+    p = dict(QUICK if args.quick else FULL)
+    cases = [(K, R) for K in p["shards"] for R in p["slices"]]
+    if args.cases:
+        cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+    if args.report_only:
+        cases, args.skip_digits = [], True
+    args.out.mkdir(parents=True, exist_ok=True)
+    root = (args.out / "runs").resolve()
+    # Each case is kept in its own file, so a grid too long for one sitting can be run as
+    # several invocations (--cases) and still be reported as one grid: the report holds every
+    # case file of this mode (quick or full), each with the commit and time it was run at.
+    cases_dir = args.out / ("cases-quick" if args.quick else "cases")
+    cases_dir.mkdir(exist_ok=True)
+    single_file = cases_dir / "single_model.json"
+
+    t_start = time.perf_counter()
+    single = json.loads(single_file.read_text()) if single_file.exists() else {}
+    head = LocalRayHead(prefix="rb")
+    if cases:
+        run_cases(cases, p, root, head, cases_dir, single)
     digits_file = cases_dir / "digits.json"
     if not args.skip_digits:
         t0 = time.perf_counter()
