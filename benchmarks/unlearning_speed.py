@@ -58,6 +58,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -621,6 +622,9 @@ def main() -> None:
     if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    # `timeout` (a bounded hold of a shared machine) sends SIGTERM: end through the finally
+    # blocks, so that the Ray head started here is stopped and no process of it is left
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("results/unlearning_speed"))
     ap.add_argument("--quick", action="store_true", help="tiny data, K in {1,4}, R in {1,2}")
