@@ -60,8 +60,9 @@ SCRIPT = textwrap.dedent(
              "--address", "127.0.0.1:6379", "--json"], standalone_mode=False) or 0
     except SystemExit as e:
         code = e.code
-    heavy = [m for m in ("torch", "pyarrow", "numpy", "mlflow", "ray_unlearn.platform.core.run")
-             if m in sys.modules]
+    # Ray's own imports aside (numpy, pyarrow: up to Ray's version), nothing of the platform
+    heavy = [m for m in sys.modules if m in ("torch", "mlflow", "safetensors")
+             or m.startswith(("ray_unlearn.platform", "ray_unlearn.train.executor"))]
     print(json.dumps({"code": code, "heavy": heavy, "calls": calls}), file=sys.stderr)
     """
 )
