@@ -252,6 +252,15 @@ def forget(
             on_lease_wait=lease_wait,
         )
         out.emit(doc, _request_table(doc))
+    _leave_ray()
+
+
+def _leave_ray() -> None:
+    """Disconnect from Ray now if this command connected: Ray's own exit hook sleeps 0.5 s
+    first (for log lines still in flight), which a command that is done need not wait."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _request_table(doc: dict[str, Any]) -> Table:
