@@ -105,3 +105,16 @@ def test_without_a_running_executor_the_command_opens_the_run_itself(tmp_path):
     assert report["code"] == 2
     assert "no run 'r' under storage root" in doc["error"]
     assert not any("kwargs" in c for c in report["calls"])
+
+
+def test_the_executor_module_ray_loads_to_attach_imports_no_platform():
+    """ray.get_actor rebuilds the executor's class in the client, importing its module: that
+    module must import the platform (torch) only inside the actor's methods."""
+    code = (
+        "import json, sys; import ray_unlearn.train.executor; "
+        "print(json.dumps(sorted(m for m in sys.modules if m in ('torch', 'mlflow', "
+        "'safetensors') or m.startswith('ray_unlearn.platform'))))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == []

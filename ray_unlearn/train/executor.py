@@ -23,13 +23,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from ray_unlearn.platform.core.audit import audit
-from ray_unlearn.platform.core.engine import UnlearningEngine
-from ray_unlearn.platform.core.run import open_run
-from ray_unlearn.platform.core.runtime import make_runtime
-from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
-from ray_unlearn.platform.methods import registry
 from ray_unlearn.train.session import NAMESPACE, executor_actor_name
+
+# The platform (torch and all) is imported inside the methods, not here: a client that
+# attaches to the running executor (`ray-unlearn forget --address`) gets its handle from
+# ray.get_actor, which loads this module to rebuild the actor class; at the top it would cost
+# that client ~2.4 s of imports (measured) for nothing it runs.
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,9 @@ class ShardActor:
     deactivation; every other call holds the actor's lock, one at a time as before."""
 
     def __init__(self, storage_uri: str, run_id: str, shard: int):
+        from ray_unlearn.platform.core.run import open_run
+        from ray_unlearn.platform.core.runtime import make_runtime
+
         ctx = open_run(storage_uri, run_id)
         self._lock = threading.Lock()
         self.rt = make_runtime(ctx, shard, ctx.deletion_log.deleted_sample_ids())
@@ -133,6 +135,10 @@ class Executor:
         name: str = "embedded",
         background_restore: bool = False,
     ):
+        from ray_unlearn.platform.core.engine import UnlearningEngine
+        from ray_unlearn.platform.core.run import open_run
+        from ray_unlearn.platform.methods import registry
+
         self.ctx = open_run(storage_uri, run_id)
         cfg = self.ctx.config
         cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -266,6 +272,8 @@ class Executor:
         return self.ctx.deletion_log.get(request_id).to_json()
 
     def audit(self, owner_id=None, sample_id=None) -> dict[str, Any]:
+        from ray_unlearn.platform.core.audit import audit
+
         return audit(self.ctx, owner_id=owner_id, sample_id=sample_id)
 
     def retrain_from_scratch(self) -> dict[str, Any]:
@@ -287,6 +295,8 @@ class Executor:
         deleted = self.ctx.deletion_log.deleted_sample_ids()
         test = self.ctx.split_records("test", deleted)
         probs = self.backend.predict_proba(test.features)
+        from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
+
         return ensemble_accuracy(probs, test.labels, self.ctx.config.unlearning.aggregation)
 
 
