@@ -94,10 +94,13 @@ def forget(
     cluster's executor with ``address``, else in this process. Give exactly one of
     ``owner`` or ``samples``; ``request_id`` is an idempotency key. ``strategy`` overrides
     the run's ``unlearning.strategy`` for this execution; the method checks it fits the run
-    before anything is logged."""
-    from ray_unlearn.platform.core.engine import submit_request
-    from ray_unlearn.platform.core.run import open_run
+    before anything is logged. ``on_logged(record, created)`` is told once the request is
+    logged (``record.request.request_id``, ``record.request.sample_ids``,
+    ``record.state.value``).
 
+    With ``address`` and a running executor for the run, the whole request (checks, log,
+    execution) happens in that executor, which has the run open and its shards in memory:
+    this process then imports only Ray (no torch) and reads nothing of the run."""
     if (owner is None) == (samples is None):
         raise ValueError("give exactly one of owner (--owner) or samples (--samples)")
     if strategy is not None and not wait:
@@ -107,12 +110,21 @@ def forget(
             "executor's): drop one of them"
         )
     t0 = time.perf_counter()
-    ctx = open_run(_storage(storage), run)
     ids = list(samples) if samples is not None else None
+    deadline = time.time() + deadline_s if deadline_s is not None else None
+    if wait and address:
+        doc = _forget_on_running_executor(
+            run, storage, address, owner, ids, request_id, deadline, strategy, on_logged
+        )
+        if doc is not None:
+            return {**doc, "seconds": time.perf_counter() - t0}
+
+    from ray_unlearn.platform.core.engine import submit_request
+    from ray_unlearn.platform.core.run import open_run
     from ray_unlearn.platform.methods import check_request
 
+    ctx = open_run(_storage(storage), run)
     check_request(ctx, strategy, owner, ids)  # the methods' own checks, before anything is logged
-    deadline = time.time() + deadline_s if deadline_s is not None else None
     record, created = submit_request(
         ctx, owner_id=owner, sample_ids=ids, request_id=request_id, deadline=deadline
     )
@@ -122,7 +134,8 @@ def forget(
     ack_s = time.perf_counter() - t0
     if wait and record.state.value != "done":
         if address:
-            # A cluster: the run's detached executor (shard snapshots already in memory).
+            # A cluster without the run's executor yet: start it (it loads every shard once;
+            # later requests attach to it above).
             from ray_unlearn.train.executor import get_executor
             from ray_unlearn.train.session import connect
 
@@ -138,15 +151,73 @@ def forget(
             engine.execute_pending(strategy)
     final = ctx.deletion_log.get(rid)
     return {
+        **forget_document(run, record, final, created, ack_s),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def forget_document(run: str, record, final, created: bool, ack_s: float) -> dict[str, Any]:
+    """:func:`forget`'s document (less ``seconds``) from the record as logged and as it is now."""
+    return {
         "run_id": run,
-        "request_id": rid,
+        "request_id": final.request.request_id,
         "created": created,
         "state": final.state.value,
         "samples": len(final.request.sample_ids),
+        "logged_state": record.state.value,
         "ack_seconds": ack_s,
-        "seconds": time.perf_counter() - t0,
         **record_summary(final),
     }
+
+
+def _absolute_root(storage: str | None) -> str:
+    """The storage root as :class:`~ray_unlearn.platform.core.storage.Storage` names it (a
+    local folder made absolute: another process resolves it), without importing pyarrow."""
+    root = _storage(storage)
+    if "://" in root and not root.startswith("file://"):
+        return root
+    local = root[len("file://") :] if root.startswith("file://") else root
+    return str(Path(local).expanduser().resolve()).rstrip("/")
+
+
+def _forget_on_running_executor(
+    run, storage, address, owner, ids, request_id, deadline, strategy, on_logged
+) -> dict[str, Any] | None:
+    """The whole request in the run's running executor (see :func:`forget`); None when the
+    cluster has none (the caller then logs here and starts one)."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from ray_unlearn.train.session import connect, running_executor
+
+    connect(address)
+    handle = running_executor(run)
+    if handle is None:
+        return None
+    call = handle.forget_request.remote(
+        _absolute_root(storage),
+        owner_id=owner,
+        sample_ids=ids,
+        request_id=request_id,
+        deadline=deadline,
+        strategy=strategy,
+    )
+    try:
+        doc = ray.get(call)
+    except ray.exceptions.RayTaskError as e:
+        # bad input found in the executor (an unknown owner, a strategy that does not fit):
+        # the same error as without a cluster, not Ray's wrapper with the remote traceback
+        if isinstance(e.cause, ValueError | OSError):
+            raise e.cause from None
+        raise
+    if on_logged is not None:
+        logged = SimpleNamespace(
+            request=SimpleNamespace(request_id=doc["request_id"], sample_ids=range(doc["samples"])),
+            state=SimpleNamespace(value=doc["logged_state"]),
+        )
+        on_logged(logged, doc["created"])
+    return doc
 
 
 def record_summary(rec) -> dict[str, Any]:

@@ -114,16 +114,14 @@ def _fail(out: _Output, message: str, code: int = 2) -> None:
 
 @contextlib.contextmanager
 def _errors(out: _Output):
-    """Turn the platform's input errors into a message and exit code 2 (no traceback)."""
-    from ray_unlearn.platform.core.config import ConfigError
-    from ray_unlearn.platform.core.data import DataError
-    from ray_unlearn.platform.core.deletion_log import DeletionLogError
-    from ray_unlearn.platform.core.plan import PlanError
-    from ray_unlearn.platform.core.run import RunError
+    """Turn the platform's input errors into a message and exit code 2 (no traceback).
 
+    Every one of them is a ValueError (ConfigError, DataError, DeletionLogError, PlanError,
+    RunError): caught as such, so that no command imports the platform (torch) just to
+    catch its errors (``forget --address`` imports only Ray)."""
     try:
         yield
-    except (ConfigError, DataError, DeletionLogError, PlanError, RunError, ValueError) as e:
+    except ValueError as e:
         _fail(out, str(e))
     except OSError as e:  # a storage root that cannot be read or written
         where = f" {e.filename}" if e.filename else ""
@@ -224,7 +222,11 @@ def forget(
 ) -> None:
     """Log a deletion request durably, then execute it (retrain only the affected shards)."""
     from ray_unlearn import api
-    from ray_unlearn.platform.core.lease import describe
+
+    def lease_wait(rec) -> None:
+        from ray_unlearn.platform.core.lease import describe
+
+        err.print(f"another execution holds run {run}'s lease: {describe(rec)}; waiting")
 
     def logged(record, created: bool) -> None:
         err.print(
@@ -247,11 +249,18 @@ def forget(
             storage=storage,
             address=address,
             on_logged=logged,
-            on_lease_wait=lambda rec: err.print(
-                f"another execution holds run {run}'s lease: {describe(rec)}; waiting"
-            ),
+            on_lease_wait=lease_wait,
         )
         out.emit(doc, _request_table(doc))
+    _leave_ray()
+
+
+def _leave_ray() -> None:
+    """Disconnect from Ray now if this command connected: Ray's own exit hook sleeps 0.5 s
+    first (for log lines still in flight), which a command that is done need not wait."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _request_table(doc: dict[str, Any]) -> Table:

@@ -23,18 +23,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from ray_unlearn.platform.core.audit import audit
-from ray_unlearn.platform.core.engine import UnlearningEngine
-from ray_unlearn.platform.core.run import open_run
-from ray_unlearn.platform.core.runtime import make_runtime
-from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
-from ray_unlearn.platform.methods import registry
-from ray_unlearn.train.session import NAMESPACE
+from ray_unlearn.train.session import NAMESPACE, executor_actor_name
 
-
-def executor_actor_name(run_id: str) -> str:
-    return f"ray-unlearn-executor:{run_id}"
-
+# The platform (torch and all) is imported inside the methods, not here: a client that
+# attaches to the running executor (`ray-unlearn forget --address`) gets its handle from
+# ray.get_actor, which loads this module to rebuild the actor class; at the top it would cost
+# that client ~2.4 s of imports (measured) for nothing it runs.
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +40,9 @@ class ShardActor:
     deactivation; every other call holds the actor's lock, one at a time as before."""
 
     def __init__(self, storage_uri: str, run_id: str, shard: int):
+        from ray_unlearn.platform.core.run import open_run
+        from ray_unlearn.platform.core.runtime import make_runtime
+
         ctx = open_run(storage_uri, run_id)
         self._lock = threading.Lock()
         self.rt = make_runtime(ctx, shard, ctx.deletion_log.deleted_sample_ids())
@@ -138,6 +135,10 @@ class Executor:
         name: str = "embedded",
         background_restore: bool = False,
     ):
+        from ray_unlearn.platform.core.engine import UnlearningEngine
+        from ray_unlearn.platform.core.run import open_run
+        from ray_unlearn.platform.methods import registry
+
         self.ctx = open_run(storage_uri, run_id)
         cfg = self.ctx.config
         cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -177,6 +178,46 @@ class Executor:
             return self.engine.forget(
                 owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
             ).to_json()
+
+    def forget_request(
+        self,
+        storage_uri: str,
+        owner_id: str | None = None,
+        sample_ids: list[int] | None = None,
+        request_id: str | None = None,
+        deadline: float | None = None,
+        strategy: str | None = None,
+    ) -> dict[str, Any]:
+        """A client's whole ``forget``: the methods' checks, the durable log entry (and its
+        fences), then every unfinished request executed as one batch; returns
+        :func:`ray_unlearn.api.forget`'s document (less the client's own ``seconds``).
+
+        Done here, where the run is open and the shards are loaded, so that a client attached
+        to this executor (``ray-unlearn forget --address``) imports and reads nothing of the
+        run: no torch, no plan, no log fold in the client. ``storage_uri``: the client's
+        storage root (absolute), which must be this executor's."""
+        from ray_unlearn.api import forget_document
+        from ray_unlearn.platform.methods import check_request
+
+        if storage_uri.rstrip("/") != self.ctx.storage.uri.rstrip("/"):
+            raise ValueError(
+                f"run {self.ctx.run_id}'s executor on this cluster serves storage root "
+                f"{self.ctx.storage.uri}, not {storage_uri} (--storage): use that root"
+            )
+        with self._lock:
+            t0 = time.perf_counter()
+            check_request(self.ctx, strategy, owner_id, sample_ids)
+            record, created = self.engine.submit(
+                owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
+            )
+            ack_s = time.perf_counter() - t0
+            if record.state.value != "done":
+                self.engine.execute_pending(strategy)
+            final = self.ctx.deletion_log.get(record.request.request_id)
+            doc = forget_document(self.ctx.run_id, record, final, created, ack_s)
+            # this executor's own wall time for the whole request (what a client adds on
+            # top of it is its own: start, imports, attaching; benchmarks/unlearning_speed.py)
+            return {**doc, "executor_seconds": time.perf_counter() - t0}
 
     def execute_pending(
         self, strategy: str | None = None, request_ids: list[str] | None = None
@@ -231,6 +272,8 @@ class Executor:
         return self.ctx.deletion_log.get(request_id).to_json()
 
     def audit(self, owner_id=None, sample_id=None) -> dict[str, Any]:
+        from ray_unlearn.platform.core.audit import audit
+
         return audit(self.ctx, owner_id=owner_id, sample_id=sample_id)
 
     def retrain_from_scratch(self) -> dict[str, Any]:
@@ -252,6 +295,8 @@ class Executor:
         deleted = self.ctx.deletion_log.deleted_sample_ids()
         test = self.ctx.split_records("test", deleted)
         probs = self.backend.predict_proba(test.features)
+        from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
+
         return ensemble_accuracy(probs, test.labels, self.ctx.config.unlearning.aggregation)
 
 

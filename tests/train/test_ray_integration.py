@@ -118,6 +118,42 @@ def test_detached_executor_is_named_and_reused(trained):
         ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))
 
 
+def test_forget_attached_to_the_running_executor_runs_the_request_there(trained):
+    """`forget --address` with the run's executor up: the request (checks, log, execution)
+    runs whole in the executor; bad input comes back as the platform's own error."""
+    import ray
+
+    from ray_unlearn import api
+    from ray_unlearn.train.executor import NAMESPACE, executor_actor_name, get_executor
+    from tests.conftest import assert_equals_scratch
+
+    ctx, _ = trained
+    get_executor(ctx.storage.uri, ctx.run_id, detached=True).ping()
+    owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
+    logged = []
+    try:
+        doc = api.forget(
+            ctx.run_id,
+            owner=str(owners[3]),
+            storage=ctx.storage.uri,
+            address="attached",  # Ray is up here: connect() attaches to the session
+            on_logged=lambda rec, created: logged.append((rec.request.request_id, created)),
+        )
+        assert doc["state"] == "done" and doc["executed_by"] == executor_actor_name(ctx.run_id)
+        assert 0 < doc["executor_seconds"] <= doc["seconds"]
+        assert logged == [(doc["request_id"], True)]
+        assert audit(ctx, owner_id=str(owners[3]))["live_versions_containing"] == {}
+        for k in doc["shards"]:
+            assert_equals_scratch(ctx, k, ctx.deletion_log.deleted_sample_ids())
+        with pytest.raises(ValueError, match="owner") as e:
+            api.forget(ctx.run_id, owner="no-such-owner", storage=ctx.storage.uri, address="a")
+        assert "Traceback" not in str(e.value)
+        with pytest.raises(ValueError, match="serves storage root"):
+            api.forget(ctx.run_id, owner=str(owners[4]), storage="/elsewhere", address="a")
+    finally:
+        ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))
+
+
 def test_s3t_train_job_and_instant_forget(ray_session, tmp_path):
     """S3T as a Ray Train job of the same shape (worker k owns shard k, a checkpoint per
     stage round), then a deletion through the shard actors: deactivation, no training."""

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ray_unlearn.platform.core.compaction import scrub_deleted
+from ray_unlearn.platform.core.compaction import prepare_compaction, scrub_deleted
 from ray_unlearn.platform.core.deletion_log import RequestRecord, RequestState
 from ray_unlearn.platform.core.lease import Lease, LeaseError
 from ray_unlearn.platform.core.plan import TEST
@@ -236,8 +236,13 @@ class UnlearningEngine:
                     executed_by=self.executor_name,
                     strategy=strategy,
                 )
+        prepared = None
         try:
             already = log.deleted_sample_ids()
+            gone = set(already).union(*(r.request.sample_ids for r in todo))
+            # the data copy's compaction (read, filter, encode: seconds at 100k rows) runs
+            # while the shards retrain; only its write waits for the switch (scrub below)
+            prepared = prepare_compaction(self.ctx, gone)
             wanted = np.unique(
                 np.concatenate([np.asarray(r.request.sample_ids, dtype=np.int64) for r in todo])
             )
@@ -266,7 +271,7 @@ class UnlearningEngine:
             }
             self._publish(results, ids, details)
             # "done" means scrubbed: reports, the run's data copy, Train's transport
-            scrub_deleted(self.ctx, set(already).union(*(r.request.sample_ids for r in todo)))
+            scrub_deleted(self.ctx, gone, prepared)
         except Exception as e:
             # a lost lease (or another writer's registry) means another executor owns these
             # requests now: their transitions are its to make
@@ -274,6 +279,9 @@ class UnlearningEngine:
                 for rid in ids:
                     log.transition(rid, RequestState.FAILED, error=f"{type(e).__name__}: {e}")
             raise
+        finally:
+            if prepared is not None:
+                prepared.close()  # never leave it running into interpreter exit (Arrow threads)
         done = [
             log.transition(r.request.request_id, RequestState.DONE, **details[r.request.request_id])
             for r in todo

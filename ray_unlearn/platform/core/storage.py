@@ -111,12 +111,16 @@ class Storage:
         except FileNotFoundError as e:
             raise StorageError(f"no file {rel!r} under storage root {self.uri}") from e
 
-    def write_bytes(self, rel: str, data: bytes, *, exclusive: bool = False) -> None:
+    def write_bytes(
+        self, rel: str, data: bytes, *, exclusive: bool = False, sync_dir: bool = True
+    ) -> None:
         """Write atomically. Local: temp file + fsync + rename (+ dir fsync).
 
         ``exclusive=True`` fails with :class:`AlreadyExists` if the path exists; on a local
         disk that check and the write are one atomic step (``os.link``), on object stores it
-        is check-then-write.
+        is check-then-write. ``sync_dir=False`` leaves the folder's fsync to a later write
+        into the same folder that makes the file count (one folder sync covers every entry
+        renamed into it before: a version's weights and ids, then its manifest).
         """
         full = self.full(rel)
         if self.local:
@@ -137,7 +141,8 @@ class Storage:
                         os.unlink(tmp)
                 else:
                     os.replace(tmp, full)
-                _fsync_dir(parent)
+                if sync_dir:
+                    _fsync_dir(parent)
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -223,10 +228,8 @@ class Storage:
         except FileNotFoundError as e:
             raise StorageError(f"no file {rel!r} under storage root {self.uri}") from e
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
-        buf = pa.BufferOutputStream()  # Arrow-owned memory, as in read_table
-        pq.write_table(table, buf)
-        self.write_bytes(rel, buf.getvalue().to_pybytes())
+    def write_table(self, rel: str, table: pa.Table, *, sync_dir: bool = True) -> None:
+        self.write_bytes(rel, table_bytes(table), sync_dir=sync_dir)
 
     def upload_dir(self, local_dir: str | os.PathLike[str], rel: str) -> None:
         """Copy a local folder's files (recursively) under ``rel``."""
@@ -234,6 +237,14 @@ class Storage:
         for p in sorted(local_dir.rglob("*")):
             if p.is_file():
                 self.write_bytes(f"{rel}/{p.relative_to(local_dir).as_posix()}", p.read_bytes())
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """``table`` as the Parquet file :meth:`Storage.write_table` writes (encoded apart from
+    the write, so that the encoding can run ahead of it: platform/core/compaction.py)."""
+    buf = pa.BufferOutputStream()  # Arrow-owned memory, as in read_table
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
 
 
 @dataclass(frozen=True)

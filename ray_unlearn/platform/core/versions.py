@@ -171,8 +171,11 @@ class ModelStore:
         vid = vid or version_id(shard, stage, generation)
         blob = st_save({k: v.contiguous() for k, v in state.items()})
         ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
-        self.storage.write_bytes(self.layout.version_weights(vid), blob)
-        self.storage.write_table(self.layout.version_samples(vid), pa.table({"sample_id": ids}))
+        # the manifest's write syncs the folder for all three (it is what makes them count)
+        self.storage.write_bytes(self.layout.version_weights(vid), blob, sync_dir=False)
+        self.storage.write_table(
+            self.layout.version_samples(vid), pa.table({"sample_id": ids}), sync_dir=False
+        )
         manifest = {
             "version": vid,
             "run_id": self.layout.run_id,
