@@ -34,7 +34,6 @@ slices alone would give.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +61,9 @@ from ray_unlearn.platform.methods.s3t.adapters import (
     S3TStage as S3TStage,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
+    StageModel as StageModel,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
     _activate as _activate,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
@@ -77,19 +79,31 @@ from ray_unlearn.platform.methods.s3t.adapters import (
     adapter_parameters as adapter_parameters,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
+    block_targets as block_targets,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
     check_s3t as check_s3t,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
     default_block_names as default_block_names,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
+    ensure_slot as ensure_slot,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
     head_parameters as head_parameters,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    init_adapter as init_adapter,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
     model_for as model_for,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
     stage_block as stage_block,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    stage_groups as stage_groups,
 )
 from ray_unlearn.platform.methods.s3t.backbone import (
     BACKBONE_STREAM as BACKBONE_STREAM,
@@ -168,21 +182,24 @@ def iter_order_stages(
     streams), so callers may interleave several orders' generators stage by stage (the Ray
     Train job reports one checkpoint per stage round that way) with the same results as
     :func:`train_order`."""
-    L = len(blocks)
-    order = _check_order(order, L)
-    if data.num_slices != L:
-        raise ValueError(f"shard {data.shard} has {data.num_slices} slices; S3T needs L={L}")
-    model = _freeze(copy.deepcopy(backbone))
+    R = data.num_slices
+    order = _check_order(order, R)
+    groups = stage_groups(blocks, R)  # raises when fewer blocks than slices
+    base = _freeze(backbone)  # shared: adapters are slots in it, weights live in `model`
+    head = {k: v.detach().clone() for k, v in head_parameters(base).items()}
+    model = StageModel(base, [], head)
     batch_seed = derive_seed(seed, _S3T_BATCHES, order_index)
-    active: list[str] = []
-    for stage in range(1, L + 1):
-        block, name = stage_block(blocks, stage), adapter_name(order_index, stage)
+    for stage in range(1, R + 1):
+        group, name = groups[stage - 1], adapter_name(order_index, stage)
+        targets = [t for b in reversed(group) for t in block_targets(base, b, cfg.lora_targets)]
+        slot = ensure_slot(base, name, targets, cfg.lora_rank, cfg.lora_alpha)
         init_seed = derive_seed(seed, data.shard, order_index, stage, _ADAPTER_INIT)
-        _inject(model, name, block, cfg.lora_rank, cfg.lora_alpha, init_seed)
-        active.append(name)
-        _activate(model, active)
-        _freeze(model)
-        params = {**adapter_parameters(model, name), **head_parameters(model)}
+        own = init_adapter(slot, init_seed)
+        model.adapters.append(name)
+        for t in model.tensors.values():
+            t.requires_grad_(False)  # earlier stages' adapters: fixed from now on
+        model.tensors.update(own)
+        params = {**own, **{k: model.tensors[k] for k in head}}
         for p in params.values():
             p.requires_grad_(True)
 
@@ -191,7 +208,6 @@ def iter_order_stages(
         new = int((data.slices == order[stage - 1]).sum())
         steps = stage_steps(new, cfg.epochs, cfg.batch_size) if len(rows) else 0
         t0 = time.perf_counter()
-        model.train()
         opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
         idx_all = torch.from_numpy(rows)
         x_all, y_all = data.features[idx_all], data.labels[idx_all]
@@ -204,8 +220,9 @@ def iter_order_stages(
             opt.step()
             loss_sum += float(loss.detach()) * len(batch)
             seen += len(batch)
-        model.eval()
-        _freeze(model)
+        for p in params.values():
+            p.requires_grad_(False)
+        block = "+".join(reversed(group))  # bottom to top, like `blocks`
         snap = S3TStage(
             order_index=order_index,
             order=order,
@@ -214,10 +231,8 @@ def iter_order_stages(
             adapter=name,
             lora_rank=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
-            adapter_state={
-                k: v.detach().clone() for k, v in adapter_parameters(model, name).items()
-            },
-            head_state={k: v.detach().clone() for k, v in head_parameters(model).items()},
+            adapter_state={k: model.tensors[k].detach().clone() for k in slot},
+            head_state={k: model.tensors[k].detach().clone() for k in head},
             sample_ids=data.sample_ids[in_stage].copy(),
             metrics={
                 "loss": loss_sum / seen if seen else float("nan"),
@@ -225,6 +240,7 @@ def iter_order_stages(
                 "train_rows": float(len(rows)),
                 "seconds": time.perf_counter() - t0,
             },
+            targets=tuple(targets) if targets != [block] else (),
         )
         yield snap, model
 
@@ -279,7 +295,7 @@ class S3TShard:
     ) -> S3TShard:
         """Train the shard's orders (``select_orders`` from ``cfg`` when None)."""
         if orders is None:
-            orders = select_orders(cfg.selection, len(blocks), cfg.budget, cfg.deletion_prior)
+            orders = select_orders(cfg.selection, data.num_slices, cfg.budget, cfg.deletion_prior)
         snaps = [
             train_order(backbone, data, o, b, cfg, seed=seed, blocks=blocks)
             for b, o in enumerate(orders)
@@ -449,7 +465,7 @@ def train_s3t(ctx, cfg: S3TConfig, shards: Sequence[int] | None = None) -> S3TSy
     backbone = pretrain_backbone(
         run.model, ctx.feature_shape, ctx.num_classes, public, cfg, run.seed
     )
-    orders = select_orders(cfg.selection, len(blocks), cfg.budget, cfg.deletion_prior)
+    orders = select_orders(cfg.selection, ctx.plan.num_slices, cfg.budget, cfg.deletion_prior)
     out = {}
     for k in range(run.partition.shards) if shards is None else shards:
         data = ctx.shard_data(k, exclude=public_ids)
