@@ -261,34 +261,46 @@ def slot_parameters(base: nn.Module, name: str) -> dict[str, nn.Parameter]:
     return {n: p for n, p in base.named_parameters() if name in n.split(".")}
 
 
+def _slot_fits(have: dict[str, nn.Parameter], targets: Sequence[str], rank: int) -> bool:
+    layers = sorted({n.split(".lora_")[0] for n in have})
+    ranks = {p.shape[0] for n, p in have.items() if ".lora_A." in n}
+    return layers == sorted(targets) and ranks == {rank}
+
+
 def ensure_slot(
     base: nn.Module, name: str, targets: Sequence[str], rank: int, alpha: float
-) -> dict[str, nn.Parameter]:
-    """Inject adapter slot ``name`` into the shared ``base`` at ``targets`` unless it is
+) -> tuple[str, dict[str, nn.Parameter]]:
+    """The slot of adapter ``name`` in the shared ``base``, injected at ``targets`` unless
     there; its weights in the base stay placeholders (B = 0, so they change nothing even
-    when active). Returns the slot's parameters (name -> placeholder). A slot of that name
-    on other targets or of another rank is refused (it would not fit the tensors)."""
+    when active). Returns (slot name, its parameters). The slot is ``name`` itself, unless
+    that slot is already taken with other targets or another rank (the same backbone used
+    with another block layout): then ``name`` plus a digest of the layout."""
+    import hashlib
+
     with base_lock(base):
-        have = slot_parameters(base, name)
-        if not have:
-            _inject(base, name, targets, rank, alpha, 0)
-            _activate(base, [])
-            for p in base.parameters():
-                p.requires_grad_(False)
-            with torch.no_grad():
-                for n, p in slot_parameters(base, name).items():
-                    if ".lora_B." in n:
-                        p.zero_()
-            return slot_parameters(base, name)
-    layers = sorted({n.split(".lora_")[0] for n in have})
-    wrapped = sorted(targets)
-    ranks = {p.shape[0] for n, p in have.items() if ".lora_A." in n}
-    if layers != wrapped or ranks != {rank}:
-        raise ValueError(
-            f"adapter slot {name} of the shared backbone wraps {layers} with rank {ranks}; "
-            f"asked for {wrapped} with rank {rank}"
-        )
-    return have
+        layout = hashlib.sha256(repr((sorted(targets), rank, alpha)).encode()).hexdigest()[:8]
+        for slot in (name, f"{name}_{layout}"):
+            have = slot_parameters(base, slot)
+            if have and _slot_fits(have, targets, rank):
+                return slot, have
+            if not have:
+                _inject(base, slot, targets, rank, alpha, 0)
+                _activate(base, [])
+                for p in base.parameters():
+                    p.requires_grad_(False)
+                with torch.no_grad():
+                    for n, p in slot_parameters(base, slot).items():
+                        if ".lora_B." in n:
+                            p.zero_()
+                return slot, slot_parameters(base, slot)
+    raise ValueError(f"adapter slot {name}_{layout} does not fit {sorted(targets)}, rank {rank}")
+
+
+def renamed(state: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    """``state`` with adapter name component ``old`` replaced by ``new`` (same tensors)."""
+    if old == new:
+        return dict(state)
+    return {".".join(new if c == old else c for c in k.split(".")): v for k, v in state.items()}
 
 
 def init_adapter(slot: dict[str, nn.Parameter], seed: int) -> dict[str, torch.Tensor]:
@@ -411,14 +423,17 @@ def model_for(
             raise ValueError(f"stage {i} was retired (trained on deleted data): it cannot serve")
         if snap.stage != i:
             raise ValueError(f"snapshot {i - 1} is of stage {snap.stage}; stages must be 1..L")
-        slot = ensure_slot(backbone, snap.adapter, snap.wrapped(), snap.lora_rank, snap.lora_alpha)
-        if slot.keys() != snap.adapter_state.keys():
+        slot, params = ensure_slot(
+            backbone, snap.adapter, snap.wrapped(), snap.lora_rank, snap.lora_alpha
+        )
+        state = renamed(snap.adapter_state, snap.adapter, slot)
+        if params.keys() != state.keys():
             raise ValueError(
                 f"snapshot of {snap.adapter} does not fit the model: "
-                f"{sorted(snap.adapter_state)} vs {sorted(slot)}"
+                f"{sorted(snap.adapter_state)} vs {sorted(params)}"
             )
-        names.append(snap.adapter)
-        tensors.update(snap.adapter_state)
+        names.append(slot)
+        tensors.update(state)
     if prefix:
         head = head_parameters(backbone)
         state = order_snapshots[prefix - 1].head_state  # type: ignore[union-attr]

@@ -100,6 +100,9 @@ from ray_unlearn.platform.methods.s3t.adapters import (
     model_for as model_for,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
+    renamed as renamed,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
     stage_block as stage_block,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
@@ -192,10 +195,11 @@ def iter_order_stages(
     for stage in range(1, R + 1):
         group, name = groups[stage - 1], adapter_name(order_index, stage)
         targets = [t for b in reversed(group) for t in block_targets(base, b, cfg.lora_targets)]
-        slot = ensure_slot(base, name, targets, cfg.lora_rank, cfg.lora_alpha)
+        slot_name, slot = ensure_slot(base, name, targets, cfg.lora_rank, cfg.lora_alpha)
         init_seed = derive_seed(seed, data.shard, order_index, stage, _ADAPTER_INIT)
-        own = init_adapter(slot, init_seed)
-        model.adapters.append(name)
+        # drawn under the adapter's own name: the same weights whatever slot it lands in
+        own = renamed(init_adapter(renamed(slot, slot_name, name), init_seed), name, slot_name)
+        model.adapters.append(slot_name)
         for t in model.tensors.values():
             t.requires_grad_(False)  # earlier stages' adapters: fixed from now on
         model.tensors.update(own)
@@ -231,7 +235,9 @@ def iter_order_stages(
             adapter=name,
             lora_rank=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
-            adapter_state={k: model.tensors[k].detach().clone() for k in slot},
+            adapter_state=renamed(
+                {k: model.tensors[k].detach().clone() for k in slot}, slot_name, name
+            ),
             head_state={k: model.tensors[k].detach().clone() for k in head},
             sample_ids=data.sample_ids[in_stage].copy(),
             metrics={
