@@ -251,3 +251,76 @@ def test_packaged_minilm_loads_offline(monkeypatch, tmp_path):
     with torch.no_grad():
         out = model(torch.from_numpy(x))
     assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+def test_a_text_run_trains_forgets_serves_and_audits_without_copying_the_base(
+    bert_dir, tmp_path
+):
+    """configs/text_minilm.yaml with the tiny BERT and a small text Parquet: run creation
+    tokenises the text, S3T trains and stores every stage, a deletion deactivates stages,
+    the serving models rebuilt from version ids all run on one backbone object."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_unlearn.platform.core.audit import audit
+    from ray_unlearn.platform.core.config import load_config
+    from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+    from ray_unlearn.platform.core.run import create_run, open_run
+    from ray_unlearn.platform.core.runtime import train_all_shards
+    from ray_unlearn.platform.core.training import predict_proba
+    from ray_unlearn.platform.methods.s3t.runtime import (
+        load_backbone,
+        load_serving_model,
+        public_sample_ids,
+    )
+    from tests.conftest import CONFIGS
+
+    texts, labels = _texts(80, seed=3)
+    pq.write_table(
+        pa.table(
+            {
+                "sample_id": pa.array(np.arange(80) * 7, pa.int64()),
+                "owner_id": pa.array([f"p{i // 2}" for i in range(80)]),
+                "label": pa.array(labels, pa.int64()),
+                "text": pa.array(texts),
+            }
+        ),
+        tmp_path / "news.parquet",
+    )
+    cfg = load_config(
+        os.path.join(CONFIGS, "text_minilm.yaml"),
+        [
+            f"storage={tmp_path / 'store'}",
+            f"data.source={tmp_path / 'news.parquet'}",
+            "data.text_column=text",
+            f"model.args.model={bert_dir}",
+            f"model.args.max_length={T}",
+            "s3t.public_fraction=0.2",
+            "s3t.pretrain_epochs=1",
+        ],
+    )
+    ctx = create_run(cfg)
+    assert ctx.feature_shape == (T,) and ctx.num_classes == 3
+    train_all_shards(ctx)
+    ctx = open_run(str(tmp_path / "store"), ctx.run_id)  # as another process would
+    reg = ctx.model_store.registry()
+    backbone = load_backbone(ctx)
+    x = ctx.split_records("test").features[:10]
+    shards = LocalShards(ctx)
+    for k, entry in reg.shards.items():
+        served = load_serving_model(ctx, entry.serving)
+        assert served.base is backbone  # one base for every serving model
+        out = predict_proba(served, torch.from_numpy(x)).numpy()
+        assert np.array_equal(out, shards.shard(k).predict_proba(x))
+    public = public_sample_ids(ctx)
+    owner = next(  # an owner of training rows outside the public split
+        o
+        for o in np.unique(ctx.plan.owner_ids[ctx.plan.shards >= 0]).tolist()
+        if not np.isin(ctx.plan.samples_of_owner(o), public).any()
+    )
+    rec = UnlearningEngine(ctx, shards).forget(owner_id=owner)
+    assert rec.details["train_seconds"] == 0.0 and rec.versions_retired
+    report = audit(ctx, owner_id=owner)
+    assert report["clean"], report
