@@ -68,6 +68,10 @@ def _settings(quick: bool) -> dict:
                 seeds=[0, 1, 2], epochs=2, head_epochs=3)  # fmt: skip
 
 
+def _args(s: dict) -> dict:
+    return {"model": s["model"], "max_length": s["max_length"]}
+
+
 def _shard_data(feats, labels, ids, shard, slices, num_slices) -> ShardData:
     return ShardData(
         shard=shard,
@@ -100,11 +104,12 @@ def _bytes(tensors) -> int:
 
 
 def run_seed(seed: int, s: dict, feats: np.ndarray, labels: np.ndarray) -> dict:
+    """Every method on one seed's split (see the module doc)."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(labels))
     n_tr, n_va = int(0.7 * len(perm)), int(0.15 * len(perm))
     tr, va, te = perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :]
-    mcfg = ModelConfig(component="hf_encoder", args={"max_length": s["max_length"]})
+    mcfg = ModelConfig(component="hf_encoder", args=_args(s))
     cfg = S3TConfig(
         budget=max(s["budgets"]), num_blocks=s["num_blocks"], lora_rank=4, lora_alpha=8,
         public_fraction=0.1, pretrain_epochs=s["head_epochs"], pretrain_lr=0.01,
@@ -219,17 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--quick", action="store_true", help="small settings (a few minutes)")
+    ap.add_argument("--model", default="all-minilm-l6-v2", help="hf_encoder model (or a dir)")
+    ap.add_argument("--n", type=int, default=None, help="use only n articles")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("RAY_UNLEARN_BENCH_THREADS", "1")))
-    s = _settings(args.quick)
+    s = {**_settings(args.quick), "model": args.model}
+    if args.n is not None:
+        s["n"] = args.n
     table = make_bbcnews()
     labels_all = table.column("label").to_numpy()
     texts = table.column("text").to_pylist()
-    if s["n"] is not None:  # a class-balanced subset, fixed
+    if s["n"] is not None:  # a random subset, fixed
         pick = np.random.default_rng(1234).permutation(len(texts))[: s["n"]]
         texts, labels_all = [texts[i] for i in pick], labels_all[pick]
-    mcfg = ModelConfig(component="hf_encoder", args={"max_length": s["max_length"]})
-    feats = text_encoder_of(mcfg)(texts)
+    feats = text_encoder_of(ModelConfig(component="hf_encoder", args=_args(s)))(texts)
     runs = [run_seed(seed, s, feats, labels_all) for seed in s["seeds"]]
     keys = ["frozen_head", "full_lora", "s3t", "sisa_full"]
     summary = {

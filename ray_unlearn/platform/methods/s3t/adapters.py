@@ -34,6 +34,7 @@ import math
 import re
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -244,15 +245,17 @@ def _activate(model: nn.Module, names: Sequence[str]) -> None:
 
 
 _LOCKS_GUARD = threading.Lock()
+# backbone -> its lock; kept outside the module so that copying or pickling it still works
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 
 
 def base_lock(base: nn.Module) -> threading.RLock:
     """The lock of a shared backbone: held while a :class:`StageModel` activates its
     adapters and runs (both change the shared module for the duration of the call)."""
-    lock = base.__dict__.get("_s3t_lock")
-    if lock is None:
-        with _LOCKS_GUARD:
-            lock = base.__dict__.setdefault("_s3t_lock", threading.RLock())
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(base)
+        if lock is None:
+            lock = _LOCKS[base] = threading.RLock()
     return lock
 
 
