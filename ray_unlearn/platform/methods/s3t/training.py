@@ -2,12 +2,13 @@
 
 A backbone built by the model factory is pre-trained on a *public* part of the training
 data (declared not subject to deletion), then frozen. Each shard trains B slice orders
-(see :mod:`ray_unlearn.platform.methods.s3t.orders`); an order ``(S_1..S_L)`` is trained in L
-stages, and stage i trains, on the union ``S_1..S_i``:
+(see :mod:`ray_unlearn.platform.methods.s3t.orders`); an order ``(S_1..S_R)`` of the shard's R
+slices is trained in R stages, and stage i trains, on the union ``S_1..S_i``:
 
-* one LoRA adapter on block i counted from the top (``block_names[L - i]``, the list
-  being bottom-up), and
-* the model's head (``model.parts.head``; a full copy per order),
+* one LoRA adapter on the i-th group of blocks counted from the top (one block when the
+  number of blocks equals R: ``block_names[R - i]``, the list being bottom-up; see
+  :func:`~ray_unlearn.platform.methods.s3t.adapters.stage_groups`), and
+* the model's head (``model.parts.head``; its own tensors per order),
 
 with everything else fixed. A snapshot after each stage holds that stage's adapter and
 head weights and the ids it was trained on.
@@ -17,7 +18,8 @@ Adapters, blocks and the stage-p model: :mod:`ray_unlearn.platform.methods.s3t.a
 Isolation. A stage's optimizer receives only its own adapter's parameters (selected by the
 exact adapter-name component of the parameter names) and the head's; every other
 parameter has ``requires_grad=False`` and is in no optimizer, so it cannot change
-(tests/platform/methods/s3t/test_s3t.py checks every parameter bitwise after every stage).
+(tests/platform/methods/s3t/test_s3t.py and test_s3t_transformer.py check every parameter
+bitwise after every stage).
 
 Deletion by deactivation. The stage-p model of an order is the backbone plus the adapters
 of stages 1..p plus the head of stage p (:func:`model_for`), a function of slices
@@ -155,7 +157,8 @@ def train_order(
     blocks: Sequence[str],
     on_stage: Callable[[S3TStage, nn.Module], None] | None = None,
 ) -> list[S3TStage]:
-    """Train one order's L stages on a copy of the frozen ``backbone``.
+    """Train one order's R stages on the frozen, shared ``backbone`` (never copied: the
+    order's adapters are named slots in it, their weights the order's own tensors).
 
     ``on_stage(snapshot, model)`` is called after each stage with the live model (tests
     use it to check isolation and exactness)."""
@@ -181,8 +184,8 @@ def iter_order_stages(
 ) -> Iterator[tuple[S3TStage, nn.Module]]:
     """Train one order stage by stage, yielding ``(snapshot, live model)`` after each.
 
-    Orders are independent (each trains its own copy of the backbone with its own seed
-    streams), so callers may interleave several orders' generators stage by stage (the Ray
+    Orders are independent (each trains its own adapter and head tensors, with its own seed
+    streams; the shared backbone is only read), so callers may interleave several orders' generators stage by stage (the Ray
     Train job reports one checkpoint per stage round that way) with the same results as
     :func:`train_order`."""
     R = data.num_slices
