@@ -204,7 +204,9 @@ def build_hf_encoder(
     ``train_encoder``: False freezes the encoder (only the head, and S3T's adapters, train);
     True trains every weight (SISA full fine-tuning)."""
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load, in every worker: noise in the logs
     width = int(np.prod(feature_shape))
     if width != int(max_length):
         raise ValueError(
