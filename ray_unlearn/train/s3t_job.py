@@ -79,6 +79,7 @@ def loop(config: dict[str, Any]) -> None:
                             "order": list(st.order),
                             "stage": st.stage,
                             "block": st.block,
+                            "targets": st.wrapped(),
                             "adapter": st.adapter,
                             "lora_rank": st.lora_rank,
                             "lora_alpha": st.lora_alpha,
@@ -121,6 +122,7 @@ def ingest(ctx: RunContext, result) -> float:
                         {n: v for n, v in state.items() if in_module(n, head)},
                         pq.read_table(odir / "samples.parquet")["sample_id"].to_numpy(),
                         m["metrics"],
+                        tuple(m.get("targets") or ()),
                     )
                     parent = versions[k].get(f"{st.order_index}/{st.stage - 1}", BACKBONE)
                     versions[k][f"{st.order_index}/{st.stage}"] = save_stage(
