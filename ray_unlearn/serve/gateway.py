@@ -100,10 +100,21 @@ class GatewaySettings(BaseModel):
         return fence.FenceSettings(self.lease_s, self.fence_interval_s, self.clock_skew_s)
 
 
+def _text_encoder(ctx):
+    """The run's tokenizer (texts -> token id rows), or None when its model takes vectors."""
+    if "_text_encoder" not in ctx.__dict__:
+        from ray_unlearn.platform.core.models import text_encoder_of
+
+        ctx.__dict__["_text_encoder"] = text_encoder_of(ctx.config.model)
+    return ctx.__dict__["_text_encoder"]
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    instances: list[list[float]] = Field(
-        min_length=1, description="Feature vectors, one per instance (finite numbers)."
+    instances: list[list[float]] | list[str] = Field(
+        min_length=1,
+        description="Feature vectors, one per instance (finite numbers); or, for a run whose "
+        "model takes text (model.component hf_encoder), one text per instance.",
     )
 
 
@@ -377,6 +388,15 @@ class Gateway:
             raise HTTPException(
                 413, f"{n} instances in one request; at most {self.settings.max_instances} allowed"
             )
+        encode = _text_encoder(self.ctx)
+        if (encode is not None) != isinstance(body.instances[0], str):
+            want = "text: one string per instance" if encode else "feature vectors, not text"
+            raise HTTPException(422, f"this run's model takes {want}")
+        if encode is not None:
+            blank = [i for i, t in enumerate(body.instances) if not t.strip()]
+            if blank:
+                raise HTTPException(422, f"instances {blank[:5]} are empty texts")
+            return encode(body.instances)
         bad = [i for i, row in enumerate(body.instances) if len(row) != width]
         if bad:
             raise HTTPException(

@@ -52,7 +52,8 @@ def loop(config: dict[str, Any]) -> None:
     configure_threads(config["threads"])
     cfg, s3t = ctx.config, s3t_config(ctx)
     blocks = ctx.model_store.manifest(BACKBONE)["blocks"]
-    orders = select_orders(s3t.selection, len(blocks), s3t.budget, s3t.deletion_prior)
+    R = ctx.plan.num_slices  # stages per order (blocks are grouped over them)
+    orders = select_orders(s3t.selection, R, s3t.budget, s3t.deletion_prior)
     public = set(public_sample_ids(ctx).tolist())
     mine = [k for k in range(cfg.partition.shards) if k % world == rank]
     backbone = load_backbone(ctx)
@@ -62,7 +63,7 @@ def loop(config: dict[str, Any]) -> None:
         for data in [ctx.shard_data(k, exclude=public)]
         for b, order in enumerate(orders)
     }
-    for stage in range(1, len(blocks) + 1):
+    for stage in range(1, R + 1):
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
             for (k, b), run in runs.items():
@@ -78,6 +79,7 @@ def loop(config: dict[str, Any]) -> None:
                             "order": list(st.order),
                             "stage": st.stage,
                             "block": st.block,
+                            "targets": st.wrapped(),
                             "adapter": st.adapter,
                             "lora_rank": st.lora_rank,
                             "lora_alpha": st.lora_alpha,
@@ -86,7 +88,7 @@ def loop(config: dict[str, Any]) -> None:
                     )
                 )
             print(
-                f"[ray-unlearn] s3t stage {stage}/{len(blocks)} of shards {mine} "
+                f"[ray-unlearn] s3t stage {stage}/{R} of shards {mine} "
                 f"({len(orders)} orders each) in {time.perf_counter() - t0:.1f}s",
                 file=sys.stderr,
                 flush=True,
@@ -120,6 +122,7 @@ def ingest(ctx: RunContext, result) -> float:
                         {n: v for n, v in state.items() if in_module(n, head)},
                         pq.read_table(odir / "samples.parquet")["sample_id"].to_numpy(),
                         m["metrics"],
+                        tuple(m.get("targets") or ()),
                     )
                     parent = versions[k].get(f"{st.order_index}/{st.stage - 1}", BACKBONE)
                     versions[k][f"{st.order_index}/{st.stage}"] = save_stage(

@@ -51,6 +51,7 @@ class PartitionConfig(_Strict):
 BUILTIN_COMPONENTS = {
     "mlp": "ray_unlearn.platform.core.models:build_mlp",
     "cnn": "ray_unlearn.platform.core.models:build_cnn",
+    "hf_encoder": "ray_unlearn.platform.core.encoders:build_hf_encoder",
 }
 
 
@@ -138,7 +139,8 @@ class ModelConfig(_Strict):
 
     component: str | None = Field(
         None,
-        description="Factory of the model: 'mlp', 'cnn' or 'package.module:function', called "
+        description="Factory of the model: 'mlp', 'cnn', 'hf_encoder' (a pretrained transformer "
+        "encoder; see docs/models.md) or 'package.module:function', called "
         "as factory(feature_shape, num_classes, **args) -> torch.nn.Module; None = model.kind.",
     )
     args: dict[str, Any] = Field(

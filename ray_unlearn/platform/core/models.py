@@ -2,7 +2,8 @@
 methods use (the head, the calibrated body, S3T's blocks) are named by config too.
 
 ``model.component`` is a built-in short name (``mlp``: an MLP for tabular rows; ``cnn``:
-a small CNN for (C, H, W) images) or an import path ``package.module:function``; the
+a small CNN for (C, H, W) images; ``hf_encoder``: a pretrained transformer encoder for
+text, :mod:`ray_unlearn.platform.core.encoders`) or an import path ``package.module:function``; the
 factory is called as ``factory(feature_shape, num_classes, **model.args)`` and returns an
 ``nn.Module`` that maps a (B, *feature_shape) or (B, prod(feature_shape)) batch to
 (B, num_classes) logits. ``model.kind`` with ``hidden`` / ``channels`` is the short form.
@@ -93,8 +94,13 @@ _PARTS_ATTR = "_ray_unlearn_parts"  # a plain attribute: not in the state dict
 
 
 def body_blocks(model: nn.Module) -> list[str]:
-    """The built-in models' adaptable blocks, bottom to top: the Linear / Conv2d layers of
-    ``model.body`` (MLP: ``body.0, body.2, ...``; SmallCNN: its conv layers)."""
+    """The built-in models' adaptable blocks, bottom to top: the model's own
+    ``default_blocks()`` when it has one (``hf_encoder``: the encoder's layers), else the
+    Linear / Conv2d layers of ``model.body`` (MLP: ``body.0, body.2, ...``; SmallCNN: its
+    conv layers)."""
+    own = getattr(model, "default_blocks", None)
+    if callable(own):
+        return list(own())
     body = getattr(model, "body", None)
     if isinstance(body, nn.Sequential):
         return [f"body.{i}" for i, m in enumerate(body) if isinstance(m, ADAPTABLE)]
@@ -103,6 +109,20 @@ def body_blocks(model: nn.Module) -> list[str]:
         for n, m in model.named_modules()
         if isinstance(m, ADAPTABLE) and n.split(".")[0] != "head"
     ]
+
+
+def has_adaptable(module: nn.Module) -> bool:
+    """Whether LoRA can adapt ``module``: a Linear / Conv2d, or a module holding one (a
+    transformer layer: its attention projections)."""
+    return any(isinstance(m, ADAPTABLE) for m in module.modules())
+
+
+def text_encoder_of(cfg: ModelConfig):
+    """The component's tokenizer, ``texts -> (n, D) float32 rows``, or None when the
+    component takes no text. A factory that takes text carries it as ``text_encoder``,
+    called with the factory's arguments (``hf_encoder``: its ``model`` and ``max_length``)."""
+    make = getattr(resolve_component(cfg.factory), "text_encoder", None)
+    return make(**cfg.factory_args()) if make is not None else None
 
 
 def parts_of(model: nn.Module) -> Parts:
@@ -161,10 +181,10 @@ def _resolve_parts(cfg: ModelConfig, model: nn.Module) -> Parts:
     for name in p.blocks or []:
         if name not in modules:
             problems.append(missing("blocks", name))
-        elif not isinstance(modules[name], ADAPTABLE):
+        elif not has_adaptable(modules[name]):
             problems.append(
                 f"model.parts.blocks: {name!r} is a {type(modules[name]).__name__}; "
-                "LoRA blocks must be Linear or Conv2d"
+                "LoRA blocks must be Linear or Conv2d, or modules holding such layers"
             )
     if problems:
         named = [n for n in modules if n]
@@ -174,7 +194,7 @@ def _resolve_parts(cfg: ModelConfig, model: nn.Module) -> Parts:
             + f" (its modules: {', '.join(named[:40])}{' ...' if len(named) > 40 else ''})"
         )
     blocks = p.blocks
-    if blocks is None and cfg.builtin:
+    if blocks is None and (cfg.builtin or callable(getattr(model, "default_blocks", None))):
         blocks = body_blocks(model)
     return Parts(p.head, tuple(p.body) if p.body else None, tuple(blocks) if blocks else None)
 

@@ -91,6 +91,8 @@ def _source_records(ctx: RunContext) -> Records | None:
     """The run's rows as the source outside the run holds them (without writing anything)."""
     cfg = ctx.config.data
     try:
+        if cfg.source == "bbcnews" or cfg.text_column is not None:  # tokenised by the model
+            return _text_source(ctx)
         if cfg.source in BUNDLED:
             table = (
                 make_digits(cfg.samples_per_owner, cfg.seed)
@@ -101,6 +103,19 @@ def _source_records(ctx: RunContext) -> Records | None:
         return read_records(cfg.source, cfg)
     except (ValueError, OSError):
         return None
+
+
+def _text_source(ctx: RunContext) -> Records:
+    from ray_unlearn.platform.core.data.parquet import _records_from_table
+    from ray_unlearn.platform.core.data.text import TEXT, make_bbcnews
+    from ray_unlearn.platform.core.models import text_encoder_of
+
+    cfg, encode = ctx.config.data, text_encoder_of(ctx.config.model)
+    if cfg.source != "bbcnews":
+        return read_records(cfg.source, cfg, encode)
+    return _records_from_table(
+        make_bbcnews(), "bbcnews", num_classes=cfg.num_classes, text_column=TEXT, encode_text=encode
+    )
 
 
 def deleted_rows(ctx: RunContext, deleted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

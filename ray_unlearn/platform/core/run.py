@@ -22,7 +22,7 @@ from ray_unlearn.platform.core.config import CoreRunConfig as RunConfig
 from ray_unlearn.platform.core.config import config_from_dict, config_to_yaml
 from ray_unlearn.platform.core.data import Records, load_dataset, split_train_test
 from ray_unlearn.platform.core.deletion_log import DeletionLog
-from ray_unlearn.platform.core.models import check_model
+from ray_unlearn.platform.core.models import check_model, text_encoder_of
 from ray_unlearn.platform.core.plan import TEST, PartitionPlan, make_plan
 from ray_unlearn.platform.core.storage import RunLayout, Storage
 from ray_unlearn.platform.core.training import ShardData
@@ -73,7 +73,9 @@ class RunContext:
                 requested = self.deletion_log.requested_sample_ids()
                 missing = missing[~np.isin(missing, np.fromiter(requested, np.int64))]
         else:
-            recs = load_dataset(self.config.data, self.storage)
+            recs = load_dataset(
+                self.config.data, self.storage, text_encoder_of(self.config.model)
+            )
             missing = np.setdiff1d(self.plan.sample_ids, recs.sample_ids)
         if len(missing):
             raise RunError(
@@ -143,7 +145,7 @@ def create_run(cfg: RunConfig, run_id: str | None = None) -> RunContext:
     layout = RunLayout(run_id or new_run_id(cfg.name))
     if storage.exists(layout.run_info):
         raise RunError(f"run {layout.run_id} already exists under {storage.uri}")
-    records = load_dataset(cfg.data, storage)
+    records = load_dataset(cfg.data, storage, text_encoder_of(cfg.model))
     model = check_model(cfg.model, records.feature_shape, records.num_classes)  # before any write
     registry.check_model(cfg, model)  # the method's own assumptions (S3T: head, blocks)
     train, test = split_train_test(records, cfg.data.test_fraction, cfg.seed)

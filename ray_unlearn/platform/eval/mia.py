@@ -287,7 +287,9 @@ def eval_sets(ctx: RunContext, forget_ids, deleted=None) -> tuple[EvalSet, EvalS
     if not np.isin(forget_ids, recs.sample_ids).all():
         # compacted out of the run's copy (the deletion is done): measuring what was forgotten
         # reads them from the source outside the run, which still holds them (the user's)
-        recs = load_dataset(ctx.config.data, ctx.storage)
+        from ray_unlearn.platform.core.models import text_encoder_of
+
+        recs = load_dataset(ctx.config.data, ctx.storage, text_encoder_of(ctx.config.model))
     forget = recs.subset(recs.index_of(forget_ids))
 
     def mk(name, recs):

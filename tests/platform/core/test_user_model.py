@@ -82,7 +82,7 @@ def test_component_errors_name_the_component_and_what_is_allowed(tmp_path):
     cases = {
         "tests.platform.core.no_such_module:build": "cannot import module",
         "tests.platform.core.test_user_model:missing": "has no attribute 'missing'",
-        "tests.platform.core.test_user_model": "is not a built-in (mlp, cnn) or an import path",
+        "tests.platform.core.test_user_model": "is not a built-in (mlp, cnn, hf_encoder) or an import path",
     }
     for component, why in cases.items():
         with pytest.raises(ConfigError, match=re.escape(why)) as err:

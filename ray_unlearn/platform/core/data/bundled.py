@@ -1,7 +1,7 @@
 """Bundled sources that need no download, materialised once as Parquet under the storage
 root so every process of a run (and every rerun) sees byte-identical data: ``digits``
-(scikit-learn's 8x8 digits) and ``synthetic`` (a Purchase-100-like generator, or Gaussian
-blobs). :func:`load_dataset` is the entry point for any configured source.
+(scikit-learn's 8x8 digits), ``synthetic`` (a Purchase-100-like generator, or Gaussian
+blobs) and ``bbcnews`` (news texts, :mod:`.text`). :func:`load_dataset` is the entry point for any configured source.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ import pyarrow as pa
 from ray_unlearn.platform.core.data.config import BUNDLED, DataConfig, SyntheticConfig
 from ray_unlearn.platform.core.data.parquet import _read_metadata, _records_from_table, read_records
 from ray_unlearn.platform.core.data.records import DataError, Records
+from ray_unlearn.platform.core.data.text import (
+    BBC_GENERATOR,
+    TEXT,
+    TextEncoder,
+    make_bbcnews,
+)
 from ray_unlearn.platform.core.storage import Storage, dataset_path
 
 # Version of the generator that produced a bundled file; a cached file with another tag is
@@ -142,18 +148,25 @@ def bundled_name(cfg: DataConfig) -> str:
             f"synthetic-{s.preset}-n{s.n_samples}-f{s.features}-c{s.classes}"
             f"-spo{_fmt(s.samples_per_owner)}-s{s.seed}"
         )
+    if cfg.source == "bbcnews":
+        return "bbcnews"
     raise DataError(f"{cfg.source!r} is not a bundled dataset; bundled: {', '.join(BUNDLED)}")
 
 
-def load_dataset(cfg: DataConfig, storage: Storage) -> Records:
+def load_dataset(
+    cfg: DataConfig, storage: Storage, encode_text: TextEncoder | None = None
+) -> Records:
     """The configured dataset as :class:`Records`, sorted by sample id.
 
     Bundled sources are generated on first use and stored as
     ``datasets/<bundled_name>.parquet`` under ``storage``; later calls (any process) read
-    that file. Other sources are read with :func:`read_records`.
+    that file. Other sources are read with :func:`read_records`. ``encode_text``: the
+    model's tokenizer, for a text column (``bbcnews``, or ``data.text_column``).
     """
     if cfg.source not in BUNDLED:
-        return read_records(cfg.source, cfg)
+        return read_records(cfg.source, cfg, encode_text)
+    if cfg.source == "bbcnews":
+        return _load_bbcnews(cfg, storage, encode_text)
     rel = dataset_path(bundled_name(cfg))
     generator = _DIGITS_GENERATOR if cfg.source == "digits" else _SYNTHETIC_GENERATOR
     table = storage.read_table(rel) if storage.exists(rel) else None
@@ -168,4 +181,22 @@ def load_dataset(cfg: DataConfig, storage: Storage) -> Records:
         f"{storage.uri.rstrip('/')}/{rel}",
         num_classes=cfg.num_classes,
         feature_shape=cfg.feature_shape,
+    )
+
+
+def _load_bbcnews(cfg: DataConfig, storage: Storage, encode_text: TextEncoder | None) -> Records:
+    """``bbcnews`` (see :mod:`.text`): materialised once under ``datasets/``, then read
+    like any Parquet with a text column (``text``)."""
+    rel = dataset_path("bbcnews")
+    table = storage.read_table(rel) if storage.exists(rel) else None
+    if table is None or _read_metadata(table).get(_META_GENERATOR) != BBC_GENERATOR.encode():
+        table = make_bbcnews()
+        storage.write_table(rel, table)
+    return _records_from_table(
+        table,
+        f"{storage.uri.rstrip('/')}/{rel}",
+        num_classes=cfg.num_classes,
+        feature_shape=cfg.feature_shape,
+        text_column=cfg.text_column or TEXT,
+        encode_text=encode_text,
     )

@@ -5,15 +5,22 @@ split them (:class:`DataConfig`), and the generated dataset's parameters
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 #: Names of the bundled sources accepted by ``DataConfig.source``.
-BUNDLED = ("digits", "synthetic")
+BUNDLED = ("digits", "synthetic", "bbcnews")
 
 _SOURCE_HELP = (
-    "data.source must be 'digits', 'synthetic', or a Parquet file/directory given as a local "
+    "data.source must be 'digits', 'synthetic', 'bbcnews', or a Parquet file/directory given as a local "
     "path or a pyarrow.fs URI (s3://bucket/key.parquet, gs://..., hdfs://..., file:///...)"
 )
 
@@ -84,6 +91,11 @@ class DataConfig(BaseModel):
         description="A list<number> column; None: 'features' if present, else every numeric "
         "column other than sample_id / owner_id / the label.",
     )
+    text_column: str | None = Field(
+        None,
+        description="A string column of raw texts, tokenised by the model component "
+        "(model.component hf_encoder) into the features; 'bbcnews' uses 'text'.",
+    )
     num_classes: int | None = Field(
         None, ge=2, description="None: from the file's metadata, else max label + 1."
     )
@@ -124,12 +136,28 @@ class DataConfig(BaseModel):
             raise ValueError(f"must be a non-empty list of positive sizes, e.g. [1, 8, 8]; got {v}")
         return v
 
-    @field_validator("features_column")
+    @field_validator("features_column", "text_column")
     @classmethod
     def _features_column(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError("must be a column name or null")
         return v
+
+    @model_validator(mode="after")
+    def _one_feature_source(self) -> DataConfig:
+        if self.text_column is not None and self.features_column is not None:
+            raise ValueError(
+                "data.text_column and data.features_column both name the features; set one"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # unset text_column is left out: configs without text dump (and digest) as before
+        out = handler(self)
+        if self.text_column is None:
+            out.pop("text_column", None)
+        return out
 
 
 # -- reading Parquet ---------------------------------------------------------------------

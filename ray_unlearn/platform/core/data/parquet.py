@@ -31,6 +31,7 @@ from ray_unlearn.platform.core.data.records import (
     _examples,
     _raise_problems,
 )
+from ray_unlearn.platform.core.data.text import TextEncoder, text_features
 from ray_unlearn.platform.core.storage import Storage
 
 
@@ -72,8 +73,13 @@ def _records_from_table(
     features_column: str | None = None,
     num_classes: int | None = None,
     feature_shape: Sequence[int] | None = None,
+    text_column: str | None = None,
+    encode_text: TextEncoder | None = None,
 ) -> Records:
     """Validate an Arrow table and build :class:`Records`, sorted by sample id.
+
+    With ``text_column`` the features are that column's texts tokenised by
+    ``encode_text`` (the model component's tokenizer; see :mod:`.text`).
 
     Collects every problem before raising one :class:`DataError`.
     """
@@ -86,8 +92,9 @@ def _records_from_table(
         _raise_problems(source, problems)
 
     missing = [c for c in (SAMPLE_ID, OWNER_ID, label_column) if c not in names]
-    if features_column is not None and features_column not in names:
-        missing.append(features_column)
+    for extra in (features_column, text_column):
+        if extra is not None and extra not in names:
+            missing.append(extra)
     if missing:
         problems.append(
             f"missing column(s) {', '.join(repr(m) for m in missing)}; {have}. Required: "
@@ -178,7 +185,12 @@ def _records_from_table(
     feat_name = features_column
     if feat_name is None and FEATURES in names:
         feat_name = FEATURES
-    if feat_name is not None and feat_name in names:
+    if text_column is not None:
+        if text_column in names:
+            feats = text_features(
+                _column(table, text_column), text_column, encode_text, where, problems
+            )
+    elif feat_name is not None and feat_name in names:
         col = _column(table, feat_name)
         if not _is_list(col.type) or not _is_numeric(col.type.value_type):
             problems.append(
@@ -300,13 +312,18 @@ def _records_from_table(
     return Records(ids[order], owners[order], labels[order], feats[order], num_classes, shape)
 
 
-def read_records(uri_or_path: str | os.PathLike[str], cfg: DataConfig | None = None) -> Records:
+def read_records(
+    uri_or_path: str | os.PathLike[str],
+    cfg: DataConfig | None = None,
+    encode_text: TextEncoder | None = None,
+) -> Records:
     """Read and validate a Parquet file or directory (local path or ``pyarrow.fs`` URI).
 
     Expected columns: ``sample_id`` (integer, unique), ``owner_id`` (string; integers are
     converted), ``cfg.label_column`` (integer class index), and the features: the
     ``cfg.features_column`` list column, else a ``features`` list column, else every numeric
-    column other than those three. Rows come back sorted by sample id. All problems found
+    column other than those three, or the ``cfg.text_column`` texts tokenised by
+    ``encode_text``. Rows come back sorted by sample id. All problems found
     are reported together in one :class:`DataError`.
     """
     cfg = cfg or DataConfig()
@@ -329,6 +346,8 @@ def read_records(uri_or_path: str | os.PathLike[str], cfg: DataConfig | None = N
         features_column=cfg.features_column,
         num_classes=cfg.num_classes,
         feature_shape=cfg.feature_shape,
+        text_column=cfg.text_column,
+        encode_text=encode_text,
     )
 
 

@@ -4,9 +4,22 @@ partition: :func:`ray_unlearn.platform.methods.s3t.training.check_s3t`."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+#: Linear layers LoRA wraps inside a block that is not itself Linear / Conv2d (a
+#: transformer layer): the attention's query and value projections, under the names
+#: BERT-like (query, value), Llama/OPT-like (q_proj, v_proj) and DistilBERT (q_lin, v_lin)
+#: encoders give them.
+DEFAULT_LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
 
 
 class S3TConfig(BaseModel):
@@ -25,8 +38,23 @@ class S3TConfig(BaseModel):
     lora_alpha: float = Field(8.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
     block_names: list[str] | None = Field(
         None,
-        description="Module names of the L adapted blocks, bottom to top; None = the "
-        "model's hidden Linear layers (MLP: body.0, body.2, ...) or conv layers (CNN).",
+        description="Module names of the adapted blocks, bottom to top; None = the "
+        "model's blocks (model.parts.blocks; MLP: its hidden Linear layers, CNN: its conv "
+        "layers, hf_encoder: its transformer layers).",
+    )
+    num_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="Adapt only the top num_blocks of the blocks (None: all). Independent of "
+        "partition.slices R: stage i of an order adapts the i-th of R groups of blocks counted "
+        "from the top (contiguous, sizes differing by at most one, larger groups on top); it "
+        "must be >= R so every stage has a block of its own.",
+    )
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        min_length=1,
+        description="Inside a block that is not itself Linear/Conv2d (a transformer layer), the "
+        "last name components of the Linear layers LoRA wraps (the attention's query/value).",
     )
     public_fraction: float = Field(
         0.2,
@@ -87,6 +115,16 @@ class S3TConfig(BaseModel):
         if dup:
             raise ValueError(f"each block can be adapted once; repeated: {', '.join(dup)}")
         return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # settings left at their defaults are left out: existing configs keep their digest
+        out = handler(self)
+        if self.num_blocks is None:
+            out.pop("num_blocks", None)
+        if list(self.lora_targets) == list(DEFAULT_LORA_TARGETS):
+            out.pop("lora_targets", None)
+        return out
 
     @field_validator("deletion_prior")
     @classmethod

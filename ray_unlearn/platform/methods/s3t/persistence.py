@@ -14,6 +14,7 @@ from torch import nn
 from ray_unlearn.platform.core.models import build_model, in_module
 from ray_unlearn.platform.core.run import RunContext
 from ray_unlearn.platform.core.versions import Registry, ShardEntry
+from ray_unlearn.platform.methods.s3t.adapters import base_state
 from ray_unlearn.platform.methods.s3t.training import (
     S3TConfig,
     S3TShard,
@@ -72,6 +73,7 @@ def save_stage(
             "order_index": st.order_index,
             "order": list(st.order),
             "block": st.block,
+            "targets": st.wrapped(),
             "adapter": st.adapter,
             "lora_rank": st.lora_rank,
             "lora_alpha": st.lora_alpha,
@@ -107,7 +109,7 @@ def persist_system(ctx: RunContext, system: S3TSystem, created_by: str) -> Regis
         shard=-1,
         stage=0,
         generation=0,
-        state=system.backbone.state_dict(),
+        state=base_state(system.backbone),
         sample_ids=system.public_ids,
         parent=None,
         metrics={"seconds": system.seconds},
@@ -167,7 +169,7 @@ def pretrain_and_save_backbone(ctx: RunContext, created_by: str) -> tuple[nn.Mod
         shard=-1,
         stage=0,
         generation=0,
-        state=backbone.state_dict(),
+        state=base_state(backbone),
         sample_ids=public_ids,
         parent=None,
         metrics={"seconds": time.perf_counter() - t0},
@@ -246,6 +248,7 @@ def load_stage(ctx: RunContext, vid: str) -> tuple[S3TStage, dict[str, Any]]:
         head,
         ctx.model_store.sample_ids(vid),
         m["metrics"],
+        tuple(m.get("targets") or ()),
     )
     return st, m
 

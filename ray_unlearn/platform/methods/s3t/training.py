@@ -2,12 +2,13 @@
 
 A backbone built by the model factory is pre-trained on a *public* part of the training
 data (declared not subject to deletion), then frozen. Each shard trains B slice orders
-(see :mod:`ray_unlearn.platform.methods.s3t.orders`); an order ``(S_1..S_L)`` is trained in L
-stages, and stage i trains, on the union ``S_1..S_i``:
+(see :mod:`ray_unlearn.platform.methods.s3t.orders`); an order ``(S_1..S_R)`` of the shard's R
+slices is trained in R stages, and stage i trains, on the union ``S_1..S_i``:
 
-* one LoRA adapter on block i counted from the top (``block_names[L - i]``, the list
-  being bottom-up), and
-* the model's head (``model.parts.head``; a full copy per order),
+* one LoRA adapter on the i-th group of blocks counted from the top (one block when the
+  number of blocks equals R: ``block_names[R - i]``, the list being bottom-up; see
+  :func:`~ray_unlearn.platform.methods.s3t.adapters.stage_groups`), and
+* the model's head (``model.parts.head``; its own tensors per order),
 
 with everything else fixed. A snapshot after each stage holds that stage's adapter and
 head weights and the ids it was trained on.
@@ -17,7 +18,8 @@ Adapters, blocks and the stage-p model: :mod:`ray_unlearn.platform.methods.s3t.a
 Isolation. A stage's optimizer receives only its own adapter's parameters (selected by the
 exact adapter-name component of the parameter names) and the head's; every other
 parameter has ``requires_grad=False`` and is in no optimizer, so it cannot change
-(tests/platform/methods/s3t/test_s3t.py checks every parameter bitwise after every stage).
+(tests/platform/methods/s3t/test_s3t.py and test_s3t_transformer.py check every parameter
+bitwise after every stage).
 
 Deletion by deactivation. The stage-p model of an order is the backbone plus the adapters
 of stages 1..p plus the head of stage p (:func:`model_for`), a function of slices
@@ -34,7 +36,6 @@ slices alone would give.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ from ray_unlearn.platform.methods.s3t.adapters import (
     S3TStage as S3TStage,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
+    StageModel as StageModel,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
     _activate as _activate,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
@@ -77,19 +81,34 @@ from ray_unlearn.platform.methods.s3t.adapters import (
     adapter_parameters as adapter_parameters,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
+    block_targets as block_targets,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
     check_s3t as check_s3t,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
     default_block_names as default_block_names,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
+    ensure_slot as ensure_slot,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
     head_parameters as head_parameters,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    init_adapter as init_adapter,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
     model_for as model_for,
 )
 from ray_unlearn.platform.methods.s3t.adapters import (
+    renamed as renamed,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
     stage_block as stage_block,
+)
+from ray_unlearn.platform.methods.s3t.adapters import (
+    stage_groups as stage_groups,
 )
 from ray_unlearn.platform.methods.s3t.backbone import (
     BACKBONE_STREAM as BACKBONE_STREAM,
@@ -138,7 +157,8 @@ def train_order(
     blocks: Sequence[str],
     on_stage: Callable[[S3TStage, nn.Module], None] | None = None,
 ) -> list[S3TStage]:
-    """Train one order's L stages on a copy of the frozen ``backbone``.
+    """Train one order's R stages on the frozen, shared ``backbone`` (never copied: the
+    order's adapters are named slots in it, their weights the order's own tensors).
 
     ``on_stage(snapshot, model)`` is called after each stage with the live model (tests
     use it to check isolation and exactness)."""
@@ -164,25 +184,29 @@ def iter_order_stages(
 ) -> Iterator[tuple[S3TStage, nn.Module]]:
     """Train one order stage by stage, yielding ``(snapshot, live model)`` after each.
 
-    Orders are independent (each trains its own copy of the backbone with its own seed
-    streams), so callers may interleave several orders' generators stage by stage (the Ray
+    Orders are independent (each trains its own adapter and head tensors, with its own seed
+    streams; the shared backbone is only read), so callers may interleave several orders' generators stage by stage (the Ray
     Train job reports one checkpoint per stage round that way) with the same results as
     :func:`train_order`."""
-    L = len(blocks)
-    order = _check_order(order, L)
-    if data.num_slices != L:
-        raise ValueError(f"shard {data.shard} has {data.num_slices} slices; S3T needs L={L}")
-    model = _freeze(copy.deepcopy(backbone))
+    R = data.num_slices
+    order = _check_order(order, R)
+    groups = stage_groups(blocks, R)  # raises when fewer blocks than slices
+    base = _freeze(backbone)  # shared: adapters are slots in it, weights live in `model`
+    head = {k: v.detach().clone() for k, v in head_parameters(base).items()}
+    model = StageModel(base, [], head)
     batch_seed = derive_seed(seed, _S3T_BATCHES, order_index)
-    active: list[str] = []
-    for stage in range(1, L + 1):
-        block, name = stage_block(blocks, stage), adapter_name(order_index, stage)
+    for stage in range(1, R + 1):
+        group, name = groups[stage - 1], adapter_name(order_index, stage)
+        targets = [t for b in reversed(group) for t in block_targets(base, b, cfg.lora_targets)]
+        slot_name, slot = ensure_slot(base, name, targets, cfg.lora_rank, cfg.lora_alpha)
         init_seed = derive_seed(seed, data.shard, order_index, stage, _ADAPTER_INIT)
-        _inject(model, name, block, cfg.lora_rank, cfg.lora_alpha, init_seed)
-        active.append(name)
-        _activate(model, active)
-        _freeze(model)
-        params = {**adapter_parameters(model, name), **head_parameters(model)}
+        # drawn under the adapter's own name: the same weights whatever slot it lands in
+        own = renamed(init_adapter(renamed(slot, slot_name, name), init_seed), name, slot_name)
+        model.adapters.append(slot_name)
+        for t in model.tensors.values():
+            t.requires_grad_(False)  # earlier stages' adapters: fixed from now on
+        model.tensors.update(own)
+        params = {**own, **{k: model.tensors[k] for k in head}}
         for p in params.values():
             p.requires_grad_(True)
 
@@ -191,7 +215,6 @@ def iter_order_stages(
         new = int((data.slices == order[stage - 1]).sum())
         steps = stage_steps(new, cfg.epochs, cfg.batch_size) if len(rows) else 0
         t0 = time.perf_counter()
-        model.train()
         opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
         idx_all = torch.from_numpy(rows)
         x_all, y_all = data.features[idx_all], data.labels[idx_all]
@@ -204,8 +227,9 @@ def iter_order_stages(
             opt.step()
             loss_sum += float(loss.detach()) * len(batch)
             seen += len(batch)
-        model.eval()
-        _freeze(model)
+        for p in params.values():
+            p.requires_grad_(False)
+        block = "+".join(reversed(group))  # bottom to top, like `blocks`
         snap = S3TStage(
             order_index=order_index,
             order=order,
@@ -214,10 +238,10 @@ def iter_order_stages(
             adapter=name,
             lora_rank=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
-            adapter_state={
-                k: v.detach().clone() for k, v in adapter_parameters(model, name).items()
-            },
-            head_state={k: v.detach().clone() for k, v in head_parameters(model).items()},
+            adapter_state=renamed(
+                {k: model.tensors[k].detach().clone() for k in slot}, slot_name, name
+            ),
+            head_state={k: model.tensors[k].detach().clone() for k in head},
             sample_ids=data.sample_ids[in_stage].copy(),
             metrics={
                 "loss": loss_sum / seen if seen else float("nan"),
@@ -225,6 +249,7 @@ def iter_order_stages(
                 "train_rows": float(len(rows)),
                 "seconds": time.perf_counter() - t0,
             },
+            targets=tuple(targets) if targets != [block] else (),
         )
         yield snap, model
 
@@ -279,7 +304,7 @@ class S3TShard:
     ) -> S3TShard:
         """Train the shard's orders (``select_orders`` from ``cfg`` when None)."""
         if orders is None:
-            orders = select_orders(cfg.selection, len(blocks), cfg.budget, cfg.deletion_prior)
+            orders = select_orders(cfg.selection, data.num_slices, cfg.budget, cfg.deletion_prior)
         snaps = [
             train_order(backbone, data, o, b, cfg, seed=seed, blocks=blocks)
             for b, o in enumerate(orders)
@@ -449,7 +474,7 @@ def train_s3t(ctx, cfg: S3TConfig, shards: Sequence[int] | None = None) -> S3TSy
     backbone = pretrain_backbone(
         run.model, ctx.feature_shape, ctx.num_classes, public, cfg, run.seed
     )
-    orders = select_orders(cfg.selection, len(blocks), cfg.budget, cfg.deletion_prior)
+    orders = select_orders(cfg.selection, ctx.plan.num_slices, cfg.budget, cfg.deletion_prior)
     out = {}
     for k in range(run.partition.shards) if shards is None else shards:
         data = ctx.shard_data(k, exclude=public_ids)

@@ -15,6 +15,7 @@ from torch import nn
 from ray_unlearn.platform.core.config import ModelConfig
 from ray_unlearn.platform.core.models import MLP, SmallCNN
 from ray_unlearn.platform.core.training import ShardData
+from ray_unlearn.platform.methods.s3t.adapters import base_state
 from ray_unlearn.platform.methods.s3t.orders import (
     best_order,
     bms_orders,
@@ -153,11 +154,11 @@ def test_check_lists_every_problem_and_matches_names_exactly():
     with pytest.raises(S3TConfigError) as err:
         check_s3t(
             S3TConfig(
-                budget=7,
+                budget=25,
                 selection="bms",
                 deletion_prior=[1.0, 1.0],
                 block_names=["body.0", "body.1", "body.10"],
-                retrain_depth_threshold=4,
+                retrain_depth_threshold=5,
             ),
             _mlp(),
             4,
@@ -165,8 +166,9 @@ def test_check_lists_every_problem_and_matches_names_exactly():
     msg = str(err.value)
     assert "'body.1' is a ReLU" in msg
     assert "'body.10' is not a module" in msg
-    assert "must equal the number of slices R = 4" in msg
-    assert "B=7 exceeds the 6 distinct orders" in msg
+    # orders are permutations of the R slices, whatever the number of blocks L
+    assert "L = 3 block(s) (body.0, body.1, body.10) is fewer than the R = 4 slices" in msg
+    assert "B=25 exceeds the 24 distinct orders" in msg
     assert "retrain_depth_threshold" in msg and "deletion_prior" in msg
 
 
@@ -220,7 +222,14 @@ def backbone():
 
 
 @pytest.fixture(scope="module")
-def trained(backbone):
+def pretrained(backbone):
+    """The backbone's weights before any order trained on it (it is shared, never copied:
+    adapter slots are injected into it)."""
+    return {k: v.clone() for k, v in base_state(backbone).items()}
+
+
+@pytest.fixture(scope="module")
+def trained(backbone, pretrained):
     """Order (2, 0, 1) trained on _data(), with every stage's full state and probe outputs."""
     probe = torch.randn(7, 5, generator=torch.Generator().manual_seed(5))
     states, outputs = [], []
@@ -238,9 +247,13 @@ def trained(backbone):
     return snaps, states, outputs, probe
 
 
-def test_stage_i_trains_the_ith_block_from_the_top_and_nothing_else(backbone, trained):
+def test_stage_i_trains_the_ith_block_from_the_top_and_nothing_else(
+    backbone, pretrained, trained
+):
     snaps, states, _, _ = trained
-    base = {n: p for n, p in backbone.named_parameters()}
+    base = pretrained
+    after = base_state(backbone)  # the shared backbone is bitwise what it was
+    assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
     for i, (snap, state) in enumerate(zip(snaps, states, strict=True), start=1):
         assert snap.block == BLOCKS[L - i] and snap.adapter == adapter_name(0, i)
         own = {n for n in state if snap.adapter in n.split(".")}
