@@ -96,35 +96,53 @@ def test_a_prepared_compaction_for_other_ids_is_not_used(tiny_run, monkeypatch):
 
 
 def test_one_request_writes_and_syncs_a_bounded_number_of_files(tiny_run, monkeypatch):
-    """Per request: the log (request, two transitions, fence ack), the lease, the intent
-    (twice), the registry (generation + copy), per new version weights + ids + manifest,
-    per retired version its manifest, the data copy and its stats: a fixed budget plus one
-    per version (a regression that writes or syncs per sample or per shard shows here)."""
+    """Per request: the log (request, two transitions, each with its feed marker, fence ack),
+    the lease, the intent (twice), the registry (generation + copy), per new version weights
+    + ids + manifest, per retired version its manifest, the data copy and its stats: a fixed
+    budget plus one per version (a regression that writes or syncs per sample, per shard or
+    per logged request shows here)."""
     ctx = tiny_run
     engine = UnlearningEngine(ctx, LocalShards(ctx))
     engine.forget(owner_id=_owner(ctx, 0))
-    writes, fsyncs = [], []
-    real_write, real_fsync = type(ctx.storage).write_bytes, os.fsync
+    writes, fsyncs, folders = [], [], []
+    storage_type = type(ctx.storage)
+    real_write, real_touch = storage_type.write_bytes, storage_type.touch
+    real_fsync, real_mkdir = os.fsync, os.mkdir
 
     def write(self, rel, data, **kw):
         writes.append(rel)
         return real_write(self, rel, data, **kw)
 
+    def touch(self, rel):
+        writes.append(rel)
+        return real_touch(self, rel)
+
     def fsync(fd):
         fsyncs.append(fd)
         return real_fsync(fd)
 
-    monkeypatch.setattr(type(ctx.storage), "write_bytes", write)
+    def mkdir(path, *a, **kw):
+        folders.append(path)
+        return real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(storage_type, "write_bytes", write)
+    monkeypatch.setattr(storage_type, "touch", touch)
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "mkdir", mkdir)
     rec = engine.forget(owner_id=_owner(ctx, 1))
     d = rec.details
     created, retired = len(d["versions_created"]), len(d["versions_retired"])
     assert created == retired >= 1
     per_version = 3 + 1  # weights, ids, manifest when created; the manifest when retired
-    # request, ack, 2 events, lease x2, intent x2, registry generation + copy, data copy +
-    # its stats: 12 today; a little room for the log's own bookkeeping (a snapshot, an index)
-    fixed = 16
+    # request, ack, 2 events + 3 feed markers, lease x2, intent x2, registry generation +
+    # copy, data copy + its stats: 15 today; a little room for the log's own bookkeeping
+    fixed = 18
     assert len(writes) <= fixed + per_version * created, writes
-    # each write syncs the file and its folder, but a new version's three files share one
-    # folder sync (its manifest's): 2 fewer per created version
-    assert len(fsyncs) <= 2 * len(writes) - 2 * created, (len(fsyncs), len(writes), created)
+    # each write syncs the file and its folder (a feed marker is empty: its folder only), a
+    # new version's three files share one folder sync (its manifest's): 2 fewer per created
+    # version; a new folder (the request's, each version's) syncs its parent once
+    budget = 2 * len(writes) - 2 * created + len(folders)
+    assert len(fsyncs) <= budget, (len(fsyncs), len(writes), len(folders), created)
+    # the request's folder, each new version's, and the feed's time folder when the request
+    # crosses into a new one: never a folder per logged request or per sample
+    assert len(folders) <= 2 + created, folders
