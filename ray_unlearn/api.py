@@ -48,7 +48,7 @@ def train(
     from ray_unlearn.platform.core.config import load_config
     from ray_unlearn.platform.core.run import create_run
     from ray_unlearn.platform.eval.accuracy import serving_accuracy
-    from ray_unlearn.train.job import run_training
+    from ray_unlearn.train.job import check_gpu_request, run_training
     from ray_unlearn.train.session import connect
 
     cfg = load_config(config, list(overrides))
@@ -56,6 +56,9 @@ def train(
     if root:
         cfg = cfg.model_copy(update={"storage": root})
     t0 = time.perf_counter()
+    if cfg.resources.gpus_per_worker > 0 or cfg.training.device == "cuda":
+        connect(address)  # a GPU request is checked against the cluster before any write
+        check_gpu_request(cfg)
     ctx = create_run(cfg, run_id)
     if on_created is not None:
         on_created(ctx)

@@ -29,7 +29,7 @@ from ray_unlearn.platform.core.run import open_run
 from ray_unlearn.platform.core.runtime import make_runtime
 from ray_unlearn.platform.eval.accuracy import ensemble_accuracy
 from ray_unlearn.platform.methods import registry
-from ray_unlearn.train.session import NAMESPACE
+from ray_unlearn.train.session import NAMESPACE, check_cluster_gpus, declare_worker_gpus
 
 
 def executor_actor_name(run_id: str) -> str:
@@ -39,6 +39,12 @@ def executor_actor_name(run_id: str) -> str:
 log = logging.getLogger(__name__)
 
 
+def actor_options(cpus: float, gpus: float) -> dict[str, float]:
+    """A shard actor's reservation: a sliver of CPU, and resources.gpus_per_worker GPUs (the
+    executor actor itself trains nothing and reserves none)."""
+    return {"num_cpus": cpus, "num_gpus": gpus} if gpus > 0 else {"num_cpus": cpus}
+
+
 @ray.remote(max_concurrency=2)
 class ShardActor:
     """One shard's runtime. Two calls may run at once so that an S3T ``restore`` (which
@@ -46,6 +52,7 @@ class ShardActor:
     deactivation; every other call holds the actor's lock, one at a time as before."""
 
     def __init__(self, storage_uri: str, run_id: str, shard: int):
+        declare_worker_gpus()  # training.device auto: CUDA only on a granted GPU
         ctx = open_run(storage_uri, run_id)
         self._lock = threading.Lock()
         self.rt = make_runtime(ctx, shard, ctx.deletion_log.deleted_sample_ids())
@@ -81,12 +88,12 @@ class RayShards:
         *,
         max_concurrent: int,
         cpus_per_actor: float,
+        gpus_per_actor: float = 0.0,
     ):
         self.max_concurrent = max(1, max_concurrent)
-        self.actors = {
-            k: ShardActor.options(num_cpus=cpus_per_actor).remote(storage_uri, run_id, k)
-            for k in shards
-        }
+        check_cluster_gpus(gpus_per_actor, len(shards), "resources.gpus_per_worker")
+        opts = actor_options(cpus_per_actor, gpus_per_actor)
+        self.actors = {k: ShardActor.options(**opts).remote(storage_uri, run_id, k) for k in shards}
         ray.get([a.info.remote() for a in self.actors.values()])  # surface load errors here
 
     def _bounded(self, calls: list) -> list:
@@ -152,6 +159,7 @@ class Executor:
             shards,
             max_concurrent=concurrent,
             cpus_per_actor=0.01,
+            gpus_per_actor=cfg.resources.gpus_per_worker,
         )
         self.engine = UnlearningEngine(self.ctx, self.backend, executor_name=name)
         # one engine operation at a time: method calls, and a background restore's publish
