@@ -36,6 +36,7 @@ from ray_unlearn.platform.core.data import (
     bundled_name,
     records_from_table,
 )
+from ray_unlearn.platform.core.data.shard_read import read_rows, row_group_rows
 from ray_unlearn.platform.core.storage import RunLayout, Storage, dataset_path
 
 if TYPE_CHECKING:
@@ -43,7 +44,9 @@ if TYPE_CHECKING:
 
 
 def write_copy(storage: Storage, layout: RunLayout, records: Records) -> None:
-    storage.write_table(layout.data_copy, records.to_table())
+    # small row groups: a process reading one shard holds one group at a time (shard_read)
+    table = records.to_table()
+    storage.write_table(layout.data_copy, table, row_group_size=row_group_rows(table))
 
 
 def has_copy(storage: Storage, layout: RunLayout) -> bool:
@@ -53,6 +56,13 @@ def has_copy(storage: Storage, layout: RunLayout) -> bool:
 def load_copy(storage: Storage, layout: RunLayout, cfg: DataConfig) -> Records:
     table = storage.read_table(layout.data_copy)
     return records_from_table(table, f"{storage.uri.rstrip('/')}/{layout.data_copy}", cfg)
+
+
+def read_copy_rows(storage: Storage, layout: RunLayout, sample_ids: np.ndarray) -> pa.Table:
+    """The rows of ``sample_ids`` still in the run's copy (validated by the caller), read a
+    row group at a time: a shard's process never holds the other shards' rows."""
+    with storage.fs.open_input_file(storage.full(layout.data_copy)) as f:
+        return read_rows(f, sample_ids)
 
 
 def _ids(ids: Iterable[int]) -> np.ndarray:
@@ -71,8 +81,8 @@ def compact(ctx: RunContext, removed_ids: Iterable[int] = ()) -> dict[str, Any]:
     hit = pc.is_in(table[SAMPLE_ID], value_set=pa.array(gone, type=pa.int64()))
     n_hit = int(pc.sum(hit).as_py() or 0)
     if n_hit:
-        kept = table.filter(pc.invert(hit))
-        storage.write_table(layout.data_copy, kept.replace_schema_metadata(table.schema.metadata))
+        kept = table.filter(pc.invert(hit)).replace_schema_metadata(table.schema.metadata)
+        storage.write_table(layout.data_copy, kept, row_group_size=row_group_rows(kept))
         prior = (
             storage.read_json(layout.data_compaction)
             if storage.exists(layout.data_compaction)

@@ -192,9 +192,9 @@ class Storage:
         except FileNotFoundError as e:
             raise StorageError(f"no file {rel!r} under storage root {self.uri}") from e
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
+    def write_table(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:
         buf = pa.BufferOutputStream()  # Arrow-owned memory, as in read_table
-        pq.write_table(table, buf)
+        pq.write_table(table, buf, row_group_size=row_group_size)
         self.write_bytes(rel, buf.getvalue().to_pybytes())
 
     def upload_dir(self, local_dir: str | os.PathLike[str], rel: str) -> None:

@@ -5,7 +5,7 @@ split them (:class:`DataConfig`), and the generated dataset's parameters
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -103,6 +103,38 @@ class DataConfig(BaseModel):
         "what waits).",
     )
 
+    image_column: str | None = Field(
+        None,
+        description="A column of encoded images (PNG/JPEG bytes) to use as the features, "
+        "decoded at load by data.image_transform; the per-sample shape is the decoded (C, H, W).",
+    )
+    image_transform: str | None = Field(
+        None,
+        description="Decoder of data.image_column, 'package.module:function' called as "
+        "function(data: bytes, **image_transform_args) -> float array (C, H, W); None = the "
+        "built-in Pillow decoder (PNG/JPEG to [0, 1]; args mode: L|RGB|RGBA, size: [H, W]).",
+    )
+    image_transform_args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the image decoder."
+    )
+
+    @model_validator(mode="after")
+    def _one_feature_source(self) -> DataConfig:
+        if self.image_column is not None and self.features_column is not None:
+            raise ValueError(
+                f"data.image_column ({self.image_column!r}) and data.features_column "
+                f"({self.features_column!r}) both name the features: set one of them"
+            )
+        if self.image_column is None and (self.image_transform or self.image_transform_args):
+            raise ValueError(
+                "data.image_transform / image_transform_args decode data.image_column: set it too"
+            )
+        if self.image_column is not None:
+            from ray_unlearn.platform.core.data.columns import resolve_transform
+
+            resolve_transform(self.image_transform)  # importable now, not in every worker
+        return self
+
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
@@ -124,7 +156,7 @@ class DataConfig(BaseModel):
             raise ValueError(f"must be a non-empty list of positive sizes, e.g. [1, 8, 8]; got {v}")
         return v
 
-    @field_validator("features_column")
+    @field_validator("features_column", "image_column")
     @classmethod
     def _features_column(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ray_unlearn.platform.core.data.columns import image_column, tensor_column
 from ray_unlearn.platform.core.data.config import _SOURCE_HELP, DataConfig
 from ray_unlearn.platform.core.data.records import (
     _META_FEATURE_SHAPE,
@@ -72,10 +72,15 @@ def _records_from_table(
     features_column: str | None = None,
     num_classes: int | None = None,
     feature_shape: Sequence[int] | None = None,
+    image: str | None = None,
+    image_transform: str | None = None,
+    image_transform_args: dict | None = None,
 ) -> Records:
     """Validate an Arrow table and build :class:`Records`, sorted by sample id.
 
-    Collects every problem before raising one :class:`DataError`.
+    The features: the ``image`` column (encoded images, decoded by ``image_transform``),
+    else the ``features_column`` / ``features`` tensor column, else numeric columns
+    (:mod:`.columns`). Collects every problem before raising one :class:`DataError`.
     """
     names = table.column_names
     problems: list[str] = []
@@ -88,6 +93,8 @@ def _records_from_table(
     missing = [c for c in (SAMPLE_ID, OWNER_ID, label_column) if c not in names]
     if features_column is not None and features_column not in names:
         missing.append(features_column)
+    if image is not None and image not in names:
+        missing.append(image)
     if missing:
         problems.append(
             f"missing column(s) {', '.join(repr(m) for m in missing)}; {have}. Required: "
@@ -173,47 +180,24 @@ def _records_from_table(
                 f"label column {label_column!r} must hold integer class indices, got {col.type}"
             )
 
-    # features: one list column, or numeric columns.
+    # features: an image column, one tensor column, or numeric columns.
     feats: np.ndarray | None = None
+    col_shape: tuple[int, ...] | None = None  # the column's own per-row shape, if it has one
     feat_name = features_column
     if feat_name is None and FEATURES in names:
         feat_name = FEATURES
-    if feat_name is not None and feat_name in names:
-        col = _column(table, feat_name)
-        if not _is_list(col.type) or not _is_numeric(col.type.value_type):
-            problems.append(
-                f"features column {feat_name!r} must be a list of numbers "
-                f"(list<float>, fixed_size_list<float>), got {col.type}"
+    if image is not None:
+        if image in names:
+            feats, col_shape, found = image_column(
+                _column(table, image), image, where, image_transform, image_transform_args or {}
             )
-        elif col.null_count:
-            mask = col.is_null().to_numpy(zero_copy_only=False)
-            problems.append(f"features column {feat_name!r} has null rows at {where(mask)}")
-        else:
-            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
-            values, counts = np.unique(lengths, return_counts=True)
-            d = int(values[np.argmax(counts)])
-            if len(values) > 1:
-                bad = lengths != d
-                problems.append(
-                    f"features column {feat_name!r} is ragged: most rows have {d} values, but "
-                    f"{int(bad.sum())} row(s) differ ({where(bad)}; lengths "
-                    f"{_examples(lengths[bad])}); every row needs the same length"
-                )
-            elif d == 0:
-                problems.append(f"features column {feat_name!r} has empty vectors (length 0)")
-            else:
-                flat = col.flatten()
-                if flat.null_count:
-                    rows = np.flatnonzero(
-                        flat.is_null().to_numpy(zero_copy_only=False).reshape(-1, d).any(axis=1)
-                    )
-                    mask = np.zeros(len(col), dtype=bool)
-                    mask[rows] = True
-                    problems.append(
-                        f"features column {feat_name!r} has null values inside rows at {where(mask)}"
-                    )
-                else:
-                    feats = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+            problems += found
+    elif feat_name is not None and feat_name in names:
+        col = table.column(feat_name).combine_chunks()  # extension types stay as they are
+        feats, col_shape, found = tensor_column(col, feat_name, where)
+        problems += found
+        if col_shape is not None and len(col_shape) == 1:
+            col_shape = None  # a flat vector: the shape comes from config or metadata
     elif feat_name is None:
         used = {SAMPLE_ID, OWNER_ID, label_column}
         cols = [
@@ -270,11 +254,14 @@ def _records_from_table(
                 f"(from {k_source})"
             )
 
-    # feature_shape: config, else metadata (when it fits), else (D,).
+    # feature_shape: config, else the column's own (image, n-D tensor), else metadata (when
+    # it fits), else (D,).
     shape: tuple[int, ...] | None = None
     if feats is not None:
         d = feats.shape[1]
-        if feature_shape is not None:
+        if feature_shape is None and col_shape is not None:
+            shape = col_shape
+        elif feature_shape is not None:
             shape = tuple(int(s) for s in feature_shape)
             if math.prod(shape) != d:
                 problems.append(
@@ -329,6 +316,9 @@ def read_records(uri_or_path: str | os.PathLike[str], cfg: DataConfig | None = N
         features_column=cfg.features_column,
         num_classes=cfg.num_classes,
         feature_shape=cfg.feature_shape,
+        image=cfg.image_column,
+        image_transform=cfg.image_transform,
+        image_transform_args=cfg.image_transform_args,
     )
 
 
