@@ -169,3 +169,28 @@ def test_cuda_training_snapshots_load_anywhere_and_predict_on_cpu(tmp_path):
     assert p_gpu.device.type == "cpu"
     # the same weights on two devices: equal up to float32 rounding of different kernels
     torch.testing.assert_close(p_gpu, p_cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (10, 6)])
+def test_cnn_pooling_is_adaptive_pooling_bit_for_bit(hw):
+    # the built-in CNN pools with AvgPool2d(2) on even sizes (deterministic on CUDA); it must
+    # compute exactly what the adaptive pooling it replaced computed, forward and backward
+    from torch import nn
+
+    from ray_unlearn.platform.core.models import SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN((1, *hw), [4], 3)
+    assert isinstance(net.body[-1], nn.AvgPool2d)
+    ref = SmallCNN((1, *hw), [4], 3)
+    ref.load_state_dict(net.state_dict())
+    ref.body[-1] = nn.AdaptiveAvgPool2d((hw[0] // 2, hw[1] // 2))
+    x = torch.randn(5, hw[0] * hw[1])
+    a, b = net(x), ref(x)
+    assert torch.equal(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    assert all(
+        torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), ref.parameters(), strict=True)
+    )
+    assert isinstance(SmallCNN((1, 7, 7), [4], 3).body[-1], nn.AdaptiveAvgPool2d)  # odd: as before
