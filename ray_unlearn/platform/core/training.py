@@ -248,6 +248,8 @@ def train_stage(
         # CPU seconds of this process (all torch threads): the work done, unlike wall time
         # not inflated when serving or other jobs compete for the cores.
         "cpu_seconds": time.process_time() - cpu0,
+        # where the stage ran (1.0: a CUDA device), kept in the version's manifest
+        "cuda": float(dev.type == "cuda"),
     }
 
 

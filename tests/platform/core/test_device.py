@@ -138,6 +138,7 @@ def test_cpu_training_snapshots_are_cpu_tensors(tmp_path):
     ctx = create_run(tiny_config(tmp_path, "training.device=cpu"))
     st = next(train_run_shard(ctx, 0))
     assert all(t.device.type == "cpu" and t.is_contiguous() for t in st.state.values())
+    assert st.metrics["cuda"] == 0.0
 
 
 # -- on a GPU --------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ def test_cuda_training_snapshots_load_anywhere_and_predict_on_cpu(tmp_path):
     ctx = create_run(tiny_config(tmp_path, "training.device=cuda"))
     st = next(train_run_shard(ctx, 0))
     assert all(t.device.type == "cpu" for t in st.state.values())  # device-independent
+    assert st.metrics["cuda"] == 1.0  # it did run on the GPU
     model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
     model.load_state_dict(st.state)
     x = ctx.shard_data(0).features[:16]
