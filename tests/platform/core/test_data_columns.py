@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -155,3 +156,50 @@ def test_image_config_is_checked_at_load(tmp_path):
         DataConfig(image_column="img", image_transform="no_such_module:f")
     with pytest.raises(ValidationError, match="decode data.image_column: set it too"):
         DataConfig(image_transform_args={"size": [4, 4]})
+
+
+def test_an_image_run_trains_on_its_decoded_copy(tmp_path):
+    # digits as 8 x 8 PNGs: the run's copy holds the decoded tensors, a shard reads its own
+    from sklearn.datasets import load_digits
+
+    from ray_unlearn.platform.core.config import load_config
+    from ray_unlearn.platform.core.run import create_run, open_run
+    from ray_unlearn.platform.core.training import train_run_shard
+
+    x, y = load_digits(return_X_y=True)
+    x, y = x[:240], y[:240]
+    pixels = (x * 255 / 16).round().astype(np.uint8).reshape(-1, 8, 8)
+    src = tmp_path / "digits_png.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "sample_id": pa.array(np.arange(len(y)), pa.int64()),
+                "owner_id": pa.array([f"o{i // 2}" for i in range(len(y))]),
+                "label": pa.array(y, pa.int64()),
+                "png": pa.array([_png(p) for p in pixels], pa.binary()),
+            }
+        ),
+        src,
+    )
+    cfg = load_config(
+        None,
+        [
+            f"storage={tmp_path / 'store'}",
+            f"data.source={src}",
+            "data.image_column=png",
+            "partition.shards=2",
+            "partition.slices=2",
+            "model.kind=cnn",
+            "model.channels=[4]",
+            "training.epochs=1",
+        ],
+    )
+    made = create_run(cfg)
+    assert made.feature_shape == (1, 8, 8) and made.num_classes == 10
+    ctx = open_run(made.storage.uri, made.run_id)
+    data = ctx.shard_data(0)
+    pos = data.sample_ids
+    expect = torch.from_numpy(pixels[pos].astype(np.float32).reshape(len(pos), -1) / 255.0)
+    assert torch.equal(data.features, expect)
+    stage = next(train_run_shard(ctx, 0))
+    assert stage.metrics["steps"] > 0 and np.isfinite(stage.metrics["loss"])
