@@ -56,9 +56,10 @@ def train(
     if root:
         cfg = cfg.model_copy(update={"storage": root})
     t0 = time.perf_counter()
-    if cfg.resources.gpus_per_worker > 0 or cfg.training.device == "cuda":
-        connect(address)  # a GPU request is checked against the cluster before any write
-        check_gpu_request(cfg)
+    check_gpu_request(cfg)  # config alone (no Ray): device=cuda needs GPUs per worker
+    if cfg.resources.gpus_per_worker > 0:
+        connect(address)  # GPUs are checked against the cluster before anything is written
+        check_gpu_request(cfg, against_cluster=True)
     ctx = create_run(cfg, run_id)
     if on_created is not None:
         on_created(ctx)

@@ -55,16 +55,18 @@ def scaling_options(workers: int, cpus: float, gpus: float) -> dict[str, Any]:
     return {"num_workers": workers, "use_gpu": gpus > 0, "resources_per_worker": resources}
 
 
-def check_gpu_request(cfg) -> None:
-    """A run's GPU settings against the connected cluster, before the run is created:
-    ``training.device=cuda`` needs GPUs granted to the workers, and the workers' GPUs must
-    fit the cluster. Raises ValueError naming the setting."""
+def check_gpu_request(cfg, *, against_cluster: bool = False) -> None:
+    """A run's GPU settings, before the run is created: ``training.device=cuda`` needs GPUs
+    granted to the workers, and (``against_cluster``: the connected one) the workers' GPUs
+    must fit the cluster. Raises ValueError naming the setting."""
     if cfg.training.device == "cuda" and cfg.resources.gpus_per_worker <= 0:
         raise ValueError(
             "training.device=cuda, but Ray Train workers are given a GPU only with "
             "resources.gpus_per_worker > 0 (e.g. 1, or 0.25 to put four workers on one GPU); "
             "or use training.device=auto"
         )
+    if not against_cluster:
+        return
     workers, _ = worker_layout(
         cfg.partition.shards, cfg.training.num_workers, 1.0, cfg.training.cpus_per_worker
     )

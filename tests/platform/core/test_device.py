@@ -93,13 +93,15 @@ def test_train_job_scaling_asks_for_gpus_from_config(tmp_path, monkeypatch):
     asks = tiny_config(tmp_path, "resources.gpus_per_worker=0.5")
     monkeypatch.setattr(session.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
     with pytest.raises(ValueError, match=r"needs 1.5 GPU\(s\), the Ray cluster has 1"):
-        job.check_gpu_request(asks)
+        job.check_gpu_request(asks, against_cluster=True)
     monkeypatch.setattr(session.ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(ValueError, match="the Ray cluster has no GPU"):
-        job.check_gpu_request(asks)
+        job.check_gpu_request(asks, against_cluster=True)
     monkeypatch.setattr(session.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 2.0})
-    job.check_gpu_request(asks)
-    job.check_gpu_request(tiny_config(tmp_path))  # CPU runs never look at the cluster
+    job.check_gpu_request(asks, against_cluster=True)
+    job.check_gpu_request(
+        tiny_config(tmp_path), against_cluster=True
+    )  # CPU runs never look at the cluster
 
 
 def test_shard_actors_and_serve_replicas_ask_for_gpus_from_config():
@@ -196,3 +198,15 @@ def test_cnn_pooling_is_adaptive_pooling_bit_for_bit(hw):
         torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), ref.parameters(), strict=True)
     )
     assert isinstance(SmallCNN((1, 7, 7), [4], 3).body[-1], nn.AdaptiveAvgPool2d)  # odd: as before
+
+
+def test_train_refuses_cuda_without_gpus_before_writing(tmp_path):
+    import ray_unlearn as ru
+
+    with pytest.raises(ValueError, match="resources.gpus_per_worker > 0"):
+        ru.train(
+            os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "digits.yaml"),
+            ["training.device=cuda"],
+            storage=str(tmp_path / "store"),
+        )
+    assert not (tmp_path / "store").exists()  # nothing written, no Ray started
