@@ -201,10 +201,10 @@ def test_cnn_pooling_is_adaptive_pooling_bit_for_bit(hw):
 
 
 def test_train_refuses_cuda_without_gpus_before_writing(tmp_path):
-    import ray_unlearn as ru
+    from ray_unlearn.api import train  # (ray_unlearn.train is also the subpackage's name)
 
     with pytest.raises(ValueError, match="resources.gpus_per_worker > 0"):
-        ru.train(
+        train(
             os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "digits.yaml"),
             ["training.device=cuda"],
             storage=str(tmp_path / "store"),
