@@ -48,7 +48,7 @@ def train(
     from ray_unlearn.platform.core.config import load_config
     from ray_unlearn.platform.core.run import create_run
     from ray_unlearn.platform.eval.accuracy import serving_accuracy
-    from ray_unlearn.train.job import run_training
+    from ray_unlearn.train.job import check_gpu_request, run_training
     from ray_unlearn.train.session import connect
 
     cfg = load_config(config, list(overrides))
@@ -56,6 +56,10 @@ def train(
     if root:
         cfg = cfg.model_copy(update={"storage": root})
     t0 = time.perf_counter()
+    check_gpu_request(cfg)  # config alone (no Ray): device=cuda needs GPUs per worker
+    if cfg.resources.gpus_per_worker > 0:
+        connect(address)  # GPUs are checked against the cluster before anything is written
+        check_gpu_request(cfg, against_cluster=True)
     ctx = create_run(cfg, run_id)
     if on_created is not None:
         on_created(ctx)

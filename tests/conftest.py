@@ -58,3 +58,15 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, namespace="ray_unlearn", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# CUDA tests: marked `gpu` (benchmarks/gpu_check.sh runs `pytest -m gpu`) and skipped, with
+# the reason, where there is no GPU.
+_NO_CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason=f"needs a CUDA GPU (torch {torch.__version__}, CUDA available: no)",
+)
+
+
+def needs_cuda(test):
+    return pytest.mark.gpu(_NO_CUDA(test))

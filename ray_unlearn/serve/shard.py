@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from ray import serve
 
+from ray_unlearn.platform.core.device import resolve_device
 from ray_unlearn.platform.core.run import open_run
 from ray_unlearn.platform.core.runtime import load_serving_model
 from ray_unlearn.platform.core.training import configure_threads, predict_proba
+from ray_unlearn.train.session import declare_worker_gpus
 
 _CACHED_VERSIONS = 3
 
@@ -25,7 +27,11 @@ _CACHED_VERSIONS = 3
 class ShardModel:
     def __init__(self, storage_uri: str, run_id: str, shard: int):
         configure_threads(1)  # many small batches on a shared machine: one thread each
+        declare_worker_gpus()
         self.ctx = open_run(storage_uri, run_id)
+        # a replica granted a GPU (serving.gpus_per_replica) predicts on it, else on CPU;
+        # only a run pinned to training.device=cpu stays on CPU regardless
+        self.device = resolve_device("cpu" if self.ctx.config.training.device == "cpu" else "auto")
         self.shard = shard
         self._models: OrderedDict[str, torch.nn.Module] = OrderedDict()
 
@@ -33,7 +39,7 @@ class ShardModel:
         if version in self._models:
             self._models.move_to_end(version)
             return self._models[version]
-        m = load_serving_model(self.ctx, version)  # a slice snapshot, or a method's own
+        m = load_serving_model(self.ctx, version, self.device)  # a snapshot, or a method's own
         self._models[version] = m
         while len(self._models) > _CACHED_VERSIONS:
             self._models.popitem(last=False)

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from ray_unlearn.train.session import NAMESPACE, executor_actor_name
+from ray_unlearn.train.session import (
+    NAMESPACE,
+    check_cluster_gpus,
+    declare_worker_gpus,
+    executor_actor_name,
+)
 
 # The platform (torch and all) is imported inside the methods, not here: a client that
 # attaches to the running executor (`ray-unlearn forget --address`) gets its handle from
@@ -31,6 +36,12 @@ from ray_unlearn.train.session import NAMESPACE, executor_actor_name
 # that client ~2.4 s of imports (measured) for nothing it runs.
 
 log = logging.getLogger(__name__)
+
+
+def actor_options(cpus: float, gpus: float) -> dict[str, float]:
+    """A shard actor's reservation: a sliver of CPU, and resources.gpus_per_worker GPUs (the
+    executor actor itself trains nothing and reserves none)."""
+    return {"num_cpus": cpus, "num_gpus": gpus} if gpus > 0 else {"num_cpus": cpus}
 
 
 @ray.remote(max_concurrency=2)
@@ -43,6 +54,7 @@ class ShardActor:
         from ray_unlearn.platform.core.run import open_run
         from ray_unlearn.platform.core.runtime import make_runtime
 
+        declare_worker_gpus()  # training.device auto: CUDA only on a granted GPU
         ctx = open_run(storage_uri, run_id)
         self._lock = threading.Lock()
         self.rt = make_runtime(ctx, shard, ctx.deletion_log.deleted_sample_ids())
@@ -78,12 +90,12 @@ class RayShards:
         *,
         max_concurrent: int,
         cpus_per_actor: float,
+        gpus_per_actor: float = 0.0,
     ):
         self.max_concurrent = max(1, max_concurrent)
-        self.actors = {
-            k: ShardActor.options(num_cpus=cpus_per_actor).remote(storage_uri, run_id, k)
-            for k in shards
-        }
+        check_cluster_gpus(gpus_per_actor, len(shards), "resources.gpus_per_worker")
+        opts = actor_options(cpus_per_actor, gpus_per_actor)
+        self.actors = {k: ShardActor.options(**opts).remote(storage_uri, run_id, k) for k in shards}
         ray.get([a.info.remote() for a in self.actors.values()])  # surface load errors here
 
     def _bounded(self, calls: list) -> list:
@@ -153,6 +165,7 @@ class Executor:
             shards,
             max_concurrent=concurrent,
             cpus_per_actor=0.01,
+            gpus_per_actor=cfg.resources.gpus_per_worker,
         )
         self.engine = UnlearningEngine(self.ctx, self.backend, executor_name=name)
         # one engine operation at a time: method calls, and a background restore's publish

@@ -31,6 +31,7 @@ from ray_unlearn.platform.core.run import RunContext, open_run
 from ray_unlearn.platform.core.training import configure_threads, train_run_shard
 from ray_unlearn.platform.core.versions import Registry, ShardEntry
 from ray_unlearn.platform.methods import registry
+from ray_unlearn.train.session import check_cluster_gpus, declare_worker_gpus
 
 
 def worker_layout(num_shards: int, num_workers: int, cluster_cpus: float, cpus_per_worker: float):
@@ -45,7 +46,35 @@ def worker_layout(num_shards: int, num_workers: int, cluster_cpus: float, cpus_p
     return workers, cpus
 
 
+def scaling_options(workers: int, cpus: float, gpus: float) -> dict[str, Any]:
+    """``ScalingConfig`` keywords: ``gpus`` (resources.gpus_per_worker) per worker, a fraction
+    sharing a GPU; with 0 the workers reserve CPUs only (and ``device: auto`` trains on CPU)."""
+    resources: dict[str, float] = {"CPU": cpus}
+    if gpus > 0:
+        resources["GPU"] = gpus
+    return {"num_workers": workers, "use_gpu": gpus > 0, "resources_per_worker": resources}
+
+
+def check_gpu_request(cfg, *, against_cluster: bool = False) -> None:
+    """A run's GPU settings, before the run is created: ``training.device=cuda`` needs GPUs
+    granted to the workers, and (``against_cluster``: the connected one) the workers' GPUs
+    must fit the cluster. Raises ValueError naming the setting."""
+    if cfg.training.device == "cuda" and cfg.resources.gpus_per_worker <= 0:
+        raise ValueError(
+            "training.device=cuda, but Ray Train workers are given a GPU only with "
+            "resources.gpus_per_worker > 0 (e.g. 1, or 0.25 to put four workers on one GPU); "
+            "or use training.device=auto"
+        )
+    if not against_cluster:
+        return
+    workers, _ = worker_layout(
+        cfg.partition.shards, cfg.training.num_workers, 1.0, cfg.training.cpus_per_worker
+    )
+    check_cluster_gpus(cfg.resources.gpus_per_worker, workers, "resources.gpus_per_worker")
+
+
 def _train_loop(config: dict[str, Any]) -> None:
+    declare_worker_gpus()  # training.device auto: CUDA only on a granted GPU
     ctx = open_run(config["storage"], config["run_id"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
@@ -95,6 +124,8 @@ def run_training(ctx: RunContext) -> dict[str, Any]:
         cluster_cpus,
         cfg.training.cpus_per_worker,
     )
+    gpus = cfg.resources.gpus_per_worker
+    check_cluster_gpus(gpus, workers, "resources.gpus_per_worker")
     t0 = time.perf_counter()
     # a run of a method's own kind brings its own job (prepare on the driver, worker loop,
     # ingest into the model store): the registry names its module
@@ -105,9 +136,7 @@ def run_training(ctx: RunContext) -> dict[str, Any]:
     trainer = TorchTrainer(
         job.loop if job is not None else _train_loop,
         train_loop_config={"storage": ctx.storage.uri, "run_id": ctx.run_id, "threads": threads},
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus}
-        ),
+        scaling_config=ScalingConfig(**scaling_options(workers, cpus, gpus)),
         run_config=ray.train.RunConfig(
             name="sisa",
             storage_path=ctx.storage.full(ctx.layout.train_transport),
@@ -126,6 +155,7 @@ def run_training(ctx: RunContext) -> dict[str, Any]:
         "run_id": ctx.run_id,
         "workers": workers,
         "cpus_per_worker": cpus,
+        "gpus_per_worker": gpus,
         "torch_threads": threads,
         "train_seconds": train_seconds,
         "ingest_seconds": ingest_seconds,

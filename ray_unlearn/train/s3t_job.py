@@ -23,6 +23,7 @@ from ray_unlearn.platform.core.models import in_module
 from ray_unlearn.platform.core.run import RunContext, open_run
 from ray_unlearn.platform.core.training import configure_threads
 from ray_unlearn.platform.core.versions import Registry
+from ray_unlearn.train.session import declare_worker_gpus
 
 
 def prepare(ctx: RunContext) -> None:
@@ -46,6 +47,7 @@ def loop(config: dict[str, Any]) -> None:
     )
     from ray_unlearn.platform.methods.s3t.training import iter_order_stages
 
+    declare_worker_gpus()  # training.device auto: CUDA only on a granted GPU
     ctx = open_run(config["storage"], config["run_id"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()

@@ -24,6 +24,41 @@ def running_executor(run_id: str):
         return None
 
 
+def declare_worker_gpus() -> list[str]:
+    """Tell the platform which GPUs Ray granted this worker (none when it asked for none),
+    so ``training.device: auto`` uses a GPU only where one was reserved. Returns the ids."""
+    # here, not at the top: the device module imports torch, which a light client (one
+    # attaching to a running executor) never needs
+    from ray_unlearn.platform.core.device import declare_ray_gpus
+
+    ids = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    declare_ray_gpus(ids)
+    return ids
+
+
+def check_cluster_gpus(per_process: float, processes: int, what: str) -> None:
+    """Refuse, before anything is scheduled, ``processes`` x ``per_process`` GPUs the cluster
+    does not have: Ray would leave the request pending for ever. ``what`` names the setting
+    (e.g. resources.gpus_per_worker)."""
+    if per_process <= 0:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0))
+    if have <= 0:
+        raise ValueError(
+            f"{what}={per_process:g} but the Ray cluster has no GPU; set {what}=0 (CPU) or "
+            "connect to a cluster with GPUs"
+        )
+    # every one of them lives at once (Train's workers are gang-scheduled, shard actors and
+    # replicas are long-lived), so the total must fit; a fraction shares a GPU
+    need = per_process * processes
+    if need > have + 1e-9:
+        raise ValueError(
+            f"{what}={per_process:g} for {processes} process(es) needs {need:g} GPU(s), the "
+            f"Ray cluster has {have:g}: lower {what} (fractions share a GPU, e.g. "
+            f"{have / processes:.3g}) so that all fit"
+        )
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     """Initialise Ray once; returns True when attached to an existing cluster.
 

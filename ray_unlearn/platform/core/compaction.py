@@ -38,6 +38,7 @@ from ray_unlearn.platform.core.data import (
     bundled_name,
     records_from_table,
 )
+from ray_unlearn.platform.core.data.shard_read import read_rows, row_group_rows
 from ray_unlearn.platform.core.storage import RunLayout, Storage, dataset_path, table_bytes
 
 if TYPE_CHECKING:
@@ -47,7 +48,9 @@ log = logging.getLogger(__name__)
 
 
 def write_copy(storage: Storage, layout: RunLayout, records: Records) -> None:
-    storage.write_table(layout.data_copy, records.to_table())
+    # small row groups: a process reading one shard holds one group at a time (shard_read)
+    table = records.to_table()
+    storage.write_table(layout.data_copy, table, row_group_size=row_group_rows(table))
 
 
 def has_copy(storage: Storage, layout: RunLayout) -> bool:
@@ -57,6 +60,13 @@ def has_copy(storage: Storage, layout: RunLayout) -> bool:
 def load_copy(storage: Storage, layout: RunLayout, cfg: DataConfig) -> Records:
     table = storage.read_table(layout.data_copy)
     return records_from_table(table, f"{storage.uri.rstrip('/')}/{layout.data_copy}", cfg)
+
+
+def read_copy_rows(storage: Storage, layout: RunLayout, sample_ids: np.ndarray) -> pa.Table:
+    """The rows of ``sample_ids`` still in the run's copy (validated by the caller), read a
+    row group at a time: a shard's process never holds the other shards' rows."""
+    with storage.fs.open_input_file(storage.full(layout.data_copy)) as f:
+        return read_rows(f, sample_ids)
 
 
 def _ids(ids: Iterable[int]) -> np.ndarray:
@@ -93,7 +103,8 @@ def _without(storage: Storage, layout: RunLayout, gone: np.ndarray, last=None):
     data, kept = None, table
     if n_hit:
         kept = table.filter(pc.invert(hit)).replace_schema_metadata(table.schema.metadata)
-        data = table_bytes(kept)
+        # small row groups: a process reading one shard holds one group at a time
+        data = table_bytes(kept, row_group_rows(kept))
     return stamp, table.num_rows, n_hit, data, kept
 
 

@@ -255,6 +255,31 @@ class TrainingConfig(_Strict):
     cpus_per_worker: float = Field(
         0.0, ge=0, description="CPUs reserved per worker; 0 = fit the cluster."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where training and prediction run: auto = CUDA when this process may "
+        "use a GPU (under Ray: one was granted, see resources.gpus_per_worker), else CPU; "
+        "cuda = a GPU or a clear error. Deterministic kernels on CUDA (docs/gpu.md).",
+    )
+
+
+class ResourcesConfig(_Strict):
+    """What each Ray process of a run reserves beyond CPUs."""
+
+    gpus_per_worker: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs per Ray Train worker and per shard actor of the executor (a "
+        "fraction shares one GPU, e.g. 0.25 puts four shards on it); 0 = CPU only.",
+    )
+
+
+class ServingConfig(_Strict):
+    """What each Serve shard replica reserves (`ray-unlearn serve`, configs/serve.yaml)."""
+
+    gpus_per_replica: float = Field(
+        0.0, ge=0, description="GPUs per shard deployment replica; 0 = CPU only."
+    )
 
 
 class UnlearningConfig(_Strict):
@@ -284,6 +309,8 @@ class CoreRunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> CoreRunConfig:
@@ -301,6 +328,12 @@ class CoreRunConfig(_Strict):
             problems.append(
                 f"training.num_workers ({self.training.num_workers}) exceeds partition.shards "
                 f"({self.partition.shards}): a worker would own no shard"
+            )
+        if self.training.device == "cpu" and self.resources.gpus_per_worker > 0:
+            problems.append(
+                f"resources.gpus_per_worker ({self.resources.gpus_per_worker}) reserves GPUs "
+                "that training.device=cpu never uses: set training.device to auto or cuda, or "
+                "gpus_per_worker to 0"
             )
         if problems:
             raise ValueError("; ".join(problems))

@@ -50,7 +50,13 @@ class SmallCNN(nn.Module):
         for out in channels:
             layers += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU()]
             c = out
-        layers += [nn.AdaptiveAvgPool2d((max(1, h // 2), max(1, w // 2)))]
+        # Halving even sizes, AvgPool2d(2) is AdaptiveAvgPool2d's result bit for bit (forward
+        # and backward, checked on CPU) and has a deterministic CUDA backward, which adaptive
+        # pooling lacks (it raises under torch.use_deterministic_algorithms: docs/gpu.md).
+        even = h % 2 == 0 and w % 2 == 0
+        layers += [
+            nn.AvgPool2d(2) if even else nn.AdaptiveAvgPool2d((max(1, h // 2), max(1, w // 2)))
+        ]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(c * max(1, h // 2) * max(1, w // 2), num_classes)
         self.in_shape = tuple(in_shape)

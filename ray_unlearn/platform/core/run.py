@@ -17,10 +17,15 @@ import numpy as np
 import torch
 import yaml
 
-from ray_unlearn.platform.core.compaction import has_copy, load_copy, write_copy
+from ray_unlearn.platform.core.compaction import has_copy, load_copy, read_copy_rows, write_copy
 from ray_unlearn.platform.core.config import CoreRunConfig as RunConfig
 from ray_unlearn.platform.core.config import config_from_dict, config_to_yaml
-from ray_unlearn.platform.core.data import Records, load_dataset, split_train_test
+from ray_unlearn.platform.core.data import (
+    Records,
+    load_dataset,
+    records_from_table,
+    split_train_test,
+)
 from ray_unlearn.platform.core.deletion_log import DeletionLog
 from ray_unlearn.platform.core.models import check_model, text_encoder_of
 from ray_unlearn.platform.core.plan import TEST, PartitionPlan, make_plan
@@ -73,9 +78,7 @@ class RunContext:
                 requested = self.deletion_log.requested_sample_ids()
                 missing = missing[~np.isin(missing, np.fromiter(requested, np.int64))]
         else:
-            recs = load_dataset(
-                self.config.data, self.storage, text_encoder_of(self.config.model)
-            )
+            recs = load_dataset(self.config.data, self.storage, text_encoder_of(self.config.model))
             missing = np.setdiff1d(self.plan.sample_ids, recs.sample_ids)
         if len(missing):
             raise RunError(
@@ -99,31 +102,67 @@ class RunContext:
             return ids
         return ids[np.isin(ids, recs.sample_ids)]
 
+    def rows(self, ids: np.ndarray) -> Records:
+        """The records of ``ids`` still held (rows compacted away are dropped), sorted by id.
+
+        When the whole data set is not in memory already, only these rows are read from the
+        run's copy (a row group at a time: ``core/data/shard_read.py``), so a Train worker or
+        shard actor holds its own shard and never the others' rows."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if "records" in self.__dict__ or not has_copy(self.storage, self.layout):
+            recs = self.records
+            ids = self.present(ids)
+            return recs.subset(recs.index_of(ids))
+        table = read_copy_rows(self.storage, self.layout, ids)
+        got = table.column("sample_id").to_numpy() if table.num_rows else np.empty(0, np.int64)
+        missing = np.setdiff1d(ids, got)
+        if len(missing):  # a compaction removes rows of logged requests only
+            requested = np.fromiter(self.deletion_log.requested_sample_ids(), np.int64)
+            missing = missing[~np.isin(missing, requested)]
+            if len(missing):
+                raise RunError(
+                    f"run {self.run_id}: the run's copy of its data lacks {len(missing)} sample "
+                    f"ids of the plan (e.g. {missing[:5].tolist()}) that no deletion removed"
+                )
+        if table.num_rows == 0:
+            d = int(np.prod(self.feature_shape))
+            return Records(
+                np.empty(0, np.int64),
+                np.empty(0, str),
+                np.empty(0, np.int64),
+                np.empty((0, d), np.float32),
+                self.num_classes,
+                self.feature_shape,
+            )
+        source = f"{self.storage.uri.rstrip('/')}/{self.layout.data_copy}"
+        return records_from_table(table, source, self.config.data)
+
     def split_records(self, split: str, exclude=()) -> Records:
         """'train' or 'test' records in plan order (sorted by id), minus ``exclude`` ids
         (and rows compacted away)."""
         ids = self.plan.sample_ids[(self.plan.shards == TEST) == (split == "test")]
         if len(exclude):
             ids = ids[~np.isin(ids, np.asarray(list(exclude), dtype=np.int64))]
-        ids = self.present(ids)
-        return self.records.subset(self.records.index_of(ids))
+        return self.rows(ids)
 
     def shard_data(self, shard: int, exclude=()) -> ShardData:
-        """The live rows of ``shard`` (``exclude``: ids deleted so far)."""
+        """The live rows of ``shard`` (``exclude``: ids deleted so far), read alone when
+        the whole data set is not loaded (:meth:`rows`)."""
         ids, slices = self.plan.shard_members(shard)
         if len(exclude):
             keep = ~np.isin(ids, np.asarray(list(exclude), dtype=np.int64))
             ids, slices = ids[keep], slices[keep]
-        if len(self.records) != len(self.plan.sample_ids):  # compacted: deleted rows gone
-            keep = np.isin(ids, self.records.sample_ids)
+        recs = self.rows(ids)
+        if len(recs) != len(ids):  # compacted: deleted rows gone
+            keep = np.isin(ids, recs.sample_ids)
             ids, slices = ids[keep], slices[keep]
-        pos = self.records.index_of(ids)
+        pos = recs.index_of(ids)
         return ShardData(
             shard=shard,
             sample_ids=ids,
             slices=slices,
-            features=torch.from_numpy(np.ascontiguousarray(self.records.features[pos])),
-            labels=torch.from_numpy(self.records.labels[pos].astype(np.int64)),
+            features=torch.from_numpy(np.ascontiguousarray(recs.features[pos])),
+            labels=torch.from_numpy(recs.labels[pos].astype(np.int64)),
             num_slices=self.plan.num_slices,
         )
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ray_unlearn.platform.core.device import resolve_device
 from ray_unlearn.platform.core.models import build_model
 from ray_unlearn.platform.core.run import RunContext
 from ray_unlearn.platform.core.training import (
@@ -62,15 +63,18 @@ def make_runtime(ctx: RunContext, shard: int, deleted=()):
     return own if own is not None else ShardRuntime(ctx, shard, deleted)
 
 
-def load_serving_model(ctx: RunContext, vid: str) -> torch.nn.Module:
+def load_serving_model(
+    ctx: RunContext, vid: str, device: torch.device | None = None
+) -> torch.nn.Module:
     """The model a version id serves: a SISA slice snapshot, or what the run's method builds
-    from the id (the registry's ``serving_model`` hook: say, adapters on a backbone)."""
+    from the id (the registry's ``serving_model`` hook: say, adapters on a backbone), on
+    ``device`` (default CPU; checkpoints are CPU tensors, moved after loading)."""
     own = registry.serving_model(ctx, vid)
     if own is not None:
-        return own
+        return own if device is None else own.to(device)
     model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
     model.load_state_dict(ctx.model_store.load_state(vid))
-    return model.eval()
+    return (model if device is None else model.to(device)).eval()
 
 
 def train_all_shards(ctx: RunContext) -> dict[str, Any]:
@@ -113,6 +117,9 @@ class ShardRuntime:
     def __init__(self, ctx: RunContext, shard: int, deleted=()):
         configure_threads(ctx.config.training.torch_threads)
         self.ctx, self.shard = ctx, shard
+        # where this shard retrains and predicts; a 'cuda' run without a GPU fails here, at
+        # load, not inside the first deletion
+        self.device = resolve_device(ctx.config.training.device)
         self._load(deleted)
 
     def _load(self, deleted) -> None:
@@ -239,4 +246,5 @@ class ShardRuntime:
                 self.ctx.config.model, self.ctx.feature_shape, self.ctx.num_classes
             )
             self._model.load_state_dict(self.snapshots[-1])
+            self._model.to(self.device)
         return predict_proba(self._model, torch.tensor(features, dtype=torch.float32)).numpy()

@@ -228,8 +228,15 @@ class Storage:
         except FileNotFoundError as e:
             raise StorageError(f"no file {rel!r} under storage root {self.uri}") from e
 
-    def write_table(self, rel: str, table: pa.Table, *, sync_dir: bool = True) -> None:
-        self.write_bytes(rel, table_bytes(table), sync_dir=sync_dir)
+    def write_table(
+        self,
+        rel: str,
+        table: pa.Table,
+        *,
+        sync_dir: bool = True,
+        row_group_size: int | None = None,
+    ) -> None:
+        self.write_bytes(rel, table_bytes(table, row_group_size), sync_dir=sync_dir)
 
     def upload_dir(self, local_dir: str | os.PathLike[str], rel: str) -> None:
         """Copy a local folder's files (recursively) under ``rel``."""
@@ -239,11 +246,11 @@ class Storage:
                 self.write_bytes(f"{rel}/{p.relative_to(local_dir).as_posix()}", p.read_bytes())
 
 
-def table_bytes(table: pa.Table) -> bytes:
+def table_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     """``table`` as the Parquet file :meth:`Storage.write_table` writes (encoded apart from
     the write, so that the encoding can run ahead of it: platform/core/compaction.py)."""
     buf = pa.BufferOutputStream()  # Arrow-owned memory, as in read_table
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, row_group_size=row_group_size)
     return buf.getvalue().to_pybytes()
 
 

@@ -19,7 +19,10 @@ rows sorted by sample id. The optimizer is created afresh at each stage, so a sn
 (weights only) is the complete state. Hence retraining from the snapshot before the first
 affected slice, on the data without the deleted samples, performs exactly the operations
 that training from scratch on that data performs: the results are equal bit for bit on
-CPU for a fixed thread count (tests/platform/core/test_training.py checks it).
+CPU for a fixed thread count (tests/platform/core/test_training.py checks it), and on CUDA
+with deterministic kernels (``training.device``; core/device.py, docs/gpu.md). The model and
+each stage's rows move to the device; snapshots come back to the CPU, so checkpoints do not
+depend on where they were trained.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
+from ray_unlearn.platform.core.device import module_device, resolve_device, to_cpu_state
 from ray_unlearn.platform.core.models import build_model
 
 if TYPE_CHECKING:
@@ -178,7 +182,7 @@ def run_steps(
     on_step: LoopHook | None = None,
 ) -> tuple[float, int]:
     """The one supervised loop: one cross-entropy step of ``opt`` per batch (row indices
-    into ``x`` (n, D) and ``y`` (n,)), in order. Returns (sum of batch loss x batch size,
+    into ``x`` (n, D) and ``y`` (n,), on the model's device), in order. Returns (sum of batch loss x batch size,
     rows seen). SISA stages, the memorization and LiRA/MIA shadow models all train here.
 
     ``on_step(step, batch_rows, params_before, params_after)`` (optional) sees every step;
@@ -188,7 +192,7 @@ def run_steps(
     loss_sum, seen = 0.0, 0
     params = dict(model.named_parameters()) if on_step is not None else None
     for step, batch in enumerate(batches):
-        idx = torch.as_tensor(batch)
+        idx = torch.as_tensor(batch).to(x.device)
         xb, yb = x[idx], y[idx]
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xb), yb)
@@ -223,7 +227,10 @@ def train_stage(
     t0, cpu0 = time.perf_counter(), time.process_time()
     model.train()
     opt = _optimizer(model, cfg)
-    x_all, y_all = data.features[torch.from_numpy(rows)], data.labels[torch.from_numpy(rows)]
+    # the stage's rows, once, on the model's device: batches index them there
+    dev = module_device(model)
+    sel = torch.from_numpy(rows)
+    x_all, y_all = data.features[sel].to(dev), data.labels[sel].to(dev)
     hook = None
     if on_step is not None:
 
@@ -241,11 +248,14 @@ def train_stage(
         # CPU seconds of this process (all torch threads): the work done, unlike wall time
         # not inflated when serving or other jobs compete for the cores.
         "cpu_seconds": time.process_time() - cpu0,
+        # where the stage ran (1.0: a CUDA device), kept in the version's manifest
+        "cuda": float(dev.type == "cuda"),
     }
 
 
 def snapshot(model: nn.Module) -> StateDict:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    """The model's weights as CPU tensors (a copy), wherever it trains."""
+    return to_cpu_state(model.state_dict())
 
 
 def iter_stages(
@@ -269,9 +279,12 @@ def iter_stages(
     configure_threads(train_cfg.torch_threads)  # part of what makes training reproducible
     if start_stage > 0 and start_state is None:
         raise ValueError(f"start_stage={start_stage} needs the snapshot of stage {start_stage - 1}")
+    device = resolve_device(train_cfg.device)  # before any CUDA work: sets determinism up
+    # seeded on the CPU generator, then moved: the same initial weights on every device
     model = init_model(model_cfg, feature_shape, num_classes, seed, data.shard)
     if start_stage > 0:
         model.load_state_dict(start_state)
+    model.to(device)
     for stage in range(start_stage, data.num_slices):
         metrics = train_stage(model, data, stage, train_cfg, seed, on_step=on_step)
         yield StageResult(stage, snapshot(model), data.ids_through(stage), metrics)
@@ -352,10 +365,12 @@ def train_run_shard(
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """(n, D) -> (n, classes) softmax probabilities."""
+    """(n, D) -> (n, classes) softmax probabilities, on the CPU, computed on the model's
+    device (the features move there a batch at a time)."""
     model.eval()
+    dev = module_device(model)
     out = [
-        F.softmax(model(features[i : i + batch_size]), dim=1)
+        F.softmax(model(features[i : i + batch_size].to(dev)), dim=1).cpu()
         for i in range(0, len(features), batch_size)
     ]
     return torch.cat(out) if out else torch.empty(0)

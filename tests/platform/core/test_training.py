@@ -1,5 +1,6 @@
 """SISA shard training: retraining from the snapshot before the first affected slice equals
-training from scratch without the deleted samples, bit for bit (CPU, fixed thread count)."""
+training from scratch without the deleted samples, bit for bit (CPU, fixed thread count; CUDA
+with deterministic kernels, where a GPU exists)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ray_unlearn.platform.core.training import stage_batches, stage_steps, train_shard
 from ray_unlearn.platform.methods import ShardState, get_strategy
-from tests.conftest import tiny_config
+from tests.conftest import needs_cuda, tiny_config
 
 
 def _train(ctx, data):
@@ -38,6 +39,17 @@ def ctx(request, tmp_path):
 
 @pytest.mark.parametrize("slice_hit", [0, 1, 2])
 def test_retrain_equals_scratch_bitwise(ctx, slice_hit):
+    _retrain_equals_scratch(ctx, slice_hit)
+
+
+@needs_cuda
+@pytest.mark.parametrize("slice_hit", [0, 2])
+def test_retrain_equals_scratch_bitwise_on_cuda(ctx, slice_hit):
+    ctx.config.training.device = "cuda"  # deterministic kernels: core/device.py
+    _retrain_equals_scratch(ctx, slice_hit)
+
+
+def _retrain_equals_scratch(ctx, slice_hit):
     torch.set_num_threads(1)
     data = ctx.shard_data(1)
     full = _train(ctx, data)

@@ -115,6 +115,44 @@ class DataConfig(BaseModel):
         "what waits).",
     )
 
+    image_column: str | None = Field(
+        None,
+        description="A column of encoded images (PNG/JPEG bytes) to use as the features, "
+        "decoded at load by data.image_transform; the per-sample shape is the decoded (C, H, W).",
+    )
+    image_transform: str | None = Field(
+        None,
+        description="Decoder of data.image_column, 'package.module:function' called as "
+        "function(data: bytes, **image_transform_args) -> float array (C, H, W); None = the "
+        "built-in Pillow decoder (PNG/JPEG to [0, 1]; args mode: L|RGB|RGBA, size: [H, W]).",
+    )
+    image_transform_args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the image decoder."
+    )
+
+    @model_validator(mode="after")
+    def _one_feature_source(self) -> DataConfig:
+        named = {
+            f"data.{k} ({v!r})"
+            for k, v in (
+                ("text_column", self.text_column),
+                ("image_column", self.image_column),
+                ("features_column", self.features_column),
+            )
+            if v is not None
+        }
+        if len(named) > 1:
+            raise ValueError(f"{' and '.join(sorted(named))} each name the features: set one")
+        if self.image_column is None and (self.image_transform or self.image_transform_args):
+            raise ValueError(
+                "data.image_transform / image_transform_args decode data.image_column: set it too"
+            )
+        if self.image_column is not None:
+            from ray_unlearn.platform.core.data.columns import resolve_transform
+
+            resolve_transform(self.image_transform)  # importable now, not in every worker
+        return self
+
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
@@ -136,27 +174,23 @@ class DataConfig(BaseModel):
             raise ValueError(f"must be a non-empty list of positive sizes, e.g. [1, 8, 8]; got {v}")
         return v
 
-    @field_validator("features_column", "text_column")
+    @field_validator("features_column", "text_column", "image_column")
     @classmethod
     def _features_column(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError("must be a column name or null")
         return v
 
-    @model_validator(mode="after")
-    def _one_feature_source(self) -> DataConfig:
-        if self.text_column is not None and self.features_column is not None:
-            raise ValueError(
-                "data.text_column and data.features_column both name the features; set one"
-            )
-        return self
-
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        # unset text_column is left out: configs without text dump (and digest) as before
+        # unset text and image settings are left out: configs without them dump (and
+        # digest) as before
         out = handler(self)
         if self.text_column is None:
             out.pop("text_column", None)
+        if self.image_column is None:
+            for k in ("image_column", "image_transform", "image_transform_args"):
+                out.pop(k, None)
         return out
 
 

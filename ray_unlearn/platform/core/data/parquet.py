@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ray_unlearn.platform.core.data.columns import image_column, tensor_column
 from ray_unlearn.platform.core.data.config import _SOURCE_HELP, DataConfig
 from ray_unlearn.platform.core.data.records import (
     _META_FEATURE_SHAPE,
@@ -75,13 +75,17 @@ def _records_from_table(
     feature_shape: Sequence[int] | None = None,
     text_column: str | None = None,
     encode_text: TextEncoder | None = None,
+    image: str | None = None,
+    image_transform: str | None = None,
+    image_transform_args: dict | None = None,
 ) -> Records:
     """Validate an Arrow table and build :class:`Records`, sorted by sample id.
 
-    With ``text_column`` the features are that column's texts tokenised by
-    ``encode_text`` (the model component's tokenizer; see :mod:`.text`).
-
-    Collects every problem before raising one :class:`DataError`.
+    The features: the ``text_column``'s texts tokenised by ``encode_text`` (the model
+    component's tokenizer; see :mod:`.text`), else the ``image`` column (encoded images,
+    decoded by ``image_transform``), else the ``features_column`` / ``features`` tensor
+    column, else numeric columns (:mod:`.columns`). Collects every problem before raising
+    one :class:`DataError`.
     """
     names = table.column_names
     problems: list[str] = []
@@ -92,7 +96,7 @@ def _records_from_table(
         _raise_problems(source, problems)
 
     missing = [c for c in (SAMPLE_ID, OWNER_ID, label_column) if c not in names]
-    for extra in (features_column, text_column):
+    for extra in (features_column, text_column, image):
         if extra is not None and extra not in names:
             missing.append(extra)
     if missing:
@@ -180,8 +184,9 @@ def _records_from_table(
                 f"label column {label_column!r} must hold integer class indices, got {col.type}"
             )
 
-    # features: one list column, or numeric columns.
+    # features: an image column, one tensor column, or numeric columns.
     feats: np.ndarray | None = None
+    col_shape: tuple[int, ...] | None = None  # the column's own per-row shape, if it has one
     feat_name = features_column
     if feat_name is None and FEATURES in names:
         feat_name = FEATURES
@@ -190,42 +195,18 @@ def _records_from_table(
             feats = text_features(
                 _column(table, text_column), text_column, encode_text, where, problems
             )
-    elif feat_name is not None and feat_name in names:
-        col = _column(table, feat_name)
-        if not _is_list(col.type) or not _is_numeric(col.type.value_type):
-            problems.append(
-                f"features column {feat_name!r} must be a list of numbers "
-                f"(list<float>, fixed_size_list<float>), got {col.type}"
+    elif image is not None:
+        if image in names:
+            feats, col_shape, found = image_column(
+                _column(table, image), image, where, image_transform, image_transform_args or {}
             )
-        elif col.null_count:
-            mask = col.is_null().to_numpy(zero_copy_only=False)
-            problems.append(f"features column {feat_name!r} has null rows at {where(mask)}")
-        else:
-            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
-            values, counts = np.unique(lengths, return_counts=True)
-            d = int(values[np.argmax(counts)])
-            if len(values) > 1:
-                bad = lengths != d
-                problems.append(
-                    f"features column {feat_name!r} is ragged: most rows have {d} values, but "
-                    f"{int(bad.sum())} row(s) differ ({where(bad)}; lengths "
-                    f"{_examples(lengths[bad])}); every row needs the same length"
-                )
-            elif d == 0:
-                problems.append(f"features column {feat_name!r} has empty vectors (length 0)")
-            else:
-                flat = col.flatten()
-                if flat.null_count:
-                    rows = np.flatnonzero(
-                        flat.is_null().to_numpy(zero_copy_only=False).reshape(-1, d).any(axis=1)
-                    )
-                    mask = np.zeros(len(col), dtype=bool)
-                    mask[rows] = True
-                    problems.append(
-                        f"features column {feat_name!r} has null values inside rows at {where(mask)}"
-                    )
-                else:
-                    feats = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+            problems += found
+    elif feat_name is not None and feat_name in names:
+        col = table.column(feat_name).combine_chunks()  # extension types stay as they are
+        feats, col_shape, found = tensor_column(col, feat_name, where)
+        problems += found
+        if col_shape is not None and len(col_shape) == 1:
+            col_shape = None  # a flat vector: the shape comes from config or metadata
     elif feat_name is None:
         used = {SAMPLE_ID, OWNER_ID, label_column}
         cols = [
@@ -282,11 +263,14 @@ def _records_from_table(
                 f"(from {k_source})"
             )
 
-    # feature_shape: config, else metadata (when it fits), else (D,).
+    # feature_shape: config, else the column's own (image, n-D tensor), else metadata (when
+    # it fits), else (D,).
     shape: tuple[int, ...] | None = None
     if feats is not None:
         d = feats.shape[1]
-        if feature_shape is not None:
+        if feature_shape is None and col_shape is not None:
+            shape = col_shape
+        elif feature_shape is not None:
             shape = tuple(int(s) for s in feature_shape)
             if math.prod(shape) != d:
                 problems.append(
@@ -348,6 +332,9 @@ def read_records(
         feature_shape=cfg.feature_shape,
         text_column=cfg.text_column,
         encode_text=encode_text,
+        image=cfg.image_column,
+        image_transform=cfg.image_transform,
+        image_transform_args=cfg.image_transform_args,
     )
 
 

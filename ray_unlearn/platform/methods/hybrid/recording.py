@@ -45,7 +45,8 @@ class ContributionRecorder:
         self, stage: int, step: int, sample_ids, before: StateDict, after: StateDict
     ) -> None:
         self._deltas.setdefault(stage, []).append(
-            {k: (after[k] - before[k]).to(self.dtype) for k in after}
+            # on the CPU whatever the training device: records are stored and hashed there
+            {k: (after[k] - before[k]).to(device="cpu", dtype=self.dtype) for k in after}
         )
         self._ids.setdefault(stage, []).append(np.asarray(sample_ids, dtype=np.int64))
         if not self._empty:

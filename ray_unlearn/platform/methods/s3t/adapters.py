@@ -129,9 +129,7 @@ def check_s3t(cfg: S3TConfig, model: nn.Module, num_slices: int) -> list[str]:
         elif name == head_name or name.startswith(head_name + "."):
             problems.append(f"block_names: {name!r} is in the head, which every stage trains fully")
         elif not block_targets(model, name, cfg.lora_targets):
-            inner = [
-                n for n, m in modules[name].named_modules() if n and isinstance(m, nn.Linear)
-            ]
+            inner = [n for n, m in modules[name].named_modules() if n and isinstance(m, nn.Linear)]
             problems.append(
                 f"block {name!r} has no Linear layer named one of s3t.lora_targets "
                 f"{list(cfg.lora_targets)}; its Linear layers: {', '.join(inner) or 'none'}"

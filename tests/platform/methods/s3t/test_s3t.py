@@ -247,9 +247,7 @@ def trained(backbone, pretrained):
     return snaps, states, outputs, probe
 
 
-def test_stage_i_trains_the_ith_block_from_the_top_and_nothing_else(
-    backbone, pretrained, trained
-):
+def test_stage_i_trains_the_ith_block_from_the_top_and_nothing_else(backbone, pretrained, trained):
     snaps, states, _, _ = trained
     base = pretrained
     after = base_state(backbone)  # the shared backbone is bitwise what it was

@@ -253,9 +253,7 @@ def test_packaged_minilm_loads_offline(monkeypatch, tmp_path):
     assert out.shape == (2, 5) and torch.isfinite(out).all()
 
 
-def test_a_text_run_trains_forgets_serves_and_audits_without_copying_the_base(
-    bert_dir, tmp_path
-):
+def test_a_text_run_trains_forgets_serves_and_audits_without_copying_the_base(bert_dir, tmp_path):
     """configs/text_minilm.yaml with the tiny BERT and a small text Parquet: run creation
     tokenises the text, S3T trains and stores every stage, a deletion deactivates stages,
     the serving models rebuilt from version ids all run on one backbone object."""
