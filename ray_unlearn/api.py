@@ -46,12 +46,14 @@ def train(
     the config's ``storage``. ``on_created`` gets the run context once the run exists
     (before training starts)."""
     from ray_unlearn.platform.core.config import load_config
+
+    # validated before torch and Ray are imported: a typo is reported in well under a second
+    cfg = load_config(config, list(overrides))
     from ray_unlearn.platform.core.run import create_run
     from ray_unlearn.platform.eval.accuracy import serving_accuracy
     from ray_unlearn.train.job import run_training
     from ray_unlearn.train.session import connect
 
-    cfg = load_config(config, list(overrides))
     root = storage or os.environ.get("RAY_UNLEARN_STORAGE")
     if root:
         cfg = cfg.model_copy(update={"storage": root})
@@ -265,11 +267,13 @@ def sweep(
     """Run a Ray Tune sweep from a sweep YAML (plus overrides) or a loaded ``SweepSpec``:
     every trial trains, streams deletions while serving, and is logged to MLflow; returns
     the trials, the Pareto front and the chosen config."""
-    from ray_unlearn.train.session import connect
     from ray_unlearn.tune.spec import load_sweep
+
+    # validated before torch and Ray are imported: a typo is reported in well under a second
+    spec = load_sweep(config, list(overrides)) if isinstance(config, str | Path) else config
+    from ray_unlearn.train.session import connect
     from ray_unlearn.tune.sweep import preflight, run_sweep
 
-    spec = load_sweep(config, list(overrides)) if isinstance(config, str | Path) else config
     preflight(spec)
     connect(address)
     return run_sweep(spec)

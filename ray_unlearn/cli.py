@@ -105,26 +105,27 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _fail(out: _Output, message: str, code: int = 2) -> None:
+def _fail(out: _Output, message: str, code: int = 2, problems: list | None = None) -> None:
     if out.as_json:
-        out.emit({"error": message})
-    err.print(f"[red]error:[/red] {message}")
+        out.emit({"error": message, **({"problems": problems} if problems else {})})
+    # soft_wrap: a long line stays one line (copyable), not folded at the terminal width
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
 @contextlib.contextmanager
 def _errors(out: _Output):
-    """Turn the platform's input errors into a message and exit code 2 (no traceback)."""
-    from ray_unlearn.platform.core.config import ConfigError
-    from ray_unlearn.platform.core.data import DataError
-    from ray_unlearn.platform.core.deletion_log import DeletionLogError
-    from ray_unlearn.platform.core.plan import PlanError
-    from ray_unlearn.platform.core.run import RunError
+    """Turn the platform's input errors into a message and exit code 2 (no traceback).
 
+    Every input error of the platform (ConfigError, DataError, DeletionLogError, PlanError,
+    RunError) is a ValueError; nothing is imported here, so a bad config is reported before
+    torch or Ray are (validation takes a fraction of a second, those imports seconds)."""
     try:
         yield
-    except (ConfigError, DataError, DeletionLogError, PlanError, RunError, ValueError) as e:
-        _fail(out, str(e))
+    except ValueError as e:
+        _fail(out, str(e), problems=getattr(e, "problems", None))
     except OSError as e:  # a storage root that cannot be read or written
         where = f" {e.filename}" if e.filename else ""
         _fail(out, f"storage{where}: {e.strerror or e} (check --storage / RAY_UNLEARN_STORAGE)")
@@ -545,15 +546,22 @@ def policies(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def demo(
-    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/digits.yaml"),
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="Run config YAML (see configs/).")
+    ] = Path("configs/digits.yaml"),
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. training.epochs=5")
+    ] = None,
     deletions: Annotated[int, typer.Option(help="Owner deletions to run.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the digits ensemble on an embedded Ray, forget a few owners, audit, and report."""
-    from ray_unlearn.train.demo import run_demo
+    from ray_unlearn.platform.core.config import load_config
 
     with _Output(as_json) as out, _errors(out):
+        load_config(config, overrides or [])  # a bad config: reported before Ray and torch load
+        from ray_unlearn.train.demo import run_demo
+
         doc, table = run_demo(config, overrides or [], deletions)
         out.emit(doc, table)
 
@@ -648,7 +656,21 @@ def _sweep_table(doc: dict[str, Any]) -> Table:
 
 
 def main() -> None:
-    app()
+    """The console script. With ``--json`` a usage error (a missing or unknown option, a
+    value of the wrong type) also prints one JSON error document on stdout; without it
+    typer reports it as usual. Exit code 2 either way."""
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+    try:
+        rc = app(standalone_mode=False)
+    except typer.TyperException as e:  # typer's (vendored click's) usage errors
+        print(json.dumps({"error": e.format_message()}), flush=True)
+        e.show()
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
