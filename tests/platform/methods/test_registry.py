@@ -104,9 +104,13 @@ def test_toy_section_and_strategy_load_from_yaml(tmp_path, toy_method):
     assert cfg.toy.strength == 3 and cfg.unlearning.strategy == "toy-forget"
     assert load_config(None).toy.strength == 1  # a section with defaults is always there
     assert "toy-forget" in methods.strategy_names()
-    with pytest.raises(ConfigError, match=r"toy\.bogus \(in .*\): unknown key; allowed here: strength"):
+    with pytest.raises(
+        ConfigError, match=r"toy\.bogus \(in .*\): unknown key; allowed here: strength"
+    ):
         load_config(_yaml(tmp_path, "toy: {bogus: 1}\n"))
-    with pytest.raises(ConfigError, match=r"toy\.strength \(override 'toy.strength=0'\): Input should be greater"):
+    with pytest.raises(
+        ConfigError, match=r"toy\.strength \(override 'toy.strength=0'\): Input should be greater"
+    ):
         load_config(None, ["toy.strength=0"])
     with pytest.raises(ConfigError, match="13 is refused by the toy method"):
         load_config(None, ["toy.strength=13"])
