@@ -19,7 +19,9 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], rich_markup_mode=None
+)
 err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -27,6 +29,7 @@ StorageOpt = Annotated[
     str,
     typer.Option(
         "--storage",
+        metavar="ROOT",
         envvar="RAY_UNLEARN_STORAGE",
         help="Storage root (local dir or pyarrow.fs URI).",
     ),
@@ -35,11 +38,14 @@ AddressOpt = Annotated[
     str | None,
     typer.Option(
         "--address",
+        metavar="ADDRESS",
         envvar="RAY_ADDRESS",
         help="Ray cluster to attach to; none = embedded local Ray.",
     ),
 ]
-RunOpt = Annotated[str, typer.Option("--run", help="Run id (printed by `ray-unlearn train`).")]
+RunOpt = Annotated[
+    str, typer.Option("--run", metavar="RUN_ID", help="Run id (printed by `ray-unlearn train`).")
+]
 
 
 def _version(value: bool) -> None:
@@ -133,17 +139,22 @@ def _errors(out: _Output):
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config (see configs/).")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", metavar="FILE", help="YAML config (see configs/).")
+    ],
     overrides: Annotated[
-        list[str] | None, typer.Argument(help="key=value overrides, e.g. partition.shards=8")
+        list[str] | None,
+        typer.Argument(metavar="KEY=VALUE...", help="key=value overrides, e.g. partition.shards=8"),
     ] = None,
     run_id: Annotated[
-        str | None, typer.Option(help="Run id to use (default: <name>-<time>-<rand>).")
+        str | None,
+        typer.Option(metavar="RUN_ID", help="Run id to use (default: <name>-<time>-<rand>)."),
     ] = None,
     storage: Annotated[
         str | None,
         typer.Option(
             "--storage",
+            metavar="ROOT",
             envvar="RAY_UNLEARN_STORAGE",
             help="Storage root (local dir or pyarrow.fs URI); default: the config's storage.",
         ),
@@ -170,16 +181,19 @@ def train(
             address=address,
             on_created=created,
         )
-        table = Table(title=f"trained {doc['run_id']}")
-        for col in ("run id", "shards x slices", "workers", "train s", "test accuracy"):
-            table.add_column(col)
-        table.add_row(
-            doc["run_id"],
-            f"{doc['shards']} x {doc['slices']}",
-            str(doc["workers"]),
-            f"{doc['train_seconds']:.1f}",
-            f"{doc['test_accuracy']:.4f}",
-        )
+        # one row per field: a run id (what every later command takes) is never cut, at
+        # any terminal width
+        table = Table(title="trained", show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value", no_wrap=True)
+        for field, value in (
+            ("run id", doc["run_id"]),
+            ("shards x slices", f"{doc['shards']} x {doc['slices']}"),
+            ("workers", str(doc["workers"])),
+            ("train s", f"{doc['train_seconds']:.1f}"),
+            ("test accuracy", f"{doc['test_accuracy']:.4f}"),
+        ):
+            table.add_row(field, value)
         out.emit(doc, table)
 
 
@@ -196,16 +210,22 @@ def _parse_ids(samples: str) -> list[int]:
 def forget(
     run: RunOpt,
     owner: Annotated[
-        str | None, typer.Option("--owner", help="Forget every sample of this owner.")
+        str | None,
+        typer.Option("--owner", metavar="OWNER_ID", help="Forget every sample of this owner."),
     ] = None,
     samples: Annotated[
-        str | None, typer.Option("--samples", help="Comma-separated sample ids to forget.")
+        str | None,
+        typer.Option("--samples", metavar="IDS", help="Comma-separated sample ids to forget."),
     ] = None,
     request_id: Annotated[
-        str | None, typer.Option(help="Idempotency key: a repeated id is not executed twice.")
+        str | None,
+        typer.Option(metavar="ID", help="Idempotency key: a repeated id is not executed twice."),
     ] = None,
     deadline_s: Annotated[
-        float | None, typer.Option(help="Seconds from now by which the deletion must be done.")
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Seconds from now by which the deletion must be done."
+        ),
     ] = None,
     no_wait: Annotated[
         bool,
@@ -214,9 +234,10 @@ def forget(
     strategy: Annotated[
         str | None,
         typer.Option(
+            metavar="NAME",
             help="Strategy for this execution, which takes every request still unfinished "
             "as one batch (see `ray-unlearn strategies`); default: the run's "
-            "unlearning.strategy."
+            "unlearning.strategy.",
         ),
     ] = None,
     storage: StorageOpt = "./runs",
@@ -282,7 +303,7 @@ def _request_table(doc: dict[str, Any]) -> Table:
 @app.command()
 def status(
     run: RunOpt,
-    request_id: Annotated[str, typer.Option(help="The request to show.")],
+    request_id: Annotated[str, typer.Option(metavar="ID", help="The request to show.")],
     storage: StorageOpt = "./runs",
     as_json: JsonOpt = False,
 ) -> None:
@@ -297,8 +318,12 @@ def status(
 @app.command()
 def audit(
     run: RunOpt,
-    owner: Annotated[str | None, typer.Option("--owner", help="Audit one owner.")] = None,
-    sample: Annotated[int | None, typer.Option("--sample", help="Audit one sample id.")] = None,
+    owner: Annotated[
+        str | None, typer.Option("--owner", metavar="OWNER_ID", help="Audit one owner.")
+    ] = None,
+    sample: Annotated[
+        int | None, typer.Option("--sample", metavar="SAMPLE_ID", help="Audit one sample id.")
+    ] = None,
     residue: Annotated[
         bool,
         typer.Option(
@@ -405,6 +430,7 @@ def verify_exposure(
         Path | None,
         typer.Option(
             "--journal",
+            metavar="FILE",
             help="A JSON-lines file of answer receipts to check (default: the run's own "
             "answer journal, every gateway replica).",
         ),
@@ -468,12 +494,14 @@ def strategies(as_json: JsonOpt = False) -> None:
 def serve(
     run: RunOpt,
     policy: Annotated[
-        str, typer.Option(help="Serving policy preset (see `ray-unlearn policies`).")
+        str,
+        typer.Option(metavar="NAME", help="Serving policy preset (see `ray-unlearn policies`)."),
     ] = "lazy-wait",
     host: Annotated[
-        str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")
+        str,
+        typer.Option(metavar="HOST", help="Address to bind; 127.0.0.1 keeps it on this machine."),
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    port: Annotated[int, typer.Option(metavar="PORT", help="HTTP port.")] = 8000,
     protect_predict: Annotated[
         bool, typer.Option(help="Require the bearer token on /v1/predict too.")
     ] = False,
@@ -547,12 +575,13 @@ def policies(as_json: JsonOpt = False) -> None:
 @app.command()
 def demo(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="Run config YAML (see configs/).")
+        Path, typer.Option("--config", "-c", metavar="FILE", help="Run config YAML (see configs/).")
     ] = Path("configs/digits.yaml"),
     overrides: Annotated[
-        list[str] | None, typer.Argument(help="key=value overrides, e.g. training.epochs=5")
+        list[str] | None,
+        typer.Argument(metavar="KEY=VALUE...", help="key=value overrides, e.g. training.epochs=5"),
     ] = None,
-    deletions: Annotated[int, typer.Option(help="Owner deletions to run.")] = 3,
+    deletions: Annotated[int, typer.Option(metavar="N", help="Owner deletions to run.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the digits ensemble on an embedded Ray, forget a few owners, audit, and report."""
@@ -569,13 +598,15 @@ def demo(
 @app.command()
 def sweep(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="Sweep YAML (configs/sweep.yaml).")
+        Path,
+        typer.Option("--config", "-c", metavar="FILE", help="Sweep YAML (configs/sweep.yaml)."),
     ],
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="KEY=VALUE...",
             help="key=value: sweep keys (stream.deletions=3), space.<key>=[...] to replace a "
-            "dimension, any other dotted key overrides every trial's run config"
+            "dimension, any other dotted key overrides every trial's run config",
         ),
     ] = None,
     address: AddressOpt = None,

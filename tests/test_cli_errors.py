@@ -161,3 +161,22 @@ def test_a_bad_config_is_reported_without_importing_torch_or_ray(tmp_path):
 def test_rum_algorithm_names_match_the_algorithms():
     # the config names them without importing torch; the two lists must not drift
     assert set(ALGORITHM_NAMES) == set(ALGORITHMS)
+
+
+def test_help_has_no_type_placeholders_or_rst_and_every_option_has_help():
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from ray_unlearn.cli import app
+
+    runner = CliRunner()
+    group = get_command(app)
+    for name, cmd in [("", group), *group.commands.items()]:
+        res = runner.invoke(app, [*([name] if name else []), "--help"], env={"COLUMNS": "100"})
+        assert res.exit_code == 0, (name, res.output)
+        for bad in ("<bool>", "``", ":func:", ":class:"):
+            assert bad not in res.output, f"{name} --help shows {bad!r}:\n{res.output}"
+        for param in cmd.params:
+            assert param.param_type_name == "argument" or getattr(param, "help", None), (
+                f"{name} {param.name} has no help"
+            )
