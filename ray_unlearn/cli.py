@@ -1,4 +1,5 @@
-"""The ray-unlearn command: train, forget, status, audit, compact, strategies, serve, sweep, demo.
+"""The ray-unlearn command: train, forget, status, audit, compact, scores, strategies, serve,
+sweep, demo.
 
 Every command takes ``--json`` and then prints exactly one JSON document on stdout
 (everything else, Ray's output included, goes to stderr), so scripts can drive it.
@@ -593,6 +594,97 @@ def demo(
 
         doc, table = run_demo(config, overrides or [], deletions)
         out.emit(doc, table)
+
+
+def _progress(as_json: bool, desc: str, unit: str):
+    """A tqdm bar on stderr for long work, or None: quiet with --json and when stderr is not
+    a terminal (logs and pipes get the result, not a redrawn bar)."""
+    if as_json or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+
+@app.command()
+def scores(
+    run: RunOpt,
+    score: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--score",
+            metavar="NAME",
+            help="A memorization score (repeatable): exact, confidence, max_confidence, "
+            "entropy, binary_accuracy, holdout_kl; default: the run's rum.score.",
+        ),
+    ] = None,
+    compute: Annotated[
+        bool,
+        typer.Option(
+            "--compute", help="Compute (and store) the scores again even when the run has them."
+        ),
+    ] = False,
+    models: Annotated[
+        int,
+        typer.Option(metavar="M", help="exact: subset models trained (Ray tasks)."),
+    ] = 32,
+    keep: Annotated[
+        float,
+        typer.Option(
+            metavar="FRACTION", help="exact: fraction of the rows each subset model sees."
+        ),
+    ] = 0.7,
+    top: Annotated[
+        int, typer.Option(metavar="N", help="How many of the most memorized samples to list.")
+    ] = 10,
+    storage: StorageOpt = "./runs",
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Memorization scores of a run's training samples (what RUM ranks deletions by): read
+    from the run, or computed and stored first; lists the most memorized samples."""
+    from ray_unlearn import api
+
+    with _Output(as_json) as out, _errors(out):
+        bar = _progress(as_json, "exact memorization: subset models", "model")
+
+        def tick(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+        try:
+            doc = api.scores(
+                run,
+                score or [],
+                compute=compute,
+                models=models,
+                keep=keep,
+                top=top,
+                storage=storage,
+                address=address,
+                on_model_done=tick,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        tables = []
+        for s in doc["scores"]:
+            t = Table(
+                title=f"{s['score']} memorization of {s['samples']} training samples of {run}",
+                caption=f"{'computed now' if s['computed_now'] else 'stored'}: {s['file']} "
+                f"({s['seconds']:.1f} s); memorization: higher = more memorized",
+                title_justify="left",
+                caption_justify="left",
+            )
+            for col in ("rank", "sample id", "owner", "memorization"):
+                t.add_column(col, no_wrap=True)
+            for i, r in enumerate(s["most_memorized"]):
+                t.add_row(
+                    str(i), str(r["sample_id"]), str(r["owner_id"]), f"{r['memorization']:.4f}"
+                )
+            tables.append(t)
+        out.emit(doc, Group(*tables))
 
 
 @app.command()
