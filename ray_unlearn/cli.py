@@ -255,8 +255,10 @@ def forget(
             f"{'logged' if created else 'already logged'} "
             f"({len(record.request.sample_ids)} samples, state {record.state.value})"
         )
+        if not no_wait and record.state.value not in ("done", "failed"):
+            working.start(f"executing request {record.request.request_id} (retraining)")
 
-    with _Output(as_json) as out, _errors(out):
+    with _Output(as_json) as out, _errors(out), _Working(as_json) as working:
         if (owner is None) == (samples is None):
             raise ValueError("give exactly one of --owner or --samples")
         doc = api.forget(
@@ -274,7 +276,41 @@ def forget(
                 f"another execution holds run {run}'s lease: {describe(rec)}; waiting"
             ),
         )
+        working.stop()  # before the table: the spinner's line is cleared first
         out.emit(doc, _request_table(doc))
+
+
+class _Working:
+    """A spinner with the elapsed seconds on stderr while a command waits on long work (a
+    retraining): a person sees it is alive. Only on a terminal and without --json; gone
+    (transient) when the work ends, before the result is printed."""
+
+    def __init__(self, as_json: bool):
+        self._on = not as_json and err.is_terminal
+        self._progress = None
+
+    def start(self, what: str) -> None:
+        if not self._on or self._progress is not None:
+            return
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=err, transient=True,
+        )  # fmt: skip
+        self._progress.add_task(what, total=None)
+        self._progress.start()
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __enter__(self) -> _Working:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def _request_table(doc: dict[str, Any]) -> Table:

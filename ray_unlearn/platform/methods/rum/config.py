@@ -33,7 +33,7 @@ class RumConfig(BaseModel):
         description="Memorization score that splits the deleted samples into thirds. The four "
         "training proxies are running means over the shard's slice checkpoints, read when the "
         "request executes (nothing to precompute); holdout_kl and exact are read from the "
-        "scores stored with the run (platform.memorization.compute_run_scores).",
+        "scores stored with the run (`ray-unlearn scores --run <id> --score <name>` stores them).",
     )
     low: str | None = Field("finetune", description="Algorithm for the low-memorization third.")
     medium: str | None = Field("neggrad_plus", description="... for the medium third.")
