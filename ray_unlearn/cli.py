@@ -44,6 +44,15 @@ AddressOpt = Annotated[
         help="Ray cluster to attach to; none = embedded local Ray.",
     ),
 ]
+ConfigStorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        metavar="ROOT",
+        envvar="RAY_UNLEARN_STORAGE",
+        help="Storage root (local dir or pyarrow.fs URI); default: the config's storage.",
+    ),
+]
 RunOpt = Annotated[
     str, typer.Option("--run", metavar="RUN_ID", help="Run id (printed by `ray-unlearn train`).")
 ]
@@ -151,15 +160,7 @@ def train(
         str | None,
         typer.Option(metavar="RUN_ID", help="Run id to use (default: <name>-<time>-<rand>)."),
     ] = None,
-    storage: Annotated[
-        str | None,
-        typer.Option(
-            "--storage",
-            metavar="ROOT",
-            envvar="RAY_UNLEARN_STORAGE",
-            help="Storage root (local dir or pyarrow.fs URI); default: the config's storage.",
-        ),
-    ] = None,
+    storage: ConfigStorageOpt = None,
     address: AddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -619,16 +620,18 @@ def demo(
         typer.Argument(metavar="KEY=VALUE...", help="key=value overrides, e.g. training.epochs=5"),
     ] = None,
     deletions: Annotated[int, typer.Option(metavar="N", help="Owner deletions to run.")] = 3,
+    storage: ConfigStorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the digits ensemble on an embedded Ray, forget a few owners, audit, and report."""
     from ray_unlearn.platform.core.config import load_config
 
+    overrides = [*(overrides or []), *([f"storage={storage}"] if storage else [])]
     with _Output(as_json) as out, _errors(out):
-        load_config(config, overrides or [])  # a bad config: reported before Ray and torch load
+        load_config(config, overrides)  # a bad config: reported before Ray and torch load
         from ray_unlearn.train.demo import run_demo
 
-        doc, table = run_demo(config, overrides or [], deletions)
+        doc, table = run_demo(config, overrides, deletions)
         out.emit(doc, table)
 
 
@@ -737,6 +740,7 @@ def sweep(
             "dimension, any other dotted key overrides every trial's run config",
         ),
     ] = None,
+    storage: ConfigStorageOpt = None,
     address: AddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -744,8 +748,9 @@ def sweep(
     every trial logged to MLflow; prints the Pareto front and writes the chosen config."""
     from ray_unlearn.tune.spec import load_sweep, num_trials
 
+    overrides = [*(overrides or []), *([f"storage={storage}"] if storage else [])]
     with _Output(as_json) as out, _errors(out):
-        spec = load_sweep(config, overrides or [])
+        spec = load_sweep(config, overrides)
         err.print(
             f"sweep [bold]{spec.name}[/bold]: {num_trials(spec)} trial(s), "
             f"{spec.stream.deletions} deletions each"

@@ -180,3 +180,35 @@ def test_help_has_no_type_placeholders_or_rst_and_every_option_has_help():
             assert param.param_type_name == "argument" or getattr(param, "help", None), (
                 f"{name} {param.name} has no help"
             )
+
+
+def test_storage_option_and_variable_reach_demo_and_sweep(tmp_path, monkeypatch):
+    """`--storage` / RAY_UNLEARN_STORAGE replace the config's storage for demo and sweep as
+    for train (checked where the command hands over, without starting Ray)."""
+    import types
+
+    from typer.testing import CliRunner
+
+    from ray_unlearn import api
+    from ray_unlearn.cli import app
+
+    seen = {}
+
+    def fake_sweep(spec, address=None):
+        seen["sweep"] = spec.base["storage"]
+        raise ValueError("stop here")
+
+    def fake_demo(config, overrides, deletions):
+        seen["demo"] = [o for o in overrides if o.startswith("storage=")]
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(api, "sweep", fake_sweep)
+    monkeypatch.setitem(
+        sys.modules, "ray_unlearn.train.demo", types.SimpleNamespace(run_demo=fake_demo)
+    )
+    runner = CliRunner()
+    root = str(tmp_path / "root")
+    res = runner.invoke(app, ["sweep", "--config", "configs/sweep.yaml", "--storage", root])
+    assert res.exit_code == 2 and seen["sweep"] == root, res.output
+    res = runner.invoke(app, ["demo"], env={"RAY_UNLEARN_STORAGE": root})
+    assert res.exit_code == 2 and seen["demo"] == [f"storage={root}"], res.output

@@ -260,7 +260,6 @@ def _split_overrides(
         key = o.split("=", 1)[0].strip()
         if key.startswith("space."):
             space[key.removeprefix("space.")] = parse_override_value(o, o.split("=", 1)[1])
-            raw.append(f"search.{key}={o.split('=', 1)[1]}")
         elif key.split(".", 1)[0] in sweep_keys:
             sweep.append(o)
             raw.append(o)
@@ -294,6 +293,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     if not isinstance(tree, dict):
         raise ConfigError(f"sweep file {p} must hold a mapping, not {type(tree).__name__}")
     sweep_tree, run_overrides, space, raw = _split_overrides(overrides or [])
+    # a dimension replaced on the command line: its problems are the override's
+    by_dim = {
+        o.split("=", 1)[0].strip().removeprefix("space."): o
+        for o in overrides or []
+        if o.split("=", 1)[0].strip().startswith("space.")
+    }
     _merge(tree, sweep_tree)
     search = tree.setdefault("search", {})
     for k, v in space.items():
@@ -326,7 +331,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
         # the grid's problems too (with a failing sweep key at its default): one report
         spec.source = str(p.resolve())
         spec.base = base.model_dump(mode="json")
-        problems += check_trials(spec)
+        problems += check_trials(spec, by_dim)
     if problems or spec is None or base is None:
         raise report(f"invalid sweep {p}", problems)
     return spec
@@ -389,9 +394,11 @@ def trial_policy(spec: SweepSpec, params: dict[str, Any]) -> str:
     return str(params.get(POLICY_KEY, spec.default_policy))
 
 
-def check_trials(spec: SweepSpec) -> list[Problem]:
+def check_trials(spec: SweepSpec, overridden: dict[str, str] | None = None) -> list[Problem]:
     """Every problem of every grid point (unknown keys, bad values, contradictions), each
-    distinct problem once, with how many trials have it and one of them."""
+    distinct problem once, with how many trials have it and one of them. ``overridden``:
+    dimension -> the ``space.<key>=[...]`` override that set it (blamed for its problems)."""
+    overridden = overridden or {}
     problems: list[Problem] = []
     val = spec.stream.validation_fraction
     where = f"in {spec.source or 'the sweep file'}"
@@ -399,7 +406,8 @@ def check_trials(spec: SweepSpec) -> list[Problem]:
         try:
             get_policy(name)
         except (ValueError, TypeError) as e:
-            problems.append(Problem(f"search.space.{POLICY_KEY}", str(e), where))
+            src = f"override '{overridden[POLICY_KEY]}'" if POLICY_KEY in overridden else where
+            problems.append(Problem(f"search.space.{POLICY_KEY}", str(e), src))
     model = run_config_model()
     found: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for params in grid_points(spec):
@@ -416,7 +424,8 @@ def check_trials(spec: SweepSpec) -> list[Problem]:
             found.setdefault(msg, []).append(params)
     for (key, msg), trials in found.items():
         which = "trial" if len(trials) == 1 else f"{len(trials)} trials, e.g."
-        problems.append(Problem(key, f"{msg} ({which} {trials[0]})", f"{where}, search"))
+        src = f"override '{overridden[key]}'" if key in overridden else f"{where}, search"
+        problems.append(Problem(key, f"{msg} ({which} {trials[0]})", src))
     return problems
 
 
