@@ -52,9 +52,16 @@ def embedded_options() -> dict:
     }
 
 
-def _free_port() -> int:
+def _free_port(preferred: int = 8265) -> int:
+    """Ray's usual dashboard port (what `ray` and `serve` commands try first) when it is
+    free, else any free port."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port on 127.0.0.1 for Ray's dashboard")

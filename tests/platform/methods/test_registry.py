@@ -193,3 +193,31 @@ def test_builtin_methods_and_listing():
     rows = {r["name"]: r for r in methods.registry.listing()}
     assert rows["s3t"]["exact"] is True and "run kind" in rows["s3t"]["description"]
     assert rows["sisa"]["exact"] is True and rows["dpus"]["exact"] is False
+
+
+def test_a_strategy_registered_by_reference_loads_on_first_use():
+    """A method may register a strategy by name and import path (its module imports torch,
+    which validating a config does not need): the class replaces the ref once imported, and
+    another class under the same name is refused."""
+    from ray_unlearn.platform.methods.base import _REGISTRY, StrategyRef, register_strategy
+
+    ref = StrategyRef("toy-by-ref", f"{__name__}:ToyForget")
+    with pytest.raises(TypeError, match="named 'toy-forget', not 'toy-by-ref'"):
+        ref.load()  # the class's own name must match
+    ref = StrategyRef("toy-forget", f"{__name__}:ToyForget")
+    try:
+        _REGISTRY.pop("toy-forget", None)
+        register_strategy(ref)
+        assert "toy-forget" in methods.available_strategies()
+        assert methods.get_strategy("toy-forget") is ToyForget  # loaded, and kept
+        assert _REGISTRY["toy-forget"] is ToyForget
+        register_strategy(ref)  # the same ref again: no-op, the class stays
+        assert _REGISTRY["toy-forget"] is ToyForget
+
+        class Other(ToyForget):
+            name = "toy-forget"
+
+        with pytest.raises(ValueError, match="already registered"):
+            register_strategy(Other)
+    finally:
+        _REGISTRY.pop("toy-forget", None)
