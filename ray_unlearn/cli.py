@@ -183,6 +183,8 @@ def train(
             address=address,
             on_created=created,
         )
+        if not doc.get("attached_cluster"):
+            _shutdown_embedded_ray()
         # one row per field: a run id (what every later command takes) is never cut, at
         # any terminal width
         table = Table(title="trained", show_header=False)
@@ -197,6 +199,16 @@ def train(
         ):
             table.add_row(field, value)
         out.emit(doc, table)
+
+
+def _shutdown_embedded_ray() -> None:
+    """End this process's embedded Ray before printing the result: Ray prints the worker
+    lines it held back ("[repeated Nx across cluster]") when it shuts down, which would
+    otherwise come after the table."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _parse_ids(samples: str) -> list[int]:
