@@ -47,6 +47,9 @@ def embedded_options() -> dict:
             "env_vars": {
                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                # Ray Train's print patch tees a worker's print to stderr *and* its logger,
+                # and both reach the driver: every progress line came twice
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
             }
         },
     }
