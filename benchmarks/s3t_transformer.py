@@ -127,8 +127,9 @@ def run_seed(seed: int, s: dict, feats: np.ndarray, labels: np.ndarray) -> dict:
     out["backbone_s"] = time.perf_counter() - t0
 
     def score(name: str, val_probs: np.ndarray, test_probs: np.ndarray) -> None:
-        out[f"val_{name}"], out[f"test_{name}"] = _acc(val_probs, labels[va]), _acc(
-            test_probs, labels[te]
+        out[f"val_{name}"], out[f"test_{name}"] = (
+            _acc(val_probs, labels[va]),
+            _acc(test_probs, labels[te]),
         )
 
     # frozen encoder, head trained on every training row
@@ -263,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         f"x{r0['delete_speedup']:.0f}"
     )
     for b, m in r0["memory"].items():
-        print(f"memory {b}: {m['bytes'] / 2**20:.1f} MiB (x{m['ratio_to_base_plus_one_order']:.3f})")
+        print(
+            f"memory {b}: {m['bytes'] / 2**20:.1f} MiB (x{m['ratio_to_base_plus_one_order']:.3f})"
+        )
     return 0
 
 

@@ -46,12 +46,14 @@ def train(
     the config's ``storage``. ``on_created`` gets the run context once the run exists
     (before training starts)."""
     from ray_unlearn.platform.core.config import load_config
+
+    # validated before torch and Ray are imported: a typo is reported in well under a second
+    cfg = load_config(config, list(overrides))
     from ray_unlearn.platform.core.run import create_run
     from ray_unlearn.platform.eval.accuracy import serving_accuracy
     from ray_unlearn.train.job import check_gpu_request, run_training
     from ray_unlearn.train.session import connect
 
-    cfg = load_config(config, list(overrides))
     root = storage or os.environ.get("RAY_UNLEARN_STORAGE")
     if root:
         cfg = cfg.model_copy(update={"storage": root})
@@ -340,11 +342,95 @@ def sweep(
     """Run a Ray Tune sweep from a sweep YAML (plus overrides) or a loaded ``SweepSpec``:
     every trial trains, streams deletions while serving, and is logged to MLflow; returns
     the trials, the Pareto front and the chosen config."""
-    from ray_unlearn.train.session import connect
     from ray_unlearn.tune.spec import load_sweep
+
+    # validated before torch and Ray are imported: a typo is reported in well under a second
+    spec = load_sweep(config, list(overrides)) if isinstance(config, str | Path) else config
+    from ray_unlearn.train.session import connect
     from ray_unlearn.tune.sweep import preflight, run_sweep
 
-    spec = load_sweep(config, list(overrides)) if isinstance(config, str | Path) else config
     preflight(spec)
     connect(address)
     return run_sweep(spec)
+
+
+def scores(
+    run: str,
+    names: Sequence[str] = (),
+    *,
+    compute: bool = False,
+    models: int = 32,
+    keep: float = 0.7,
+    top: int = 10,
+    storage: str | None = None,
+    address: str | None = None,
+    on_model_done: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Memorization scores of the run's training rows: each score in ``names`` (default: the
+    run's ``rum.score``) is read from the run's reports, or computed and stored first when
+    the run has none yet or ``compute`` is set. The proxies (``confidence``,
+    ``max_confidence``, ``entropy``, ``binary_accuracy``) and ``holdout_kl`` train one model
+    in this process; ``exact`` (Feldman's estimator) trains ``models`` subset models, each
+    on a ``keep`` fraction of the rows, as Ray tasks (``on_model_done(done, total)`` after
+    each). Returns per score: its direction, cost, file, and the ``top`` most memorized
+    training samples (memorization: higher = more memorized, whatever the score's sign)."""
+    import numpy as np
+
+    from ray_unlearn.platform.core.run import open_run
+    from ray_unlearn.platform.methods.rum import memorization as mem
+
+    ctx = open_run(_storage(storage), run)
+    names = list(dict.fromkeys(names)) or [ctx.config.rum.score]
+    unknown = [n for n in names if n not in mem.DIRECTION]
+    if unknown:
+        from ray_unlearn.platform.core.config_errors import did_you_mean
+
+        raise ValueError(
+            f"--score {', '.join(unknown)}: unknown; known scores: {', '.join(mem.SCORES)}"
+            + did_you_mean(unknown[0], list(mem.SCORES))
+        )
+    if "exact" in names:
+        mem.check_estimator(models, keep)  # raises, naming the setting
+    if top < 0:
+        raise ValueError(f"--top must be 0 or more, got {top}")
+    missing = [n for n in names if compute or not ctx.storage.exists(mem.scores_path(ctx, n))]
+    cost: dict[str, float] = {}
+    if missing:
+        runner = mem.exact_memorization
+        if "exact" in missing:
+            import functools
+
+            from ray_unlearn.train.memorization import exact_memorization_ray
+            from ray_unlearn.train.session import connect
+
+            connect(address)
+            runner = functools.partial(exact_memorization_ray, on_done=on_model_done)
+        cost = mem.compute_run_scores(ctx, missing, models=models, keep=keep, exact_runner=runner)
+    train = ctx.split_records("train")
+    owner_of = dict(zip(train.sample_ids.tolist(), train.owner_ids.tolist(), strict=True))
+    out = []
+    for name in names:
+        ids, vals = mem.load_scores(ctx, name)
+        memo = mem.as_memorization(name, vals)
+        order = np.argsort(-memo, kind="stable")[:top]
+        meta = ctx.storage.read_table(mem.scores_path(ctx, name)).schema.metadata or {}
+        out.append(
+            {
+                "score": name,
+                "direction": mem.DIRECTION[name],
+                "samples": len(ids),
+                "computed_now": name in missing,
+                "seconds": cost.get(name, float(meta.get(b"seconds", b"nan"))),
+                "file": mem.scores_path(ctx, name),
+                "mean_memorization": float(np.mean(memo)) if len(memo) else None,
+                "most_memorized": [
+                    {
+                        "sample_id": int(ids[i]),
+                        "owner_id": owner_of.get(int(ids[i])),
+                        "memorization": float(memo[i]),
+                    }
+                    for i in order
+                ],
+            }
+        )
+    return {"run_id": run, "storage": ctx.storage.uri, "scores": out}

@@ -1,4 +1,5 @@
-"""The ray-unlearn command: train, forget, status, audit, compact, strategies, serve, sweep, demo.
+"""The ray-unlearn command: train, forget, status, audit, compact, scores, strategies, serve,
+sweep, demo.
 
 Every command takes ``--json`` and then prints exactly one JSON document on stdout
 (everything else, Ray's output included, goes to stderr), so scripts can drive it.
@@ -19,7 +20,9 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], rich_markup_mode=None
+)
 err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -27,6 +30,7 @@ StorageOpt = Annotated[
     str,
     typer.Option(
         "--storage",
+        metavar="ROOT",
         envvar="RAY_UNLEARN_STORAGE",
         help="Storage root (local dir or pyarrow.fs URI).",
     ),
@@ -35,11 +39,23 @@ AddressOpt = Annotated[
     str | None,
     typer.Option(
         "--address",
+        metavar="ADDRESS",
         envvar="RAY_ADDRESS",
         help="Ray cluster to attach to; none = embedded local Ray.",
     ),
 ]
-RunOpt = Annotated[str, typer.Option("--run", help="Run id (printed by `ray-unlearn train`).")]
+ConfigStorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        metavar="ROOT",
+        envvar="RAY_UNLEARN_STORAGE",
+        help="Storage root (local dir or pyarrow.fs URI); default: the config's storage.",
+    ),
+]
+RunOpt = Annotated[
+    str, typer.Option("--run", metavar="RUN_ID", help="Run id (printed by `ray-unlearn train`).")
+]
 
 
 def _version(value: bool) -> None:
@@ -105,10 +121,13 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _fail(out: _Output, message: str, code: int = 2) -> None:
+def _fail(out: _Output, message: str, code: int = 2, problems: list | None = None) -> None:
     if out.as_json:
-        out.emit({"error": message})
-    err.print(f"[red]error:[/red] {message}")
+        out.emit({"error": message, **({"problems": problems} if problems else {})})
+    # soft_wrap: a long line stays one line (copyable), not folded at the terminal width
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -116,13 +135,14 @@ def _fail(out: _Output, message: str, code: int = 2) -> None:
 def _errors(out: _Output):
     """Turn the platform's input errors into a message and exit code 2 (no traceback).
 
-    Every one of them is a ValueError (ConfigError, DataError, DeletionLogError, PlanError,
-    RunError): caught as such, so that no command imports the platform (torch) just to
-    catch its errors (``forget --address`` imports only Ray)."""
+    Every input error of the platform (ConfigError, DataError, DeletionLogError, PlanError,
+    RunError) is a ValueError, caught as such: nothing is imported here, so a bad config is
+    reported before torch or Ray are (validation takes a fraction of a second, those imports
+    seconds) and ``forget --address`` imports only Ray."""
     try:
         yield
     except ValueError as e:
-        _fail(out, str(e))
+        _fail(out, str(e), problems=getattr(e, "problems", None))
     except OSError as e:  # a storage root that cannot be read or written
         where = f" {e.filename}" if e.filename else ""
         _fail(out, f"storage{where}: {e.strerror or e} (check --storage / RAY_UNLEARN_STORAGE)")
@@ -130,21 +150,18 @@ def _errors(out: _Output):
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config (see configs/).")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", metavar="FILE", help="YAML config (see configs/).")
+    ],
     overrides: Annotated[
-        list[str] | None, typer.Argument(help="key=value overrides, e.g. partition.shards=8")
+        list[str] | None,
+        typer.Argument(metavar="KEY=VALUE...", help="key=value overrides, e.g. partition.shards=8"),
     ] = None,
     run_id: Annotated[
-        str | None, typer.Option(help="Run id to use (default: <name>-<time>-<rand>).")
-    ] = None,
-    storage: Annotated[
         str | None,
-        typer.Option(
-            "--storage",
-            envvar="RAY_UNLEARN_STORAGE",
-            help="Storage root (local dir or pyarrow.fs URI); default: the config's storage.",
-        ),
+        typer.Option(metavar="RUN_ID", help="Run id to use (default: <name>-<time>-<rand>)."),
     ] = None,
+    storage: ConfigStorageOpt = None,
     address: AddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -167,17 +184,32 @@ def train(
             address=address,
             on_created=created,
         )
-        table = Table(title=f"trained {doc['run_id']}")
-        for col in ("run id", "shards x slices", "workers", "train s", "test accuracy"):
-            table.add_column(col)
-        table.add_row(
-            doc["run_id"],
-            f"{doc['shards']} x {doc['slices']}",
-            str(doc["workers"]),
-            f"{doc['train_seconds']:.1f}",
-            f"{doc['test_accuracy']:.4f}",
-        )
+        if not doc.get("attached_cluster"):
+            _shutdown_embedded_ray()
+        # one row per field: a run id (what every later command takes) is never cut, at
+        # any terminal width
+        table = Table(title="trained", show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value", no_wrap=True)
+        for field, value in (
+            ("run id", doc["run_id"]),
+            ("shards x slices", f"{doc['shards']} x {doc['slices']}"),
+            ("workers", str(doc["workers"])),
+            ("train s", f"{doc['train_seconds']:.1f}"),
+            ("test accuracy", f"{doc['test_accuracy']:.4f}"),
+        ):
+            table.add_row(field, value)
         out.emit(doc, table)
+
+
+def _shutdown_embedded_ray() -> None:
+    """End this process's embedded Ray before printing the result: Ray prints the worker
+    lines it held back ("[repeated Nx across cluster]") when it shuts down, which would
+    otherwise come after the table."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _parse_ids(samples: str) -> list[int]:
@@ -193,16 +225,22 @@ def _parse_ids(samples: str) -> list[int]:
 def forget(
     run: RunOpt,
     owner: Annotated[
-        str | None, typer.Option("--owner", help="Forget every sample of this owner.")
+        str | None,
+        typer.Option("--owner", metavar="OWNER_ID", help="Forget every sample of this owner."),
     ] = None,
     samples: Annotated[
-        str | None, typer.Option("--samples", help="Comma-separated sample ids to forget.")
+        str | None,
+        typer.Option("--samples", metavar="IDS", help="Comma-separated sample ids to forget."),
     ] = None,
     request_id: Annotated[
-        str | None, typer.Option(help="Idempotency key: a repeated id is not executed twice.")
+        str | None,
+        typer.Option(metavar="ID", help="Idempotency key: a repeated id is not executed twice."),
     ] = None,
     deadline_s: Annotated[
-        float | None, typer.Option(help="Seconds from now by which the deletion must be done.")
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Seconds from now by which the deletion must be done."
+        ),
     ] = None,
     no_wait: Annotated[
         bool,
@@ -211,9 +249,10 @@ def forget(
     strategy: Annotated[
         str | None,
         typer.Option(
+            metavar="NAME",
             help="Strategy for this execution, which takes every request still unfinished "
             "as one batch (see `ray-unlearn strategies`); default: the run's "
-            "unlearning.strategy."
+            "unlearning.strategy.",
         ),
     ] = None,
     storage: StorageOpt = "./runs",
@@ -234,8 +273,10 @@ def forget(
             f"{'logged' if created else 'already logged'} "
             f"({len(record.request.sample_ids)} samples, state {record.state.value})"
         )
+        if not no_wait and record.state.value not in ("done", "failed"):
+            working.start(f"executing request {record.request.request_id} (retraining)")
 
-    with _Output(as_json) as out, _errors(out):
+    with _Output(as_json) as out, _errors(out), _Working(as_json) as working:
         if (owner is None) == (samples is None):
             raise ValueError("give exactly one of --owner or --samples")
         doc = api.forget(
@@ -251,6 +292,7 @@ def forget(
             on_logged=logged,
             on_lease_wait=lease_wait,
         )
+        working.stop()  # before the table: the spinner's line is cleared first
         out.emit(doc, _request_table(doc))
     _leave_ray()
 
@@ -261,6 +303,39 @@ def _leave_ray() -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+class _Working:
+    """A spinner with the elapsed seconds on stderr while a command waits on long work (a
+    retraining): a person sees it is alive. Only on a terminal and without --json; gone
+    (transient) when the work ends, before the result is printed."""
+
+    def __init__(self, as_json: bool):
+        self._on = not as_json and err.is_terminal
+        self._progress = None
+
+    def start(self, what: str) -> None:
+        if not self._on or self._progress is not None:
+            return
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=err, transient=True,
+        )  # fmt: skip
+        self._progress.add_task(what, total=None)
+        self._progress.start()
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __enter__(self) -> _Working:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def _request_table(doc: dict[str, Any]) -> Table:
@@ -290,7 +365,7 @@ def _request_table(doc: dict[str, Any]) -> Table:
 @app.command()
 def status(
     run: RunOpt,
-    request_id: Annotated[str, typer.Option(help="The request to show.")],
+    request_id: Annotated[str, typer.Option(metavar="ID", help="The request to show.")],
     storage: StorageOpt = "./runs",
     as_json: JsonOpt = False,
 ) -> None:
@@ -305,8 +380,12 @@ def status(
 @app.command()
 def audit(
     run: RunOpt,
-    owner: Annotated[str | None, typer.Option("--owner", help="Audit one owner.")] = None,
-    sample: Annotated[int | None, typer.Option("--sample", help="Audit one sample id.")] = None,
+    owner: Annotated[
+        str | None, typer.Option("--owner", metavar="OWNER_ID", help="Audit one owner.")
+    ] = None,
+    sample: Annotated[
+        int | None, typer.Option("--sample", metavar="SAMPLE_ID", help="Audit one sample id.")
+    ] = None,
     residue: Annotated[
         bool,
         typer.Option(
@@ -413,6 +492,7 @@ def verify_exposure(
         Path | None,
         typer.Option(
             "--journal",
+            metavar="FILE",
             help="A JSON-lines file of answer receipts to check (default: the run's own "
             "answer journal, every gateway replica).",
         ),
@@ -476,12 +556,14 @@ def strategies(as_json: JsonOpt = False) -> None:
 def serve(
     run: RunOpt,
     policy: Annotated[
-        str, typer.Option(help="Serving policy preset (see `ray-unlearn policies`).")
+        str,
+        typer.Option(metavar="NAME", help="Serving policy preset (see `ray-unlearn policies`)."),
     ] = "lazy-wait",
     host: Annotated[
-        str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")
+        str,
+        typer.Option(metavar="HOST", help="Address to bind; 127.0.0.1 keeps it on this machine."),
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    port: Annotated[int, typer.Option(metavar="PORT", help="HTTP port.")] = 8000,
     protect_predict: Annotated[
         bool, typer.Option(help="Require the bearer token on /v1/predict too.")
     ] = False,
@@ -554,31 +636,135 @@ def policies(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def demo(
-    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/digits.yaml"),
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
-    deletions: Annotated[int, typer.Option(help="Owner deletions to run.")] = 3,
+    config: Annotated[
+        Path, typer.Option("--config", "-c", metavar="FILE", help="Run config YAML (see configs/).")
+    ] = Path("configs/digits.yaml"),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="KEY=VALUE...", help="key=value overrides, e.g. training.epochs=5"),
+    ] = None,
+    deletions: Annotated[int, typer.Option(metavar="N", help="Owner deletions to run.")] = 3,
+    storage: ConfigStorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the digits ensemble on an embedded Ray, forget a few owners, audit, and report."""
-    from ray_unlearn.train.demo import run_demo
+    from ray_unlearn.platform.core.config import load_config
+
+    overrides = [*(overrides or []), *([f"storage={storage}"] if storage else [])]
+    with _Output(as_json) as out, _errors(out):
+        load_config(config, overrides)  # a bad config: reported before Ray and torch load
+        from ray_unlearn.train.demo import run_demo
+
+        doc, table = run_demo(config, overrides, deletions)
+        out.emit(doc, table)
+
+
+def _progress(as_json: bool, desc: str, unit: str):
+    """A tqdm bar on stderr for long work, or None: quiet with --json and when stderr is not
+    a terminal (logs and pipes get the result, not a redrawn bar)."""
+    if as_json or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+
+@app.command()
+def scores(
+    run: RunOpt,
+    score: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--score",
+            metavar="NAME",
+            help="A memorization score (repeatable): exact, confidence, max_confidence, "
+            "entropy, binary_accuracy, holdout_kl; default: the run's rum.score.",
+        ),
+    ] = None,
+    compute: Annotated[
+        bool,
+        typer.Option(
+            "--compute", help="Compute (and store) the scores again even when the run has them."
+        ),
+    ] = False,
+    models: Annotated[
+        int,
+        typer.Option(metavar="M", help="exact: subset models trained (Ray tasks)."),
+    ] = 32,
+    keep: Annotated[
+        float,
+        typer.Option(
+            metavar="FRACTION", help="exact: fraction of the rows each subset model sees."
+        ),
+    ] = 0.7,
+    top: Annotated[
+        int, typer.Option(metavar="N", help="How many of the most memorized samples to list.")
+    ] = 10,
+    storage: StorageOpt = "./runs",
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Memorization scores of a run's training samples (what RUM ranks deletions by): read
+    from the run, or computed and stored first; lists the most memorized samples."""
+    from ray_unlearn import api
 
     with _Output(as_json) as out, _errors(out):
-        doc, table = run_demo(config, overrides or [], deletions)
-        out.emit(doc, table)
+        bar = _progress(as_json, "exact memorization: subset models", "model")
+
+        def tick(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+        try:
+            doc = api.scores(
+                run,
+                score or [],
+                compute=compute,
+                models=models,
+                keep=keep,
+                top=top,
+                storage=storage,
+                address=address,
+                on_model_done=tick,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        tables = []
+        for s in doc["scores"]:
+            t = Table(
+                title=f"{s['score']} memorization of {s['samples']} training samples of {run}",
+                caption=f"{'computed now' if s['computed_now'] else 'stored'}: {s['file']} "
+                f"({s['seconds']:.1f} s); memorization: higher = more memorized",
+                title_justify="left",
+                caption_justify="left",
+            )
+            for col in ("rank", "sample id", "owner", "memorization"):
+                t.add_column(col, no_wrap=True)
+            for i, r in enumerate(s["most_memorized"]):
+                t.add_row(
+                    str(i), str(r["sample_id"]), str(r["owner_id"]), f"{r['memorization']:.4f}"
+                )
+            tables.append(t)
+        out.emit(doc, Group(*tables))
 
 
 @app.command()
 def sweep(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="Sweep YAML (configs/sweep.yaml).")
+        Path,
+        typer.Option("--config", "-c", metavar="FILE", help="Sweep YAML (configs/sweep.yaml)."),
     ],
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="KEY=VALUE...",
             help="key=value: sweep keys (stream.deletions=3), space.<key>=[...] to replace a "
-            "dimension, any other dotted key overrides every trial's run config"
+            "dimension, any other dotted key overrides every trial's run config",
         ),
     ] = None,
+    storage: ConfigStorageOpt = None,
     address: AddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -586,8 +772,9 @@ def sweep(
     every trial logged to MLflow; prints the Pareto front and writes the chosen config."""
     from ray_unlearn.tune.spec import load_sweep, num_trials
 
+    overrides = [*(overrides or []), *([f"storage={storage}"] if storage else [])]
     with _Output(as_json) as out, _errors(out):
-        spec = load_sweep(config, overrides or [])
+        spec = load_sweep(config, overrides)
         err.print(
             f"sweep [bold]{spec.name}[/bold]: {num_trials(spec)} trial(s), "
             f"{spec.stream.deletions} deletions each"
@@ -657,7 +844,21 @@ def _sweep_table(doc: dict[str, Any]) -> Table:
 
 
 def main() -> None:
-    app()
+    """The console script. With ``--json`` a usage error (a missing or unknown option, a
+    value of the wrong type) also prints one JSON error document on stdout; without it
+    typer reports it as usual. Exit code 2 either way."""
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+    try:
+        rc = app(standalone_mode=False)
+    except typer.TyperException as e:  # typer's (vendored click's) usage errors
+        print(json.dumps({"error": e.format_message()}), flush=True)
+        e.show()
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,11 @@ def run_demo(config: Path, overrides: list[str], deletions: int) -> tuple[dict[s
             }
         )
     acc_after = executor.test_accuracy()
+    import ray
+
+    # Ray prints the worker lines it held back as "[repeated Nx across cluster]" when it
+    # shuts down: shut it down now, so they come before the report, not after it
+    ray.shutdown()
     doc = {
         "run_id": ctx.run_id,
         "storage": ctx.storage.uri,
@@ -100,11 +105,15 @@ def _tables(doc: dict[str, Any]) -> Group:
         f"{doc['single_model_train_s']:.1f}",
     )
     acc.add_row("ensemble after the deletions", f"{doc['accuracy_after_deletions']:.4f}", "")
-    dels = Table(title=f"owner deletions (full ensemble retrain: {doc['full_retrain_s']:.2f} s)")
+    dels = Table(
+        title=f"owner deletions (full ensemble retrain: {doc['full_retrain_s']:.2f} s)",
+        caption="shards and slices are numbered from 0, as in --json and in version names "
+        "(s003-r02: shard 3, slice 2)",
+    )
     for col in ("owner", "samples", "shard:first slice", "unlearn s", "speedup", "audit"):
         dels.add_column(col)
     for r in doc["deletions"]:
-        where = ", ".join(f"{k}:{s + 1}" for k, s in r["first_slices"].items()) or "(held-out only)"
+        where = ", ".join(f"{k}:{s}" for k, s in r["first_slices"].items()) or "(held-out only)"
         sp = r["speedup_vs_full_retrain"]
         dels.add_row(
             r["owner_id"],

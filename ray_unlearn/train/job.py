@@ -98,7 +98,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                 pq.write_table(pa.table({"sample_id": st.sample_ids}), out / "samples.parquet")
                 (out / "metrics.json").write_text(json.dumps(m))
                 print(
-                    f"[ray-unlearn] shard {k}: slice {stage + 1}/{cfg.partition.slices} "
+                    f"[ray-unlearn] shard {k}: slice {stage} done "  # numbered from 0
+                    f"({stage + 1} of {cfg.partition.slices}) "
                     f"loss={m['loss']:.4f} rows={int(m['train_rows'])} {m['seconds']:.1f}s",
                     file=sys.stderr,
                     flush=True,

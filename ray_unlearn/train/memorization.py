@@ -9,7 +9,7 @@ initial weights and batch order depend only on (seed, model index).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import ray
@@ -30,13 +30,26 @@ def _one(spec: FitSpec, x, y, keep: float, seed: int, index: int):
 
 
 def exact_memorization_ray(
-    spec: FitSpec, x: np.ndarray, y: np.ndarray, *, models: int, keep: float = 0.7, seed: int = 0
+    spec: FitSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    models: int,
+    keep: float = 0.7,
+    seed: int = 0,
+    on_done: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """The estimator of ``platform.memorization.exact_memorization`` on the connected Ray."""
+    """The estimator of ``platform.memorization.exact_memorization`` on the connected Ray;
+    ``on_done(finished, models)`` after each model (a progress bar)."""
     check_estimator(models, keep)
     xr, yr = ray.put(np.ascontiguousarray(x)), ray.put(np.asarray(y))
-    pending = [_one.remote(spec, xr, yr, keep, seed, i) for i in range(models)]
-    runs = ray.get(pending)  # in model order, whatever order the tasks finished in
+    refs = [_one.remote(spec, xr, yr, keep, seed, i) for i in range(models)]
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        if on_done is not None:
+            on_done(models - len(pending), models)
+    runs = ray.get(refs)  # in model order, whatever order the tasks finished in
     return memorization_from_runs(np.stack([r[0] for r in runs]), np.stack([r[1] for r in runs]))
 
 

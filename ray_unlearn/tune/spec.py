@@ -47,7 +47,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -55,12 +54,12 @@ from pydantic import (
 from ray_unlearn.platform.core.config import (
     ConfigError,
     CoreRunConfig,
-    _format_validation_error,
     load_config,
     parse_override_value,
     parse_overrides,
     run_config_model,
 )
+from ray_unlearn.platform.core.config_errors import Problem, Sources, collect, report
 from ray_unlearn.platform.methods import registry
 from ray_unlearn.platform.serving.policies import get_policy
 
@@ -250,19 +249,26 @@ class SweepSpec(_Strict):
     base: dict[str, Any] = Field(default_factory=dict, description="Base run config (resolved).")
 
 
-def _split_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """-> (sweep-file tree, run-config overrides, space replacements)."""
-    sweep_keys = set(SweepSpec.model_fields) - {"source", "base"}
-    sweep, run, space = [], [], {}
+def _split_overrides(
+    overrides: list[str],
+) -> tuple[dict[str, Any], list[str], dict[str, Any], list[str]]:
+    """-> (sweep-file tree, run-config overrides, space replacements, the raw sweep-key
+    overrides: what a problem of the sweep file's keys is blamed on)."""
+    sweep_keys = set(SweepSpec.model_fields) - _FILLED
+    sweep, run, space, raw = [], [], {}, []
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         if key.startswith("space."):
             space[key.removeprefix("space.")] = parse_override_value(o, o.split("=", 1)[1])
         elif key.split(".", 1)[0] in sweep_keys:
             sweep.append(o)
+            raw.append(o)
         else:
             run.append(o)
-    return parse_overrides(sweep), run, space
+    return parse_overrides(sweep), run, space, raw
+
+
+_FILLED = frozenset({"source", "base"})  # set by load_sweep, not keys of a sweep file
 
 
 def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
@@ -274,7 +280,9 @@ def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
-    """Read, override and validate a sweep file, and every trial's run config."""
+    """Read, override and validate a sweep file, and every trial's run config. ConfigError
+    lists every problem at once: the sweep file's own keys, the base config, and each
+    distinct problem of the grid's trials, each blamed on the file or the override."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file {p} not found")
@@ -284,7 +292,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
         raise ConfigError(f"sweep file {p} is not valid YAML: {e}") from e
     if not isinstance(tree, dict):
         raise ConfigError(f"sweep file {p} must hold a mapping, not {type(tree).__name__}")
-    sweep_tree, run_overrides, space = _split_overrides(overrides or [])
+    sweep_tree, run_overrides, space, raw = _split_overrides(overrides or [])
+    # a dimension replaced on the command line: its problems are the override's
+    by_dim = {
+        o.split("=", 1)[0].strip().removeprefix("space."): o
+        for o in overrides or []
+        if o.split("=", 1)[0].strip().startswith("space.")
+    }
     _merge(tree, sweep_tree)
     search = tree.setdefault("search", {})
     for k, v in space.items():
@@ -296,19 +310,30 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
         for var in holders:
             var[k] = values
         if not holders:
-            search.setdefault("space", {})[k] = values
-    tree["overrides"] = [*tree.get("overrides", []), *run_overrides]
-    try:
-        spec = SweepSpec.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, f"(sweep) {p}")) from None
-    base_path = (p.parent / spec.base_config).resolve()
-    base = load_config(base_path, spec.overrides)
-    spec.source = str(p.resolve())
-    spec.base = base.model_dump(mode="json")
-    problems = check_trials(spec)
-    if problems:
-        raise ConfigError(f"invalid sweep {p}: {len(problems)} problem(s)\n" + "\n".join(problems))
+            if not isinstance(search.get("space"), dict):
+                search["space"] = {}
+            search["space"][k] = values
+    if run_overrides:
+        tree["overrides"] = [*(tree.get("overrides") or []), *run_overrides]
+    spec, problems = collect(SweepSpec, tree, Sources.of(f"in {p}", raw), hidden=_FILLED)
+    base_overrides = tree.get("overrides") if isinstance(tree.get("overrides"), list) else []
+    base_rel = tree.get("base_config") if spec is None else spec.base_config
+    base = None
+    if isinstance(base_rel, str):
+        try:
+            base = load_config((p.parent / base_rel).resolve(), [str(o) for o in base_overrides])
+        except ConfigError as e:
+            # (each problem already names the base file or the override that set it)
+            problems += [Problem(**d) for d in e.problems] or [
+                Problem("base_config", str(e), f"in {p}")
+            ]
+    if spec is not None and base is not None:
+        # the grid's problems too (with a failing sweep key at its default): one report
+        spec.source = str(p.resolve())
+        spec.base = base.model_dump(mode="json")
+        problems += check_trials(spec, by_dim)
+    if problems or spec is None or base is None:
+        raise report(f"invalid sweep {p}", problems)
     return spec
 
 
@@ -340,6 +365,13 @@ def trial_config(
     spec: SweepSpec, params: dict[str, Any], storage: str | None = None
 ) -> CoreRunConfig:
     """The run config of one trial: base + the trial's values (serving.policy excluded)."""
+    return run_config_model().model_validate(trial_tree(spec, params, storage))
+
+
+def trial_tree(
+    spec: SweepSpec, params: dict[str, Any], storage: str | None = None
+) -> dict[str, Any]:
+    """The run config tree of one trial, not validated."""
     tree = yaml.safe_load(yaml.safe_dump(spec.base))
     for key, value in params.items():
         if key == POLICY_KEY:
@@ -355,43 +387,45 @@ def trial_config(
         node[parts[-1]] = value
     if storage is not None:
         tree["storage"] = storage
-    return run_config_model().model_validate(tree)
+    return tree
 
 
 def trial_policy(spec: SweepSpec, params: dict[str, Any]) -> str:
     return str(params.get(POLICY_KEY, spec.default_policy))
 
 
-def check_trials(spec: SweepSpec) -> list[str]:
+def check_trials(spec: SweepSpec, overridden: dict[str, str] | None = None) -> list[Problem]:
     """Every problem of every grid point (unknown keys, bad values, contradictions), each
-    distinct problem once, with how many trials have it and one of them."""
-    problems: list[str] = []
+    distinct problem once, with how many trials have it and one of them. ``overridden``:
+    dimension -> the ``space.<key>=[...]`` override that set it (blamed for its problems)."""
+    overridden = overridden or {}
+    problems: list[Problem] = []
     val = spec.stream.validation_fraction
+    where = f"in {spec.source or 'the sweep file'}"
     for name in dimensions(spec).get(POLICY_KEY, []):
         try:
             get_policy(name)
         except (ValueError, TypeError) as e:
-            problems.append(f"  - space.{POLICY_KEY}: {e}")
-    found: dict[str, list[dict[str, Any]]] = {}
+            src = f"override '{overridden[POLICY_KEY]}'" if POLICY_KEY in overridden else where
+            problems.append(Problem(f"search.space.{POLICY_KEY}", str(e), src))
+    model = run_config_model()
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for params in grid_points(spec):
         try:
-            cfg = trial_config(spec, params)
-            # the trial's method: what its run would refuse at training time (S3T: the
-            # model's blocks against slices and budget; its validation rows against ours)
-            msgs = registry.sweep_problems(cfg, val)
-        except ValidationError as e:
-            msgs = [
-                f"{'.'.join(str(x) for x in err['loc'])}: "
-                + err["msg"].removeprefix("Value error, ")
-                for err in e.errors()
-            ]
+            cfg, found_here = collect(model, trial_tree(spec, params), Sources.of(where))
+            msgs = [(p.key, p.message) for p in found_here]
+            if not found_here:
+                # the trial's method: what its run would refuse at training time (S3T: the
+                # model's blocks against slices and budget; its validation rows against ours)
+                msgs = [("", m) for m in registry.sweep_problems(cfg, val)]
         except ValueError as e:
-            msgs = [str(e)]
+            msgs = [("", str(e))]
         for msg in msgs:
             found.setdefault(msg, []).append(params)
-    for msg, trials in found.items():
+    for (key, msg), trials in found.items():
         which = "trial" if len(trials) == 1 else f"{len(trials)} trials, e.g."
-        problems.append(f"  - {msg} ({which} {trials[0]})")
+        src = f"override '{overridden[key]}'" if key in overridden else f"{where}, search"
+        problems.append(Problem(key, f"{msg} ({which} {trials[0]})", src))
     return problems
 
 

@@ -16,18 +16,23 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     create_model,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from ray_unlearn.platform.core.config_errors import (
+    ConfigError,
+    Problems,
+    Sources,
+    collect,
+    did_you_mean,
+    report,
+)
 from ray_unlearn.platform.core.data import DataConfig
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message lists every problem."""
+__all__ = ["ConfigError", "CoreRunConfig", "config_from_dict", "load_config", "parse_overrides"]
 
 
 class _Strict(BaseModel):
@@ -321,7 +326,7 @@ class CoreRunConfig(_Strict):
         if self.unlearning.strategy not in names:
             problems.append(
                 f"unlearning.strategy: unknown strategy {self.unlearning.strategy!r}; "
-                f"available: {', '.join(names)}"
+                f"available: {', '.join(names)}" + did_you_mean(self.unlearning.strategy, names)
             )
         problems += registry.config_problems(self)
         if self.training.num_workers > self.partition.shards:
@@ -336,7 +341,7 @@ class CoreRunConfig(_Strict):
                 "gpus_per_worker to 0"
             )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise Problems(problems)
         return self
 
 
@@ -375,22 +380,6 @@ else:
         if name == "RunConfig":
             return run_config_model()
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}: {err.error_count()} problem(s)"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(
-            f"  - {loc}: {msg}"
-            + (
-                f" (got {e['input']!r})"
-                if "input" in e and not isinstance(e["input"], dict)
-                else ""
-            )
-        )
-    return "\n".join(lines)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -459,15 +448,23 @@ def load_config(
             raise ConfigError(
                 f"config file {source} must hold a mapping, got {type(tree).__name__}"
             )
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return config_from_dict(tree, source)
+    overrides = list(overrides or [])
+    tree = _merge(tree, parse_overrides(overrides))
+    return config_from_dict(tree, source, overrides)
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "(dict)") -> CoreRunConfig:
-    try:
-        return run_config_model().model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+def config_from_dict(
+    tree: dict[str, Any], source: str = "(dict)", overrides: list[str] | None = None
+) -> CoreRunConfig:
+    """Validate a config tree; ConfigError lists every problem (field errors and the
+    cross-section ones of the valid fields), each blamed on ``source`` (the file) or on the
+    override that set it."""
+    model = run_config_model()
+    sources = Sources.of(f"in {source}" if source != "(defaults)" else "default", overrides or [])
+    cfg, problems = collect(model, tree, sources)
+    if problems or cfg is None:
+        raise report(f"invalid config {source}", problems)
+    return cfg
 
 
 def config_to_yaml(cfg: CoreRunConfig) -> str:

@@ -68,17 +68,62 @@ def affected_rows(state: ShardState, deleted: np.ndarray) -> tuple[np.ndarray, i
     return in_shard, int(data.slices[in_shard].min())
 
 
-_REGISTRY: dict[str, type[UnlearningStrategy]] = {}
+@dataclass(frozen=True)
+class StrategyRef:
+    """A strategy registered by name before its module is imported: its class is imported on
+    first use (:func:`get_strategy`). Validating a config only needs the names, so a method
+    whose strategy module imports torch registers a ref and a bad config is reported without
+    importing torch (seconds saved on every typo)."""
+
+    name: str
+    target: str  # "package.module:ClassName"
+
+    def load(self) -> type[UnlearningStrategy]:
+        import importlib
+
+        module, _, attr = self.target.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        if getattr(cls, "name", None) != self.name:
+            raise TypeError(
+                f"{self.target} is named {getattr(cls, 'name', None)!r}, not {self.name!r}"
+            )
+        return cls
 
 
-def register_strategy(cls: type[UnlearningStrategy]) -> type[UnlearningStrategy]:
+_REGISTRY: dict[str, type[UnlearningStrategy] | StrategyRef] = {}
+
+
+def _target(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def register_strategy(
+    cls: type[UnlearningStrategy] | StrategyRef,
+) -> type[UnlearningStrategy] | StrategyRef:
+    """Register a strategy class (a decorator) or a :class:`StrategyRef` to it. The class
+    itself, registered when its module is imported, replaces its own ref."""
     if not getattr(cls, "name", None):
-        raise TypeError(f"{cls.__name__} needs a class attribute `name`")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(
-            f"strategy name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}"
+        raise TypeError(f"{cls!r} needs a `name`")
+    held = _REGISTRY.get(cls.name)
+    same = (
+        held is None
+        or held is cls
+        or held == cls
+        or (
+            isinstance(held, StrategyRef)
+            and not isinstance(cls, StrategyRef)
+            and held.target == _target(cls)
         )
-    _REGISTRY[cls.name] = cls
+        or (
+            isinstance(cls, StrategyRef)
+            and not isinstance(held, StrategyRef)
+            and cls.target == _target(held)
+        )
+    )
+    if not same:
+        raise ValueError(f"strategy name {cls.name!r} is already registered by {held!r}")
+    if not (isinstance(cls, StrategyRef) and held is not None):
+        _REGISTRY[cls.name] = cls  # a ref never replaces its loaded class
     return cls
 
 
@@ -88,11 +133,14 @@ def available_strategies() -> list[str]:
 
 def get_strategy(name: str) -> type[UnlearningStrategy]:
     try:
-        return _REGISTRY[name]
+        entry = _REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"unknown unlearning strategy {name!r}; available: {', '.join(available_strategies())}"
         ) from None
+    if isinstance(entry, StrategyRef):
+        entry = _REGISTRY[name] = entry.load()
+    return entry
 
 
 def next_generation(chain: list[str]) -> int:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel
 
-from ray_unlearn.platform.methods.base import UnlearningStrategy, register_strategy
+from ray_unlearn.platform.methods.base import StrategyRef, UnlearningStrategy, register_strategy
 
 if TYPE_CHECKING:
     from torch import nn
@@ -61,7 +61,8 @@ class Section:
 class Method:
     name: str
     description: str = ""
-    strategies: tuple[type[UnlearningStrategy], ...] = ()
+    # classes, or StrategyRef (imported on first use: a config is validated without them)
+    strategies: tuple[type[UnlearningStrategy] | StrategyRef, ...] = ()
     # names that make a run this method's own kind (not UnlearningStrategy classes)
     kinds: tuple[str, ...] = ()
     # (label, what its deletions are): messages when a request's strategy does not fit a run

@@ -104,9 +104,13 @@ def test_toy_section_and_strategy_load_from_yaml(tmp_path, toy_method):
     assert cfg.toy.strength == 3 and cfg.unlearning.strategy == "toy-forget"
     assert load_config(None).toy.strength == 1  # a section with defaults is always there
     assert "toy-forget" in methods.strategy_names()
-    with pytest.raises(ConfigError, match=r"toy\.bogus: Extra inputs are not permitted"):
+    with pytest.raises(
+        ConfigError, match=r"toy\.bogus \(in .*\): unknown key; allowed here: strength"
+    ):
         load_config(_yaml(tmp_path, "toy: {bogus: 1}\n"))
-    with pytest.raises(ConfigError, match=r"toy\.strength: Input should be greater"):
+    with pytest.raises(
+        ConfigError, match=r"toy\.strength \(override 'toy.strength=0'\): Input should be greater"
+    ):
         load_config(None, ["toy.strength=0"])
     with pytest.raises(ConfigError, match="13 is refused by the toy method"):
         load_config(None, ["toy.strength=13"])
@@ -117,7 +121,7 @@ def test_unregistered_section_and_strategy_are_refused(tmp_path, toy_method):
     try:
         with pytest.raises(ConfigError) as err:
             load_config(_yaml(tmp_path, "toy: {strength: 3}\n"))
-        assert "toy: Extra inputs are not permitted" in str(err.value)
+        assert "toy (in " in str(err.value) and "unknown key; allowed here: name," in str(err.value)
         with pytest.raises(ConfigError) as err:
             load_config(None, ["unlearning.strategy=toy-forget"])
         assert "unknown strategy 'toy-forget'; available: dpus, hs, ohs, rum, sisa, s3t" in str(
@@ -189,3 +193,31 @@ def test_builtin_methods_and_listing():
     rows = {r["name"]: r for r in methods.registry.listing()}
     assert rows["s3t"]["exact"] is True and "run kind" in rows["s3t"]["description"]
     assert rows["sisa"]["exact"] is True and rows["dpus"]["exact"] is False
+
+
+def test_a_strategy_registered_by_reference_loads_on_first_use():
+    """A method may register a strategy by name and import path (its module imports torch,
+    which validating a config does not need): the class replaces the ref once imported, and
+    another class under the same name is refused."""
+    from ray_unlearn.platform.methods.base import _REGISTRY, StrategyRef, register_strategy
+
+    ref = StrategyRef("toy-by-ref", f"{__name__}:ToyForget")
+    with pytest.raises(TypeError, match="named 'toy-forget', not 'toy-by-ref'"):
+        ref.load()  # the class's own name must match
+    ref = StrategyRef("toy-forget", f"{__name__}:ToyForget")
+    try:
+        _REGISTRY.pop("toy-forget", None)
+        register_strategy(ref)
+        assert "toy-forget" in methods.available_strategies()
+        assert methods.get_strategy("toy-forget") is ToyForget  # loaded, and kept
+        assert _REGISTRY["toy-forget"] is ToyForget
+        register_strategy(ref)  # the same ref again: no-op, the class stays
+        assert _REGISTRY["toy-forget"] is ToyForget
+
+        class Other(ToyForget):
+            name = "toy-forget"
+
+        with pytest.raises(ValueError, match="already registered"):
+            register_strategy(Other)
+    finally:
+        _REGISTRY.pop("toy-forget", None)

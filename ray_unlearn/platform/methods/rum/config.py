@@ -6,6 +6,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ray_unlearn.platform.core.config_errors import did_you_mean
+
+# the keys of methods/approximate.py's ALGORITHMS (a test keeps them equal): named here so
+# that validating a config does not import torch
+ALGORITHM_NAMES = (
+    "finetune",
+    "neggrad",
+    "neggrad_plus",
+    "l1_sparse",
+    "random_label",
+    "salun",
+    "scrub",
+)
+
 
 class RumConfig(BaseModel):
     """Memorization-aware approximate unlearning (strategy ``rum``)."""
@@ -19,7 +33,7 @@ class RumConfig(BaseModel):
         description="Memorization score that splits the deleted samples into thirds. The four "
         "training proxies are running means over the shard's slice checkpoints, read when the "
         "request executes (nothing to precompute); holdout_kl and exact are read from the "
-        "scores stored with the run (platform.memorization.compute_run_scores).",
+        "scores stored with the run (`ray-unlearn scores --run <id> --score <name>` stores them).",
     )
     low: str | None = Field("finetune", description="Algorithm for the low-memorization third.")
     medium: str | None = Field("neggrad_plus", description="... for the medium third.")
@@ -44,10 +58,11 @@ class RumConfig(BaseModel):
     @field_validator("low", "medium", "high")
     @classmethod
     def _algorithm(cls, v: str | None) -> str | None:
-        from ray_unlearn.platform.methods.approximate import ALGORITHMS
-
-        if v is not None and v not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(ALGORITHMS)} or null")
+        if v is not None and v not in ALGORITHM_NAMES:
+            raise ValueError(
+                f"unknown algorithm {v!r}; allowed: {', '.join(ALGORITHM_NAMES)} or null"
+                + did_you_mean(v, list(ALGORITHM_NAMES))
+            )
         return v
 
     @model_validator(mode="after")

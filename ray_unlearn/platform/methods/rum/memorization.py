@@ -304,8 +304,8 @@ def load_scores(ctx: RunContext, name: str) -> tuple[np.ndarray, np.ndarray]:
     if not ctx.storage.exists(rel):
         raise FileNotFoundError(
             f"run {ctx.run_id} has no stored {name!r} scores ({rel}): compute them with "
-            "ray_unlearn.platform.methods.rum.memorization.compute_run_scores (or, on Ray, "
-            "ray_unlearn.train.memorization.compute_run_scores_ray)"
+            f"`ray-unlearn scores --run {ctx.run_id} --score {name}` (from Python: "
+            "ray_unlearn.platform.methods.rum.memorization.compute_run_scores)"
         )
     t = ctx.storage.read_table(rel)
     return t["sample_id"].to_numpy(), t["score"].to_numpy()
