@@ -41,6 +41,7 @@ from ray import tune
 
 from ray_unlearn.platform.core.config import config_to_yaml
 from ray_unlearn.platform.core.storage import Storage
+from ray_unlearn.tune.dedupe import unique_points
 from ray_unlearn.tune.pareto import choose, pareto_front, plot_front, plot_trial
 from ray_unlearn.tune.spec import (
     POLICY_KEY,
@@ -238,12 +239,30 @@ POINT = "point"  # with variants, a trial's config is {POINT: {key: value, ...}}
 
 
 def _param_space(spec: SweepSpec) -> dict[str, Any]:
-    """One Tune dimension per key; with variants, one dimension over the grid's points (so a
-    trial never mixes keys of two variants)."""
+    """One Tune dimension per key; with variants, or when some grid points repeat a trial
+    (:mod:`ray_unlearn.tune.dedupe`), one dimension over the grid's distinct points (so a
+    trial never mixes keys of two variants, and no trial runs twice)."""
     pick = tune.grid_search if spec.search.method == "grid" else tune.choice
-    if spec.search.variants:
+    if spec.search.method == "grid":
+        points, skipped = unique_points(spec)
+        if spec.search.variants or skipped:
+            return {POINT: pick(points)}
+    elif spec.search.variants:
         return {POINT: pick(grid_points(spec))}
     return {k: pick(list(v)) for k, v in spec.search.space.items()}
+
+
+def planned_trials(spec: SweepSpec) -> tuple[int, list[str]]:
+    """(trials the sweep runs, one line per grid point skipped as a repeat of another)."""
+    if spec.search.method != "grid":
+        return num_trials(spec), []
+    points, skipped = unique_points(spec)
+    every = grid_points(spec)
+    lines = [
+        f"{_label(every[i], spec)} runs as {_label(every[j], spec)} (same config and policy)"
+        for i, j in skipped
+    ]
+    return len(points) * spec.search.num_samples, lines
 
 
 def trial_params(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -274,7 +293,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         parent_id,
         params=[
             Param("sweep_file", spec.source or "-"),
-            Param("trials", str(num_trials(spec))),
+            Param("trials", str(planned_trials(spec)[0])),
             Param("stream_deletions", str(spec.stream.deletions)),
             Param("space", json.dumps(dimensions(spec))[:6000]),
             Param("variants", str(len(spec.search.variants))),
@@ -283,6 +302,14 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         ],
     )
     logger = MlflowTrials(client, exp_id, parent_id, spec)
+    total, skipped = planned_trials(spec)
+    if skipped:
+        print(
+            f"{len(skipped)} grid point(s) skipped, each the same trial as another:\n  "
+            + "\n  ".join(skipped),
+            file=sys.stderr,
+            flush=True,
+        )
 
     min_acc = spec.stop.min_accuracy
     scheduler = None
@@ -311,7 +338,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
             storage_path=str(out / "tune")
             if storage.local
             else f"{storage.uri}/sweeps/{sweep_id}/tune",
-            callbacks=[logger, Progress(spec, num_trials(spec))],
+            callbacks=[logger, Progress(spec, total)],
             stop=(lambda trial_id, result: result["val_accuracy"] < min_acc)
             if min_acc is not None
             else None,
@@ -363,6 +390,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         "parent_run_id": parent_id,
         "objectives": {m: "max" if up else "min" for m, up in objectives.items()},
         "trials": rows,
+        "skipped_duplicates": skipped,
         "pareto_front": [r["label"] for r in front],
     }
     if front:
