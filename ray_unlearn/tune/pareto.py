@@ -117,28 +117,44 @@ def plot_front(
 
 
 def plot_trial(history: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """One trial: validation / test accuracy and cumulative unlearning seconds per deletion."""
+    """One trial: validation / test / served accuracy (left axis) and cumulative unlearning
+    seconds (right axis) per deletion. One colour per series, whole deletions on the x axis,
+    and the legend below the axes, where it covers no line."""
+    import matplotlib.pyplot as plt
+
+    fig = trial_figure(history, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def trial_figure(history: Sequence[dict[str, Any]], title: str):
+    """The figure of :func:`plot_trial` (a matplotlib Figure, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [h["deletions"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [h["val_accuracy"] for h in history], "o-", label="validation accuracy")
-    if all("test_accuracy" in h for h in history):
-        ax.plot(steps, [h["test_accuracy"] for h in history], "d-.", label="test accuracy")
-    if all("served_accuracy" in h for h in history):
-        ax.plot(steps, [h["served_accuracy"] for h in history], "^:", label="served accuracy")
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax2 = ax.twinx()
+    series = [
+        (ax, "val_accuracy", "validation accuracy", "o-", "tab:blue"),
+        (ax, "test_accuracy", "test accuracy (reported only)", "d-.", "tab:green"),
+        (ax, "served_accuracy", "accuracy of the answers served", "^:", "tab:purple"),
+        (ax2, "unlearn_s", "unlearning wall s (cumulative)", "s--", "tab:red"),
+        (ax2, "unlearn_cpu_s", "unlearning CPU s (cumulative)", "x--", "tab:orange"),
+    ]
+    for axis, key, label, style, colour in series:
+        if all(key in h for h in history):
+            axis.plot(steps, [h[key] for h in history], style, color=colour, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # deletions are counts
     ax.set_xlabel("deletions")
     ax.set_ylabel("accuracy")
-    ax.legend(loc="lower left", fontsize=8)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [h["unlearn_s"] for h in history], "s--", color="tab:red")
-    if all("unlearn_cpu_s" in h for h in history):
-        ax2.plot(steps, [h["unlearn_cpu_s"] for h in history], "x--", color="tab:orange")
-    ax2.set_ylabel("unlearning s, wall (red) / CPU (orange), cumulative", color="tab:red")
+    ax2.set_ylabel("unlearning seconds (cumulative)")
+    ax2.set_ylim(bottom=0)
+    handles = [h for a in (ax, ax2) for h in a.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
+    return fig
