@@ -120,9 +120,9 @@ def plot_trial(history: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     """One trial: validation / test / served accuracy (left axis) and cumulative unlearning
     seconds (right axis) per deletion. One colour per series, whole deletions on the x axis,
     and the legend below the axes, where it covers no line."""
-    import matplotlib.pyplot as plt
-
     fig = trial_figure(history, title)
+    import matplotlib.pyplot as plt  # after trial_figure chose the Agg backend
+
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -7,8 +7,9 @@ trial logged to MLflow, ending in a Pareto front and a chosen config.
   the stopper (``stop.min_accuracy``) and ASHA (``stop.asha``) act on: both read
   ``val_accuracy``, measured on validation rows that are neither training nor test rows.
 * MLflow: one parent run per sweep; every trial is a child run (tag
-  ``mlflow.parentRunId``) with its parameters, its metrics per deletion step and at the end,
-  and its plot and run config as artifacts. The driver logs, as trials end (Tune callback),
+  ``mlflow.parentRunId``) with its full resolved run config as parameters (dotted keys,
+  the serving policy once as ``serving.policy``), its metrics per deletion step and at the
+  end, and its plot and run config as artifacts. The driver logs, as trials end (Tune callback),
   so one process writes the store. Tracking URI: ``mlflow.tracking_uri``, else
   ``$MLFLOW_TRACKING_URI``, else SQLite under the storage root (MLflow 3's file store is
   deprecated and refuses to start without an opt-in).
@@ -17,6 +18,11 @@ trial logged to MLflow, ending in a Pareto front and a chosen config.
 * Pareto front over ``pareto``'s three objectives (default: validation accuracy, unlearning
   CPU seconds, mean latency) among the trials that finished the stream without an exposure
   violation; each trial's ``test_accuracy`` is reported beside it and chooses nothing.
+* Model registry: every trial's last report carries its serving ensemble as a Tune
+  checkpoint; the chosen trial's is logged as an MLflow pyfunc model on its child run and
+  registered as a new version of the model named after the sweep, tagged with its lineage
+  (ray-unlearn run id, serving versions, deletion log position):
+  ``mlflow.pyfunc.load_model("models:/<sweep name>/<version>")``.
 * Result: ``<out>/results.json``, ``<out>/pareto.png``, ``<out>/chosen.yaml`` (a run config
   ``ray-unlearn train --config`` takes unchanged), also logged on the parent run. ``<out>``
   is ``<storage>/sweeps/<sweep id>`` for a local storage root; for an object-store root the
@@ -169,16 +175,13 @@ class MlflowTrials(tune.Callback):
             for k, v in h.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k in _LOGGED
         ]
-        logged = [Param(k, str(v)) for k, v in params.items()]
-        logged.append(Param("policy", trial_policy(self.spec, params)))
-        for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
-            self.client.log_batch(
-                rid, metrics=metrics[i : i + 900], params=logged if i == 0 else []
-            )
-        if not metrics:
-            self.client.log_batch(rid, params=logged)
+        cfg = trial_config(self.spec, params)
+        logged = config_params(cfg, trial_policy(self.spec, params))
+        for i in range(0, len(logged), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(rid, params=logged[i : i + 100])
+        for i in range(0, len(metrics), 900):  # ... and at 1000 metrics
+            self.client.log_batch(rid, metrics=metrics[i : i + 900])
         with tempfile.TemporaryDirectory() as d:
-            cfg = trial_config(self.spec, params)
             (Path(d) / "run_config.yaml").write_text(config_to_yaml(cfg))
             self.client.log_artifact(rid, str(Path(d) / "run_config.yaml"))
             if hist:
@@ -229,10 +232,38 @@ _CHOSEN = (
 )
 
 
+def config_params(cfg, policy: str) -> list[Param]:
+    """A trial's resolved run config as MLflow params: one per leaf, dotted keys
+    (``training.epochs``), lists and nulls as JSON, plus the serving policy once
+    (``serving.policy``); values cut at MLflow's 6000 characters."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = node
+
+    walk("", cfg.model_dump(mode="json"))
+    flat[POLICY_KEY] = policy
+    return [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000]) for k, v in flat.items()]
+
+
 def _trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     spec = SweepSpec.model_validate(spec_json)
     workdir = Path(tune.get_context().get_trial_dir() or tempfile.mkdtemp(prefix="ru-trial-"))
-    run_trial(spec, trial_params(config), workdir, report=tune.report)
+    export = workdir / "ensemble"
+
+    def report(metrics: dict[str, Any]) -> None:
+        # the last report carries the ensemble as the trial's checkpoint: Tune persists it
+        # to the sweep's storage, where the driver finds the chosen trial's to register
+        if metrics.get("final"):
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(export))
+        else:
+            tune.report(metrics)
+
+    run_trial(spec, trial_params(config), workdir, report=report, export_dir=export)
 
 
 POINT = "point"  # with variants, a trial's config is {POINT: {key: value, ...}}
@@ -269,6 +300,35 @@ def trial_params(config: dict[str, Any] | None) -> dict[str, Any]:
     """The sweep keys of a Tune trial config (see :func:`_param_space`)."""
     config = dict(config or {})
     return dict(config[POINT]) if isinstance(config.get(POINT), dict) else config
+
+
+def _register_chosen(
+    client: MlflowClient, spec: SweepSpec, sweep_id: str, best: dict[str, Any], ckpt
+) -> dict[str, Any] | None:
+    """Register the chosen trial's ensemble (its last checkpoint) as a new version of the
+    MLflow model named after the sweep, on the trial's child run, with its lineage. A
+    failure is reported in the result (and on stderr), not raised: the sweep's results
+    stand without it."""
+    if ckpt is None or not best.get("mlflow_run_id"):
+        return None
+    from ray_unlearn.tune.model_export import register_ensemble
+
+    try:
+        with ckpt.as_directory() as d:
+            return register_ensemble(
+                client,
+                d,
+                best["mlflow_run_id"],
+                spec.name,
+                tags={
+                    "ray_unlearn.sweep_id": sweep_id,
+                    "ray_unlearn.trial": best["label"][:5000],
+                    "ray_unlearn.policy": best["policy"],
+                },
+            )
+    except Exception as e:  # noqa: BLE001 - reported below, the sweep's results stand
+        print(f"registering the chosen model failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
@@ -352,7 +412,9 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         client.set_terminated(parent_id, "FAILED")
         raise
     rows: list[dict[str, Any]] = []
+    checkpoints: list[Any] = []  # per row: its trial's last checkpoint (the ensemble), or None
     for res in grid:
+        checkpoints.append(res.checkpoint)
         params = trial_params(res.config)
         m = res.metrics or {}
         row = {
@@ -412,9 +474,12 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         (out / "chosen.yaml").write_text(text)
         doc["chosen"] = {**best, "config": str(out / "chosen.yaml")}
         plot_front(done, front_idx, out / "pareto.png", f"sweep {sweep_id}", objectives)
+        ckpt = next(c for r, c in zip(rows, checkpoints, strict=True) if r is best)
+        doc["registered_model"] = _register_chosen(client, spec, sweep_id, best, ckpt)
     else:
         status = "FAILED"
         doc["chosen"] = None
+        doc["registered_model"] = None
     doc["seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
     for name in ("results.json", "pareto.png", "chosen.yaml"):

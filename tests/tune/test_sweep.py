@@ -109,9 +109,10 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
     assert {c.info.run_id for c in children} == {t["mlflow_run_id"] for t in doc["trials"]}
     for run in children:
         assert run.info.status == "FINISHED"
-        assert {"partition.shards", "unlearning.strategy", "serving.policy", "policy"} <= set(
-            run.data.params
-        )
+        params = run.data.params  # the full resolved config, the policy once
+        assert {"partition.shards", "unlearning.strategy", "serving.policy"} <= set(params)
+        assert params["training.epochs"] == "2" and "data.test_fraction" in params
+        assert "policy" not in params
         assert {
             "val_accuracy",
             "test_accuracy",
@@ -124,10 +125,20 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
         } <= set(run.data.metrics)
         steps = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in steps] == [1, 2]
+        chosen_run = run.info.run_id == doc["chosen"]["mlflow_run_id"]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
             "run_config.yaml",
             "trial.png",
-        }
+        } | ({"model"} if chosen_run else set())
+
+    # the chosen trial's ensemble, registered with its lineage
+    reg = doc["registered_model"]
+    assert reg["uri"] == f"models:/{spec.name}/1", reg
+    version = client.get_model_version(spec.name, reg["version"])
+    assert version.run_id == doc["chosen"]["mlflow_run_id"]
+    assert version.tags["ray_unlearn.sweep_id"] == doc["sweep_id"]
+    assert version.tags["ray_unlearn.deletion_log_requests"] == "2"  # the stream's two
+    assert json.loads(version.tags["ray_unlearn.versions"])
 
     # the chosen config is a run config that `ray-unlearn train` takes unchanged
     from typer.testing import CliRunner
