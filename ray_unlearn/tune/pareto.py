@@ -75,17 +75,32 @@ def plot_front(
     objectives: dict[str, bool] | None = None,
 ) -> None:
     """Cost (x) vs accuracy (y), latency as colour; the front's points ringed and labelled."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     acc_m, cost_m, lat_m = list(objectives or OBJECTIVES)
-    # the front's labels are listed under the plot, numbered like their points
-    fig, ax = plt.subplots(figsize=(8, 5.5 + 0.22 * len(front)))
     cost = [r[cost_m] for r in rows]
     acc = [r[acc_m] for r in rows]
     lat = [r[lat_m] for r in rows]
+    # the front's labels are listed under the plot, numbered like their points, each wrapped
+    # to the figure's width (long trial labels ran off the right edge)
+    notes = [
+        textwrap.fill(
+            f"{n}: {rows[i]['label']}  ({acc_m} {acc[i]:.4f}, "
+            f"test_accuracy {rows[i].get('test_accuracy') or float('nan'):.4f}, "
+            f"{cost_m} {cost[i]:.3g}, {lat_m} {lat[i]:.3g})",
+            width=125,
+            subsequent_indent="    ",
+        )
+        for n, i in enumerate(front, start=1)
+    ]
+    footer = "\n".join(notes)
+    lines = footer.count("\n") + 1 if notes else 0
+    fig, ax = plt.subplots(figsize=(8, 5.5 + 0.13 * lines))
     sc = ax.scatter(cost, acc, c=lat, cmap="viridis", s=40, label="trials")
     fig.colorbar(sc, ax=ax, label=_AXIS[lat_m])
     ax.scatter(
@@ -104,14 +119,8 @@ def plot_front(
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
     # test accuracy beside each front point: reported, never what the front was chosen on
-    legend = "\n".join(
-        f"{n}: {rows[i]['label']}  ({acc_m} {acc[i]:.4f}, "
-        f"test_accuracy {rows[i].get('test_accuracy') or float('nan'):.4f}, "
-        f"{cost_m} {cost[i]:.3g}, {lat_m} {lat[i]:.3g})"
-        for n, i in enumerate(front, start=1)
-    )
-    fig.text(0.01, 0.01, legend, fontsize=7, va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, 0.22 * len(front) / (5.5 + 0.22 * len(front)) + 0.02, 1, 1))
+    fig.text(0.01, 0.01, footer, fontsize=6.5, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, 0.13 * lines / (5.5 + 0.13 * lines) + 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
