@@ -250,20 +250,33 @@ def config_params(cfg, policy: str) -> list[Param]:
     return [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000]) for k, v in flat.items()]
 
 
+def _workdir() -> Path:
+    """Where a trial writes its run: the trial's working directory (Tune changes into it,
+    unless RAY_CHDIR_TO_TRIAL_DIR=0; with keep_runs, Tune persists it to the trial's
+    directory in the sweep's storage), else a fresh temporary directory.
+
+    Not ``get_trial_dir()``: for a function trainable that is the driver's staging
+    directory, which the driver copies to storage whenever it saves the experiment state;
+    a run written there (and deleted once measured) raced that copy ("Saving experiment
+    state ... FileNotFoundError") and uploaded every trial's run besides."""
+    if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR", "1") != "0":
+        return Path.cwd()
+    return Path(tempfile.mkdtemp(prefix="ru-trial-"))
+
+
 def _trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     spec = SweepSpec.model_validate(spec_json)
-    workdir = Path(tune.get_context().get_trial_dir() or tempfile.mkdtemp(prefix="ru-trial-"))
-    export = workdir / "ensemble"
+    with tempfile.TemporaryDirectory(prefix="ru-ensemble-") as export:
 
-    def report(metrics: dict[str, Any]) -> None:
-        # the last report carries the ensemble as the trial's checkpoint: Tune persists it
-        # to the sweep's storage, where the driver finds the chosen trial's to register
-        if metrics.get("final"):
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(export))
-        else:
-            tune.report(metrics)
+        def report(metrics: dict[str, Any]) -> None:
+            # the last report carries the ensemble as the trial's checkpoint: Tune copies it
+            # to the sweep's storage, where the driver finds the chosen trial's to register
+            if metrics.get("final"):
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(export))
+            else:
+                tune.report(metrics)
 
-    run_trial(spec, trial_params(config), workdir, report=report, export_dir=export)
+        run_trial(spec, trial_params(config), _workdir(), report=report, export_dir=export)
 
 
 POINT = "point"  # with variants, a trial's config is {POINT: {key: value, ...}}
@@ -403,6 +416,8 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
             if min_acc is not None
             else None,
             verbose=0,  # Progress prints a line per trial instead
+            # keep_runs: the trial's working directory (its run) goes to its trial directory
+            sync_config=tune.SyncConfig(sync_artifacts=spec.keep_runs),
         ),
     )
     status = "FINISHED"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -53,13 +54,18 @@ TINY_SWEEP = {
 
 
 @pytest.mark.ray
-def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, tmp_path):
+def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, tmp_path, caplog):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY_SWEEP, sort_keys=False))
     store = tmp_path / "store"
     spec = load_sweep(path, [f"storage={store}"])
     assert num_trials(spec) == 4
-    doc = run_sweep(spec)
+    with caplog.at_level(logging.ERROR, logger="ray.tune"):
+        doc = run_sweep(spec)
+    # Tune saved its experiment state without error (trials once wrote their runs into the
+    # directory it copies, and deleted them under it), and no trial's run went to storage
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert not list((store / "sweeps").glob("**/run.json")), "a trial run was uploaded"
     trials = {t["params"]["unlearning.strategy"] + "/" + t["policy"]: t for t in doc["trials"]}
     assert len(doc["trials"]) == 4 and all(t["state"] == "finished" for t in doc["trials"]), [
         (t["label"], t["state"], t["error"]) for t in doc["trials"]
