@@ -13,6 +13,7 @@ method's own serving model, say adapters on a backbone, needs no rebuilding code
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,30 @@ def register_ensemble(
         "model_uri": info.model_uri,
         "mlflow_run_id": mlflow_run_id,
     }
+
+
+def register_chosen(
+    client: mlflow.MlflowClient, model_name: str, sweep_id: str, best: dict[str, Any], ckpt
+) -> dict[str, Any] | None:
+    """Register a sweep's chosen trial's ensemble (its last Tune checkpoint) as a new
+    version of the MLflow model ``model_name`` (the sweep's name), on the trial's child run,
+    with its lineage. A failure is reported in the result (and on stderr), not raised: the
+    sweep's results stand without it."""
+    if ckpt is None or not best.get("mlflow_run_id"):
+        return None
+    try:
+        with ckpt.as_directory() as d:
+            return register_ensemble(
+                client,
+                d,
+                best["mlflow_run_id"],
+                model_name,
+                tags={
+                    "ray_unlearn.sweep_id": sweep_id,
+                    "ray_unlearn.trial": best["label"][:5000],
+                    "ray_unlearn.policy": best["policy"],
+                },
+            )
+    except Exception as e:  # noqa: BLE001 - reported below, the sweep's results stand
+        print(f"registering the chosen model failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return {"error": f"{type(e).__name__}: {e}"}

@@ -48,6 +48,7 @@ from ray import tune
 from ray_unlearn.platform.core.config import config_to_yaml
 from ray_unlearn.platform.core.storage import Storage
 from ray_unlearn.tune.dedupe import unique_points
+from ray_unlearn.tune.model_export import register_chosen
 from ray_unlearn.tune.pareto import choose, pareto_front, plot_front, plot_trial
 from ray_unlearn.tune.spec import (
     POLICY_KEY,
@@ -315,35 +316,6 @@ def trial_params(config: dict[str, Any] | None) -> dict[str, Any]:
     return dict(config[POINT]) if isinstance(config.get(POINT), dict) else config
 
 
-def _register_chosen(
-    client: MlflowClient, spec: SweepSpec, sweep_id: str, best: dict[str, Any], ckpt
-) -> dict[str, Any] | None:
-    """Register the chosen trial's ensemble (its last checkpoint) as a new version of the
-    MLflow model named after the sweep, on the trial's child run, with its lineage. A
-    failure is reported in the result (and on stderr), not raised: the sweep's results
-    stand without it."""
-    if ckpt is None or not best.get("mlflow_run_id"):
-        return None
-    from ray_unlearn.tune.model_export import register_ensemble
-
-    try:
-        with ckpt.as_directory() as d:
-            return register_ensemble(
-                client,
-                d,
-                best["mlflow_run_id"],
-                spec.name,
-                tags={
-                    "ray_unlearn.sweep_id": sweep_id,
-                    "ray_unlearn.trial": best["label"][:5000],
-                    "ray_unlearn.policy": best["policy"],
-                },
-            )
-    except Exception as e:  # noqa: BLE001 - reported below, the sweep's results stand
-        print(f"registering the chosen model failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return {"error": f"{type(e).__name__}: {e}"}
-
-
 def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
     """Run the sweep on the connected (or an embedded) Ray; returns the summary document."""
     t0 = time.perf_counter()
@@ -490,7 +462,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         doc["chosen"] = {**best, "config": str(out / "chosen.yaml")}
         plot_front(done, front_idx, out / "pareto.png", f"sweep {sweep_id}", objectives)
         ckpt = next(c for r, c in zip(rows, checkpoints, strict=True) if r is best)
-        doc["registered_model"] = _register_chosen(client, spec, sweep_id, best, ckpt)
+        doc["registered_model"] = register_chosen(client, spec.name, sweep_id, best, ckpt)
     else:
         status = "FAILED"
         doc["chosen"] = None
