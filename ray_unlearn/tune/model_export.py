@@ -19,10 +19,9 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 import torch
 
-ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_FILE = "ensemble.json"  # also in pyfunc_model.py, which the loader imports
 
 
 def lineage(ctx) -> dict[str, Any]:
@@ -56,37 +55,6 @@ def export_ensemble(ctx, out: str | Path) -> dict[str, Any]:
     return doc
 
 
-class EnsembleModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: rows of ``feature_width`` numbers (a DataFrame or an (n, D) array) -> a
-    DataFrame with ``label`` and ``score_<c>`` per class (vote fractions or mean
-    probabilities, by the run's aggregation rule)."""
-
-    def load_context(self, context) -> None:
-        d = Path(context.artifacts["ensemble"])
-        self.doc = json.loads((d / ENSEMBLE_FILE).read_text())
-        self.models = [
-            torch.load(d / f"shard_{k}.pt", weights_only=False).eval()
-            for k in sorted(self.doc["versions"], key=int)
-        ]
-
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        from ray_unlearn.platform.core.aggregate import aggregate
-        from ray_unlearn.platform.core.training import predict_proba
-
-        x = np.asarray(model_input, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.doc["feature_width"]:
-            raise ValueError(
-                f"input of shape {x.shape}: each row needs {self.doc['feature_width']} numbers"
-            )
-        probs = np.stack([predict_proba(m, torch.from_numpy(x)).numpy() for m in self.models])
-        labels, scores = aggregate(probs, self.doc["rule"])
-        out = pd.DataFrame(
-            np.asarray(scores), columns=[f"score_{c}" for c in range(scores.shape[1])]
-        )
-        out.insert(0, "label", np.asarray(labels, dtype=np.int64))
-        return out
-
-
 def register_ensemble(
     client: mlflow.MlflowClient,
     ensemble_dir: str | Path,
@@ -98,6 +66,7 @@ def register_ensemble(
     register it as a new version of ``model_name``, tagged with its lineage (and ``tags``);
     returns {name, version, uri, model_uri}."""
     import ray_unlearn
+    from ray_unlearn.tune.pyfunc_model import EnsembleModel
 
     doc = json.loads((Path(ensemble_dir) / ENSEMBLE_FILE).read_text())
     x = np.zeros((1, doc["feature_width"]), dtype=np.float32)

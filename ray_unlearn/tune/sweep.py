@@ -48,7 +48,6 @@ from ray import tune
 from ray_unlearn.platform.core.config import config_to_yaml
 from ray_unlearn.platform.core.storage import Storage
 from ray_unlearn.tune.dedupe import unique_points
-from ray_unlearn.tune.model_export import register_chosen
 from ray_unlearn.tune.pareto import choose, pareto_front, plot_front, plot_trial
 from ray_unlearn.tune.spec import (
     POLICY_KEY,
@@ -462,6 +461,8 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         doc["chosen"] = {**best, "config": str(out / "chosen.yaml")}
         plot_front(done, front_idx, out / "pareto.png", f"sweep {sweep_id}", objectives)
         ckpt = next(c for r, c in zip(rows, checkpoints, strict=True) if r is best)
+        from ray_unlearn.tune.model_export import register_chosen
+
         doc["registered_model"] = register_chosen(client, spec.name, sweep_id, best, ckpt)
     else:
         status = "FAILED"
