@@ -131,11 +131,11 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
         } <= set(run.data.metrics)
         steps = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in steps] == [1, 2]
-        chosen_run = run.info.run_id == doc["chosen"]["mlflow_run_id"]
+        # (MLflow 3 keeps a logged model apart from the run's artifacts)
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
             "run_config.yaml",
             "trial.png",
-        } | ({"model"} if chosen_run else set())
+        }
 
     # the chosen trial's ensemble, registered with its lineage
     reg = doc["registered_model"]
