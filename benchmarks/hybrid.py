@@ -440,17 +440,20 @@ def plot(records: list[dict], refs: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    rows = (len({r["variant"] for r in records}) + 2) // 3  # of the legend below
+    rows = (len({r["variant"] for r in records}) + 1 + 2) // 3  # of the legend below (+ retrained)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5 + 0.2 * rows))
     variants = list(dict.fromkeys(r["variant"] for r in records))
-    for v in variants:
+    # one colour per variant: the default cycle repeats after 10 (the full run has 16)
+    colours = plt.get_cmap("tab20" if len(variants) > 10 else "tab10")
+    for i, v in enumerate(variants):
         rs = sorted((r for r in records if r["variant"] == v), key=lambda r: r["requests"])
         n = [r["requests"] for r in rs]
-        style = "-" if "[" not in v else ":"
-        axes[0].plot(n, [r["unlearn_s"] for r in rs], style, marker="o", label=v)
-        axes[1].plot(n, [100 * r["accuracy"] for r in rs], style, marker="o", label=v)
-        axes[2].plot(n, [100 * r["mia"] for r in rs], style, marker="o", label=v)
+        kw = {"ls": "-" if "[" not in v else ":", "marker": "o", "color": colours(i), "label": v}
+        axes[0].plot(n, [r["unlearn_s"] for r in rs], **kw)
+        axes[1].plot(n, [100 * r["accuracy"] for r in rs], **kw)
+        axes[2].plot(n, [100 * r["mia"] for r in rs], **kw)
     rr = sorted(refs, key=lambda r: r["requests"])
     axes[1].plot(
         [r["requests"] for r in rr],
@@ -482,11 +485,22 @@ def plot(records: list[dict], refs: list[dict], path: Path) -> None:
         strict=True,
     ):
         ax.set_xscale("log")
+        # the request counts measured, as plain integers (not 10^0, 10^1)
+        counts = sorted({r["requests"] for r in records})
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("deletion requests (one at a time)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
+    # seconds at 1-2-5 steps, written 0.5, 2 rather than 5x10^-1
+    axes[0].yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[0].yaxis.set_minor_formatter(NullFormatter())
     handles, labels = axes[0].get_legend_handles_labels()
+    if rr:  # the retrained reference is drawn on the accuracy and MIA panels only
+        h, lab = axes[1].get_legend_handles_labels()
+        handles, labels = handles + h[-1:], labels + lab[-1:]
     fig.legend(handles, [short_label(v) for v in labels], loc="lower center", ncol=3, fontsize=7)
     fig.tight_layout(rect=(0, 0.2 * rows / (4.5 + 0.2 * rows) + 0.04, 1, 1))
     fig.savefig(path, dpi=120)

@@ -442,12 +442,16 @@ def plot(records, plain, route, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(17, 4.8), width_ratios=[1, 1.6, 1])
     names = [r["score"] for r in records]
     a.bar(names, [r["cost_s"] for r in records], color="tab:gray", label="cost_s")
     a.bar(names, [r["marginal_s"] for r in records], color="tab:blue", label="marginal_s")
     a.set_yscale("log")
+    a.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.5, not 5x10^-1
+    a.yaxis.set_minor_formatter(NullFormatter())
     a.set_ylabel("seconds (log)")
     a.set_title("cost of each memorization score")
     a.tick_params(axis="x", rotation=30)

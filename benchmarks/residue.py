@@ -127,14 +127,17 @@ def plot(runs: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     kinds = [r["kind"] for r in runs]
     axes[0].bar(kinds, [r["seconds_per_deletion"] for r in runs], color="#4477aa")
     axes[0].set_ylabel("seconds per deletion")
-    axes[1].bar(kinds, [r["residue_finds"] for r in runs], color="#cc6677")
+    bars = axes[1].bar(kinds, [r["residue_finds"] for r in runs], color="#cc6677")
+    axes[1].bar_label(bars)  # a 0 is a result, not a missing bar
     axes[1].set_ylabel("residue finds after the deletions")
     axes[1].set_ylim(0, max(1, *[r["residue_finds"] for r in runs]))
+    axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))  # finds are counts
     n = runs[0]["deletions"] if runs else 0
     fig.suptitle(f"{n} single-owner deletions per run, then a scan of every file under the run")
     fig.tight_layout()

@@ -533,7 +533,10 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_ylabel("deletions until every shard is dead")
     ax.set_title("deletion rate, m=5 shards, L=6 slices")
-    ax.legend()
+    # headroom above the tallest bar for the legend (it covered the B=4 bars)
+    top = max([r["deletions_mean"] for r in recs] + [r["formula"] for r in recs], default=1)
+    ax.set_ylim(0, 1.3 * top)
+    ax.legend(loc="upper center", ncol=2)
 
     ax = axes[1]
     acc = results["accuracy"]
@@ -582,7 +585,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("deletions")
     ax.set_ylabel("test accuracy (%) of the serving ensemble")
     ax.set_title(f"accuracy under deletions (mean of {cur['sequences']} sequences)")
-    ax.legend(loc="lower left")
+    # below the axes: inside, it covered the falling curves
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
     ax2 = ax.twinx()
     ax2.plot(d, cur["s3t_fraction_of_sequences_serving"], color="C0", ls=":", lw=1)
     ax2.plot(d, cur["sisa_deferred_fraction_of_sequences_serving"], color="C1", ls=":", lw=1)

@@ -270,10 +270,17 @@ def audit(
     """The live model versions that contain an owner's or a sample's data (or, with neither,
     any executed deletion's), the request history and a verdict ``clean``. With ``residue``,
     also scan every file under the run for deleted ids and deleted rows' bytes."""
-    from ray_unlearn.platform.core.audit import audit as run_audit
     from ray_unlearn.platform.core.run import open_run
 
-    ctx = open_run(_storage(storage), run)
+    return audit_run(open_run(_storage(storage), run), owner=owner, sample=sample, residue=residue)
+
+
+def audit_run(
+    ctx: Any, *, owner: str | None = None, sample: int | None = None, residue: bool = False
+) -> dict[str, Any]:
+    """:func:`audit` of an open run (``RunContext``): the CLI and the gateway's /v1/audit."""
+    from ray_unlearn.platform.core.audit import audit as run_audit
+
     doc = run_audit(ctx, owner_id=owner, sample_id=sample)
     if residue:
         from ray_unlearn.platform.core.compaction import outside_sources, waiting_for_compaction
@@ -308,7 +315,7 @@ def serve(
     from ray import serve as ray_serve
 
     from ray_unlearn.serve.app import build_app
-    from ray_unlearn.train.session import connect
+    from ray_unlearn.train.session import connect, dashboard_url
 
     connect(address)
     ray_serve.start(http_options={"host": host, "port": port})
@@ -333,6 +340,9 @@ def serve(
         "docs": f"{url}/docs",
         "startup_seconds": time.perf_counter() - t0,
         "token_configured": bool(os.environ.get("RAY_UNLEARN_API_TOKEN")),
+        # where `serve status --address` / the dashboard are (None when attached to a
+        # cluster: its own dashboard address applies)
+        "dashboard": dashboard_url(),
     }
 
 

@@ -574,7 +574,7 @@ def serve(
     address: AddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Serve predictions with ERASER gating, plus /v1/forget, /v1/audit, /metrics (HTTP)."""
+    """Serve predictions with ERASER gating, plus /v1/forget, /v1/audit, /v1/stats (HTTP)."""
     from ray_unlearn import api
 
     with _Output(as_json) as out, _errors(out):

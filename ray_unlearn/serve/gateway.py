@@ -19,6 +19,7 @@ that voted, excluded shards, certificate inputs) and goes to the replica's answe
 """
 
 import asyncio
+import collections
 import logging
 import math
 import os
@@ -29,14 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from ray_unlearn.platform.core.audit import audit
 from ray_unlearn.platform.core.deletion_log import REQUEST_ID_RE, DeletionLogError, RequestState
 from ray_unlearn.platform.core.engine import submit_request
 from ray_unlearn.platform.core.plan import PlanError
@@ -164,18 +164,21 @@ class ErrorBody(BaseModel):
 
 # Every error answer is one of these JSON bodies; 422 comes from request validation (a list)
 # or from the gateway's own checks (a message), so the schema says both.
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": what}
-    for code, what in [
-        (401, "missing or wrong bearer token"),
-        (404, "unknown request, owner or sample id"),
-        (409, "request id already used for other data"),
-        (413, "too many instances in one request"),
-        (422, "invalid input (NaN, infinity, out of int64, wrong width, ...)"),
-        (503, "cannot answer safely now (log unreadable, reject policy, no token): retry"),
-        (504, "timed out waiting for pending deletions"),
-    ]
+_ERROR_TEXT: dict[int, str] = {
+    401: "Missing or wrong bearer token.",
+    404: "Unknown request, owner or sample id.",
+    409: "The request id was already used for other data.",
+    413: "Too many instances in one request.",
+    422: "Invalid input (NaN, infinity, out of int64, wrong width, conflicting queries, ...).",
+    503: "Cannot answer safely now (deletion log unreadable, reject policy, no API token "
+    "configured): retry later.",
+    504: "Timed out waiting for pending deletions.",
 }
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route: the error answers it can give."""
+    return {c: {"model": ErrorBody, "description": _ERROR_TEXT[c]} for c in codes}
 
 
 def _json_safe(value: Any) -> Any:
@@ -192,7 +195,29 @@ def _json_safe(value: Any) -> Any:
     return repr(value)
 
 
-app = FastAPI(title="ray-unlearn gateway", version="1", description=__doc__)
+API_DESCRIPTION = """\
+Predictions from a SISA-style sharded ensemble that stay correct while deletion requests
+are pending (ERASER gating), deletion requests, their status, and audits.
+
+- POST /v1/predict answers each instance as certified (the unaffected shards decide it),
+  excluded (answered without the shards holding data under deletion), waited (after the
+  deletions it depended on executed) or stale (a baseline policy only). Each answer names
+  the model versions that voted.
+- POST /v1/forget accepts a deletion by owner id or sample ids (202 once durably logged and
+  every gateway replica is fenced for it); GET /v1/forget/{request_id} follows it.
+- GET /v1/audit lists the live model versions containing an owner's or a sample's data (or,
+  with neither, any executed deletion's), the request history and a verdict.
+
+/v1/forget and /v1/audit need a bearer token (the Authorize button); /v1/predict needs it
+only when the gateway was started with protect_predict. Figures: GET /v1/stats (this
+replica, JSON); Prometheus metrics go through Ray's metrics agent (ray_unlearn_* series).
+"""
+
+app = FastAPI(title="ray-unlearn gateway", version="1", description=API_DESCRIPTION)
+# Declared in the OpenAPI document (Swagger's Authorize button); the check itself is
+# Gateway._auth, so a missing header is our 401 (or 503 with no token configured).
+bearer = HTTPBearer(auto_error=False, description="The API token (RAY_UNLEARN_API_TOKEN).")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 
 @app.exception_handler(RequestValidationError)
@@ -201,49 +226,51 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 
 class _Metrics:
+    """The gateway's figures as Ray metrics (``ray.serve.metrics``): each replica records
+    its own series, tagged with its deployment, replica and application, and Ray's metrics
+    agent on every node exports them to Prometheus (each node's metrics export port,
+    scraped through Ray's service-discovery file), so a sum over the ``replica`` tag is the
+    application's total. Names are exported with Ray's ``ray_`` prefix (and counters with
+    ``_total``): ``ray_unlearn_answers_total``, ``ray_unlearn_predict_latency_seconds``...
+    ``counts`` keeps this replica's answers for GET /v1/stats."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.latency = Histogram(
-            "ray_unlearn_predict_latency_seconds",
-            "Predict request latency",
-            ["mode"],
-            registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        from ray.serve import metrics as m  # created inside a replica: Serve's tags apply
+
+        self.latency = m.Histogram(
+            "unlearn_predict_latency_seconds",
+            description="Predict request latency (s), by how the request was answered",
+            boundaries=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+            tag_keys=("mode",),
         )
-        self.answers = Counter(
-            "ray_unlearn_answers_total", "Instances answered, by how", ["mode"], registry=r
+        self.answers = m.Counter(
+            "unlearn_answers", description="Instances answered, by how", tag_keys=("mode",)
         )
-        self.exposure = Counter(
-            "ray_unlearn_exposure_total",
-            "Answers that used a model holding data under a pending deletion, uncertified",
-            registry=r,
+        self.exposure = m.Counter(
+            "unlearn_exposure",
+            description="Answers that used a model holding data under a pending deletion, "
+            "uncertified",
         )
-        self.pending = Gauge(
-            "ray_unlearn_pending_deletions", "Deletion requests not yet done", registry=r
+        self.pending = m.Gauge(
+            "unlearn_pending_deletions",
+            description="Deletion requests not yet done, as this replica last read the log "
+            "(the same for every replica: take the max, not the sum)",
         )
-        self.certified_fraction = Gauge(
-            "ray_unlearn_certified_fraction",
-            "Fraction of instances answered at once with a certificate",
-            registry=r,
+        self.executions = m.Counter(
+            "unlearn_unlearning_executions", description="Unlearning executions"
         )
-        self.executions = Counter(
-            "ray_unlearn_unlearning_executions_total", "Unlearning executions", registry=r
-        )
-        self.compute = Counter(
-            "ray_unlearn_unlearning_compute_seconds_total", "Seconds spent retraining", registry=r
+        self.compute = m.Counter(
+            "unlearn_unlearning_compute_seconds", description="Seconds spent retraining (s)"
         )
         self.counts: dict[str, int] = {}
 
     def record(self, modes: list[str], seconds: float, mode: str) -> None:
-        self.latency.labels(mode).observe(seconds)
-        for m in modes:
-            self.answers.labels(m).inc()
-            self.counts[m] = self.counts.get(m, 0) + 1
-            if m == "stale":
-                self.exposure.inc()
-        total = sum(self.counts.values())
-        self.certified_fraction.set(self.counts.get("certified", 0) / total if total else 0.0)
+        self.latency.observe(seconds, tags={"mode": mode})
+        for m, n in collections.Counter(modes).items():
+            self.answers.inc(n, tags={"mode": m})
+            self.counts[m] = self.counts.get(m, 0) + n
+        if "stale" in modes:
+            self.exposure.inc(modes.count("stale"))
 
 
 def _replica_name() -> str:
@@ -364,19 +391,15 @@ class Gateway:
             log.exception("gateway %s: deregistration failed", getattr(self, "replica", "?"))
 
     # -- helpers ---------------------------------------------------------------------
-    def _auth(self, authorization: str | None, *, required: bool = True) -> None:
+    def _auth(self, creds: HTTPAuthorizationCredentials | None, *, required: bool = True) -> None:
         if not required:
             return
         if self.token is None:
             raise HTTPException(
                 503, f"no API token configured: set {TOKEN_ENV} or the gateway's api_token"
             )
-        if (
-            not authorization
-            or not authorization.startswith("Bearer ")
-            or not secrets.compare_digest(
-                authorization[len("Bearer ") :].encode(), self.token.encode()
-            )
+        if creds is None or not secrets.compare_digest(
+            creds.credentials.encode(), self.token.encode()
         ):
             raise HTTPException(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
@@ -573,7 +596,8 @@ class Gateway:
             compute = float(details.get("train_seconds", 0.0))
             self._stats["unlearning_compute_s"] += compute
             self._stats["unlearning_cpu_s"] += float(details.get("train_cpu_seconds", 0.0))
-            self.metrics.compute.inc(compute)
+            if compute > 0:  # a Ray counter refuses a zero increment
+                self.metrics.compute.inc(compute)
         self.metrics.executions.inc()
         async with self._executed:
             self._executed.notify_all()
@@ -598,11 +622,13 @@ class Gateway:
             self._waiters -= 1
 
     # -- endpoints -------------------------------------------------------------------
-    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
-    async def predict(
-        self, body: PredictRequest, authorization: str | None = Header(None)
-    ) -> PredictResponse:
-        self._auth(authorization, required=self.settings.protect_predict)
+    @app.post(
+        "/v1/predict", response_model=PredictResponse, responses=errors(401, 413, 422, 503, 504)
+    )
+    async def predict(self, body: PredictRequest, creds: Bearer = None) -> PredictResponse:
+        """Answer each instance under the serving policy; the token is needed only with
+        protect_predict."""
+        self._auth(creds, required=self.settings.protect_predict)
         t0 = time.perf_counter()
         x = self._features(body)
         n = len(x)
@@ -734,11 +760,11 @@ class Gateway:
             committed_at=committed_at,
         )
 
-    @app.post("/v1/forget", status_code=202, responses=ERRORS)
-    async def forget(
-        self, body: ForgetRequest, authorization: str | None = Header(None)
-    ) -> dict[str, Any]:
-        self._auth(authorization)
+    @app.post("/v1/forget", status_code=202, responses=errors(401, 404, 409, 422, 503))
+    async def forget(self, body: ForgetRequest, creds: Bearer = None) -> dict[str, Any]:
+        """Log a deletion request by owner id or sample ids; 202 once it is durable and every
+        gateway replica is fenced for it. Idempotent by request id."""
+        self._auth(creds)
         deadline = time.time() + body.deadline_s if body.deadline_s is not None else None
         try:
             record, created = await asyncio.to_thread(
@@ -775,11 +801,10 @@ class Gateway:
             "status": f"/v1/forget/{rid}",
         }
 
-    @app.get("/v1/forget/{request_id}", responses=ERRORS)
-    async def forget_status(
-        self, request_id: str, authorization: str | None = Header(None)
-    ) -> dict[str, Any]:
-        self._auth(authorization)
+    @app.get("/v1/forget/{request_id}", responses=errors(401, 404, 503))
+    async def forget_status(self, request_id: str, creds: Bearer = None) -> dict[str, Any]:
+        """A deletion request's state, timestamps, and the versions it retired and created."""
+        self._auth(creds)
         try:
             rec = await asyncio.to_thread(self.ctx.deletion_log.get, request_id)
         except DeletionLogError as e:
@@ -800,22 +825,48 @@ class Gateway:
             "history": [{"state": h["state"], "at": h["at"]} for h in rec.history],
         }
 
-    @app.get("/v1/audit", responses=ERRORS)
+    @app.get("/v1/audit", responses=errors(401, 404, 422, 503))
     async def audit_endpoint(
         self,
-        owner_id: str | None = Query(None),
-        sample_id: int | None = Query(
-            None, ge=INT64_MIN, le=INT64_MAX, json_schema_extra={"format": "int64"}
-        ),
-        authorization: str | None = Header(None),
+        creds: Bearer = None,
+        owner_id: Annotated[str | None, Query(min_length=1, description="Audit one owner.")] = None,
+        sample_id: Annotated[
+            int | None,
+            Query(
+                ge=INT64_MIN,
+                le=INT64_MAX,
+                json_schema_extra={"format": "int64"},
+                description="Audit one sample id.",
+            ),
+        ] = None,
+        residue: Annotated[
+            bool,
+            Query(
+                description="Also scan every file under the run for deleted sample ids and "
+                "deleted rows' feature bytes (slow on a large run)."
+            ),
+        ] = False,
     ) -> dict[str, Any]:
-        self._auth(authorization)
-        if (owner_id is None) == (sample_id is None):
-            raise HTTPException(422, "give exactly one of owner_id or sample_id")
+        """The queries of `ray-unlearn audit`: one owner (owner_id), one sample (sample_id),
+        or neither: every deletion executed so far; residue adds the file scan. Lists the
+        live model versions containing the data, the request history and the verdict clean."""
+        self._auth(creds)
+        if owner_id is not None and sample_id is not None:
+            raise HTTPException(
+                422, "give owner_id or sample_id (or neither: every deletion), not both"
+            )
+        from ray_unlearn.api import audit_run
+
         try:
-            return await asyncio.to_thread(audit, self.ctx, owner_id=owner_id, sample_id=sample_id)
+            return await asyncio.to_thread(
+                audit_run, self.ctx, owner=owner_id, sample=sample_id, residue=residue
+            )
         except PlanError as e:
             raise HTTPException(404, str(e)) from None
+        except (StorageError, OSError) as e:
+            raise HTTPException(
+                503, f"cannot read the run's storage ({type(e).__name__}); retry"
+            ) from None
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -829,7 +880,8 @@ class Gateway:
 
     @app.get("/v1/stats")
     async def stats(self) -> dict[str, Any]:
-        """Counters for benchmarks and dashboards (the same figures as /metrics, as JSON)."""
+        """This replica's counters and timings, as JSON, for benchmarks and a quick look (the
+        answer counts are also Ray metrics, summed over replicas in Prometheus)."""
         return {
             "replica": self.replica,
             "policy": self.policy.model_dump(),
@@ -840,9 +892,3 @@ class Gateway:
             **self._stats,
             "timing": dict(self._timing),
         }
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(self) -> PlainTextResponse:
-        return PlainTextResponse(
-            generate_latest(self.metrics.registry).decode(), media_type="text/plain; version=0.0.4"
-        )

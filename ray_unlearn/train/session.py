@@ -7,6 +7,7 @@ import os
 import ray
 
 NAMESPACE = "ray_unlearn"
+_dashboard: list[str] = []  # the embedded Ray's dashboard URL, once started with one
 
 
 def executor_actor_name(run_id: str) -> str:
@@ -64,7 +65,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
 
     ``address`` (or ``RAY_ADDRESS``) attaches to a running cluster, where the unlearning
     executor is a detached actor shared by every client. Without one, Ray starts embedded
-    in this process and everything ends with it.
+    in this process and everything ends with it, with Ray's dashboard (and its REST API,
+    which ``serve status`` and ``serve deploy`` use) on 127.0.0.1 only: :func:`embedded_options`.
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
@@ -72,8 +74,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, namespace=NAMESPACE)
         return True
-    ray.init(namespace=NAMESPACE, num_cpus=num_cpus, **embedded_options())
+    info = ray.init(namespace=NAMESPACE, num_cpus=num_cpus, **embedded_options())
+    url = info.dashboard_url
+    if url:
+        _dashboard[:] = [url if "://" in url else f"http://{url}"]
     return False
+
+
+def dashboard_url() -> str | None:
+    """The embedded Ray's dashboard (``http://127.0.0.1:<port>``), or None: none started, or
+    attached to a cluster (whose dashboard address the user already has)."""
+    return _dashboard[0] if _dashboard else None
 
 
 def embedded_options() -> dict:

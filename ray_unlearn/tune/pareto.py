@@ -75,17 +75,32 @@ def plot_front(
     objectives: dict[str, bool] | None = None,
 ) -> None:
     """Cost (x) vs accuracy (y), latency as colour; the front's points ringed and labelled."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     acc_m, cost_m, lat_m = list(objectives or OBJECTIVES)
-    # the front's labels are listed under the plot, numbered like their points
-    fig, ax = plt.subplots(figsize=(8, 5.5 + 0.22 * len(front)))
     cost = [r[cost_m] for r in rows]
     acc = [r[acc_m] for r in rows]
     lat = [r[lat_m] for r in rows]
+    # the front's labels are listed under the plot, numbered like their points, each wrapped
+    # to the figure's width (long trial labels ran off the right edge)
+    notes = [
+        textwrap.fill(
+            f"{n}: {rows[i]['label']}  ({acc_m} {acc[i]:.4f}, "
+            f"test_accuracy {rows[i].get('test_accuracy') or float('nan'):.4f}, "
+            f"{cost_m} {cost[i]:.3g}, {lat_m} {lat[i]:.3g})",
+            width=125,
+            subsequent_indent="    ",
+        )
+        for n, i in enumerate(front, start=1)
+    ]
+    footer = "\n".join(notes)
+    lines = footer.count("\n") + 1 if notes else 0
+    fig, ax = plt.subplots(figsize=(8, 5.5 + 0.13 * lines))
     sc = ax.scatter(cost, acc, c=lat, cmap="viridis", s=40, label="trials")
     fig.colorbar(sc, ax=ax, label=_AXIS[lat_m])
     ax.scatter(
@@ -104,41 +119,51 @@ def plot_front(
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
     # test accuracy beside each front point: reported, never what the front was chosen on
-    legend = "\n".join(
-        f"{n}: {rows[i]['label']}  ({acc_m} {acc[i]:.4f}, "
-        f"test_accuracy {rows[i].get('test_accuracy') or float('nan'):.4f}, "
-        f"{cost_m} {cost[i]:.3g}, {lat_m} {lat[i]:.3g})"
-        for n, i in enumerate(front, start=1)
-    )
-    fig.text(0.01, 0.01, legend, fontsize=7, va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, 0.22 * len(front) / (5.5 + 0.22 * len(front)) + 0.02, 1, 1))
+    fig.text(0.01, 0.01, footer, fontsize=6.5, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, 0.13 * lines / (5.5 + 0.13 * lines) + 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_trial(history: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """One trial: validation / test accuracy and cumulative unlearning seconds per deletion."""
+    """One trial: validation / test / served accuracy (left axis) and cumulative unlearning
+    seconds (right axis) per deletion. One colour per series, whole deletions on the x axis,
+    and the legend below the axes, where it covers no line."""
+    fig = trial_figure(history, title)
+    import matplotlib.pyplot as plt  # after trial_figure chose the Agg backend
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def trial_figure(history: Sequence[dict[str, Any]], title: str):
+    """The figure of :func:`plot_trial` (a matplotlib Figure, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [h["deletions"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [h["val_accuracy"] for h in history], "o-", label="validation accuracy")
-    if all("test_accuracy" in h for h in history):
-        ax.plot(steps, [h["test_accuracy"] for h in history], "d-.", label="test accuracy")
-    if all("served_accuracy" in h for h in history):
-        ax.plot(steps, [h["served_accuracy"] for h in history], "^:", label="served accuracy")
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax2 = ax.twinx()
+    series = [
+        (ax, "val_accuracy", "validation accuracy", "o-", "tab:blue"),
+        (ax, "test_accuracy", "test accuracy (reported only)", "d-.", "tab:green"),
+        (ax, "served_accuracy", "accuracy of the answers served", "^:", "tab:purple"),
+        (ax2, "unlearn_s", "unlearning wall s (cumulative)", "s--", "tab:red"),
+        (ax2, "unlearn_cpu_s", "unlearning CPU s (cumulative)", "x--", "tab:orange"),
+    ]
+    for axis, key, label, style, colour in series:
+        if all(key in h for h in history):
+            axis.plot(steps, [h[key] for h in history], style, color=colour, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # deletions are counts
     ax.set_xlabel("deletions")
     ax.set_ylabel("accuracy")
-    ax.legend(loc="lower left", fontsize=8)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [h["unlearn_s"] for h in history], "s--", color="tab:red")
-    if all("unlearn_cpu_s" in h for h in history):
-        ax2.plot(steps, [h["unlearn_cpu_s"] for h in history], "x--", color="tab:orange")
-    ax2.set_ylabel("unlearning s, wall (red) / CPU (orange), cumulative", color="tab:red")
+    ax2.set_ylabel("unlearning seconds (cumulative)")
+    ax2.set_ylim(bottom=0)
+    handles = [h for a in (ax, ax2) for h in a.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
+    return fig

@@ -7,8 +7,9 @@ trial logged to MLflow, ending in a Pareto front and a chosen config.
   the stopper (``stop.min_accuracy``) and ASHA (``stop.asha``) act on: both read
   ``val_accuracy``, measured on validation rows that are neither training nor test rows.
 * MLflow: one parent run per sweep; every trial is a child run (tag
-  ``mlflow.parentRunId``) with its parameters, its metrics per deletion step and at the end,
-  and its plot and run config as artifacts. The driver logs, as trials end (Tune callback),
+  ``mlflow.parentRunId``) with its full resolved run config as parameters (dotted keys,
+  the serving policy once as ``serving.policy``), its metrics per deletion step and at the
+  end, and its plot and run config as artifacts. The driver logs, as trials end (Tune callback),
   so one process writes the store. Tracking URI: ``mlflow.tracking_uri``, else
   ``$MLFLOW_TRACKING_URI``, else SQLite under the storage root (MLflow 3's file store is
   deprecated and refuses to start without an opt-in).
@@ -17,6 +18,11 @@ trial logged to MLflow, ending in a Pareto front and a chosen config.
 * Pareto front over ``pareto``'s three objectives (default: validation accuracy, unlearning
   CPU seconds, mean latency) among the trials that finished the stream without an exposure
   violation; each trial's ``test_accuracy`` is reported beside it and chooses nothing.
+* Model registry: every trial's last report carries its serving ensemble as a Tune
+  checkpoint; the chosen trial's is logged as an MLflow pyfunc model on its child run and
+  registered as a new version of the model named after the sweep, tagged with its lineage
+  (ray-unlearn run id, serving versions, deletion log position):
+  ``mlflow.pyfunc.load_model("models:/<sweep name>/<version>")``.
 * Result: ``<out>/results.json``, ``<out>/pareto.png``, ``<out>/chosen.yaml`` (a run config
   ``ray-unlearn train --config`` takes unchanged), also logged on the parent run. ``<out>``
   is ``<storage>/sweeps/<sweep id>`` for a local storage root; for an object-store root the
@@ -41,6 +47,7 @@ from ray import tune
 
 from ray_unlearn.platform.core.config import config_to_yaml
 from ray_unlearn.platform.core.storage import Storage
+from ray_unlearn.tune.dedupe import unique_points
 from ray_unlearn.tune.pareto import choose, pareto_front, plot_front, plot_trial
 from ray_unlearn.tune.spec import (
     POLICY_KEY,
@@ -168,16 +175,13 @@ class MlflowTrials(tune.Callback):
             for k, v in h.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k in _LOGGED
         ]
-        logged = [Param(k, str(v)) for k, v in params.items()]
-        logged.append(Param("policy", trial_policy(self.spec, params)))
-        for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
-            self.client.log_batch(
-                rid, metrics=metrics[i : i + 900], params=logged if i == 0 else []
-            )
-        if not metrics:
-            self.client.log_batch(rid, params=logged)
+        cfg = trial_config(self.spec, params)
+        logged = config_params(cfg, trial_policy(self.spec, params))
+        for i in range(0, len(logged), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(rid, params=logged[i : i + 100])
+        for i in range(0, len(metrics), 900):  # ... and at 1000 metrics
+            self.client.log_batch(rid, metrics=metrics[i : i + 900])
         with tempfile.TemporaryDirectory() as d:
-            cfg = trial_config(self.spec, params)
             (Path(d) / "run_config.yaml").write_text(config_to_yaml(cfg))
             self.client.log_artifact(rid, str(Path(d) / "run_config.yaml"))
             if hist:
@@ -228,22 +232,81 @@ _CHOSEN = (
 )
 
 
+def config_params(cfg, policy: str) -> list[Param]:
+    """A trial's resolved run config as MLflow params: one per leaf, dotted keys
+    (``training.epochs``), lists and nulls as JSON, plus the serving policy once
+    (``serving.policy``); values cut at MLflow's 6000 characters."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = node
+
+    walk("", cfg.model_dump(mode="json"))
+    flat[POLICY_KEY] = policy
+    return [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000]) for k, v in flat.items()]
+
+
+def _workdir() -> Path:
+    """Where a trial writes its run: the trial's working directory (Tune changes into it,
+    unless RAY_CHDIR_TO_TRIAL_DIR=0; with keep_runs, Tune persists it to the trial's
+    directory in the sweep's storage), else a fresh temporary directory.
+
+    Not ``get_trial_dir()``: for a function trainable that is the driver's staging
+    directory, which the driver copies to storage whenever it saves the experiment state;
+    a run written there (and deleted once measured) raced that copy ("Saving experiment
+    state ... FileNotFoundError") and uploaded every trial's run besides."""
+    if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR", "1") != "0":
+        return Path.cwd()
+    return Path(tempfile.mkdtemp(prefix="ru-trial-"))
+
+
 def _trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     spec = SweepSpec.model_validate(spec_json)
-    workdir = Path(tune.get_context().get_trial_dir() or tempfile.mkdtemp(prefix="ru-trial-"))
-    run_trial(spec, trial_params(config), workdir, report=tune.report)
+    with tempfile.TemporaryDirectory(prefix="ru-ensemble-") as export:
+
+        def report(metrics: dict[str, Any]) -> None:
+            # the last report carries the ensemble as the trial's checkpoint: Tune copies it
+            # to the sweep's storage, where the driver finds the chosen trial's to register
+            if metrics.get("final"):
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(export))
+            else:
+                tune.report(metrics)
+
+        run_trial(spec, trial_params(config), _workdir(), report=report, export_dir=export)
 
 
 POINT = "point"  # with variants, a trial's config is {POINT: {key: value, ...}}
 
 
 def _param_space(spec: SweepSpec) -> dict[str, Any]:
-    """One Tune dimension per key; with variants, one dimension over the grid's points (so a
-    trial never mixes keys of two variants)."""
+    """One Tune dimension per key; with variants, or when some grid points repeat a trial
+    (:mod:`ray_unlearn.tune.dedupe`), one dimension over the grid's distinct points (so a
+    trial never mixes keys of two variants, and no trial runs twice)."""
     pick = tune.grid_search if spec.search.method == "grid" else tune.choice
-    if spec.search.variants:
+    if spec.search.method == "grid":
+        points, skipped = unique_points(spec)
+        if spec.search.variants or skipped:
+            return {POINT: pick(points)}
+    elif spec.search.variants:
         return {POINT: pick(grid_points(spec))}
     return {k: pick(list(v)) for k, v in spec.search.space.items()}
+
+
+def planned_trials(spec: SweepSpec) -> tuple[int, list[str]]:
+    """(trials the sweep runs, one line per grid point skipped as a repeat of another)."""
+    if spec.search.method != "grid":
+        return num_trials(spec), []
+    points, skipped = unique_points(spec)
+    every = grid_points(spec)
+    lines = [
+        f"{_label(every[i], spec)} runs as {_label(every[j], spec)} (same config and policy)"
+        for i, j in skipped
+    ]
+    return len(points) * spec.search.num_samples, lines
 
 
 def trial_params(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -274,7 +337,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         parent_id,
         params=[
             Param("sweep_file", spec.source or "-"),
-            Param("trials", str(num_trials(spec))),
+            Param("trials", str(planned_trials(spec)[0])),
             Param("stream_deletions", str(spec.stream.deletions)),
             Param("space", json.dumps(dimensions(spec))[:6000]),
             Param("variants", str(len(spec.search.variants))),
@@ -283,6 +346,14 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         ],
     )
     logger = MlflowTrials(client, exp_id, parent_id, spec)
+    total, skipped = planned_trials(spec)
+    if skipped:
+        print(
+            f"{len(skipped)} grid point(s) skipped, each the same trial as another:\n  "
+            + "\n  ".join(skipped),
+            file=sys.stderr,
+            flush=True,
+        )
 
     min_acc = spec.stop.min_accuracy
     scheduler = None
@@ -311,11 +382,13 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
             storage_path=str(out / "tune")
             if storage.local
             else f"{storage.uri}/sweeps/{sweep_id}/tune",
-            callbacks=[logger, Progress(spec, num_trials(spec))],
+            callbacks=[logger, Progress(spec, total)],
             stop=(lambda trial_id, result: result["val_accuracy"] < min_acc)
             if min_acc is not None
             else None,
             verbose=0,  # Progress prints a line per trial instead
+            # keep_runs: the trial's working directory (its run) goes to its trial directory
+            sync_config=tune.SyncConfig(sync_artifacts=spec.keep_runs),
         ),
     )
     status = "FINISHED"
@@ -325,7 +398,9 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         client.set_terminated(parent_id, "FAILED")
         raise
     rows: list[dict[str, Any]] = []
+    checkpoints: list[Any] = []  # per row: its trial's last checkpoint (the ensemble), or None
     for res in grid:
+        checkpoints.append(res.checkpoint)
         params = trial_params(res.config)
         m = res.metrics or {}
         row = {
@@ -363,6 +438,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         "parent_run_id": parent_id,
         "objectives": {m: "max" if up else "min" for m, up in objectives.items()},
         "trials": rows,
+        "skipped_duplicates": skipped,
         "pareto_front": [r["label"] for r in front],
     }
     if front:
@@ -384,9 +460,14 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         (out / "chosen.yaml").write_text(text)
         doc["chosen"] = {**best, "config": str(out / "chosen.yaml")}
         plot_front(done, front_idx, out / "pareto.png", f"sweep {sweep_id}", objectives)
+        ckpt = next(c for r, c in zip(rows, checkpoints, strict=True) if r is best)
+        from ray_unlearn.tune.model_export import register_chosen
+
+        doc["registered_model"] = register_chosen(client, spec.name, sweep_id, best, ckpt)
     else:
         status = "FAILED"
         doc["chosen"] = None
+        doc["registered_model"] = None
     doc["seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
     for name in ("results.json", "pareto.png", "chosen.yaml"):

@@ -105,9 +105,13 @@ def run_trial(
     params: dict[str, Any],
     workdir: str | Path,
     report: Reporter | None = None,
+    export_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train, stream deletions, measure; returns the final metrics (also passed to
-    ``report`` after every deletion step, with ``final`` set on the last one)."""
+    ``report`` after every deletion step, with ``final`` set on the last one). With
+    ``export_dir``, the serving ensemble after the stream is written there before the last
+    report (:func:`ray_unlearn.tune.model_export.export_ensemble`: the sweep registers the
+    chosen trial's in MLflow)."""
     workdir = Path(workdir)
     cfg = trial_config(spec, params, storage=str(workdir / "store"))
     policy = get_policy(trial_policy(spec, params))
@@ -213,6 +217,10 @@ def run_trial(
             "deletions": step,
             "final": step == len(owners),
         }
+        if export_dir is not None and metrics["final"]:
+            from ray_unlearn.tune.model_export import export_ensemble
+
+            export_ensemble(ctx, export_dir)
         if report is not None:
             report(dict(metrics))
     metrics["run_id"] = ctx.run_id

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -53,13 +54,18 @@ TINY_SWEEP = {
 
 
 @pytest.mark.ray
-def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, tmp_path):
+def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, tmp_path, caplog):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY_SWEEP, sort_keys=False))
     store = tmp_path / "store"
     spec = load_sweep(path, [f"storage={store}"])
     assert num_trials(spec) == 4
-    doc = run_sweep(spec)
+    with caplog.at_level(logging.ERROR, logger="ray.tune"):
+        doc = run_sweep(spec)
+    # Tune saved its experiment state without error (trials once wrote their runs into the
+    # directory it copies, and deleted them under it), and no trial's run went to storage
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert not list((store / "sweeps").glob("**/run.json")), "a trial run was uploaded"
     trials = {t["params"]["unlearning.strategy"] + "/" + t["policy"]: t for t in doc["trials"]}
     assert len(doc["trials"]) == 4 and all(t["state"] == "finished" for t in doc["trials"]), [
         (t["label"], t["state"], t["error"]) for t in doc["trials"]
@@ -109,9 +115,10 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
     assert {c.info.run_id for c in children} == {t["mlflow_run_id"] for t in doc["trials"]}
     for run in children:
         assert run.info.status == "FINISHED"
-        assert {"partition.shards", "unlearning.strategy", "serving.policy", "policy"} <= set(
-            run.data.params
-        )
+        params = run.data.params  # the full resolved config, the policy once
+        assert {"partition.shards", "unlearning.strategy", "serving.policy"} <= set(params)
+        assert params["training.epochs"] == "2" and "data.test_fraction" in params
+        assert "policy" not in params
         assert {
             "val_accuracy",
             "test_accuracy",
@@ -124,10 +131,20 @@ def test_tiny_sweep_logs_every_trial_and_writes_a_trainable_choice(ray_session, 
         } <= set(run.data.metrics)
         steps = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in steps] == [1, 2]
+        # (MLflow 3 keeps a logged model apart from the run's artifacts)
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
             "run_config.yaml",
             "trial.png",
         }
+
+    # the chosen trial's ensemble, registered with its lineage
+    reg = doc["registered_model"]
+    assert reg["uri"] == f"models:/{spec.name}/1", reg
+    version = client.get_model_version(spec.name, reg["version"])
+    assert version.run_id == doc["chosen"]["mlflow_run_id"]
+    assert version.tags["ray_unlearn.sweep_id"] == doc["sweep_id"]
+    assert version.tags["ray_unlearn.deletion_log_requests"] == "2"  # the stream's two
+    assert json.loads(version.tags["ray_unlearn.versions"])
 
     # the chosen config is a run config that `ray-unlearn train` takes unchanged
     from typer.testing import CliRunner

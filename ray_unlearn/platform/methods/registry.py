@@ -71,6 +71,10 @@ class Method:
     kind_exact: bool = True  # what `ray-unlearn strategies` shows for a kind
     kind_description: str = ""
     sections: tuple[Section, ...] = ()
+    # keys of its sections that runs of other methods read too (hybrid: record and dtype,
+    # read by its recording hook on any run); the others act only on this method's runs,
+    # so a sweep counts two trials differing only there as one (tune/dedupe.py)
+    shared_keys: tuple[str, ...] = ()
     # (run config) -> problems ("key: what is wrong"); collected into the config's error
     config_problems: Callable[[Any], list[str]] | None = None
     # (ctx) -> the training summary, or None when this method does not train this run

@@ -20,6 +20,7 @@ METHOD = register(
             StrategyRef("ohs", _STRATEGY + "OptimizedHybrid"),
         ),
         sections=(Section("hybrid", HybridConfig),),
+        shared_keys=("record", "dtype"),  # the recording hook's, on a SISA run too
         config_problems=config_problems,
         shard_hook=recording_hook,  # hybrid.record: every step's contribution, recorded
         check_request=check_dpus_request,

@@ -1,0 +1,70 @@
+"""The registered model: a run's ensemble (after a deletion) logged as an MLflow pyfunc model
+in a local SQLite store, registered with its lineage, loaded back by `models:/` URI, predicts
+as the ensemble does. No Ray."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from ray_unlearn.harness import pick_owners
+from ray_unlearn.platform.core.aggregate import aggregate
+from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+from ray_unlearn.tune.model_export import export_ensemble, register_ensemble
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield MlflowClient(uri), (tmp_path / "artifacts").as_uri()
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_registered_ensemble_loads_with_pyfunc_and_predicts_like_the_ensemble(
+    tiny_run, tracking, tmp_path
+):
+    ctx = tiny_run
+    client, artifacts = tracking
+    before = ctx.model_store.registry().serving_versions()
+    engine = UnlearningEngine(ctx, LocalShards(ctx), executor_name="test")
+    (owner,) = pick_owners(ctx, 1, seed=0)
+    engine.submit(owner_id=owner, request_id="gdpr-1")
+    engine.execute_pending()
+
+    exp = client.create_experiment("t", artifact_location=artifacts)
+    run = client.create_run(exp, run_name="chosen-trial").info.run_id
+    doc = export_ensemble(ctx, tmp_path / "ensemble")
+    reg = register_ensemble(client, tmp_path / "ensemble", run, "ru-test", {"sweep": "s1"})
+    assert reg["uri"] == "models:/ru-test/1"
+
+    model = mlflow.pyfunc.load_model(reg["uri"])
+    x = ctx.split_records("test").features[:12].astype(np.float32)
+    got = model.predict(x)
+    probs = LocalShards(ctx).predict_proba(x)  # the run as it serves now, independently
+    labels, scores = aggregate(np.stack([probs[k] for k in sorted(probs)]), doc["rule"])
+    assert got["label"].tolist() == labels.tolist()
+    assert np.allclose(got[[f"score_{c}" for c in range(scores.shape[1])]].to_numpy(), scores)
+    with pytest.raises(MlflowException, match=r"expected shape \(-1, 64\)"):  # the signature
+        model.predict(x[:, :5])
+
+    version = client.get_model_version("ru-test", "1")
+    assert version.run_id == run
+    serving = ctx.model_store.registry().serving_versions()
+    assert json.loads(version.tags["ray_unlearn.versions"]) == {
+        str(k): v for k, v in serving.items()
+    }
+    assert version.tags["ray_unlearn.run_id"] == ctx.run_id
+    assert version.tags["ray_unlearn.deletion_log_requests"] == "1"
+    assert version.tags["ray_unlearn.deletion_log_done"] == "1"
+    assert version.tags["ray_unlearn.deletion_log_last_request"] == "gdpr-1"
+    assert version.tags["sweep"] == "s1"
+    assert serving != before  # what is registered is the model after the deletion
