@@ -150,7 +150,7 @@ def test_bad_images_are_named_with_what_is_allowed(tmp_path):
 
 
 def test_image_config_is_checked_at_load(tmp_path):
-    with pytest.raises(ValidationError, match="set one of them"):
+    with pytest.raises(ValidationError, match="each name the features"):
         DataConfig(image_column="img", features_column="emb")
     with pytest.raises(ValidationError, match="cannot import 'no_such_module'"):
         DataConfig(image_column="img", image_transform="no_such_module:f")
