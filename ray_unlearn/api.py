@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["audit", "forget", "serve", "status", "sweep", "train"]
+__all__ = ["audit", "forget", "scores", "serve", "status", "sweep", "train"]
 
 
 def _storage(storage: str | None) -> str:
@@ -444,3 +445,31 @@ def scores(
             }
         )
     return {"run_id": run, "storage": ctx.storage.uri, "scores": out}
+
+
+class _CallablePackage(types.ModuleType):
+    """A subpackage that is also the API function of the same name.
+
+    ``ray_unlearn.train`` and ``ray_unlearn.serve`` are the Ray layers' subpackages *and*
+    the package's ``train`` / ``serve`` functions. Importing a submodule makes Python bind
+    the subpackage as the parent's attribute, which would hide the function
+    (``ru.train(...)`` -> "module is not callable"). So the subpackage module itself is
+    callable and forwards to the function: ``ru.train(...)``, ``import ray_unlearn.train.job``
+    and ``import ray_unlearn.train as t`` all work, in any order.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__api_function__(*args, **kwargs)
+
+    @property
+    def __signature__(self):  # inspect.signature / help show the function's parameters
+        import inspect
+
+        return inspect.signature(self.__api_function__)
+
+
+def _make_callable(package: types.ModuleType, function: Callable[..., Any]) -> None:
+    """Turn ``package`` into a :class:`_CallablePackage` that calls ``function`` (module
+    ``__class__`` assignment: Python's documented way to customise a module)."""
+    package.__api_function__ = function
+    package.__class__ = _CallablePackage

@@ -25,6 +25,61 @@ def test_import_is_cheap():
     assert set(ru.__all__) >= {"train", "forget", "status", "audit", "serve", "sweep"}
 
 
+def test_train_and_serve_survive_their_subpackages(tmp_path):
+    """`ray_unlearn.train` / `ray_unlearn.serve` are subpackages too; importing them (or a
+    module in them) first must not hide the functions: a fresh interpreter imports the
+    subpackages, then calls `ru.train` / `ru.serve`, which must reach the API's own input
+    checks (a missing config file, an unknown run) rather than fail with "module is not
+    callable"."""
+    code = f"""
+import sys
+import ray_unlearn.train, ray_unlearn.serve            # the subpackages, first
+import ray_unlearn.train as t
+import ray_unlearn as ru
+from ray_unlearn import serve, train
+from ray_unlearn.platform.core.config import ConfigError
+from ray_unlearn.platform.core.run import RunError
+assert t is ru.train is train and serve is ru.serve
+try:
+    ru.train({str(tmp_path / "missing.yaml")!r}, storage={str(tmp_path)!r})
+except ConfigError as e:
+    assert "missing.yaml" in str(e), e
+else:
+    raise SystemExit("ru.train accepted a missing config")
+try:
+    train({str(tmp_path / "missing.yaml")!r})
+except ConfigError:
+    pass
+try:
+    ru.serve("no-such-run", storage={str(tmp_path)!r})
+except RunError as e:
+    assert "no-such-run" in str(e), e
+else:
+    raise SystemExit("ru.serve accepted an unknown run")
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_subpackage_modules_and_signatures():
+    """In this process (where tests have imported `ray_unlearn.train.job` and friends) the
+    functions still work as functions: same signature as the API's, and a submodule is
+    still reachable as an attribute (what `mock.patch("ray_unlearn.train.job.x")` walks)."""
+    import inspect
+    import pkgutil
+
+    import ray_unlearn.api as api
+    import ray_unlearn.train.job
+
+    assert inspect.signature(ru.train) == inspect.signature(api.train)
+    assert inspect.signature(ru.serve) == inspect.signature(api.serve)
+    assert ru.train.job is ray_unlearn.train.job
+    assert pkgutil.resolve_name("ray_unlearn.train.job") is ray_unlearn.train.job
+    with pytest.raises(ValueError, match="does not exist"):
+        ru.train("no/such/config.yaml")
+
+
 def _trained_owner(ctx) -> str:
     """An owner with training rows (some owners hold only held-out test rows)."""
     return str(ctx.plan.owner_ids[ctx.plan.shards == 0][0])

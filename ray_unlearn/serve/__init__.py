@@ -1,1 +1,2 @@
-"""Ray Serve layer (shard deployments and the ERASER gateway). Not built yet: see issue 3."""
+"""Ray Serve layer: the shard deployments and the ERASER gateway (``app``, ``shard``,
+``gateway``). Called, this package is :func:`ray_unlearn.api.serve` (``ru.serve(run_id)``)."""

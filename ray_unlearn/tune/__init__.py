@@ -1,1 +1,1 @@
-"""Ray Tune sweeps with MLflow logging. Not built yet: see issue 7."""
+"""Ray Tune sweeps with MLflow logging, the Pareto front and the model registry export."""
