@@ -140,6 +140,8 @@ def test_bad_input_exits_2_with_one_message(args, tmp_path):
 
 
 def test_a_bad_config_is_reported_without_importing_torch_or_ray(tmp_path):
+    # nor pyarrow / scikit-learn (the data package re-exports lazily): a typo is reported in
+    # well under a second
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(BAD_RUN)
     probe = textwrap.dedent(f"""\
@@ -151,7 +153,8 @@ def test_a_bad_config_is_reported_without_importing_torch_or_ray(tmp_path):
                 app(argv)
             except SystemExit as e:
                 assert e.code == 2, (argv, e.code)
-        print(sorted(m for m in ("torch", "ray", "mlflow") if m in sys.modules))
+        heavy = ("torch", "ray", "mlflow", "pyarrow", "sklearn")
+        print(sorted(m for m in heavy if m in sys.modules))
         """)
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
