@@ -770,13 +770,18 @@ def sweep(
 ) -> None:
     """Ray Tune over shards, slices, S3T budgets, hybrid thresholds and serving policies;
     every trial logged to MLflow; prints the Pareto front and writes the chosen config."""
-    from ray_unlearn.tune.spec import load_sweep, num_trials
+    from ray_unlearn.tune.dedupe import planned
+    from ray_unlearn.tune.spec import load_sweep
 
     overrides = [*(overrides or []), *([f"storage={storage}"] if storage else [])]
     with _Output(as_json) as out, _errors(out):
         spec = load_sweep(config, overrides)
+        # the trials that run: grid points repeating another trial are skipped (and listed
+        # by the sweep as it starts)
+        total, skipped = planned(spec)
+        repeats = f" ({len(skipped)} repeated grid point(s) skipped)" if skipped else ""
         err.print(
-            f"sweep [bold]{spec.name}[/bold]: {num_trials(spec)} trial(s), "
+            f"sweep [bold]{spec.name}[/bold]: {total} trial(s){repeats}, "
             f"{spec.stream.deletions} deletions each"
         )
         from ray_unlearn import api

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from ray_unlearn.platform.methods import registry
-from ray_unlearn.tune.spec import SweepSpec, grid_points, trial_config, trial_policy
+from ray_unlearn.tune.spec import SweepSpec, grid_points, num_trials, trial_config, trial_policy
 
 
 def effective_key(spec: SweepSpec, params: dict[str, Any]) -> str:
@@ -51,3 +51,13 @@ def unique_points(spec: SweepSpec) -> tuple[list[dict[str, Any]], list[tuple[int
             seen[key] = i
             keep.append(p)
     return keep, skipped
+
+
+def planned(spec: SweepSpec) -> tuple[int, list[tuple[int, int]]]:
+    """(trials the sweep runs, the skipped grid points as :func:`unique_points` gives them).
+    No Ray: the CLI prints it before Ray and Tune start. A random search draws its points
+    in Tune, so it skips nothing here."""
+    if spec.search.method != "grid":
+        return num_trials(spec), []
+    points, skipped = unique_points(spec)
+    return len(points) * spec.search.num_samples, skipped

@@ -47,14 +47,13 @@ from ray import tune
 
 from ray_unlearn.platform.core.config import config_to_yaml
 from ray_unlearn.platform.core.storage import Storage
-from ray_unlearn.tune.dedupe import unique_points
+from ray_unlearn.tune.dedupe import planned, unique_points
 from ray_unlearn.tune.pareto import choose, pareto_front, plot_front, plot_trial
 from ray_unlearn.tune.spec import (
     POLICY_KEY,
     SweepSpec,
     dimensions,
     grid_points,
-    num_trials,
     trial_config,
     trial_policy,
 )
@@ -298,15 +297,13 @@ def _param_space(spec: SweepSpec) -> dict[str, Any]:
 
 def planned_trials(spec: SweepSpec) -> tuple[int, list[str]]:
     """(trials the sweep runs, one line per grid point skipped as a repeat of another)."""
-    if spec.search.method != "grid":
-        return num_trials(spec), []
-    points, skipped = unique_points(spec)
-    every = grid_points(spec)
+    total, skipped = planned(spec)
+    every = grid_points(spec) if skipped else []
     lines = [
         f"{_label(every[i], spec)} runs as {_label(every[j], spec)} (same config and policy)"
         for i, j in skipped
     ]
-    return len(points) * spec.search.num_samples, lines
+    return total, lines
 
 
 def trial_params(config: dict[str, Any] | None) -> dict[str, Any]:

@@ -58,3 +58,24 @@ def test_object_storage_without_a_tracking_server_is_refused_before_ray_starts(t
 def test_missing_sweep_file(tmp_path):
     code, doc, _ = _sweep("--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
     assert code == 2 and "nope.yaml" in doc["error"] and "not found" in doc["error"]
+
+
+def test_the_header_counts_the_trials_that_run(tmp_path, monkeypatch):
+    """sweep_hybrid.yaml crosses sisa with three thresholds: 6 grid points, 4 trials (SISA
+    reads no threshold). The header says 4, and how many points it skipped."""
+    from typer.testing import CliRunner
+
+    from ray_unlearn import api
+    from ray_unlearn.cli import app
+
+    def stop(spec, address=None):  # the header is printed before the sweep starts
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(api, "sweep", stop)
+    res = CliRunner().invoke(
+        app,
+        ["sweep", "--config", str(REPO / "configs/sweep_hybrid.yaml"), "--storage", str(tmp_path)],
+        env={"COLUMNS": "200"},
+    )
+    assert res.exit_code == 2, res.output
+    assert "4 trial(s) (2 repeated grid point(s) skipped), 8 deletions each" in res.output
