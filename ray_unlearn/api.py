@@ -18,6 +18,7 @@ names a Ray cluster to attach to (default ``RAY_ADDRESS``; none starts an embedd
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import types
@@ -30,6 +31,22 @@ __all__ = ["audit", "forget", "scores", "serve", "status", "sweep", "train"]
 
 def _storage(storage: str | None) -> str:
     return storage or os.environ.get("RAY_UNLEARN_STORAGE") or "./runs"
+
+
+def _check_writable(root: str) -> None:
+    """Raise, writing nothing, the ``OSError`` the first write under a local storage root
+    would meet: a path under a file, a directory this process may not write (or on a
+    read-only file system). An object-store URI is left to its first write."""
+    if "://" in root and not root.startswith("file://"):
+        return
+    path = Path(root.removeprefix("file://")).expanduser().absolute()
+    probe = path
+    while not probe.exists():  # the nearest existing ancestor is where mkdir would start
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
 
 def train(
@@ -357,6 +374,7 @@ def sweep(
 
     # validated before torch and Ray are imported: a typo is reported in well under a second
     spec = load_sweep(config, list(overrides)) if isinstance(config, str | Path) else config
+    _check_writable(spec.base["storage"])  # a sweep writes its first file after Ray started
     from ray_unlearn.train.session import connect
     from ray_unlearn.tune.sweep import preflight, run_sweep
 

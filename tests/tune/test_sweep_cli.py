@@ -79,3 +79,18 @@ def test_the_header_counts_the_trials_that_run(tmp_path, monkeypatch):
     )
     assert res.exit_code == 2, res.output
     assert "4 trial(s) (2 repeated grid point(s) skipped), 8 deletions each" in res.output
+
+
+def test_storage_that_cannot_be_written_is_refused_before_ray_starts(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, doc, stderr = _sweep(
+        "--config",
+        str(REPO / "configs/sweep_hybrid.yaml"),
+        "--storage",
+        str(blocker / "root"),
+        cwd=tmp_path,
+    )
+    assert code == 2 and "Not a directory" in doc["error"] and "a-file" in doc["error"]
+    assert "Ray instance" not in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
