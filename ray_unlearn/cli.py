@@ -637,8 +637,15 @@ def policies(as_json: JsonOpt = False) -> None:
 @app.command()
 def demo(
     config: Annotated[
-        Path, typer.Option("--config", "-c", metavar="FILE", help="Run config YAML (see configs/).")
-    ] = Path("configs/digits.yaml"),
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="FILE",
+            help="Run config YAML (see configs/). Default: configs/digits.yaml, in the "
+            "current directory or else in the repository this package runs from.",
+        ),
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Argument(metavar="KEY=VALUE...", help="key=value overrides, e.g. training.epochs=5"),
@@ -652,11 +659,26 @@ def demo(
 
     overrides = [*(overrides or []), *([f"storage={storage}"] if storage else [])]
     with _Output(as_json) as out, _errors(out):
+        config = config or _default_demo_config()
         load_config(config, overrides)  # a bad config: reported before Ray and torch load
         from ray_unlearn.train.demo import run_demo
 
         doc, table = run_demo(config, overrides, deletions)
         out.emit(doc, table)
+
+
+def _default_demo_config() -> Path:
+    """configs/digits.yaml of the current directory, or of the source tree this package
+    runs from (an editable install, run from another directory)."""
+    here = Path("configs/digits.yaml")
+    repo = Path(__file__).resolve().parents[1] / here
+    for path in (here, repo):
+        if path.is_file():
+            return path
+    raise ValueError(
+        f"demo: no --config given and {here} is neither in {Path.cwd()} nor in "
+        f"{repo.parents[1]}: run it from the repository, or pass --config FILE"
+    )
 
 
 def _progress(as_json: bool, desc: str, unit: str):

@@ -215,3 +215,19 @@ def test_storage_option_and_variable_reach_demo_and_sweep(tmp_path, monkeypatch)
     assert res.exit_code == 2 and seen["sweep"] == root, res.output
     res = runner.invoke(app, ["demo"], env={"RAY_UNLEARN_STORAGE": root})
     assert res.exit_code == 2 and seen["demo"] == [f"storage={root}"], res.output
+
+
+def test_demo_finds_its_default_config_from_another_directory(tmp_path, monkeypatch):
+    """`ray-unlearn demo` run outside the repository (an editable install) uses the
+    repository's configs/digits.yaml, not ./configs (seen here through a bad override)."""
+    from typer.testing import CliRunner
+
+    from ray_unlearn.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["demo", "partition.slices=0"], env={"COLUMNS": "300"})
+    assert res.exit_code == 2, res.output
+    repo_config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits.yaml")
+    assert f"invalid config {os.path.realpath(repo_config)}" in res.output
+    assert "partition.slices (override 'partition.slices=0')" in res.output
+    assert not any(tmp_path.iterdir())
