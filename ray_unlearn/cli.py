@@ -20,6 +20,15 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
+
+def _argument_type(self, ctx):
+    """An argument's help shows its metavar alone, as an option's does: typer would append
+    the Python type (``KEY=VALUE <list[str]>``), which tells a user nothing."""
+    return None if self.metavar is not None else self.display_type(ctx)
+
+
+typer.core.TyperArgument.display_type_rich = _argument_type
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], rich_markup_mode=None
 )
@@ -155,7 +164,7 @@ def train(
     ],
     overrides: Annotated[
         list[str] | None,
-        typer.Argument(metavar="KEY=VALUE...", help="key=value overrides, e.g. partition.shards=8"),
+        typer.Argument(metavar="KEY=VALUE", help="key=value overrides, e.g. partition.shards=8"),
     ] = None,
     run_id: Annotated[
         str | None,
@@ -648,7 +657,7 @@ def demo(
     ] = None,
     overrides: Annotated[
         list[str] | None,
-        typer.Argument(metavar="KEY=VALUE...", help="key=value overrides, e.g. training.epochs=5"),
+        typer.Argument(metavar="KEY=VALUE", help="key=value overrides, e.g. training.epochs=5"),
     ] = None,
     deletions: Annotated[int, typer.Option(metavar="N", help="Owner deletions to run.")] = 3,
     storage: ConfigStorageOpt = None,
@@ -781,7 +790,7 @@ def sweep(
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="KEY=VALUE...",
+            metavar="KEY=VALUE",
             help="key=value: sweep keys (stream.deletions=3), space.<key>=[...] to replace a "
             "dimension, any other dotted key overrides every trial's run config",
         ),

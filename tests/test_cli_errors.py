@@ -177,7 +177,7 @@ def test_help_has_no_type_placeholders_or_rst_and_every_option_has_help():
     for name, cmd in [("", group), *group.commands.items()]:
         res = runner.invoke(app, [*([name] if name else []), "--help"], env={"COLUMNS": "100"})
         assert res.exit_code == 0, (name, res.output)
-        for bad in ("<bool>", "``", ":func:", ":class:"):
+        for bad in ("<bool>", "<list[", "<str>", "<int>", "``", ":func:", ":class:"):
             assert bad not in res.output, f"{name} --help shows {bad!r}:\n{res.output}"
         for param in cmd.params:
             assert param.param_type_name == "argument" or getattr(param, "help", None), (
