@@ -360,7 +360,7 @@ def _request_table(doc: dict[str, Any]) -> Table:
     row = [
         doc["state"],
         str(doc["samples"]),
-        ",".join(map(str, doc.get("shards", []))),
+        ",".join(map(str, doc.get("shards") or [])) or "-",  # a pending request: not yet known
         str(len(doc.get("versions_retired", []))),
         str(len(doc.get("versions_created", []))),
         f"{us:.2f}" if us is not None else "-",

@@ -231,3 +231,29 @@ def test_demo_finds_its_default_config_from_another_directory(tmp_path, monkeypa
     assert f"invalid config {os.path.realpath(repo_config)}" in res.output
     assert "partition.slices (override 'partition.slices=0')" in res.output
     assert not any(tmp_path.iterdir())
+
+
+def test_request_table_of_a_pending_request_says_what_is_not_known_yet():
+    """A `--no-wait` request (or `status` before execution) has no shards yet: '-' as for its
+    unlearning seconds, not an empty cell; `status` has no "total s" (it only reads)."""
+    from rich.console import Console
+
+    from ray_unlearn.cli import _request_table
+
+    console = Console(width=120, record=True)
+    doc = {"request_id": "r1", "state": "pending", "samples": 4, "shards": [], "seconds": 2.3}
+    console.print(_request_table(doc))
+    row = [ln for ln in console.export_text().splitlines() if "pending" in ln][0]
+    assert [c.strip() for c in row.strip("│ ").split("│")] == [
+        "pending",
+        "4",
+        "-",
+        "0",
+        "0",
+        "-",
+        "2.30",
+    ]
+    status_doc = {k: v for k, v in doc.items() if k != "seconds"}  # what `status` shows
+    console.print(_request_table({**status_doc, "state": "done", "shards": [2, 3]}))
+    text = console.export_text()
+    assert "total s" not in text and "2,3" in text
