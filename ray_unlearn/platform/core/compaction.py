@@ -101,7 +101,7 @@ class PreparedCompaction:
     after the registry switch as before. Nothing is written here: an execution that fails
     drops it. It is used only for exactly the ids :func:`compact` removes and only over
     the manifest it read (same generation); otherwise :func:`compact` does the work again.
-    (Since the copy is in parts this is small: the parts holding one owner's rows, ~40 ms
+    (Since the copy is in parts this is small: the parts holding one owner's rows, ~50 ms
     of CPU for 5 parts of 100k rows x 600 features where the whole copy took ~1.6 s.)"""
 
     def __init__(self, ctx: RunContext, ids: Iterable[int]):
