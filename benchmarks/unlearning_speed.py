@@ -32,8 +32,12 @@ script starts on 127.0.0.1 and stops at the end:
                    (``executor_seconds`` of the document): interpreter start, imports,
                    attaching to Ray, exit; target <= 1.5 s.
 
-``--quick`` takes about 2 minutes on 2 cores. A grid too long for one sitting (the full
-one: hours) runs as several invocations (``--cases``, ``--skip-digits``):
+``--quick`` takes about 2 minutes on 2 cores. ``--n-samples``, ``--epochs``, ``--requests``,
+``--cli-requests`` shrink the full size to fit a time budget (each record keeps its size; say
+so when reporting); with fewer epochs the summary adds the requests projected to the full
+epochs (``projected_to_full_epochs``: both trainings scaled, the fixed cost as measured).
+A grid too long for one sitting (the full one: hours) runs as several invocations
+(``--cases``, ``--skip-digits``):
 each case is kept in <out>/cases[-quick]/k<K>-r<R>.json with its commit and time as soon as
 it is done, and the report covers every case file there (``--report-only`` rewrites the
 report from them, say after an invocation was cut short).
