@@ -62,6 +62,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -287,9 +288,12 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
             head.address,
             "--json",
         ]
-        t0 = time.perf_counter()
+        t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        wall = time.perf_counter() - t0
+        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+        # the command's own CPU seconds (user + system): less sensitive than its wall time
+        # to other sessions' load on the shared cores
+        cli_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
         if proc.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
@@ -315,6 +319,8 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
                 # what the command adds to the executor's own time: interpreter start,
                 # imports, attaching to Ray, the round trip, exit
                 "cli_overhead_s": wall - executor_s,
+                "cli_cpu_s": cli_cpu,
+                "loadavg_1m": os.getloadavg()[0],
                 "cli_seconds": doc["seconds"],
                 "state": doc["state"],
                 "first_slices": first,
@@ -322,7 +328,8 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
         )
         print(
             f"[K={K} R={R}] CLI forget {owner}: {wall:.2f} s wall, "
-            f"{executor_s:.2f} s in the executor (CLI overhead {wall - executor_s:.2f} s)",
+            f"{executor_s:.2f} s in the executor (CLI overhead {wall - executor_s:.2f} s; the "
+            f"command's CPU {cli_cpu:.2f} s, load {os.getloadavg()[0]:.1f})",
             flush=True,
         )
     acc_after = executor.test_accuracy()
