@@ -41,12 +41,13 @@ log = logging.getLogger(__name__)
 def actor_options(cpus: float, gpus: float, threads: int = 0) -> dict[str, Any]:
     """A shard actor's reservation: a sliver of CPU, and resources.gpus_per_worker GPUs (the
     executor actor itself trains nothing and reserves none); and OMP_NUM_THREADS = the run's
-    torch threads. Ray sets OMP_NUM_THREADS=1 in a worker that reserves under one CPU; torch
-    still trains with ``threads`` threads (set_num_threads), but its OpenMP pool started at 1
-    then ran the same steps in 1.6-4.9x the wall time and 1.5-4.1x the CPU on 2 shared cores
-    (measured: 400 Adam steps of the purchase MLP, OMP_NUM_THREADS=1 vs unset, both at 2
-    threads, twice each), and the actor's retraining took 0.97-1.45x the bare loop's time in
-    benchmarks/unlearning_speed.py. The results do not change: the kernels' thread count is
+    torch threads. Ray sets OMP_NUM_THREADS=1 when it creates an actor reserving under one
+    CPU, before the actor's ``__init__`` imports torch; torch still trains with ``threads``
+    threads (set_num_threads), but with that variable set at its import the same steps took
+    1.6-4.9x the wall time and 1.5-4.1x the CPU on 2 shared cores (400 Adam steps of the
+    purchase MLP, OMP_NUM_THREADS=1 vs unset, both at 2 threads, twice each). (The
+    unlearning-speed benchmark imports torch in a worker setup hook, before Ray sets the
+    variable: it never saw this.) The results do not change: the kernels' thread count is
     ``threads`` either way (tests/train/test_ray_integration.py compares them bit for bit)."""
     opts: dict[str, Any] = {"num_cpus": cpus}
     if gpus > 0:
