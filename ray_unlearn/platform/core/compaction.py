@@ -162,7 +162,10 @@ def compact(
     change = prepared.result(storage, layout, gone) if prepared is not None else None
     for _ in range(5):
         if change is None:
-            change = copy_parts.without_rows(storage, layout, gone)
+            try:
+                change = copy_parts.without_rows(storage, layout, gone)
+            except FileNotFoundError:  # a part deleted by another writer's switch: redo
+                continue
         if not change.rows_removed:
             copy_parts.cleanup(storage, layout)  # what a crash after a switch left, if any
             break
