@@ -22,7 +22,10 @@ and per N logged requests:
   ``snapshot_ms_per_record``: that cost spread over the records between two snapshots (a
   poll writes one every max(2000, requests/20) records).
 * ``cold_reader_s``: a new reader's ``unfinished()`` (newest snapshot + tail);
-  ``cold_records_s``: a new reader's ``records()`` (every request materialised).
+  ``cold_records_s``: a new reader's ``records()`` (every request materialised); both with
+  this process's own objects frozen out of the garbage collector (``gc.freeze``), as in the
+  new process a cold reader is; ``*_busy_heap_s``: the same without that (a full collection
+  then rescans the setup's millions of objects: the figures before 2026-12-03's second run).
 * ``gateway_poll_ms``: the gateway's read (``read_view``: the log's unfinished requests and
   the registry) and ``ServingView.adopt``, with one new request logged between polls by
   another writer; median over 50 (20) polls, plus one ``answer_batch`` of 32 instances.
@@ -41,6 +44,7 @@ under 2 s; audit of one owner under 50 ms at 1M samples; gateway poll independen
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -180,12 +184,18 @@ def bench_log(storage: Storage, n: int, quick: bool) -> dict:
         out["per_request_ms"]["median"] + 3 * out["snapshot_ms_per_record"]
     )
 
-    t = time.perf_counter()
-    unfinished = DeletionLog(storage, LAYOUT).unfinished()
-    out["cold_reader_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    records = DeletionLog(storage, LAYOUT).records()
-    out["cold_records_s"] = time.perf_counter() - t
+    # A cold reader is a new process (a restarted executor): its garbage collector scans its
+    # own objects only. This process still holds the setup's full fold and the writer's state
+    # (millions of objects), which a full collection triggered by the reader's allocations
+    # would rescan: frozen out of the collector for the cold figures (gc.freeze), and
+    # measured once more without that (``*_busy_heap_s``) to show the difference.
+    _cold_reads(storage, out, "_busy_heap")
+    gc.collect()
+    gc.freeze()
+    try:
+        unfinished, records = _cold_reads(storage, out, "")
+    finally:
+        gc.unfreeze()
     if len(unfinished) != PENDING_TAIL or len(records) != n + len(per):
         raise RuntimeError(
             f"log at {n}: {len(unfinished)} unfinished (want {PENDING_TAIL}), "
@@ -222,6 +232,17 @@ def bench_log(storage: Storage, n: int, quick: bool) -> dict:
     )
     out["answer_batch_ms"] = 1e3 * (time.perf_counter() - t)
     return out
+
+
+def _cold_reads(storage: Storage, out: dict, suffix: str):
+    """A new reader's ``unfinished()`` and another's ``records()``, timed into ``out``."""
+    t = time.perf_counter()
+    unfinished = DeletionLog(storage, LAYOUT).unfinished()
+    out[f"cold_reader{suffix}_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    records = DeletionLog(storage, LAYOUT).records()
+    out[f"cold_records{suffix}_s"] = time.perf_counter() - t
+    return unfinished, records
 
 
 def bench_audit(root: Path, n: int, quick: bool) -> dict:
@@ -360,7 +381,8 @@ def main() -> None:
             doc = _merge(path, "log", f"{backend}:{n}", res)
             print(
                 f"log {backend:5s} N={n:>7}: per-request {res['per_request_ms']['median']:.2f} ms"
-                f" (p90 {res['per_request_ms']['p90']:.2f}), cold reader {res['cold_reader_s']:.3f} s,"
+                f" (p90 {res['per_request_ms']['p90']:.2f}), cold reader {res['cold_reader_s']:.3f} s"
+                f" ({res['cold_reader_busy_heap_s']:.3f} s in the busy heap),"
                 f" records() {res['cold_records_s']:.3f} s, gateway poll"
                 f" {res['gateway_poll_ms']['median']:.2f} ms, snapshot {res['snapshot_s']:.2f} s",
                 flush=True,

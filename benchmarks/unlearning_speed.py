@@ -32,8 +32,12 @@ script starts on 127.0.0.1 and stops at the end:
                    (``executor_seconds`` of the document): interpreter start, imports,
                    attaching to Ray, exit; target <= 1.5 s.
 
-``--quick`` takes about 2 minutes on 2 cores. A grid too long for one sitting (the full
-one: hours) runs as several invocations (``--cases``, ``--skip-digits``):
+``--quick`` takes about 2 minutes on 2 cores. ``--n-samples``, ``--epochs``, ``--requests``,
+``--cli-requests`` shrink the full size to fit a time budget (each record keeps its size; say
+so when reporting); with fewer epochs the summary adds the requests projected to the full
+epochs (``projected_to_full_epochs``: both trainings scaled, the fixed cost as measured).
+A grid too long for one sitting (the full one: hours) runs as several invocations
+(``--cases``, ``--skip-digits``):
 each case is kept in <out>/cases[-quick]/k<K>-r<R>.json with its commit and time as soon as
 it is done, and the report covers every case file there (``--report-only`` rewrites the
 report from them, say after an invocation was cut short).
@@ -58,6 +62,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -283,9 +288,12 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
             head.address,
             "--json",
         ]
-        t0 = time.perf_counter()
+        t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        wall = time.perf_counter() - t0
+        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+        # the command's own CPU seconds (user + system): less sensitive than its wall time
+        # to other sessions' load on the shared cores
+        cli_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
         if proc.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
@@ -311,6 +319,8 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
                 # what the command adds to the executor's own time: interpreter start,
                 # imports, attaching to Ray, the round trip, exit
                 "cli_overhead_s": wall - executor_s,
+                "cli_cpu_s": cli_cpu,
+                "loadavg_1m": os.getloadavg()[0],
                 "cli_seconds": doc["seconds"],
                 "state": doc["state"],
                 "first_slices": first,
@@ -318,7 +328,8 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
         )
         print(
             f"[K={K} R={R}] CLI forget {owner}: {wall:.2f} s wall, "
-            f"{executor_s:.2f} s in the executor (CLI overhead {wall - executor_s:.2f} s)",
+            f"{executor_s:.2f} s in the executor (CLI overhead {wall - executor_s:.2f} s; the "
+            f"command's CPU {cli_cpu:.2f} s, load {os.getloadavg()[0]:.1f})",
             flush=True,
         )
     acc_after = executor.test_accuracy()
@@ -336,6 +347,8 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
     return {
         "K": K,
         "R": R,
+        "n_samples": p["n_samples"],
+        "epochs": p["epochs"],
         "full_retrain_s": full["seconds"],
         "unlearn_s": unlearn,
         "speedup": full["seconds"] / unlearn,
@@ -498,6 +511,25 @@ def summary(records: list[dict]) -> dict:
     out["meets_targets"] = {
         k: out[k] is not None and out[k] <= limit for k, limit in TARGETS.items()
     }
+    # Cases run with fewer epochs than the full size (--epochs, to fit a time budget): the
+    # same requests projected to FULL["epochs"]: both trainings (the executor's and the bare
+    # loop's) scale with the epochs (steps = ceil(epochs * |slice| / batch)), the fixed cost
+    # (log, lease, saving and retiring versions, compaction) does not. A projection, reported
+    # beside the measured figure, never instead of it.
+    projected = [
+        (r["fixed_cost_s"] + r["executor_train_s"] * f) / (r["plain_torch_s"] * f)
+        for rec in records
+        if rec.get("epochs") and (f := FULL["epochs"] / rec["epochs"]) != 1
+        for r in rec["requests"]
+    ]
+    if projected:
+        out["projected_to_full_epochs"] = {
+            "epochs": FULL["epochs"],
+            "executor_overhead_ratio_max": max(projected),
+            "executor_overhead_ratio_median": statistics.median(projected),
+            "how": "(fixed_cost_s + executor_train_s * f) / (plain_torch_s * f), "
+            "f = full epochs / epochs run",
+        }
     return out
 
 
@@ -561,6 +593,13 @@ def print_table(doc: dict) -> None:
             else "no CLI requests"
         )
     )
+    proj = sm.get("projected_to_full_epochs")
+    if proj:
+        Console().print(
+            f"projected to {proj['epochs']} epochs (training scaled, fixed cost as measured): "
+            f"executor overhead {proj['executor_overhead_ratio_median']:.2f} median, "
+            f"{proj['executor_overhead_ratio_max']:.2f} worst"
+        )
     d = doc["digits"]
     if d is None:
         return
@@ -635,6 +674,10 @@ def main() -> None:
         action="store_true",
         help="skip the digits accuracy check (reuse an earlier invocation's, if any)",
     )
+    ap.add_argument("--n-samples", type=int, help="override the data size (say so when reporting)")
+    ap.add_argument("--epochs", type=int, help="override training.epochs (say so when reporting)")
+    ap.add_argument("--requests", type=int, help="override the executor requests per case")
+    ap.add_argument("--cli-requests", type=int, help="override the CLI requests per case")
     ap.add_argument(
         "--report-only",
         action="store_true",
@@ -642,6 +685,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     p = dict(QUICK if args.quick else FULL)
+    for key in ("n_samples", "epochs", "requests", "cli_requests"):
+        if getattr(args, key) is not None:
+            p[key] = getattr(args, key)
     cases = [(K, R) for K in p["shards"] for R in p["slices"]]
     if args.cases:
         cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]

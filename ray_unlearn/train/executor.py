@@ -38,10 +38,23 @@ from ray_unlearn.train.session import (
 log = logging.getLogger(__name__)
 
 
-def actor_options(cpus: float, gpus: float) -> dict[str, float]:
+def actor_options(cpus: float, gpus: float, threads: int = 0) -> dict[str, Any]:
     """A shard actor's reservation: a sliver of CPU, and resources.gpus_per_worker GPUs (the
-    executor actor itself trains nothing and reserves none)."""
-    return {"num_cpus": cpus, "num_gpus": gpus} if gpus > 0 else {"num_cpus": cpus}
+    executor actor itself trains nothing and reserves none); and OMP_NUM_THREADS = the run's
+    torch threads. Ray sets OMP_NUM_THREADS=1 when it creates an actor reserving under one
+    CPU, before the actor's ``__init__`` imports torch; torch still trains with ``threads``
+    threads (set_num_threads), but with that variable set at its import the same steps took
+    1.6-4.9x the wall time and 1.5-4.1x the CPU on 2 shared cores (400 Adam steps of the
+    purchase MLP, OMP_NUM_THREADS=1 vs unset, both at 2 threads, twice each). (The
+    unlearning-speed benchmark imports torch in a worker setup hook, before Ray sets the
+    variable: it never saw this.) The results do not change: the kernels' thread count is
+    ``threads`` either way (tests/train/test_ray_integration.py compares them bit for bit)."""
+    opts: dict[str, Any] = {"num_cpus": cpus}
+    if gpus > 0:
+        opts["num_gpus"] = gpus
+    if threads > 0:
+        opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+    return opts
 
 
 @ray.remote(max_concurrency=2)
@@ -91,10 +104,11 @@ class RayShards:
         max_concurrent: int,
         cpus_per_actor: float,
         gpus_per_actor: float = 0.0,
+        torch_threads: int = 0,
     ):
         self.max_concurrent = max(1, max_concurrent)
         check_cluster_gpus(gpus_per_actor, len(shards), "resources.gpus_per_worker")
-        opts = actor_options(cpus_per_actor, gpus_per_actor)
+        opts = actor_options(cpus_per_actor, gpus_per_actor, torch_threads)
         self.actors = {k: ShardActor.options(**opts).remote(storage_uri, run_id, k) for k in shards}
         ray.get([a.info.remote() for a in self.actors.values()])  # surface load errors here
 
@@ -166,6 +180,7 @@ class Executor:
             max_concurrent=concurrent,
             cpus_per_actor=0.01,
             gpus_per_actor=cfg.resources.gpus_per_worker,
+            torch_threads=threads,
         )
         self.engine = UnlearningEngine(self.ctx, self.backend, executor_name=name)
         # one engine operation at a time: method calls, and a background restore's publish

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ray_unlearn.platform.core.compaction import has_copy, read_copy
 from ray_unlearn.platform.core.data import (
     BUNDLED,
     SAMPLE_ID,
@@ -122,9 +123,8 @@ def deleted_rows(ctx: RunContext, deleted: np.ndarray) -> tuple[np.ndarray, np.n
     """(ids, float32 (n, D) features) of the deleted rows the scanner can still read: from
     the run's copy where not yet compacted, else the source outside the run."""
     found_ids, found = [], []
-    copy = ctx.layout.data_copy
-    if ctx.storage.exists(copy):
-        t = ctx.storage.read_table(copy)
+    if has_copy(ctx.storage, ctx.layout):
+        t = read_copy(ctx.storage, ctx.layout)
         ids = t[SAMPLE_ID].to_numpy()
         hit = np.isin(ids, deleted)
         feats = _float_matrix(t.column("features")) if "features" in t.column_names else None
@@ -145,9 +145,9 @@ def deleted_rows(ctx: RunContext, deleted: np.ndarray) -> tuple[np.ndarray, np.n
 
 def _retained_rows(ctx: RunContext, deleted: np.ndarray) -> set[bytes]:
     """The float32 bytes of every row the run's copy keeps (not deleted)."""
-    if not ctx.storage.exists(ctx.layout.data_copy):
+    if not has_copy(ctx.storage, ctx.layout):
         return set()
-    t = ctx.storage.read_table(ctx.layout.data_copy)
+    t = read_copy(ctx.storage, ctx.layout)
     feats = _float_matrix(t.column("features")) if "features" in t.column_names else None
     if feats is None:
         return set()

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 import yaml
 
-from ray_unlearn.platform.core.compaction import has_copy, load_copy, read_copy_rows, write_copy
+from ray_unlearn.platform.core.compaction import (
+    copy_name,
+    has_copy,
+    load_copy,
+    read_copy_rows,
+    write_copy,
+)
 from ray_unlearn.platform.core.config import CoreRunConfig as RunConfig
 from ray_unlearn.platform.core.config import config_from_dict, config_to_yaml
 from ray_unlearn.platform.core.data import (
@@ -134,7 +140,7 @@ class RunContext:
                 self.num_classes,
                 self.feature_shape,
             )
-        source = f"{self.storage.uri.rstrip('/')}/{self.layout.data_copy}"
+        source = f"{self.storage.uri.rstrip('/')}/{copy_name(self.storage, self.layout)}"
         return records_from_table(table, source, self.config.data)
 
     def split_records(self, split: str, exclude=()) -> Records:

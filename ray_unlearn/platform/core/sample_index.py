@@ -88,15 +88,72 @@ def from_table(table: pa.Table, versions: tuple[str, ...]) -> IndexGroup:
     )
 
 
-def load_or_build(store, versions: tuple[str, ...]) -> IndexGroup:
-    """The stored group, or build it from the versions' sample lists and store it."""
+# Rows per row group of a stored group. Ids are sorted, so row groups are disjoint id ranges
+# and a process that has not read a group yet (a new audit process) reads only the row
+# groups whose range may hold an id it asks about: at 1M samples (16 chains of 156k rows)
+# reading whole groups was 65 of a cold audit's ~100 ms.
+ROW_GROUP_ROWS = 8192
+
+
+class StoredGroup:
+    """A stored group read on demand, a row group at a time (its footer at once); the row
+    groups read are kept, so the answers are :class:`IndexGroup`'s at the cost of the row
+    groups the questions touch."""
+
+    def __init__(self, storage, path: str, versions: tuple[str, ...]):
+        self.versions, self._storage, self._path = versions, storage, path
+        with storage.fs.open_input_file(storage.full(path)) as f:
+            pf = pq.ParquetFile(f)
+            stored = tuple(json.loads((pf.schema_arrow.metadata or {})[b"versions"]))
+            if stored != versions:
+                raise ValueError(f"index file is for versions {stored}, not {versions}")
+            md = pf.metadata
+            col = pf.schema_arrow.get_field_index("sample_id")
+            self._ranges = []
+            for g in range(md.num_row_groups):
+                st = md.row_group(g).column(col).statistics
+                ok = st is not None and st.has_min_max
+                self._ranges.append((int(st.min), int(st.max)) if ok else None)
+        self._read: dict[int, IndexGroup] = {}
+
+    def _part(self, wanted: np.ndarray, g: int) -> np.ndarray:
+        rng = self._ranges[g]
+        if rng is None:
+            return wanted
+        lo, hi = np.searchsorted(wanted, rng[0], "left"), np.searchsorted(wanted, rng[1], "right")
+        return wanted[lo:hi]
+
+    def holding(self, wanted: np.ndarray) -> dict[str, list[int]]:
+        """version -> the ``wanted`` ids it holds (``wanted`` sorted unique int64)."""
+        asked = {g: w for g in range(len(self._ranges)) if len(w := self._part(wanted, g))}
+        missing = [g for g in asked if g not in self._read]
+        if missing:
+            with self._storage.fs.open_input_file(self._storage.full(self._path)) as f:
+                pf = pq.ParquetFile(f)
+                for g in missing:
+                    t = pf.read_row_group(g, columns=["sample_id", "version"])
+                    self._read[g] = IndexGroup(
+                        self.versions,
+                        t["sample_id"].to_numpy().astype(np.int64, copy=False),
+                        t["version"].to_numpy().astype(np.int32, copy=False),
+                    )
+        out: dict[str, list[int]] = {}
+        for g in sorted(asked):  # id order: each version's hits come out sorted
+            for vid, hits in self._read[g].holding(asked[g]).items():
+                out.setdefault(vid, []).extend(hits)
+        return out
+
+
+def load_or_build(store, versions: tuple[str, ...]) -> IndexGroup | StoredGroup:
+    """The stored group (read on demand), or build it from the versions' sample lists and
+    store it."""
     path = group_path(store.layout, versions)
     try:
-        return from_table(store.storage.read_table(path), versions)
+        return StoredGroup(store.storage, path, versions)
     except (StorageError, ValueError, KeyError, TypeError, OSError, pa.ArrowException):
         pass  # absent (first audit since the chain changed) or unreadable: rebuild
     group = build_group(versions, store.sample_ids)
-    store.storage.write_table(path, to_table(group))
+    store.storage.write_table(path, to_table(group), row_group_size=ROW_GROUP_ROWS)
     return group
 
 

@@ -340,8 +340,19 @@ class RunLayout:
 
     @property
     def data_copy(self) -> str:
-        """The run's own copy of its records (compacted without deleted rows)."""
+        """The run's own copy of its records as one file: runs made before part files
+        (read as one part, converted by their first compaction: platform/core/copy_parts.py)."""
         return f"{self.root}/data/records.parquet"
+
+    @property
+    def data_parts(self) -> str:
+        """The run's own copy of its records: part files (platform/core/copy_parts.py)."""
+        return f"{self.root}/data/parts"
+
+    @property
+    def data_manifests(self) -> str:
+        """Which parts make the copy now: one manifest per generation."""
+        return f"{self.root}/data/manifests"
 
     @property
     def data_compaction(self) -> str:

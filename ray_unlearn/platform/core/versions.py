@@ -147,7 +147,7 @@ class ModelStore:
         self.storage, self.layout = storage, layout
         self._samples_cache: dict[str, np.ndarray] = {}
         self._metrics_cache: dict[str, dict[str, float]] = {}
-        self._index_cache: dict[tuple[str, ...], sample_index.IndexGroup] = {}
+        self._index_cache: dict[tuple[str, ...], Any] = {}  # IndexGroup or StoredGroup
 
     # -- versions --------------------------------------------------------------------
     def save_version(
@@ -338,7 +338,7 @@ class ModelStore:
                 out.setdefault(vid, []).extend(hits)
         return {v: sorted(set(h)) for v, h in out.items()}
 
-    def sample_index(self, registry: Registry | None = None) -> list[sample_index.IndexGroup]:
+    def sample_index(self, registry: Registry | None = None) -> list:
         """The index groups of the live versions: one per shard's chain, one for the shared
         versions; read (or built and stored) once per chain and kept in this process."""
         reg = registry or self.registry()

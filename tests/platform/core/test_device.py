@@ -110,6 +110,11 @@ def test_shard_actors_and_serve_replicas_ask_for_gpus_from_config():
 
     assert actor_options(0.01, 0.0) == {"num_cpus": 0.01}
     assert actor_options(0.01, 0.5) == {"num_cpus": 0.01, "num_gpus": 0.5}
+    # Ray would set OMP_NUM_THREADS=1 in a worker reserving under a CPU: the run's threads
+    assert actor_options(0.01, 0.0, 2) == {
+        "num_cpus": 0.01,
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
+    }
     assert shard_actor_options(0.1, 0) == {"num_cpus": 0.1}
     assert shard_actor_options(0.1, 1) == {"num_cpus": 0.1, "num_gpus": 1.0}
     with pytest.raises(ValueError, match="gpus_per_replica.*>= 0"):

@@ -1,7 +1,7 @@
 """The fixed cost of one request, guarded by counts (never by timings): the data copy's
-compaction is prepared while the shards retrain and the copy is read once per request, a
-prepared compaction is never written over a copy that changed, and what one request writes
-and syncs stays bounded."""
+compaction is prepared while the shards retrain and reads and rewrites only the parts that
+hold the removed rows, a prepared compaction is never written over a copy that changed, and
+what one request writes and syncs stays bounded."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 
-from ray_unlearn.platform.core import compaction
-from ray_unlearn.platform.core.compaction import PreparedCompaction, compact
+from ray_unlearn.platform.core import copy_parts
+from ray_unlearn.platform.core.compaction import PreparedCompaction, compact, read_copy
 from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
 from ray_unlearn.platform.core.plan import TEST
 
@@ -20,7 +20,15 @@ def _owner(ctx, i):
 
 
 def _copy_ids(ctx):
-    return ctx.storage.read_table(ctx.layout.data_copy)["sample_id"].to_numpy()
+    return read_copy(ctx.storage, ctx.layout)["sample_id"].to_numpy()
+
+
+def _in_small_parts(ctx, monkeypatch):
+    """Rewrite the tiny run's copy (one part at its size) as parts of 16 rows."""
+    monkeypatch.setattr(copy_parts, "PART_BYTES", 1)
+    monkeypatch.setattr(copy_parts, "_MIN_PART_ROWS", 16)
+    copy_parts.write_copy_table(ctx.storage, ctx.layout, read_copy(ctx.storage, ctx.layout))
+    return copy_parts.read_manifest(ctx.storage, ctx.layout)
 
 
 def test_the_copy_is_compacted_once_prepared_during_retraining(tiny_run, monkeypatch):
@@ -28,16 +36,16 @@ def test_the_copy_is_compacted_once_prepared_during_retraining(tiny_run, monkeyp
     engine = UnlearningEngine(ctx, LocalShards(ctx))
     engine.forget(owner_id=_owner(ctx, 0))  # shards loaded, one request done
     reads, threads = [], []
-    real = compaction._without
+    real = copy_parts.without_rows
 
-    def counted(storage, layout, gone, last=None):
+    def counted(storage, layout, gone):
         import threading
 
         threads.append(threading.current_thread().name)
         reads.append(len(gone))
-        return real(storage, layout, gone, last)
+        return real(storage, layout, gone)
 
-    monkeypatch.setattr(compaction, "_without", counted)
+    monkeypatch.setattr(copy_parts, "without_rows", counted)
     owner = _owner(ctx, 1)
     ids = ctx.plan.samples_of_owner(owner)
     rec = engine.forget(owner_id=owner)
@@ -52,23 +60,47 @@ def test_the_copy_is_compacted_once_prepared_during_retraining(tiny_run, monkeyp
     assert stats["rows"] == len(ctx.plan.sample_ids) - len(done)
 
 
-def test_a_long_lived_executor_does_not_read_back_the_copy_it_wrote(tiny_run, monkeypatch):
+def test_a_compaction_reads_and_rewrites_only_the_parts_holding_the_rows(tiny_run, monkeypatch):
     ctx = tiny_run
+    man = _in_small_parts(ctx, monkeypatch)
+    assert len(man.parts) >= 20
     engine = UnlearningEngine(ctx, LocalShards(ctx))
-    engine.forget(owner_id=_owner(ctx, 0))  # writes the copy: this process keeps its table
-    reads = []
-    real = type(ctx.storage).read_table
+    engine.forget(owner_id=_owner(ctx, 0))  # shards loaded, one request done
+    owner = _owner(ctx, 1)
+    ids = ctx.plan.samples_of_owner(owner)
+    before = copy_parts.read_manifest(ctx.storage, ctx.layout)
+    holding = {
+        p["file"]
+        for p in before.parts
+        if p["rows"] and np.isin(ids, range(p["min"], p["max"] + 1)).any()
+    }
+    reads, writes = [], []
+    real_read, real_write = copy_parts._read_part, type(ctx.storage).write_bytes
 
-    def read_table(self, rel):
-        reads.append(rel)
-        return real(self, rel)
+    def read_part(storage, rel, columns=None):
+        if columns is None:  # a whole part (an id column alone is read once per process)
+            reads.append(rel)
+        return real_read(storage, rel, columns)
 
-    monkeypatch.setattr(type(ctx.storage), "read_table", read_table)
-    engine.forget(owner_id=_owner(ctx, 1))
-    assert ctx.layout.data_copy not in reads
+    def write(self, rel, data, **kw):
+        writes.append(rel)
+        return real_write(self, rel, data, **kw)
+
+    monkeypatch.setattr(copy_parts, "_read_part", read_part)
+    monkeypatch.setattr(type(ctx.storage), "write_bytes", write)
+    assert engine.forget(owner_id=owner).state.value == "done"
     monkeypatch.undo()
+    assert set(reads) == holding  # each once, and no other part
+    assert len(reads) == len(holding) < len(before.parts)
+    new_parts = [w for w in writes if w.startswith(ctx.layout.data_parts + "/")]
+    assert len(new_parts) == len(holding)
+    after = copy_parts.read_manifest(ctx.storage, ctx.layout)
+    assert after.generation == before.generation + 1 and len(after.parts) == len(before.parts)
+    for old in holding:  # the replaced parts are gone from the store, not only unlisted
+        assert not ctx.storage.exists(old)
     done = ctx.deletion_log.deleted_sample_ids()
     assert set(_copy_ids(ctx)) == set(ctx.plan.sample_ids) - done
+    assert sorted(_copy_ids(ctx)) == list(_copy_ids(ctx))  # parts stay in id order
 
 
 def test_a_prepared_compaction_is_not_written_over_a_copy_that_changed(tiny_run):
@@ -77,9 +109,9 @@ def test_a_prepared_compaction_is_not_written_over_a_copy_that_changed(tiny_run)
     prepared = PreparedCompaction(ctx, a)
     prepared.result(ctx.storage, ctx.layout, np.unique(a))  # wait for it
     # another writer rewrites the copy meanwhile (without b's rows)
-    table = ctx.storage.read_table(ctx.layout.data_copy)
+    table = read_copy(ctx.storage, ctx.layout)
     keep = ~np.isin(table["sample_id"].to_numpy(), b)
-    ctx.storage.write_table(ctx.layout.data_copy, table.filter(keep))
+    copy_parts.write_copy_table(ctx.storage, ctx.layout, table.filter(keep))
     out = compact(ctx, a, prepared)
     assert out["rows_removed"] == len(a)
     left = _copy_ids(ctx)
@@ -98,7 +130,8 @@ def test_a_prepared_compaction_for_other_ids_is_not_used(tiny_run, monkeypatch):
 def test_one_request_writes_and_syncs_a_bounded_number_of_files(tiny_run, monkeypatch):
     """Per request: the log (request, two transitions, each with its feed marker, fence ack),
     the lease, the intent (twice), the registry (generation + copy), per new version weights
-    + ids + manifest, per retired version its manifest, the data copy and its stats: a fixed
+    + ids + manifest, per retired version its manifest, the data copy's rewritten parts (one
+    in this run) with its manifest and stats: a fixed
     budget plus one per version (a regression that writes or syncs per sample, per shard or
     per logged request shows here)."""
     ctx = tiny_run
@@ -135,7 +168,8 @@ def test_one_request_writes_and_syncs_a_bounded_number_of_files(tiny_run, monkey
     assert created == retired >= 1
     per_version = 3 + 1  # weights, ids, manifest when created; the manifest when retired
     # request, ack, 2 events + 3 feed markers, lease x2, intent x2, registry generation +
-    # copy, data copy + its stats: 15 today; a little room for the log's own bookkeeping
+    # copy, the copy's part + manifest + stats: 16 today; a little room for the log's own
+    # bookkeeping (deleting the replaced part syncs its folder once more: the room below)
     fixed = 18
     assert len(writes) <= fixed + per_version * created, writes
     # each write syncs the file and its folder (a feed marker is empty: its folder only), a

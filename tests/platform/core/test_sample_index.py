@@ -4,6 +4,7 @@ list, stored per chain, dropped with the versions it names."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from ray_unlearn.platform.core import sample_index
@@ -84,3 +85,28 @@ def test_retiring_a_version_drops_the_groups_that_name_it(tmp_path):
         p.rsplit("/", 1)[1]
         for p in (sample_index.group_path(LAYOUT, tuple(e.chain)) for e in reg.shards.values())
     )
+
+
+def test_a_new_process_reads_only_the_row_groups_that_may_hold_the_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample_index, "ROW_GROUP_ROWS", 8)
+    rng = np.random.default_rng(2)
+    store, held = _store(tmp_path, rng, shards=2, slices=3)
+    live = store.registry().live_versions()
+    store.live_versions_containing([0])  # builds and stores the groups (row groups of 8)
+    read = []
+    real = pq.ParquetFile.read_row_group
+
+    def counted(self, i, *a, **kw):
+        read.append(i)
+        return real(self, i, *a, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    cold = ModelStore(Storage(tmp_path), LAYOUT)
+    one = min(held["s000-r00-g0000"])
+    assert cold.live_versions_containing([one]) == _brute(held, live, [one])
+    assert 1 <= len(read) <= 2  # its row group in each chain's file that may hold it
+    everything = sorted({i for v in held.values() for i in v})
+    assert cold.live_versions_containing(everything) == _brute(held, live, everything)
+    first = len(read)
+    assert cold.live_versions_containing(everything) == _brute(held, live, everything)
+    assert len(read) == first  # row groups read once are kept

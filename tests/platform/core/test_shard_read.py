@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ray_unlearn.platform.core.compaction import compact
+from ray_unlearn.platform.core.compaction import compact, read_copy
 from ray_unlearn.platform.core.config import load_config
+from ray_unlearn.platform.core.copy_parts import write_copy_table
 from ray_unlearn.platform.core.data import Records, write_records
 from ray_unlearn.platform.core.data.shard_read import read_rows, row_group_rows
 from ray_unlearn.platform.core.run import RunError, create_run, open_run
@@ -66,12 +67,10 @@ def test_shard_reads_equal_the_whole_data_path_before_and_after_compaction(tmp_p
 
 def test_a_row_missing_from_the_copy_without_a_deletion_is_an_error(tmp_path):
     made = create_run(tiny_config(tmp_path))
-    copy = made.storage.read_table(made.layout.data_copy)
+    copy = read_copy(made.storage, made.layout)
     victim = made.plan.shard_members(0)[0][0]
     kept = copy.filter(pa.compute.not_equal(copy["sample_id"], victim))
-    made.storage.write_table(
-        made.layout.data_copy, kept.replace_schema_metadata(copy.schema.metadata)
-    )
+    write_copy_table(made.storage, made.layout, kept.replace_schema_metadata(copy.schema.metadata))
     with pytest.raises(RunError, match=rf"lacks 1 sample ids .*{victim}.*no deletion removed"):
         open_run(made.storage.uri, made.run_id).shard_data(0)
 
