@@ -433,34 +433,40 @@ def report_seed(seed: int, s: dict, chosen: dict, enc, y, full) -> dict:
     return out
 
 
-def _run_child(cmd: list[str]) -> dict:
-    """Run ``cmd``; its last stdout line is a JSON document; add the peak RSS polled here."""
+def _run_children(cmds: dict[int, list[str]]) -> dict[int, dict]:
+    """Run every command at once (each is its own process: its RSS is its own); each
+    prints a JSON document as its last stdout line; add the peak RSS polled from here."""
     import psutil
 
-    with (
-        open(os.devnull, "w") as err,
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True) as p,
-    ):
-        ps, peak = psutil.Process(p.pid), 0
-        while p.poll() is None:
-            try:
-                peak = max(peak, ps.memory_info().rss)
-            except psutil.NoSuchProcess:
-                break
+    with open(os.devnull, "w") as err:
+        procs = {
+            k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=err, text=True)
+            for k, c in cmds.items()
+        }
+        peak = dict.fromkeys(procs, 0)
+        while any(p.poll() is None for p in procs.values()):
+            for k, p in procs.items():
+                try:
+                    peak[k] = max(peak[k], psutil.Process(p.pid).memory_info().rss)
+                except psutil.NoSuchProcess:  # finished since poll()
+                    pass
             time.sleep(0.005)
-        text = p.stdout.read()
-    if p.returncode != 0:
-        raise RuntimeError(f"memory child {cmd[-4:]} failed with exit status {p.returncode}")
-    return {**json.loads(text.strip().splitlines()[-1]), "polled_peak_rss": peak}
+        texts = {k: p.stdout.read() for k, p in procs.items()}
+    out = {}
+    for k, p in procs.items():
+        p.stdout.close()
+        if p.returncode != 0:
+            raise RuntimeError(f"memory child B={k} failed with exit status {p.returncode}")
+        out[k] = {**json.loads(texts[k].strip().splitlines()[-1]), "polled_peak_rss": peak[k]}
+    return out
 
 
 def memory(s: dict, quick: bool) -> dict:
-    """Peak RSS of a shard process per B (a fresh process each), and of the base alone."""
+    """Peak RSS of a shard process per B (a fresh process each, run side by side), and of
+    the base alone."""
     me = [sys.executable, str(Path(__file__).resolve())]
-    runs = {}
-    for b in [0, *s["budgets"]]:
-        args = ["--out", "-", "--model", s["model"], "--memory-child", str(b)]
-        runs[b] = _run_child(me + args + (["--quick"] if quick else []))
+    args = ["--out", "-", "--model", s["model"]] + (["--quick"] if quick else [])
+    runs = _run_children({b: [*me, *args, "--memory-child", str(b)] for b in [0, *s["budgets"]]})
     base = runs.pop(0)
     out = {"base_only": base}
     for b, r in runs.items():
