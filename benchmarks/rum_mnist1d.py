@@ -46,11 +46,14 @@ platform's MLP on the 40 features, trained with Adam (``FitSpec``; sizes in ``FU
    scores AUC 0.5 and TPR = FPR.
 4. ``report``: means, sd and Student-t 95% intervals over the seeds given; the targets.
 
-Seeds: seed 0 was used to choose the sizes in ``FULL`` (model, epochs, forget size,
-shadows) and is not reported; seeds 1-3 are reported. RUM's and the algorithms' settings
-are the platform's defaults, not tuned. The "best plain algorithm" is the one with the
-highest mean ToW over the reported seeds (a choice made on the reported seeds, which
-favours the plain algorithms over RUM).
+Seeds: seed 0 was used only to choose the sizes in ``FULL`` (the MLP [256, 256] for 20
+epochs, because it fits the training rows: 0.99 train vs 0.56 test accuracy, so there is
+memorization to measure; on seed 0 the estimator reached split-half 0.81 with 32 models)
+and is not reported; seeds 1-3 are reported. The forget size and the 12 shadows were set
+by the time budget, not by results. RUM's and the algorithms' settings are the platform's
+defaults, not tuned; the proxy RUM uses in the U-LiRA shadows (``confidence``) was fixed
+beforehand. The "best plain algorithm" is the one with the highest mean ToW over the
+reported seeds (a choice made on the reported seeds, which favours the plain algorithms over RUM).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ FULL = {
     "reliability": 0.8,
     "splits": 20,
     "forget": 160,
-    "shadows": 16,
+    "shadows": 12,
     "approx_epochs": 3,
     "approx_lr": 1e-3,
 }
