@@ -9,6 +9,7 @@ initial weights and batch order depend only on (seed, model index).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -51,6 +52,39 @@ def exact_memorization_ray(
             on_done(models - len(pending), models)
     runs = ray.get(refs)  # in model order, whatever order the tasks finished in
     return memorization_from_runs(np.stack([r[0] for r in runs]), np.stack([r[1] for r in runs]))
+
+
+@ray.remote(num_cpus=1)
+def _timed(spec: FitSpec, x, y, keep: float, seed: int, index: int):
+    c0 = time.process_time()
+    mask, correct = subset_model_correctness(spec, x, y, keep, seed, index)
+    return mask, correct, time.process_time() - c0
+
+
+def subset_runs_ray(
+    spec: FitSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    indices: Sequence[int],
+    *,
+    keep: float = 0.7,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The estimator's models ``indices`` as parallel Ray tasks, unreduced: (M, n) subset
+    masks, (M, n) correctness and (M,) CPU seconds of each model's task (training and the
+    one prediction pass). More models can be added later by further indices (model i is
+    the same whenever it is trained), e.g. until ``split_half_reliability`` is high enough;
+    ``memorization_from_runs`` turns the rows into scores."""
+    if not len(indices) or not 0 < keep < 1:
+        raise ValueError(f"subset_runs_ray: indices ({len(indices)}) must name at least one "
+                         f"model and keep must be in (0, 1), got {keep}")  # fmt: skip
+    xr, yr = ray.put(np.ascontiguousarray(x)), ray.put(np.asarray(y))
+    runs = ray.get([_timed.remote(spec, xr, yr, keep, seed, int(i)) for i in indices])
+    return (
+        np.stack([r[0] for r in runs]),
+        np.stack([r[1] for r in runs]),
+        np.array([r[2] for r in runs]),
+    )
 
 
 def compute_run_scores_ray(ctx, names: Sequence[str] = SCORES, **kwargs) -> dict[str, float]:

@@ -22,6 +22,21 @@ def test_ray_estimator_equals_the_serial_one(ray_session):
         exact_memorization_ray(SPEC, x, y, models=0)
 
 
+def test_subset_runs_in_batches_give_the_serial_estimator(ray_session):
+    from ray_unlearn.platform.methods.rum.memorization import memorization_from_runs
+    from ray_unlearn.train.memorization import subset_runs_ray
+
+    x, y = blobs(n=120, flip=10)
+    first = subset_runs_ray(SPEC, x, y, [0, 1], keep=0.6, seed=4)
+    more = subset_runs_ray(SPEC, x, y, [2], keep=0.6, seed=4)
+    masks, correct = (np.concatenate([a, b]) for a, b in zip(first[:2], more[:2], strict=True))
+    serial = exact_memorization(SPEC, x, y, models=3, keep=0.6, seed=4)
+    np.testing.assert_array_equal(memorization_from_runs(masks, correct), serial)
+    assert first[2].shape == (2,) and (first[2] > 0).all()  # CPU seconds per model
+    with pytest.raises(ValueError, match="at least one"):
+        subset_runs_ray(SPEC, x, y, [])
+
+
 def test_run_scores_with_the_estimator_on_ray(ray_session, tmp_path):
     from ray_unlearn.platform.core.run import create_run
     from ray_unlearn.platform.methods.rum.memorization import load_scores

@@ -40,11 +40,10 @@ from ray_unlearn.platform.core.data import (
     BUNDLED,
     SAMPLE_ID,
     Records,
-    make_digits,
-    make_synthetic,
     read_records,
     records_from_table,
 )
+from ray_unlearn.platform.core.data.bundled import bundled_table
 
 if TYPE_CHECKING:
     from ray_unlearn.platform.core.run import RunContext
@@ -95,12 +94,7 @@ def _source_records(ctx: RunContext) -> Records | None:
         if cfg.source == "bbcnews" or cfg.text_column is not None:  # tokenised by the model
             return _text_source(ctx)
         if cfg.source in BUNDLED:
-            table = (
-                make_digits(cfg.samples_per_owner, cfg.seed)
-                if cfg.source == "digits"
-                else (make_synthetic(cfg.synthetic))
-            )
-            return records_from_table(table, cfg.source, cfg)
+            return records_from_table(bundled_table(cfg), cfg.source, cfg)
         return read_records(cfg.source, cfg)
     except (ValueError, OSError):
         return None

@@ -1,7 +1,8 @@
 """Bundled sources that need no download, materialised once as Parquet under the storage
 root so every process of a run (and every rerun) sees byte-identical data: ``digits``
 (scikit-learn's 8x8 digits), ``synthetic`` (a Purchase-100-like generator, or Gaussian
-blobs) and ``bbcnews`` (news texts, :mod:`.text`). :func:`load_dataset` is the entry point for any configured source.
+blobs), ``mnist1d`` (MNIST-1D, generated offline, :mod:`.mnist1d`) and ``bbcnews`` (news
+texts, :mod:`.text`). :func:`load_dataset` is the entry point for any configured source.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from ray_unlearn.platform.core.data.config import BUNDLED, DataConfig, SyntheticConfig
+from ray_unlearn.platform.core.data.config import (
+    BUNDLED,
+    DataConfig,
+    Mnist1dConfig,
+    SyntheticConfig,
+)
+from ray_unlearn.platform.core.data.mnist1d import (
+    CLASSES,
+    FEATURES,
+    MNIST1D_GENERATOR,
+    generate_mnist1d,
+)
 from ray_unlearn.platform.core.data.parquet import _read_metadata, _records_from_table, read_records
 from ray_unlearn.platform.core.data.records import DataError, Records
 from ray_unlearn.platform.core.data.text import (
@@ -138,6 +150,38 @@ def make_synthetic(cfg: SyntheticConfig) -> pa.Table:
     return _table(feats, labels, owners, cfg.classes, (cfg.features,), _SYNTHETIC_GENERATOR)
 
 
+def make_mnist1d(
+    cfg: Mnist1dConfig | None = None, samples_per_owner: float = 4.0, seed: int = 0
+) -> pa.Table:
+    """MNIST-1D (:mod:`.mnist1d`) as a table: ``cfg.n_samples`` rows of 40 float32 features,
+    10 classes, feature_shape (40,), generated with ``cfg.seed``; owners drawn with ``seed``
+    as for digits."""
+    cfg = cfg or Mnist1dConfig()
+    x, y = generate_mnist1d(cfg.n_samples, cfg.seed)
+    owners = _owners(len(y), samples_per_owner, np.random.default_rng([seed, 2]))
+    return _table(x, y, owners, CLASSES, (FEATURES,), MNIST1D_GENERATOR)
+
+
+def bundled_table(cfg: DataConfig) -> pa.Table:
+    """The bundled table of ``cfg.source``, generated (not read from any cache)."""
+    if cfg.source == "digits":
+        return make_digits(cfg.samples_per_owner, cfg.seed)
+    if cfg.source == "synthetic":
+        return make_synthetic(cfg.synthetic)
+    if cfg.source == "mnist1d":
+        return make_mnist1d(cfg.mnist1d, cfg.samples_per_owner, cfg.seed)
+    if cfg.source == "bbcnews":
+        return make_bbcnews()
+    raise DataError(f"{cfg.source!r} is not a bundled dataset; bundled: {', '.join(BUNDLED)}")
+
+
+_GENERATORS = {
+    "digits": _DIGITS_GENERATOR,
+    "synthetic": _SYNTHETIC_GENERATOR,
+    "mnist1d": MNIST1D_GENERATOR,
+}
+
+
 def bundled_name(cfg: DataConfig) -> str:
     """Dataset name under ``datasets/``; it names every parameter that changes the data."""
     if cfg.source == "digits":
@@ -148,6 +192,9 @@ def bundled_name(cfg: DataConfig) -> str:
             f"synthetic-{s.preset}-n{s.n_samples}-f{s.features}-c{s.classes}"
             f"-spo{_fmt(s.samples_per_owner)}-s{s.seed}"
         )
+    if cfg.source == "mnist1d":
+        m = cfg.mnist1d
+        return f"mnist1d-n{m.n_samples}-g{m.seed}-spo{_fmt(cfg.samples_per_owner)}-s{cfg.seed}"
     if cfg.source == "bbcnews":
         return "bbcnews"
     raise DataError(f"{cfg.source!r} is not a bundled dataset; bundled: {', '.join(BUNDLED)}")
@@ -168,13 +215,10 @@ def load_dataset(
     if cfg.source == "bbcnews":
         return _load_bbcnews(cfg, storage, encode_text)
     rel = dataset_path(bundled_name(cfg))
-    generator = _DIGITS_GENERATOR if cfg.source == "digits" else _SYNTHETIC_GENERATOR
+    generator = _GENERATORS[cfg.source]
     table = storage.read_table(rel) if storage.exists(rel) else None
     if table is None or _read_metadata(table).get(_META_GENERATOR) != generator.encode():
-        if cfg.source == "digits":
-            table = make_digits(cfg.samples_per_owner, cfg.seed)
-        else:
-            table = make_synthetic(cfg.synthetic)
+        table = bundled_table(cfg)
         storage.write_table(rel, table)
     return _records_from_table(
         table,

@@ -17,10 +17,11 @@ from pydantic import (
 )
 
 #: Names of the bundled sources accepted by ``DataConfig.source``.
-BUNDLED = ("digits", "synthetic", "bbcnews")
+BUNDLED = ("digits", "synthetic", "bbcnews", "mnist1d")
 
 _SOURCE_HELP = (
-    "data.source must be 'digits', 'synthetic', 'bbcnews', or a Parquet file/directory given as a local "
+    "data.source must be 'digits', 'synthetic', 'bbcnews', 'mnist1d', or a Parquet file/directory "
+    "given as a local "
     "path or a pyarrow.fs URI (s3://bucket/key.parquet, gs://..., hdfs://..., file:///...)"
 )
 
@@ -71,6 +72,24 @@ class SyntheticConfig(BaseModel):
         return self
 
 
+class Mnist1dConfig(BaseModel):
+    """MNIST-1D generated offline by the ``mnist1d`` package (40 features, 10 classes)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    n_samples: int = Field(
+        5000, ge=10, description="Rows to generate (a multiple of 10: n/10 per class)."
+    )
+    seed: int = Field(0, ge=0, description="Generator seed (the signals; owners use data.seed).")
+
+    @field_validator("n_samples")
+    @classmethod
+    def _per_class(cls, v: int) -> int:
+        if v % 10:
+            raise ValueError(f"must be a multiple of 10 (n/10 rows per class), got {v}")
+        return v
+
+
 class DataConfig(BaseModel):
     """Where the records come from and how to read and split them."""
 
@@ -78,12 +97,16 @@ class DataConfig(BaseModel):
 
     source: str = Field(
         "digits",
-        description="'digits', 'synthetic', or a Parquet file/directory (local path or "
+        description="'digits', 'synthetic', 'bbcnews', 'mnist1d', or a Parquet file/directory "
+        "(local path or "
         "pyarrow.fs URI such as s3://bucket/key.parquet).",
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    mnist1d: Mnist1dConfig = Field(default_factory=Mnist1dConfig)
     samples_per_owner: float = Field(
-        4.0, ge=1.0, description="digits: mean samples per owner (sizes vary, at least 1 each)."
+        4.0,
+        ge=1.0,
+        description="digits, mnist1d: mean samples per owner (sizes vary, at least 1 each).",
     )
     label_column: str = Field("label", min_length=1, description="Integer class column.")
     features_column: str | None = Field(
@@ -107,7 +130,9 @@ class DataConfig(BaseModel):
     test_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of samples held out (by hash of the id)."
     )
-    seed: int = Field(0, ge=0, description="Seed of the digits owner assignment and the split.")
+    seed: int = Field(
+        0, ge=0, description="Seed of the digits / mnist1d owner assignment and of the split."
+    )
     compact: Literal["on_delete", "manual"] = Field(
         "on_delete",
         description="When the run's own copy of the data drops deleted rows: 'on_delete' (as "
@@ -186,6 +211,8 @@ class DataConfig(BaseModel):
         # unset text and image settings are left out: configs without them dump (and
         # digest) as before
         out = handler(self)
+        if self.source != "mnist1d":  # configs of other sources dump (and digest) as before
+            out.pop("mnist1d", None)
         if self.text_column is None:
             out.pop("text_column", None)
         if self.image_column is None:

@@ -64,6 +64,7 @@ DIRECTION = {
 }
 _SUBSET, _INIT, _BATCH = 0x4D454D53, 0x4D454D49, 0x4D454D42  # "MEMS", "MEMI", "MEMB"
 _HOLD = 0x484F4C44  # "HOLD"
+_SPLIT = 0x53504C54  # "SPLT": the random halves of split_half_reliability
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,53 @@ def exact_memorization(
     check_estimator(models, keep)
     runs = [subset_model_correctness(spec, x, y, keep, seed, i) for i in range(models)]
     return memorization_from_runs(np.stack([r[0] for r in runs]), np.stack([r[1] for r in runs]))
+
+
+def split_half_reliability(
+    masks: np.ndarray, correct: np.ndarray, *, splits: int = 20, seed: int = 0
+) -> dict[str, float]:
+    """How reproducible the estimator's ranking is with these M models.
+
+    The M models are split at random into two disjoint halves of M // 2; each half gives its
+    own estimate (:func:`memorization_from_runs`) and the two are compared by Spearman's
+    rank correlation over the rows both define. ``mean`` / ``min`` / ``max``: over
+    ``splits`` random partitions (one partition is luck-prone with few models).
+    ``spearman_brown``: the mean corrected to the full M models, ``2r / (1 + r)`` (the
+    classical prophecy for doubling a test's length; a rank correlation only approximates
+    its assumptions, so the uncorrected ``mean`` is the figure to hold to a target). A
+    partition where a half's estimate is constant has no correlation (NaN) and is skipped."""
+    from scipy.stats import spearmanr
+
+    masks, correct = np.asarray(masks, bool), np.asarray(correct)
+    m = len(masks)
+    if m < 4 or masks.shape != correct.shape:
+        raise ValueError(
+            f"split_half_reliability needs (M, n) masks and correctness of the same shape with "
+            f"M >= 4 (two halves of >= 2 models); got {masks.shape} and {correct.shape}"
+        )
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    rng = np.random.default_rng([seed, _SPLIT])
+    rs = []
+    for _ in range(splits):
+        order = rng.permutation(m)
+        a, b = order[: m // 2], order[m // 2 : 2 * (m // 2)]
+        ea, eb = (
+            memorization_from_runs(masks[a], correct[a]),
+            memorization_from_runs(masks[b], correct[b]),
+        )
+        ok = ~(np.isnan(ea) | np.isnan(eb))
+        r = spearmanr(ea[ok], eb[ok]).statistic if ok.sum() > 2 else np.nan
+        rs.append(float(r))
+    mean = float(np.nanmean(rs)) if not np.isnan(rs).all() else float("nan")
+    return {
+        "models": m,
+        "mean": mean,
+        "min": float(np.nanmin(rs)) if not np.isnan(mean) else mean,
+        "max": float(np.nanmax(rs)) if not np.isnan(mean) else mean,
+        "spearman_brown": 2 * mean / (1 + mean) if mean > -1 else float("nan"),
+        "splits": splits,
+    }
 
 
 # -- proxies -------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ray_unlearn.platform.methods.rum.memorization import (
     save_scores,
     scores_for,
     snapshot_proxies,
+    split_half_reliability,
     subset_mask,
     train_with_proxies,
 )
@@ -60,6 +61,39 @@ def test_memorization_from_runs_by_hand():
     np.testing.assert_array_equal(mem, [1.0, 0.0, 1.0])
     # a sample no model left out has no estimate
     assert np.isnan(memorization_from_runs(np.ones((2, 1), bool), np.ones((2, 1)))[0])
+
+
+def _simulated_runs(models: int, n: int = 400, low: float = 0.0, high: float = 0.9, seed: int = 0):
+    """(M, n) masks and correctness of models that are right on a held row always and on an
+    unheld row with probability 1 - mem, mem uniform in [low, high] (equal: no row differs)."""
+    rng = np.random.default_rng(seed)
+    mem = rng.uniform(low, high, n)
+    masks = rng.random((models, n)) < 0.7
+    correct = np.where(masks, True, rng.random((models, n)) < 1 - mem)
+    return masks, correct
+
+
+def test_split_half_reliability_grows_with_models_and_is_near_zero_without_signal():
+    few = split_half_reliability(*_simulated_runs(8), splits=10)
+    many = split_half_reliability(*_simulated_runs(400), splits=10)
+    assert many["models"] == 400 and many["splits"] == 10
+    assert many["mean"] > 0.85 and few["mean"] < 0.6 < many["mean"]
+    assert few["min"] <= few["mean"] <= few["max"]
+    assert many["spearman_brown"] == pytest.approx(2 * many["mean"] / (1 + many["mean"]))
+    # every row memorized alike: the halves agree only by chance
+    flat = split_half_reliability(*_simulated_runs(200, low=0.3, high=0.3), splits=5)
+    assert abs(flat["mean"]) < 0.15
+
+
+def test_split_half_reliability_refuses_bad_input():
+    masks, correct = _simulated_runs(3)
+    with pytest.raises(ValueError, match="M >= 4"):
+        split_half_reliability(masks, correct)
+    masks, correct = _simulated_runs(6)
+    with pytest.raises(ValueError, match="same shape"):
+        split_half_reliability(masks, correct[:, :10])
+    with pytest.raises(ValueError, match="splits"):
+        split_half_reliability(masks, correct, splits=0)
 
 
 def test_subset_masks_are_seeded_and_differ_between_models():
