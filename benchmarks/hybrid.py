@@ -1,9 +1,12 @@
 """Hybrid exact/approximate unlearning: SISA vs DPUS vs HS vs OHS, and a retrained reference.
 
 Run:  .venv/bin/python benchmarks/hybrid.py --out results/hybrid [--quick] [--seed 1]
+      [--shadows 8] [--shadow-workers 2] [--requests 100] [--rows 16000] [--data-seed N]
 
 (the hybrid defaults, share factor 8 and threshold 0.04, were chosen on development runs with
-seed 0; the calibration settings on seeds 0, 1, 6 and 11; the others are held out)
+seed 0; the calibration settings on seeds 0, 1, 6 and 11; all of them with the generator's
+seed 0. The generator's seed now follows --seed (``--data-seed`` overrides it), so every
+other seed is fresh data as well as a fresh split, plan and initialisation)
 
 On the Purchase-shaped synthetic set (configs/purchase.yaml; full: 16k rows, 8 shards x 5
 slices, 20 epochs; quick: smaller), trained once in this process with contribution
@@ -39,6 +42,19 @@ shorter streams are the prefixes of the longer one):
                   measured retraining (training seconds of the stages, and the whole request's
                   wall time) for every exactly executed request (all of SISA's; HS/OHS's exact
                   ones): median |relative error| and bias.
+* ulira           U-LiRA (platform/eval/lira.py; docs/lira.md), the per-example attack with
+                  shadow models, for every approximate variant on the forget rows of the
+                  longest stream: positives the rows under the variant's final serving
+                  ensemble, negatives the same rows under the retrained reference; AUC and TPR
+                  at 1% / 0.1% FPR (with ~500 negatives the 0.1% figure is the TPR at zero false
+                  positives). Each of the S shadow runs (platform/methods/hybrid/shadows.py)
+                  trains a fresh recorded run on the target's training rows with its own seed,
+                  forgets a random half of a pool of owners (the stream's and as many others,
+                  so as many requests as the target's stream) with every variant, and retrains
+                  without them; per-row Gaussians with the pooled variance. ``null``: the same
+                  attack on an independently seeded retrain, what exact unlearning scores (its
+                  TPR is the FPR up to noise). SISA is not attacked: its model is the retrain's
+                  bit for bit (``sisa_equals_retrained`` checks it). Untimed, after the streams.
 * decisions       HS/OHS: how many requests went exact vs. DPUS. dpus_refused: requests the
                   ``dpus`` variant could not take (an earlier DPUS dropped the steps their
                   rows shared with a revoked sample) and ``hs`` retrained exactly instead.
@@ -56,7 +72,8 @@ float32 recording). ``targets`` lists every variant. ``--variants`` runs a chose
 
 Writes <out>/hybrid.json and <out>/hybrid.png and prints a table. Targets (reported, not
 asserted): HS or OHS >= 1.5x faster than SISA on the 100-request stream, accuracy within 1
-point of SISA, forget-set MIA within 5 points of the retrained model.
+point of SISA, forget-set MIA within 5 points of the retrained model, U-LiRA's TPR at 1%
+FPR within 2 points of the retrained null's (``ulira_ok``).
 """
 
 from __future__ import annotations
@@ -78,12 +95,15 @@ from ray_unlearn.harness import pick_owners
 from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
 from ray_unlearn.platform.core.models import build_model, count_parameters
+from ray_unlearn.platform.core.plan import TEST
 from ray_unlearn.platform.core.run import create_run, open_run
 from ray_unlearn.platform.core.training import predict_proba, train_shard
+from ray_unlearn.platform.eval.lira import fit_ulira, forget_metrics, group_membership
 from ray_unlearn.platform.eval.mia import (
+    ensemble_predictor,
     eval_sets,
     evaluate,
-    retrained_predictor,
+    retrained_states,
     serving_predictor,
 )
 from ray_unlearn.platform.methods.hybrid.contributions import (
@@ -92,6 +112,14 @@ from ray_unlearn.platform.methods.hybrid.contributions import (
     purge_contributions,
     state_digest,
     versions_without_contributions,
+)
+from ray_unlearn.platform.methods.hybrid.shadows import (
+    RETRAINED,
+    HybridShadow,
+    Variant,
+    link_copy,
+    serving_confidence,
+    states_confidence,
 )
 from ray_unlearn.platform.methods.hybrid.workload import estimate_workload, measured_throughput
 
@@ -104,6 +132,7 @@ FULL = {
     "slices": 5,
     "streams": [1, 10, 100],
     "encoding_requests": 10,
+    "shadows": 8,
 }
 QUICK = {
     "n_samples": 4_000,
@@ -112,6 +141,7 @@ QUICK = {
     "slices": 4,
     "streams": [1, 5, 10],
     "encoding_requests": 3,
+    "shadows": 4,
 }
 # The streams run by default: each label is a strategy, optionally with hybrid settings in
 # brackets (``ohs[ohs_slices=all,threshold=0.1]``); a bare name uses configs' defaults.
@@ -265,15 +295,6 @@ def reconstruction_error(ctx, shard: int) -> dict[str, float]:
 # -- streams ---------------------------------------------------------------------------------
 
 
-def link_copy(src: Path, dst: Path) -> None:
-    """A copy of a storage root made of hard links: instant and no extra disk. Safe because
-    the platform never changes a file in place (writes go to a temp file renamed over the
-    old name, deletions unlink), so the copies diverge without touching each other."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, copy_function=os.link)
-
-
 class Stream:
     """One variant's stream of requests on its own copy of the trained run."""
 
@@ -388,10 +409,13 @@ def run_streams(
     checkpoints: list[int],
     seed: int,
     work: Path,
-) -> tuple[list[dict], list[dict]]:
+    conf_rows: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[list[dict], list[dict], dict[str, np.ndarray]]:
     """Every variant executes request i (in a rotating order) before any executes i + 1, so
     that a slow phase of a shared machine slows them all alike; each from its own copy of
-    the trained run, with its own long-lived shard runtimes."""
+    the trained run, with its own long-lived shard runtimes. ``conf_rows`` (x, y): rows
+    whose confidence under each variant's final serving ensemble is returned (U-LiRA's
+    target; not timed)."""
     streams = []
     for j, label in enumerate(labels):
         link_copy(base, work / f"v{j}")
@@ -402,12 +426,143 @@ def run_streams(
         if i + 1 in checkpoints:
             for st in streams:
                 st.evaluate(i + 1)
+    confs = {}
+    if conf_rows is not None:
+        confs = {st.label: serving_confidence(st.ctx, *conf_rows) for st in streams}
     for j in range(len(streams)):
         shutil.rmtree(work / f"v{j}")
     return (
         [r for st in streams for r in st.records],
         [q for st in streams for q in st.per_request],
+        confs,
     )
+
+
+# -- U-LiRA ----------------------------------------------------------------------------------
+
+
+def trained_rows(ctx, owners: list[str]) -> np.ndarray:
+    """The training-split sample ids of ``owners``, in owner order."""
+    ids = np.concatenate([ctx.plan.samples_of_owner(o) for o in owners])
+    return ids[ctx.plan.locate(ids)[0] != TEST]
+
+
+def ulira_pool(ctx, stream_owners: list[str], seed: int) -> list[str]:
+    """As many owners again as the stream's, drawn apart from them: the shadows forget a
+    random half of stream + pool (as many owners as the target's stream, so a shadow's
+    stream is as long as the target's), so each target row is forgotten by half of them."""
+    taken = set(stream_owners)
+    more = pick_owners(ctx, 3 * len(stream_owners), seed + 7919)
+    return [o for o in more if o not in taken][: len(stream_owners)]
+
+
+def run_ulira(
+    ctx,
+    labels: list[str],
+    stream_owners: list[str],
+    target_conf: dict[str, np.ndarray],
+    target_retrained_conf: np.ndarray,
+    shadows: int,
+    workers: int,
+    seed: int,
+    work: Path,
+) -> dict:
+    """U-LiRA of every hybrid variant on the target's forget rows (see the docstring)."""
+    import pyarrow.parquet as pq
+
+    pool = stream_owners + ulira_pool(ctx, stream_owners, seed)
+    rows = ctx.rows(trained_rows(ctx, pool))  # sorted by id
+    target_ids = ctx.rows(trained_rows(ctx, stream_owners)).sample_ids  # as target_conf's
+    cols = np.flatnonzero(np.isin(rows.sample_ids, target_ids))
+    if not np.array_equal(rows.sample_ids[cols], target_ids):
+        raise RuntimeError("the candidate rows must hold the target's forget rows in order")
+    n_target = len(cols)
+    x, y = np.ascontiguousarray(rows.features), rows.labels
+    work.mkdir(parents=True, exist_ok=True)
+    train_rows = work / "train_rows.parquet"  # exactly the target's training rows
+    pq.write_table(ctx.split_records("train").to_table(), train_rows)
+    variants = tuple(
+        Variant(label, *parse_variant(label))
+        for label in labels
+        if parse_variant(label)[0] != "sisa"  # exact: equal to the retrained model
+    )
+    common = (ctx.config, str(train_rows), rows.owner_ids, x, y)
+    shadow = HybridShadow(*common, variants, str(work / "shadows"), seed=seed)
+    masks = group_membership(rows.owner_ids, shadows, seed=seed)  # (S, n): owners forgotten
+    # the null: the target's forget rows under an independently seeded retrain (no variant)
+    null_mask = np.zeros(len(rows), bool)
+    null_mask[cols] = True
+    t0 = time.perf_counter()
+    null = HybridShadow(*common, (), str(work / "null"), seed=seed)(null_mask)
+    null_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if workers > 1:
+        import ray
+
+        from ray_unlearn.train.shadow import map_shadows_ray
+
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        try:
+            results = map_shadows_ray(shadow, masks, cpus_per_shadow=1)
+        finally:
+            ray.shutdown()
+    else:
+        results = [shadow(m) for m in masks]
+    shadows_s = time.perf_counter() - t0
+
+    neg = target_retrained_conf
+    retrained = np.stack([r.confidences[RETRAINED] for r in results])[:, cols]  # (S, n_t)
+    m = masks[:, cols]
+    out = {
+        "shadows": shadows,
+        "workers": workers,
+        "forget_rows": n_target,
+        "pool_owners": len(pool),
+        "shadow_seeds": [r.seed for r in results],
+        "null_seed": null.seed,
+        "seconds": {
+            "shadows_wall": shadows_s,
+            "null_wall": null_s,
+            "per_shadow_parts": {
+                k: float(np.mean([r.seconds[k] for r in results])) for k in results[0].seconds
+            },
+        },
+        "variants": {},
+    }
+    if "sisa" in target_conf:  # an independent check: exact unlearning is the retrain
+        out["sisa_equals_retrained"] = bool(np.array_equal(target_conf["sisa"], neg))
+    for v in variants:
+        unlearned = np.stack([r.confidences[v.label] for r in results])[:, cols]
+        g = fit_ulira(unlearned, retrained, m, global_variance=True)
+        fig = forget_metrics(g, target_conf[v.label], neg).as_dict()
+        nul = forget_metrics(g, null.confidences[RETRAINED][cols], neg).as_dict()
+        out["variants"][v.label] = {
+            **fig,
+            "null": nul,
+            "tpr_gap_points": 100 * (fig["tpr_at_1pct_fpr"] - nul["tpr_at_1pct_fpr"]),
+            # how much more confident the shadows stay on a row they unlearned than on the
+            # same row retrained without it (confidence units, mean over the forget rows)
+            "shadow_confidence_gap": float(np.mean(g.mean_in - g.mean_out)),
+            "target_confidence_gap": float(np.mean(target_conf[v.label] - neg)),
+        }
+    return out
+
+
+def print_ulira(u: dict) -> None:
+    print(
+        f"\nU-LiRA on the {u['forget_rows']} forget rows ({u['shadows']} shadows, pooled "
+        f"variance; null: an independently seeded retrain)"
+    )
+    print(
+        f"{'variant':30s} {'AUC':>6s} {'TPR@1%':>7s} {'TPR@.1%':>7s} {'null@1%':>7s} "
+        f"{'gap pts':>7s} {'conf gap':>8s}"
+    )
+    for v, r in u["variants"].items():
+        print(
+            f"{short_label(v):30s} {r['auc']:6.3f} {r['tpr_at_1pct_fpr']:7.3f} "
+            f"{r['tpr_at_0.1pct_fpr']:7.3f} {r['null']['tpr_at_1pct_fpr']:7.3f} "
+            f"{r['tpr_gap_points']:7.1f} {r['target_confidence_gap']:8.2f}"
+        )
 
 
 def estimator_stats(reqs: list[dict]) -> dict:
@@ -511,6 +666,28 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="the synthetic generator's seed (default: --seed, so every evaluation seed has "
+        "fresh data; 0 gives the data set of the figures measured before it followed --seed)",
+    )
+    ap.add_argument(
+        "--shadows",
+        type=int,
+        default=None,
+        help="U-LiRA shadow runs (full 8, quick 4; 0: no U-LiRA); at least 4",
+    )
+    ap.add_argument(
+        "--shadow-workers",
+        type=int,
+        default=1,
+        help="shadows at once: 1 trains them in this process, N > 1 as Ray tasks on "
+        "ray.init(num_cpus=N), after every timed part",
+    )
+    ap.add_argument("--requests", type=int, default=None, help="the longest stream's length")
+    ap.add_argument("--rows", type=int, default=None, help="rows generated (train + test)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--variants",
@@ -518,7 +695,15 @@ def main(argv=None) -> int:
         help="';'-separated labels such as 'hs;ohs[ohs_slices=all]' (default: the standard set)",
     )
     args = ap.parse_args(argv)
-    P = QUICK if args.quick else FULL
+    P = dict(QUICK if args.quick else FULL)
+    if args.requests:  # the standard checkpoints below it, and the new length
+        P["streams"] = sorted({n for n in P["streams"] if n < args.requests} | {args.requests})
+    if args.rows:
+        P["n_samples"] = args.rows
+    P["shadows"] = P["shadows"] if args.shadows is None else args.shadows
+    P["data_seed"] = args.seed if args.data_seed is None else args.data_seed
+    if P["shadows"] and P["shadows"] < 4:
+        ap.error(f"--shadows must be 0 or at least 4 (2 per row and side), got {P['shadows']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "_work"
@@ -532,6 +717,7 @@ def main(argv=None) -> int:
     overrides = [
         f"storage={work / 'store'}",
         f"seed={args.seed}",
+        f"data.synthetic.seed={P['data_seed']}",
         f"data.synthetic.n_samples={P['n_samples']}",
         f"training.epochs={P['epochs']}",
         f"partition.shards={P['shards']}",
@@ -603,8 +789,11 @@ def main(argv=None) -> int:
         else (QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS)
     )
     print(f"[hybrid] streams, interleaved: {', '.join(labels)}", flush=True)
-    records, requests = run_streams(
-        base, ctx.run_id, labels, owners, P["streams"], args.seed, work / "streams"
+    n_max = max(P["streams"])
+    forget_rows = ctx.rows(trained_rows(ctx, owners[:n_max]))  # U-LiRA's target rows
+    conf_rows = (np.ascontiguousarray(forget_rows.features), forget_rows.labels)
+    records, requests, target_conf = run_streams(
+        base, ctx.run_id, labels, owners, P["streams"], args.seed, work / "streams", conf_rows
     )
 
     print("[hybrid] reference: retrained from scratch without the forget set", flush=True)
@@ -613,8 +802,11 @@ def main(argv=None) -> int:
     for n in P["streams"]:
         forgotten = np.concatenate([ref_ctx.plan.samples_of_owner(o) for o in owners[:n]])
         t0 = time.perf_counter()
-        pred = retrained_predictor(ref_ctx, forgotten)
+        states = retrained_states(ref_ctx, forgotten)
         secs = time.perf_counter() - t0
+        pred = ensemble_predictor(states, ref_ctx)
+        if n == n_max:
+            retrained_conf = states_confidence(ref_ctx, states, *conf_rows)
         retain, forget, test = eval_sets(ref_ctx, forgotten, deleted=forgotten.tolist())
         ev = assess(pred, retain, forget, test, args.seed)
         refs.append(
@@ -634,7 +826,25 @@ def main(argv=None) -> int:
             flush=True,
         )
 
-    targets = check_targets(records, refs, max(P["streams"]))
+    ulira = None
+    if P["shadows"]:
+        print(
+            f"[hybrid] U-LiRA: {P['shadows']} shadow runs (train, every variant's stream, "
+            f"retrain), {args.shadow_workers} at a time",
+            flush=True,
+        )
+        ulira = run_ulira(
+            ref_ctx,
+            labels,
+            owners[:n_max],
+            target_conf,
+            retrained_conf,
+            P["shadows"],
+            args.shadow_workers,
+            args.seed,
+            work / "ulira",
+        )
+    targets = check_targets(records, refs, n_max, ulira)
     result = {
         "benchmark": "hybrid",
         "quick": args.quick,
@@ -652,6 +862,7 @@ def main(argv=None) -> int:
         "encoding_rows": enc_rows,
         "records": records + refs,
         "requests": requests,
+        "ulira": ulira,
         "targets": targets,
         "seconds": time.perf_counter() - t_start,
     }
@@ -659,6 +870,8 @@ def main(argv=None) -> int:
     plot(records, refs, out / "hybrid.png")
     shutil.rmtree(work)
     print_table(records + refs)
+    if ulira:
+        print_ulira(ulira)
     print(json.dumps(targets, indent=1))
     print(
         f"[hybrid] wrote {out / 'hybrid.json'} and {out / 'hybrid.png'} in {result['seconds']:.0f}s"
@@ -666,10 +879,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def check_targets(records: list[dict], refs: list[dict], n: int) -> dict:
+def check_targets(records: list[dict], refs: list[dict], n: int, ulira: dict | None = None) -> dict:
     at = {r["variant"]: r for r in records if r["requests"] == n}
     ref = next((r for r in refs if r["requests"] == n), None)
     out = {"requests": n}
+    u = (ulira or {}).get("variants", {})
     sisa = at.get("sisa")
     for v in at:
         if v == "sisa":
@@ -699,6 +913,11 @@ def check_targets(records: list[dict], refs: list[dict], n: int) -> dict:
             if ref is None
             else 100 * (r["accuracy_forget"] - ref["accuracy_forget"]),
         }
+        if v in u:  # U-LiRA's TPR at 1% FPR against the independently retrained null's
+            out[v]["ulira_tpr_at_1pct_fpr"] = u[v]["tpr_at_1pct_fpr"]
+            out[v]["ulira_null_tpr_at_1pct_fpr"] = u[v]["null"]["tpr_at_1pct_fpr"]
+            out[v]["ulira_gap_points"] = u[v]["tpr_gap_points"]
+            out[v]["ulira_ok"] = u[v]["tpr_gap_points"] <= 2.0
     return out
 
 

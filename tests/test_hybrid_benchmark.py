@@ -1,4 +1,5 @@
-"""Smoke run of benchmarks/hybrid.py --quick: the records its issue names, and its plot."""
+"""Smoke run of benchmarks/hybrid.py --quick: the records its issue names, its plot, and
+U-LiRA of every hybrid variant (4 shadow runs in process)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,15 @@ def test_hybrid_benchmark_quick_writes_its_records_and_plot(tmp_path):
     assert result["targets"]["requests"] == max(streams)
     assert "speedup_vs_sisa" in result["targets"]["hs"]
     assert (out / "_work").exists() is False  # its working copies are gone
+    # fresh data: the generator's seed follows the evaluation seed (0 here)
+    assert "data.synthetic.seed=0" in result["config_overrides"]
+    # U-LiRA of every approximate variant, on the forget rows, against a retrained null
+    u = result["ulira"]
+    assert u["shadows"] == result["params"]["shadows"] >= 4
+    assert set(u["variants"]) == variants - {"sisa", "retrained"}
+    assert u["sisa_equals_retrained"] is True  # exact unlearning scores as the retrain does
+    for fig in u["variants"].values():
+        assert fig["negatives"] == fig["positives"] == u["forget_rows"] > 0
+        for f in (fig, fig["null"]):
+            assert 0.0 <= f["auc"] <= 1.0 and 0.0 <= f["tpr_at_1pct_fpr"] <= 1.0
+    assert "ulira_gap_points" in result["targets"]["hs"]

@@ -49,3 +49,29 @@ def shadow_confidences_ray(
     task = _shadow.options(num_cpus=cpus_per_shadow)
     pending = [task.remote(fn_ref, m, x_ref, y_ref, outputs) for m in masks]
     return np.stack(ray.get(pending))  # in shadow order, whatever order they finished in
+
+
+@ray.remote
+def _call(fn: Any, mask: np.ndarray) -> Any:
+    return fn(mask)
+
+
+def map_shadows_ray(fn: Any, masks: np.ndarray, *, cpus_per_shadow: float = 1.0) -> list[Any]:
+    """``[fn(m) for m in masks]``, each call a parallel Ray task; results in mask order.
+
+    For shadows whose one training yields more than one confidence vector: U-LiRA of
+    several unlearning methods trains each shadow once and unlearns its masked rows with
+    every method (``platform.methods.hybrid.shadows.HybridShadow`` returns them all).
+    ``fn`` goes to the object store once; it must be a function of the mask alone for the
+    result to equal the in-process loop.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 2 or masks.dtype != bool:
+        raise ValueError(
+            f"masks must be a bool (shadows, n) array; got {masks.dtype} {masks.shape}"
+        )
+    if not cpus_per_shadow > 0:
+        raise ValueError(f"cpus_per_shadow must be > 0, got {cpus_per_shadow}")
+    fn_ref = ray.put(fn)
+    task = _call.options(num_cpus=cpus_per_shadow)
+    return ray.get([task.remote(fn_ref, m) for m in masks])

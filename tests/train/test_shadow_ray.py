@@ -29,3 +29,30 @@ def test_ray_shadows_equal_the_in_process_ones(ray_session):
     assert not np.array_equal(remote[0], remote[1])
     with pytest.raises(ValueError, match="cpus_per_shadow must be > 0"):
         shadow_confidences_ray(trainer, masks, x, y, "logits", cpus_per_shadow=0)
+
+
+def test_map_shadows_ray_equals_the_in_process_loop(ray_session):
+    from ray_unlearn.train.shadow import map_shadows_ray
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 32)
+    trainer = MLPShadowTrainer(
+        x, y, ModelConfig(hidden=[8]), TrainingConfig(epochs=3, batch_size=16), (8,), 3
+    )
+
+    def fn(mask):  # two confidence vectors from one training, as HybridShadow gives; a local
+        # function, so Ray's workers get it by value (this test module is not importable there)
+        z = trainer(mask)(x)
+        return {"a": z[:, 0], "b": z[:, 1] * mask}
+
+    masks = membership_matrix(32, 3, seed=1)
+    remote = map_shadows_ray(fn, masks, cpus_per_shadow=0.5)
+    local = [fn(m) for m in masks]
+    assert len(remote) == 3
+    for r, lo in zip(remote, local, strict=True):  # in mask order, bit for bit
+        assert set(r) == {"a", "b"}
+        np.testing.assert_array_equal(r["a"], lo["a"])
+        np.testing.assert_array_equal(r["b"], lo["b"])
+    with pytest.raises(ValueError, match="bool"):
+        map_shadows_ray(fn, masks.astype(int))

@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
+from scipy.special import log_softmax, logsumexp
 from scipy.stats import norm
 from sklearn.metrics import auc, roc_curve
 
@@ -144,6 +144,38 @@ def membership_matrix(n: int, shadows: int, seed: int = 0) -> np.ndarray:
     k = shadows // 2 + (rng.random(n) < 0.5) * (shadows % 2)  # (n,) shadows holding row i
     rank = rng.random((shadows, n)).argsort(axis=0).argsort(axis=0)  # a random order per row
     return rank < k
+
+
+def group_membership(groups: np.ndarray, shadows: int, seed: int = 0) -> np.ndarray:
+    """(shadows, n) bool like :func:`membership_matrix`, drawn over *groups* of rows: every
+    row of a group shares its group's membership. For unlearning, a group is an owner (one
+    deletion request removes all of an owner's rows), so a shadow forgets whole owners.
+    ``groups`` (n,) holds any hashable labels (owner ids); balanced per group."""
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) == 0:
+        raise ValueError(f"groups must be a non-empty (n,) array; got shape {groups.shape}")
+    uniq, inverse = np.unique(groups, return_inverse=True)  # (G,), (n,) index into uniq
+    return membership_matrix(len(uniq), shadows, seed)[:, inverse.ravel()]
+
+
+def ensemble_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(K, n, classes) logits of K members -> (n,) confidence (as :func:`confidence`) of
+    their mean-probability ensemble, the ``mean_prob`` answer a served ensemble gives.
+
+    The mean is taken in log space, ``log mean_k softmax(z_k)``, in float64: a log-probability
+    vector is a valid logit vector, so :func:`confidence_from_logits` then gives
+    ``log p_y - log(sum of the others)`` exactly, also where a float32 mean of
+    probabilities would round p_y to 1. A (n, classes) array is one member.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim == 2:
+        z = z[None]
+    if z.ndim != 3 or z.shape[0] < 1:
+        raise ValueError(f"logits must be (members, n, classes); got shape {z.shape}")
+    if not np.isfinite(z).all():
+        raise ValueError(f"logits must be finite; {int((~np.isfinite(z)).sum())} entries are not")
+    log_mean = logsumexp(log_softmax(z, axis=2), axis=0) - np.log(z.shape[0])  # (n, classes)
+    return confidence_from_logits(log_mean, labels)
 
 
 def shadow_confidence(

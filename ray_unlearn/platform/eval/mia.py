@@ -247,18 +247,28 @@ def ensemble_predictor(
     return predict
 
 
+def serving_states(ctx: RunContext) -> dict[int, dict[str, torch.Tensor]]:
+    """The registry's serving weights, by shard."""
+    store = ctx.model_store
+    return {k: store.load_state(v) for k, v in store.registry().serving_versions().items()}
+
+
 def serving_predictor(ctx: RunContext, rule: str | None = None) -> Predictor:
     """The registry's serving ensemble."""
-    store = ctx.model_store
-    states = {k: store.load_state(v) for k, v in store.registry().serving_versions().items()}
-    return ensemble_predictor(states, ctx, rule)
+    return ensemble_predictor(serving_states(ctx), ctx, rule)
 
 
 def retrained_predictor(ctx: RunContext, exclude, rule: str | None = None) -> Predictor:
     """Every shard trained from scratch without ``exclude`` (the exact-unlearning reference)."""
+    return ensemble_predictor(retrained_states(ctx, exclude), ctx, rule)
+
+
+def retrained_states(ctx: RunContext, exclude, shards=None) -> dict[int, dict[str, torch.Tensor]]:
+    """The weights of every shard (default: the registry's; ``shards`` for a run not trained
+    yet) trained from scratch without ``exclude``; empty shards are left out."""
     cfg = ctx.config
     states = {}
-    for k in sorted(ctx.model_store.registry().shards):
+    for k in sorted(ctx.model_store.registry().shards if shards is None else shards):
         data = ctx.shard_data(k, exclude=exclude)
         if len(data):
             stages = train_shard(
@@ -270,7 +280,7 @@ def retrained_predictor(ctx: RunContext, exclude, rule: str | None = None) -> Pr
                 num_classes=ctx.num_classes,
             )
             states[k] = stages[-1].state
-    return ensemble_predictor(states, ctx, rule)
+    return states
 
 
 def eval_sets(ctx: RunContext, forget_ids, deleted=None) -> tuple[EvalSet, EvalSet, EvalSet]:

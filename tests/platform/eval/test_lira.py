@@ -17,10 +17,12 @@ from ray_unlearn.platform.eval.lira import (
     attack_metrics,
     confidence_from_logits,
     confidence_from_probs,
+    ensemble_confidence,
     fit_lira,
     fit_offline,
     fit_ulira,
     forget_metrics,
+    group_membership,
     mask_seed,
     membership_matrix,
     offline_scores,
@@ -103,6 +105,49 @@ def test_membership_matrix_with_an_odd_count_gives_every_row_both_sides():
 def test_membership_matrix_rejects_bad_sizes(n, shadows, match):
     with pytest.raises(ValueError, match=match):
         membership_matrix(n, shadows)
+
+
+def test_group_membership_gives_a_groups_rows_one_membership():
+    rng = np.random.default_rng(0)
+    groups = np.array([f"owner-{g:03d}" for g in rng.integers(0, 200, 1000)])
+    m = group_membership(groups, 8, seed=1)
+    assert m.shape == (8, 1000) and m.dtype == bool
+    for g in np.unique(groups)[:50]:
+        rows = m[:, groups == g]
+        assert (rows == rows[:, :1]).all()  # every row of an owner: in or out together
+    # balanced per group: each owner is forgotten by exactly half of the shadows
+    _, first = np.unique(groups, return_index=True)
+    assert (m[:, first].sum(0) == 4).all()
+    np.testing.assert_array_equal(m, group_membership(groups, 8, seed=1))
+    assert not np.array_equal(m, group_membership(groups, 8, seed=2))
+    with pytest.raises(ValueError, match="non-empty"):
+        group_membership(np.array([]), 4)
+
+
+def test_ensemble_confidence_is_the_mean_probability_confidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (3, 20, 5))  # 3 members, 20 rows, 5 classes
+    y = rng.integers(0, 5, 20)
+    p = np.exp(z - z.max(2, keepdims=True))
+    p /= p.sum(2, keepdims=True)
+    # independent reference: average the probabilities, then log(p_y / (1 - p_y))
+    mean = p.mean(0)
+    p_y = mean[np.arange(20), y]
+    np.testing.assert_allclose(ensemble_confidence(z, y), np.log(p_y / (1 - p_y)), rtol=1e-9)
+    # one member: the member's own confidence
+    np.testing.assert_allclose(ensemble_confidence(z[0], y), confidence_from_logits(z[0], y))
+
+
+def test_ensemble_confidence_keeps_precision_where_the_mean_rounds_to_1():
+    # two members, each 50 logits apart in favour of class 0: every p_y rounds to 1, yet the
+    # ensemble's confidence is log(mean of the others' e^-50 and e^-60) = 50 - log 2 + ...
+    z = np.array([[[50.0, 0.0]], [[60.0, 0.0]]])
+    want = -np.log((np.exp(-50.0) + np.exp(-60.0)) / 2)  # others' mean; p_y ~ 1
+    np.testing.assert_allclose(ensemble_confidence(z, np.array([0])), [want], rtol=1e-9)
+    with pytest.raises(ValueError, match="finite"):
+        ensemble_confidence(np.array([[[np.inf, 0.0]]]), np.array([0]))
+    with pytest.raises(ValueError, match="members, n, classes"):
+        ensemble_confidence(np.zeros((2, 3, 4, 5)), np.zeros(3, int))
 
 
 # -- per-row Gaussians on synthetic confidences with known distributions ------------------------
