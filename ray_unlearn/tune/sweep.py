@@ -313,6 +313,19 @@ def trial_params(config: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
+    """Run the sweep on the connected (or an embedded) Ray; returns the summary document.
+    MLflow's tracking URI is left as it was found:
+    MLflow 3's ``set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which a later
+    sweep in this process (another storage root) would take for the user's own setting and
+    log into this sweep's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return _run_sweep(spec, sweep_id)
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset again, the variable removed
+
+
+def _run_sweep(spec: SweepSpec, sweep_id: str | None) -> dict[str, Any]:
     """Run the sweep on the connected (or an embedded) Ray; returns the summary document."""
     t0 = time.perf_counter()
     preflight(spec)

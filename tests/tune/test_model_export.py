@@ -19,14 +19,18 @@ from ray_unlearn.tune.model_export import export_ensemble, register_ensemble
 
 
 @pytest.fixture
-def tracking(tmp_path):
+def tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
+    # MLflow 3's set_tracking_uri also exports MLFLOW_TRACKING_URI: restoring the URI read
+    # by get_tracking_uri() (its default, ./mlflow.db) would leave that variable set for
+    # every later test (a sweep then logged into ./mlflow.db). Unset it on the way out; the
+    # monkeypatch puts back whatever the environment had.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(uri)
     try:
         yield MlflowClient(uri), (tmp_path / "artifacts").as_uri()
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(None)
 
 
 def test_registered_ensemble_loads_with_pyfunc_and_predicts_like_the_ensemble(
