@@ -91,6 +91,30 @@ def test_bundled_second_load_reuses_parquet(tmp_path, monkeypatch):
     _assert_same(digits, load_dataset(DataConfig(), storage))
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DataConfig(),
+        DataConfig(source="synthetic", synthetic=SyntheticConfig(preset="custom", n_samples=30)),
+        DataConfig(source="mnist1d", mnist1d={"n_samples": 50}),
+    ],
+    ids=lambda c: c.source,
+)
+def test_bundled_file_of_another_generator_is_made_again(tmp_path, cfg):
+    storage = Storage(tmp_path)
+    rel = dataset_path(bundled_name(cfg))
+    fresh = load_dataset(cfg, storage)
+    table = storage.read_table(rel)
+    stale = table.slice(0, 5).replace_schema_metadata(
+        {**table.schema.metadata, b"ray_unlearn.generator": b"an-older-generator"}
+    )
+    storage.write_table(rel, stale)
+    _assert_same(fresh, load_dataset(cfg, storage))  # all rows again, not the 5 stale ones
+    assert (
+        storage.read_table(rel).schema.metadata[b"ray_unlearn.generator"] != b"an-older-generator"
+    )
+
+
 def test_synthetic_purchase_preset_and_determinism(tmp_path):
     cfg = SyntheticConfig(n_samples=300, seed=3)
     rec = load_dataset(DataConfig(source="synthetic", synthetic=cfg), Storage(tmp_path))

@@ -8,6 +8,7 @@ texts, :mod:`.text`). :func:`load_dataset` is the entry point for any configured
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -175,10 +176,12 @@ def bundled_table(cfg: DataConfig) -> pa.Table:
     raise DataError(f"{cfg.source!r} is not a bundled dataset; bundled: {', '.join(BUNDLED)}")
 
 
+# The generator tag each bundled source's file carries (see _META_GENERATOR).
 _GENERATORS = {
     "digits": _DIGITS_GENERATOR,
     "synthetic": _SYNTHETIC_GENERATOR,
     "mnist1d": MNIST1D_GENERATOR,
+    "bbcnews": BBC_GENERATOR,
 }
 
 
@@ -212,35 +215,27 @@ def load_dataset(
     """
     if cfg.source not in BUNDLED:
         return read_records(cfg.source, cfg, encode_text)
-    if cfg.source == "bbcnews":
-        return _load_bbcnews(cfg, storage, encode_text)
     rel = dataset_path(bundled_name(cfg))
-    generator = _GENERATORS[cfg.source]
+    text = {}
+    if cfg.source == "bbcnews":  # read like any Parquet with a text column (`text`)
+        text = {"text_column": cfg.text_column or TEXT, "encode_text": encode_text}
+    return _records_from_table(
+        _materialised(storage, rel, _GENERATORS[cfg.source], lambda: bundled_table(cfg)),
+        f"{storage.uri.rstrip('/')}/{rel}",
+        num_classes=cfg.num_classes,
+        feature_shape=cfg.feature_shape,
+        **text,
+    )
+
+
+def _materialised(
+    storage: Storage, rel: str, generator: str, make: Callable[[], pa.Table]
+) -> pa.Table:
+    """The table stored at ``rel``; made with ``make()`` and written there first when the
+    file is missing or carries another generator tag than ``generator`` (a changed generator
+    never silently reuses stale data)."""
     table = storage.read_table(rel) if storage.exists(rel) else None
     if table is None or _read_metadata(table).get(_META_GENERATOR) != generator.encode():
-        table = bundled_table(cfg)
+        table = make()
         storage.write_table(rel, table)
-    return _records_from_table(
-        table,
-        f"{storage.uri.rstrip('/')}/{rel}",
-        num_classes=cfg.num_classes,
-        feature_shape=cfg.feature_shape,
-    )
-
-
-def _load_bbcnews(cfg: DataConfig, storage: Storage, encode_text: TextEncoder | None) -> Records:
-    """``bbcnews`` (see :mod:`.text`): materialised once under ``datasets/``, then read
-    like any Parquet with a text column (``text``)."""
-    rel = dataset_path("bbcnews")
-    table = storage.read_table(rel) if storage.exists(rel) else None
-    if table is None or _read_metadata(table).get(_META_GENERATOR) != BBC_GENERATOR.encode():
-        table = make_bbcnews()
-        storage.write_table(rel, table)
-    return _records_from_table(
-        table,
-        f"{storage.uri.rstrip('/')}/{rel}",
-        num_classes=cfg.num_classes,
-        feature_shape=cfg.feature_shape,
-        text_column=cfg.text_column or TEXT,
-        encode_text=encode_text,
-    )
+    return table
