@@ -27,13 +27,14 @@ is rejected with the preset that replaces it (:data:`REMOVED_CONTEXTS`).
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ray_unlearn.platform.core.config_errors import did_you_mean
 
 Timing = Literal["immediate", "batched", "lazy"]
 Uncertified = Literal["wait", "exclude", "reject", "stale"]
@@ -235,10 +236,9 @@ def get_policy(spec: str | Mapping[str, Any] | ServingPolicy) -> ServingPolicy:
                 f"double served identically); use {REMOVED_CONTEXTS[spec]!r}"
             )
         if spec not in PRESETS:
-            close = difflib.get_close_matches(spec, list_policies(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(
-                f"unknown serving policy {spec!r}{hint}; presets: {', '.join(list_policies())}"
+                f"unknown serving policy {spec!r}{did_you_mean(spec, list_policies())}; "
+                f"presets: {', '.join(list_policies())}"
             )
         return PRESETS[spec]
     if not isinstance(spec, Mapping):

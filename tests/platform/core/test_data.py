@@ -147,7 +147,9 @@ def test_synthetic_custom_preset(tmp_path):
 def test_config_validation():
     with pytest.raises(ValidationError, match="n_samples"):
         SyntheticConfig(n_samples=5)
-    with pytest.raises(ValidationError, match="unknown bundled dataset 'digit'"):
+    with pytest.raises(
+        ValidationError, match=r"unknown bundled dataset 'digit' \(did you mean 'digits'\?\)"
+    ):
         DataConfig(source="digit")
     with pytest.raises(ValidationError, match="test_fraction"):
         DataConfig(test_fraction=1.0)

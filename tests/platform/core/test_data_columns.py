@@ -156,6 +156,9 @@ def test_image_config_is_checked_at_load(tmp_path):
         DataConfig(image_column="img", image_transform="no_such_module:f")
     with pytest.raises(ValidationError, match="decode data.image_column: set it too"):
         DataConfig(image_transform_args={"size": [4, 4]})
+    with pytest.raises(ValidationError) as err:  # every problem at once
+        DataConfig(image_column="img", features_column="emb", image_transform="no_such_module:f")
+    assert "each name the features" in str(err.value) and "cannot import" in str(err.value)
 
 
 def test_an_image_run_trains_on_its_decoded_copy(tmp_path):

@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from ray_unlearn.platform.core.config_errors import Problems, did_you_mean
+
 #: Names of the bundled sources accepted by ``DataConfig.source``.
 BUNDLED = ("digits", "synthetic", "bbcnews", "mnist1d")
 
@@ -157,8 +159,12 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_feature_source(self) -> DataConfig:
+        """At most one of text / image / features column names the features; the image
+        decoder's settings need the image column, and the decoder is imported here (a bad
+        path fails now, not in every worker). Every problem is reported at once."""
+        problems = []
         named = {
-            f"data.{k} ({v!r})"
+            k: v
             for k, v in (
                 ("text_column", self.text_column),
                 ("image_column", self.image_column),
@@ -167,15 +173,21 @@ class DataConfig(BaseModel):
             if v is not None
         }
         if len(named) > 1:
-            raise ValueError(f"{' and '.join(sorted(named))} each name the features: set one")
+            both = " and ".join(f"data.{k} ({v!r})" for k, v in sorted(named.items()))
+            problems.append(f"{both} each name the features: set one")
         if self.image_column is None and (self.image_transform or self.image_transform_args):
-            raise ValueError(
+            problems.append(
                 "data.image_transform / image_transform_args decode data.image_column: set it too"
             )
-        if self.image_column is not None:
+        elif self.image_column is not None:
             from ray_unlearn.platform.core.data.columns import resolve_transform
 
-            resolve_transform(self.image_transform)  # importable now, not in every worker
+            try:
+                resolve_transform(self.image_transform)
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise Problems(problems)
         return self
 
     @field_validator("source")
@@ -187,8 +199,8 @@ class DataConfig(BaseModel):
         looks_like_path = "/" in v or "." in v or os.sep in v or "://" in v
         if v not in BUNDLED and not looks_like_path:
             raise ValueError(
-                f"unknown bundled dataset {v!r}; {_SOURCE_HELP} (write ./{v} for a local "
-                "directory of that name)"
+                f"unknown bundled dataset {v!r}{did_you_mean(v, list(BUNDLED))}; {_SOURCE_HELP} "
+                f"(write ./{v} for a local directory of that name)"
             )
         return v
 
@@ -219,6 +231,3 @@ class DataConfig(BaseModel):
             for k in ("image_column", "image_transform", "image_transform_args"):
                 out.pop(k, None)
         return out
-
-
-# -- reading Parquet ---------------------------------------------------------------------
