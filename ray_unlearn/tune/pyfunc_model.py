@@ -32,7 +32,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         from ray_unlearn.platform.core.aggregate import aggregate
         from ray_unlearn.platform.core.training import predict_proba
 
-        x = np.asarray(model_input, dtype=np.float32)
+        # MLflow hands a DataFrame's values over as a read-only view (pandas copy-on-write);
+        # torch.from_numpy shares the memory and warns on it: copy only such an input
+        x = np.require(np.asarray(model_input, dtype=np.float32), requirements=["C", "W"])
         if x.ndim != 2 or x.shape[1] != self.doc["feature_width"]:
             raise ValueError(
                 f"input of shape {x.shape}: each row needs {self.doc['feature_width']} numbers"

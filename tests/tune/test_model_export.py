@@ -5,9 +5,11 @@ as the ensemble does. No Ray."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -57,6 +59,10 @@ def test_registered_ensemble_loads_with_pyfunc_and_predicts_like_the_ensemble(
     labels, scores = aggregate(np.stack([probs[k] for k in sorted(probs)]), doc["rule"])
     assert got["label"].tolist() == labels.tolist()
     assert np.allclose(got[[f"score_{c}" for c in range(scores.shape[1])]].to_numpy(), scores)
+    with warnings.catch_warnings():  # a DataFrame reaches predict as a read-only array
+        warnings.filterwarnings("error", message=".*not writable")
+        frame = model.predict(pd.DataFrame(x))
+    assert frame.equals(got)
     with pytest.raises(MlflowException, match=r"expected shape \(-1, 64\)"):  # the signature
         model.predict(x[:, :5])
 
