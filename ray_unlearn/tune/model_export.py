@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
 ENSEMBLE_FILE = "ensemble.json"  # also in pyfunc_model.py, which the loader imports
 
@@ -70,17 +74,44 @@ def register_ensemble(
 
     doc = json.loads((Path(ensemble_dir) / ENSEMBLE_FILE).read_text())
     x = np.zeros((1, doc["feature_width"]), dtype=np.float32)
-    with mlflow.start_run(run_id=mlflow_run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
+    # Every call goes through `client` (its tracking URI), none through MLflow's fluent API:
+    # that reads the process-wide URI, and setting it (MLflow 3 also exports
+    # MLFLOW_TRACKING_URI) would leak this store into the caller's later logging.
+    run = client.get_run(mlflow_run_id)
+    logged = client.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=mlflow_run_id
+    )
+    with tempfile.TemporaryDirectory(prefix="ru-pyfunc-") as tmp:
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            local,
             python_model=EnsembleModel(),
             artifacts={"ensemble": str(ensemble_dir)},
             # the package travels with the model: the shard modules' classes live there
             code_paths=[str(Path(ray_unlearn.__file__).parent)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
             input_example=x,
+            mlflow_model=Model(
+                artifact_path=logged.artifact_location,
+                model_uuid=logged.model_id,
+                model_id=logged.model_id,
+                run_id=mlflow_run_id,
+            ),
         )
-    version = mlflow.register_model(info.model_uri, model_name)
+        client.log_model_artifacts(logged.model_id, str(local))
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    client.log_outputs(mlflow_run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    model_uri = f"models:/{logged.model_id}"
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # the source as the artifact location, not `models:/<id>`: MLflow's SQL registry resolves
+    # the latter with a client of the global URI
+    version = client.create_model_version(
+        model_name, logged.artifact_location, run_id=mlflow_run_id, model_id=logged.model_id
+    )
     lineage_tags = {
         "ray_unlearn.run_id": doc["run_id"],
         "ray_unlearn.versions": json.dumps(doc["versions"]),
@@ -96,7 +127,7 @@ def register_ensemble(
         "name": model_name,
         "version": version.version,
         "uri": f"models:/{model_name}/{version.version}",
-        "model_uri": info.model_uri,
+        "model_uri": model_uri,
         "mlflow_run_id": mlflow_run_id,
     }
 

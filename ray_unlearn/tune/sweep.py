@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -314,19 +313,11 @@ def trial_params(config: dict[str, Any] | None) -> dict[str, Any]:
 
 def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
     """Run the sweep on the connected (or an embedded) Ray; returns the summary document.
-    MLflow's tracking URI is left as it was found:
-    MLflow 3's ``set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which a later
-    sweep in this process (another storage root) would take for the user's own setting and
-    log into this sweep's store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        return _run_sweep(spec, sweep_id)
-    finally:
-        mlflow.set_tracking_uri(before)  # None: unset again, the variable removed
 
-
-def _run_sweep(spec: SweepSpec, sweep_id: str | None) -> dict[str, Any]:
-    """Run the sweep on the connected (or an embedded) Ray; returns the summary document."""
+    Everything is logged through one ``MlflowClient`` of the sweep's tracking URI (the
+    callbacks, the model export): MLflow's process-wide URI is never set, since MLflow 3's
+    ``set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which a later sweep in this
+    process (another storage root) would take for the user's own setting."""
     t0 = time.perf_counter()
     preflight(spec)
     sweep_id = sweep_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -338,7 +329,6 @@ def _run_sweep(spec: SweepSpec, sweep_id: str | None) -> dict[str, Any]:
     )
     out.mkdir(parents=True, exist_ok=True)
     uri, artifacts = tracking(spec, storage)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp_id = _experiment(client, spec.mlflow.experiment, artifacts)
     parent = client.create_run(exp_id, run_name=sweep_id, tags={"ray_unlearn.sweep": spec.name})

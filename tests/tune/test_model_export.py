@@ -5,7 +5,9 @@ as the ensemble does. No Ray."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -22,24 +24,22 @@ from ray_unlearn.tune.model_export import export_ensemble, register_ensemble
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
+    """(client of a fresh SQLite store, artifact root, the store's URI), with MLflow's global
+    tracking URI unset and the working directory empty: registering must reach the store
+    through the client alone (a fluent call would create ./mlflow.db here)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # MLflow 3's set_tracking_uri also exports MLFLOW_TRACKING_URI: restoring the URI read
-    # by get_tracking_uri() (its default, ./mlflow.db) would leave that variable set for
-    # every later test (a sweep then logged into ./mlflow.db). Unset it on the way out; the
-    # monkeypatch puts back whatever the environment had.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield MlflowClient(uri), (tmp_path / "artifacts").as_uri()
-    finally:
-        mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return MlflowClient(uri), (tmp_path / "artifacts").as_uri(), uri
 
 
 def test_registered_ensemble_loads_with_pyfunc_and_predicts_like_the_ensemble(
-    tiny_run, tracking, tmp_path
+    tiny_run, tracking, tmp_path, monkeypatch
 ):
     ctx = tiny_run
-    client, artifacts = tracking
+    client, artifacts, uri = tracking
     before = ctx.model_store.registry().serving_versions()
     engine = UnlearningEngine(ctx, LocalShards(ctx), executor_name="test")
     (owner,) = pick_owners(ctx, 1, seed=0)
@@ -51,7 +51,12 @@ def test_registered_ensemble_loads_with_pyfunc_and_predicts_like_the_ensemble(
     doc = export_ensemble(ctx, tmp_path / "ensemble")
     reg = register_ensemble(client, tmp_path / "ensemble", run, "ru-test", {"sweep": "s1"})
     assert reg["uri"] == "models:/ru-test/1"
+    # no global left behind (MLflow 3's set_tracking_uri exports the variable), no default
+    # store made in the working directory
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert list(Path.cwd().iterdir()) == []
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # how a user points pyfunc at the store
     model = mlflow.pyfunc.load_model(reg["uri"])
     x = ctx.split_records("test").features[:12].astype(np.float32)
     got = model.predict(x)
