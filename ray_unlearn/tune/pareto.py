@@ -75,12 +75,27 @@ def plot_front(
     objectives: dict[str, bool] | None = None,
 ) -> None:
     """Cost (x) vs accuracy (y), latency as colour; the front's points ringed and labelled."""
+    fig = front_figure(rows, front, title, objectives)
+    import matplotlib.pyplot as plt  # after front_figure chose the Agg backend
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def front_figure(
+    rows: Sequence[dict[str, Any]],
+    front: list[int],
+    title: str,
+    objectives: dict[str, bool] | None = None,
+):
+    """The figure of :func:`plot_front` (a matplotlib Figure, Agg backend)."""
     import textwrap
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     acc_m, cost_m, lat_m = list(objectives or OBJECTIVES)
     cost = [r[cost_m] for r in rows]
@@ -101,7 +116,7 @@ def plot_front(
     footer = "\n".join(notes)
     lines = footer.count("\n") + 1 if notes else 0
     fig, ax = plt.subplots(figsize=(8, 5.5 + 0.13 * lines))
-    sc = ax.scatter(cost, acc, c=lat, cmap="viridis", s=40, label="trials")
+    sc = ax.scatter(cost, acc, c=lat, cmap="viridis", s=40)
     fig.colorbar(sc, ax=ax, label=_AXIS[lat_m])
     ax.scatter(
         [cost[i] for i in front],
@@ -109,7 +124,6 @@ def plot_front(
         s=160,
         facecolors="none",
         edgecolors="red",
-        label="Pareto front",
     )
     for n, i in enumerate(front, start=1):
         ax.annotate(str(n), (cost[i], acc[i]), fontsize=8, color="red", xytext=(6, 4),
@@ -117,12 +131,24 @@ def plot_front(
     ax.set_xlabel(_AXIS[cost_m])
     ax.set_ylabel(_AXIS[acc_m])
     ax.set_title(title)
-    ax.legend(loc="best", fontsize=8)
+    # The legend names the marks, not colours: a colour-mapped scatter's own legend entry
+    # takes the first trial's colour, which matched no other point; the colour bar says
+    # what the colours mean.
+    trial = Line2D(
+        [],
+        [],
+        marker="o",
+        ls="",
+        color="grey",
+        mfc="lightgrey",
+        label=f"trial ({lat_m}: colour bar)",
+    )
+    ring = Line2D([], [], marker="o", ls="", ms=13, color="red", mfc="none", label="Pareto front")
+    ax.legend(handles=[trial, ring], loc="best", fontsize=8)
     # test accuracy beside each front point: reported, never what the front was chosen on
     fig.text(0.01, 0.01, footer, fontsize=6.5, va="bottom", family="monospace")
     fig.tight_layout(rect=(0, 0.13 * lines / (5.5 + 0.13 * lines) + 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def plot_trial(history: Sequence[dict[str, Any]], path: Path, title: str) -> None:
