@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterable
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.core.training import train_shard
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))  # the repository
 
 # Small and quick: digits, 3 shards x 3 slices, 2 epochs.
 TINY = ["training.epochs=2", "partition.shards=3", "partition.slices=3", "model.hidden=[32]"]
@@ -40,6 +44,21 @@ def assert_equals_scratch(ctx, shard: int, deleted_ids) -> list:
     live = ctx.model_store.load_state(ctx.model_store.registry().shards[shard].chain[-1])
     assert all(torch.equal(live[n], scratch[-1].state[n]) for n in live)
     return scratch
+
+
+def imported_by(code: str, watched: Iterable[str]) -> list[str]:
+    """Which of ``watched`` (module names) a fresh interpreter has imported after running
+    ``code``: a subprocess, since this one has long imported everything; it imports
+    ray_unlearn from this tree (first on its PYTHONPATH)."""
+    watched = tuple(watched)
+    mark = "imported-by-probe:"
+    probe = f"{code}\nimport sys\nprint('\\n{mark}' + ','.join(m for m in {watched!r} if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    if res.returncode:
+        raise AssertionError(f"the probe failed:\n{res.stderr[-2000:]}")
+    line = res.stdout.rsplit(mark, 1)[-1].strip()
+    return [m for m in line.split(",") if m]
 
 
 @pytest.fixture

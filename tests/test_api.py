@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 import ray_unlearn as ru
+from tests.conftest import CONFIGS, imported_by
 
 
 def test_import_is_cheap():
     """`import ray_unlearn` must not pull torch or Ray: a CLI typo and an embedding program
     pay for them only when a function needs them."""
-    code = (
-        "import sys, ray_unlearn; "
-        "heavy = [m for m in ('torch', 'ray', 'pyarrow', 'mlflow') if m in sys.modules]; "
-        "print(','.join(heavy))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == "", f"import ray_unlearn imported {out}"
+    heavy = imported_by("import ray_unlearn", ("torch", "ray", "pyarrow", "mlflow"))
+    assert heavy == [], f"import ray_unlearn imported {heavy}"
     assert set(ru.__all__) >= {"train", "forget", "status", "audit", "serve", "sweep"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="methods/s3t/hooks.py imports numpy at module level for an annotation; under "
+    "TYPE_CHECKING there, a config error costs no numpy (about 0.25 s of the CLI's 0.8 s)",
+)
+def test_a_config_error_imports_no_numpy_or_torch():
+    """Validating a config imports every method's registration (base, registry, each
+    method's config and hooks); none of them needs numpy or torch for that."""
+    code = (
+        "from ray_unlearn.platform.core.config import ConfigError, load_config\n"
+        "try:\n"
+        f"    load_config({os.path.join(CONFIGS, 'digits.yaml')!r}, ['unlearning.strategy=sisaa'])\n"
+        "except ConfigError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('a misspelt strategy was accepted')"
+    )
+    assert imported_by(code, ("numpy", "torch", "pyarrow")) == []
 
 
 def test_train_and_serve_survive_their_subpackages(tmp_path):

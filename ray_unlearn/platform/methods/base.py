@@ -12,9 +12,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
+if TYPE_CHECKING:  # numpy too: validating a config imports this module, never numpy
+    import numpy as np
 
-if TYPE_CHECKING:
     from ray_unlearn.platform.core.run import RunContext
     from ray_unlearn.platform.core.training import ShardData, StageResult, StateDict
 
@@ -58,6 +58,8 @@ class UnlearningStrategy(ABC):
 
 def affected_rows(state: ShardState, deleted: np.ndarray) -> tuple[np.ndarray, int]:
     """(mask of the shard's rows being deleted, first affected slice); raises if none is."""
+    import numpy as np
+
     data = state.data
     in_shard = np.isin(data.sample_ids, np.asarray(deleted, dtype=np.int64))
     if not in_shard.any():

@@ -32,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import BaseModel
 
 from ray_unlearn.platform.methods.base import StrategyRef, UnlearningStrategy, register_strategy
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy and torch stay out of config validation (imported where used)
+    import numpy as np
     from torch import nn
 
     from ray_unlearn.platform.core.run import RunContext
@@ -242,6 +242,8 @@ def shard_hook(ctx: RunContext, shard: int, generation: int = 0):
 
 def refuse_undeletable(ctx: RunContext, ids: np.ndarray) -> np.ndarray:
     """``ids`` unchanged, or ValueError when some may not be deleted in this run."""
+    import numpy as np
+
     hook = _run_hook(ctx.config, "undeletable")
     if hook is None:
         return ids
@@ -256,6 +258,8 @@ def refuse_undeletable(ctx: RunContext, ids: np.ndarray) -> np.ndarray:
 
 def undeletable_ids(ctx: RunContext) -> np.ndarray:
     """Sample ids no request may delete in this run (empty for most methods)."""
+    import numpy as np
+
     hook = _run_hook(ctx.config, "undeletable")
     return np.empty(0, dtype=np.int64) if hook is None else hook(ctx)[0]
 

@@ -8,7 +8,7 @@ update says ``exact=False`` and so does every version it creates).
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ray_unlearn.platform.methods.base import (
     ShardState,
@@ -19,6 +19,9 @@ from ray_unlearn.platform.methods.base import (
     retrain_exact,
 )
 from ray_unlearn.platform.methods.registry import Method, register
+
+if TYPE_CHECKING:  # annotations only: no numpy import when a config is validated
+    import numpy as np
 
 
 @register_strategy
