@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterable
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,44 @@ def imported_by(code: str, watched: Iterable[str]) -> list[str]:
         raise AssertionError(f"the probe failed:\n{res.stderr[-2000:]}")
     line = res.stdout.rsplit(mark, 1)[-1].strip()
     return [m for m in line.split(",") if m]
+
+
+# The tiny BERTs' words: a word-piece vocabulary small enough to build in a test.
+BERT_WORDS = ["alpha", "beta", "gamma", "delta", "red", "green", "blue", "one", "two", "three"]
+
+
+def save_tiny_bert(d, *, hidden: int, layers: int, max_positions: int) -> str:
+    """A tiny random BERT (2 heads, feed-forward 2 x hidden) and its word-piece tokenizer
+    over :data:`BERT_WORDS`, saved into ``d`` with ``save_pretrained`` so the loaders take
+    their real path; weights drawn after ``torch.manual_seed(0)``. Returns ``str(d)``."""
+    import transformers
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_positions,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(d)
+    return str(d)
+
+
+def random_label_shadows(n: int, d: int, classes: int, model, training, seed: int = 0):
+    """(MLPShadowTrainer, x, y) on ``n`` random rows of ``d`` features with random labels
+    among ``classes``: nothing generalises, so a shadow's confidence on a row is high only
+    if it trained on it (the known answer)."""
+    from ray_unlearn.platform.eval.lira import MLPShadowTrainer
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = rng.integers(0, classes, n)
+    return MLPShadowTrainer(x, y, model, training, (d,), classes, seed=seed), x, y
 
 
 @pytest.fixture

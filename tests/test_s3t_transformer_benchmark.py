@@ -12,32 +12,21 @@ import pytest
 import torch
 
 from benchmarks import s3t_transformer as bench
+from tests.conftest import BERT_WORDS as WORDS
+from tests.conftest import save_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["alpha", "beta", "gamma", "delta", "red", "green", "blue", "one", "two", "three"]
 T = 10
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    cfg = transformers.BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
+    return save_tiny_bert(
+        tmp_path_factory.mktemp("tiny-bert"), hidden=16, layers=3, max_positions=16
     )
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(d)
-    return str(d)
 
 
 def test_cached_top_layers_give_the_full_models_logits(bert_dir, tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ray_unlearn.platform.core.config import ModelConfig, TrainingConfig
-from ray_unlearn.platform.eval.lira import MLPShadowTrainer, membership_matrix, shadow_confidences
+from ray_unlearn.platform.eval.lira import membership_matrix, shadow_confidences
+from tests.conftest import random_label_shadows
 
 pytestmark = pytest.mark.ray
 
@@ -14,11 +15,8 @@ pytestmark = pytest.mark.ray
 def test_ray_shadows_equal_the_in_process_ones(ray_session):
     from ray_unlearn.train.shadow import shadow_confidences_ray
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(48, 16)).astype(np.float32)
-    y = rng.integers(0, 4, 48)
-    trainer = MLPShadowTrainer(
-        x, y, ModelConfig(hidden=[16]), TrainingConfig(epochs=5, batch_size=16), (16,), 4
+    trainer, x, y = random_label_shadows(
+        48, 16, 4, ModelConfig(hidden=[16]), TrainingConfig(epochs=5, batch_size=16), seed=0
     )
     masks = membership_matrix(48, 3, seed=0)
     local = shadow_confidences(trainer, masks, x, y, "logits")
@@ -34,11 +32,8 @@ def test_ray_shadows_equal_the_in_process_ones(ray_session):
 def test_map_shadows_ray_equals_the_in_process_loop(ray_session):
     from ray_unlearn.train.shadow import map_shadows_ray
 
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(32, 8)).astype(np.float32)
-    y = rng.integers(0, 3, 32)
-    trainer = MLPShadowTrainer(
-        x, y, ModelConfig(hidden=[8]), TrainingConfig(epochs=3, batch_size=16), (8,), 3
+    trainer, x, y = random_label_shadows(
+        32, 8, 3, ModelConfig(hidden=[8]), TrainingConfig(epochs=3, batch_size=16), seed=1
     )
 
     def fn(mask):  # two confidence vectors from one training, as HybridShadow gives; a local

@@ -30,6 +30,7 @@ from ray_unlearn.platform.eval.lira import (
     shadow_confidence,
     shadow_confidences,
 )
+from tests.conftest import random_label_shadows
 
 # -- confidence ---------------------------------------------------------------------------------
 
@@ -302,21 +303,9 @@ def test_metrics_reject_bad_input(scores, member, match):
 
 
 def _random_label_trainer(n=128, seed=0):
-    """Random features with random labels: nothing generalises, so a model's confidence on
-    a row is high only if it trained on that row (the known answer)."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 32)).astype(np.float32)
-    y = rng.integers(0, 10, n)
-    trainer = MLPShadowTrainer(
-        x,
-        y,
-        ModelConfig(hidden=[64]),
-        TrainingConfig(epochs=60, batch_size=32, lr=3e-3),
-        feature_shape=(32,),
-        num_classes=10,
-        seed=seed,
-    )
-    return trainer, x, y
+    """128 rows of 32 random features, 10 random labels, an MLP that memorises them."""
+    model, training = ModelConfig(hidden=[64]), TrainingConfig(epochs=60, batch_size=32, lr=3e-3)
+    return random_label_shadows(n, 32, 10, model, training, seed=seed)
 
 
 def test_lira_tells_a_model_trained_with_a_row_from_one_without_it():

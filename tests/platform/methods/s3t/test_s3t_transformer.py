@@ -23,11 +23,11 @@ from ray_unlearn.platform.methods.s3t.training import (
     model_for,
     train_order,
 )
+from tests.conftest import save_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-WORDS = ["alpha", "beta", "gamma", "delta", "red", "green", "blue", "one", "two", "three"]
 T = 12  # tokens per text (max_length)
 LAYERS = 3  # 3 layers: enough to group L=3 blocks over R=2 stages
 R = 3
@@ -37,21 +37,7 @@ R = 3
 def bert_dir(tmp_path_factory):
     """A tiny random BERT (hidden 32, 3 layers) and its word-piece tokenizer, saved."""
     d = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
-    tok.save_pretrained(d)
-    cfg = transformers.BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(d)
-    return str(d)
+    return save_tiny_bert(d, hidden=32, layers=LAYERS, max_positions=32)
 
 
 def _mcfg(path: str) -> ModelConfig:
