@@ -105,8 +105,8 @@ def register_ensemble(
     try:
         client.create_registered_model(model_name)
     except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise  # not "a version of this model was registered before"
     # the source as the artifact location, not `models:/<id>`: MLflow's SQL registry resolves
     # the latter with a client of the global URI
     version = client.create_model_version(

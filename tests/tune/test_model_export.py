@@ -83,3 +83,7 @@ def test_registered_ensemble_loads_with_pyfunc_and_predicts_like_the_ensemble(
     assert version.tags["ray_unlearn.deletion_log_last_request"] == "gdpr-1"
     assert version.tags["sweep"] == "s1"
     assert serving != before  # what is registered is the model after the deletion
+    # the next registration under that name is its version 2, the first one left as it was
+    again = register_ensemble(client, tmp_path / "ensemble", run, "ru-test")
+    assert again["uri"] == "models:/ru-test/2"
+    assert client.get_model_version("ru-test", "1").tags["sweep"] == "s1"
