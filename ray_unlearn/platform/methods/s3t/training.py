@@ -32,6 +32,13 @@ Randomness is a function of (seed, shard, order index, stage, pass), as in
 stage), the batch order of (seed, shard, order, stage, pass) over the stage's rows sorted
 by sample id. So a stage-p model is exactly what training the order on its first p
 slices alone would give.
+
+Device. An order trains where the shared backbone is; whoever trains puts it on
+``training.device`` resolved by :func:`~ray_unlearn.platform.core.device.resolve_device`
+(:func:`train_s3t` here; the shard runtime and the Ray Train job via
+``persistence.training_device``), which also turns CUDA's deterministic kernels on. Adapter
+weights are drawn on the CPU generator and moved, so they are the same on every device;
+snapshots are CPU tensors (docs/gpu.md).
 """
 
 from __future__ import annotations

@@ -141,6 +141,18 @@ def test_serving_models_follow_the_serve_rule(trained_run, monkeypatch):
     assert load_serving_model(ctx, vid).base.head.weight.device.type == "cpu"
 
 
+def test_usable_device_never_fails_and_keeps_cpu_runs_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert {dev.usable_device(s).type for s in ("auto", "cpu", "cuda")} == {"cpu"}
+    with pytest.raises(DeviceError, match="one of auto, cpu, cuda"):
+        dev.usable_device("gpu")
+    _pretend_a_gpu(monkeypatch)
+    assert dev.usable_device("cpu") == torch.device("cpu")
+    assert dev.usable_device("cuda") == dev.usable_device("auto") == torch.device("cuda", 0)
+    dev.declare_ray_gpus([])  # granted none: the CPU, where resolve_device('cuda') would raise
+    assert dev.usable_device("cuda") == torch.device("cpu")
+
+
 def test_adapter_weights_are_drawn_on_the_cpu_whatever_the_slot_device():
     shapes = {"b.lora_A.s.weight": (2, 5), "b.lora_B.s.weight": (5, 2)}
     on_cpu = init_adapter({n: torch.empty(s) for n, s in shapes.items()}, seed=7)
