@@ -14,8 +14,9 @@
 #
 # PY=/path/to/python skips `make install` and uses that interpreter (its environment must
 # have the project installed). GPU_CHECK_PORT (default 18571) is the serving port.
-# GPU_CHECK_CPU_FLOW=1 on a machine without a GPU runs steps 2-4 on CPU instead (device cpu,
-# no GPUs requested): a dry run of the script itself.
+# GPU_CHECK_CPU_FLOW=1 on a machine without a GPU runs steps 2-7 on CPU instead (device cpu,
+# no GPUs requested): a dry run of the script itself. GPU_CHECK_ONLY=s3t skips steps 2-4
+# (SISA) and runs step 1 and the S3T steps 5-7.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,10 +71,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# 2. train on the GPU: 4 Ray Train workers sharing it (0.25 each)
-say "step 2: ray-unlearn train (digits, 4 shards, 5 epochs; ${SETTINGS[*]})"
-"${CLI[@]}" train --config configs/digits.yaml --storage "$STORE" --json \
-  "${SETTINGS[@]}" training.epochs=5 >"$STORE/train.json" || fail "train"
 run_id() { "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["run_id"])' "$1"; }
 # every version of every shard says, in its manifest metrics, that it trained where asked
 trained_where_asked() {
@@ -87,32 +84,6 @@ print(f"[gpu_check]   run {ctx.run_id}: {len(on_gpu)} versions, on CUDA: {sum(x 
 sys.exit(0 if on_gpu and all(x == float(sys.argv[3]) for x in on_gpu) else 1)
 PY
 }
-RID=$(run_id "$STORE/train.json")
-trained_where_asked "$RID" || fail "training did not run where asked"
-
-# 3. forget one owner of shard 0; the retrained shard must equal scratch training on the GPU
-OWNER=$("$PY" -c 'import sys, pyarrow.parquet as pq, pyarrow.compute as pc
-t = pq.read_table(sys.argv[1]); print(t.filter(pc.equal(t["shard"], 0))["owner_id"][0])' "$STORE/runs/$RID/plan.parquet")
-say "step 3: ray-unlearn forget --owner $OWNER, then audit and the bitwise check"
-"${CLI[@]}" forget --run "$RID" --owner "$OWNER" --storage "$STORE" --json >"$STORE/forget.json" || fail "forget"
-"${CLI[@]}" audit --run "$RID" --owner "$OWNER" --storage "$STORE" --json >"$STORE/audit.json" || fail "audit"
-"$PY" - "$STORE" "$RID" "$OWNER" <<'PY' || fail "forget is not exact"
-import json, sys
-import torch
-from ray_unlearn.platform.core.run import open_run
-from tests.conftest import assert_equals_scratch
-store, rid, owner = sys.argv[1:]
-audit = json.load(open(f"{store}/audit.json"))
-assert audit["clean"], audit
-ctx = open_run(store, rid)
-gone = ctx.plan.sample_ids[ctx.plan.owner_ids == owner]
-shard = int(ctx.plan.shards[ctx.plan.owner_ids == owner][0])
-assert_equals_scratch(ctx, shard, set(gone.tolist()))  # trains on training.device
-live = ctx.model_store.registry().shards[shard].chain[-1]
-m = ctx.model_store.manifest(live)["metrics"]
-print(f"[gpu_check]   shard {shard}: {len(gone)} rows forgotten, live {live} equals scratch "
-      f"bit for bit (retrained on CUDA: {m.get('cuda') == 1.0}); audit clean", file=sys.stderr)
-PY
 
 # serve run $1 on port $2 (serving.gpus_per_replica from its config), one /v1/predict, stop
 serve_one() {
@@ -147,9 +118,43 @@ PY
   SERVER=""
 }
 
+
+if [ "${GPU_CHECK_ONLY:-}" != s3t ]; then
+# 2. train on the GPU: 4 Ray Train workers sharing it (0.25 each)
+say "step 2: ray-unlearn train (digits, 4 shards, 5 epochs; ${SETTINGS[*]})"
+"${CLI[@]}" train --config configs/digits.yaml --storage "$STORE" --json \
+  "${SETTINGS[@]}" training.epochs=5 >"$STORE/train.json" || fail "train"
+RID=$(run_id "$STORE/train.json")
+trained_where_asked "$RID" || fail "training did not run where asked"
+
+# 3. forget one owner of shard 0; the retrained shard must equal scratch training on the GPU
+OWNER=$("$PY" -c 'import sys, pyarrow.parquet as pq, pyarrow.compute as pc
+t = pq.read_table(sys.argv[1]); print(t.filter(pc.equal(t["shard"], 0))["owner_id"][0])' "$STORE/runs/$RID/plan.parquet")
+say "step 3: ray-unlearn forget --owner $OWNER, then audit and the bitwise check"
+"${CLI[@]}" forget --run "$RID" --owner "$OWNER" --storage "$STORE" --json >"$STORE/forget.json" || fail "forget"
+"${CLI[@]}" audit --run "$RID" --owner "$OWNER" --storage "$STORE" --json >"$STORE/audit.json" || fail "audit"
+"$PY" - "$STORE" "$RID" "$OWNER" <<'PY' || fail "forget is not exact"
+import json, sys
+import torch
+from ray_unlearn.platform.core.run import open_run
+from tests.conftest import assert_equals_scratch
+store, rid, owner = sys.argv[1:]
+audit = json.load(open(f"{store}/audit.json"))
+assert audit["clean"], audit
+ctx = open_run(store, rid)
+gone = ctx.plan.sample_ids[ctx.plan.owner_ids == owner]
+shard = int(ctx.plan.shards[ctx.plan.owner_ids == owner][0])
+assert_equals_scratch(ctx, shard, set(gone.tolist()))  # trains on training.device
+live = ctx.model_store.registry().shards[shard].chain[-1]
+m = ctx.model_store.manifest(live)["metrics"]
+print(f"[gpu_check]   shard {shard}: {len(gone)} rows forgotten, live {live} equals scratch "
+      f"bit for bit (retrained on CUDA: {m.get('cuda') == 1.0}); audit clean", file=sys.stderr)
+PY
+
 # 4. serve on GPU replicas and answer one prediction
 say "step 4: ray-unlearn serve on port $PORT (serving.gpus_per_replica from step 2), one /v1/predict"
 serve_one "$RID" "$PORT" || fail "serve"
+fi
 
 # 5. S3T: the frozen backbone pre-trained on the driver, every order's adapters trained by
 # Ray Train workers on the GPU; every stage version must say it trained on CUDA
