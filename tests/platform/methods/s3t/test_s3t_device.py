@@ -97,7 +97,7 @@ def test_the_shard_runtime_trains_and_predicts_on_the_resolved_device(trained_ru
         S3TShardRuntime(ctx, 0)  # at load, not inside the first restore
 
     if REAL_CUDA:
-        return  # the CUDA path itself: test_orders_train_and_serve_exactly_on_the_device
+        return  # the CUDA path itself: test_orders_train_and_serve_exactly_on_cuda
     _pretend_a_gpu(monkeypatch)
     for setting in ("cuda", "auto"):
         monkeypatch.setattr(ctx.config.training, "device", setting)
