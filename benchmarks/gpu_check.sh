@@ -194,24 +194,27 @@ audit = json.load(open(f"{store}/audit-s3t.json"))
 assert audit["clean"], audit
 ctx = open_run(store, rid)
 configure_threads(ctx.config.training.torch_threads)  # as the Train workers (CPU dry run)
-gone = ctx.plan.sample_ids[ctx.plan.owner_ids == owner]
-shard = int(ctx.plan.shards[ctx.plan.owner_ids == owner][0])
-entry = ctx.model_store.registry().shards[shard]
-b, prefix = entry.meta["order_index"], entry.meta["prefix"]
-order = entry.meta["orders"][b]
+mine = ctx.plan.owner_ids == owner
+gone = set(ctx.plan.sample_ids[mine].tolist())  # test-split rows too: trained on by nobody
 dev = training_device(ctx)  # training.device, resolved here as in the workers
-data = ctx.shard_data(shard, exclude=set(public_sample_ids(ctx).tolist()) | set(gone.tolist()))
+backbone = load_backbone(ctx, device=dev)
 blocks = ctx.model_store.manifest(BACKBONE)["blocks"]
-again = train_order(load_backbone(ctx, device=dev), data, order, b, s3t_config(ctx),
-                    seed=ctx.config.seed, blocks=blocks)
-for i in range(1, prefix + 1):
-    stored, _ = load_stage(ctx, entry.meta["versions"][f"{b}/{i}"])
-    assert stored.metrics.get("cuda") == float(dev.type == "cuda"), stored.metrics
-    a, r = stored.tensors(), again[i - 1].tensors()
-    assert a.keys() == r.keys() and all(torch.equal(a[k], r[k]) for k in a), f"stage {i}"
-print(f"[gpu_check]   S3T shard {shard}: {len(gone)} rows forgotten by deactivation; order {b} "
-      f"serves stages 1..{prefix}, equal bit for bit to that order retrained on {dev} without "
-      "them; audit clean", file=sys.stderr)
+public = set(public_sample_ids(ctx).tolist())
+for shard in sorted(set(ctx.plan.shards[mine & (ctx.plan.shards >= 0)].tolist())):
+    entry = ctx.model_store.registry().shards[shard]
+    b, prefix = entry.meta["order_index"], entry.meta["prefix"]
+    data = ctx.shard_data(shard, exclude=public | gone)
+    again = train_order(backbone, data, entry.meta["orders"][b], b, s3t_config(ctx),
+                        seed=ctx.config.seed, blocks=blocks)
+    for i in range(1, prefix + 1):
+        stored, _ = load_stage(ctx, entry.meta["versions"][f"{b}/{i}"])
+        assert stored.metrics.get("cuda") == float(dev.type == "cuda"), stored.metrics
+        a, r = stored.tensors(), again[i - 1].tensors()
+        assert a.keys() == r.keys() and all(torch.equal(a[k], r[k]) for k in a), f"stage {i}"
+    print(f"[gpu_check]   S3T shard {shard}: the owner's rows deactivated (dead slices "
+          f"{entry.meta['dead_slices']}); order {b} serves stages 1..{prefix}, equal bit for "
+          f"bit to that order retrained on {dev} without them", file=sys.stderr)
+print(f"[gpu_check]   {len(gone)} rows of {owner} forgotten; audit clean", file=sys.stderr)
 PY
 
 # 7. serve the S3T run: stage models rebuilt on the replicas' device over one shared backbone
