@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from ray_unlearn.platform.core.device import resolve_device
+from ray_unlearn.platform.core.device import usable_device
 from ray_unlearn.platform.core.run import open_run
 from ray_unlearn.platform.core.runtime import load_serving_model
 from ray_unlearn.platform.core.training import configure_threads, predict_proba
@@ -31,7 +31,7 @@ class ShardModel:
         self.ctx = open_run(storage_uri, run_id)
         # a replica granted a GPU (serving.gpus_per_replica) predicts on it, else on CPU;
         # only a run pinned to training.device=cpu stays on CPU regardless
-        self.device = resolve_device("cpu" if self.ctx.config.training.device == "cpu" else "auto")
+        self.device = usable_device(self.ctx.config.training.device)
         self.shard = shard
         self._models: OrderedDict[str, torch.nn.Module] = OrderedDict()
 

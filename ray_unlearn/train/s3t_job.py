@@ -44,6 +44,7 @@ def loop(config: dict[str, Any]) -> None:
         load_backbone,
         public_sample_ids,
         s3t_config,
+        training_device,
     )
     from ray_unlearn.platform.methods.s3t.training import iter_order_stages
 
@@ -58,7 +59,9 @@ def loop(config: dict[str, Any]) -> None:
     orders = select_orders(s3t.selection, R, s3t.budget, s3t.deletion_prior)
     public = set(public_sample_ids(ctx).tolist())
     mine = [k for k in range(cfg.partition.shards) if k % world == rank]
-    backbone = load_backbone(ctx)
+    # the orders train where training.device resolves on this worker (a granted GPU, set up
+    # for deterministic kernels); snapshots come back as CPU tensors
+    backbone = load_backbone(ctx, device=training_device(ctx))
     runs = {
         (k, b): iter_order_stages(backbone, data, order, b, s3t, seed=cfg.seed, blocks=blocks)
         for k in mine

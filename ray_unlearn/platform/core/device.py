@@ -87,6 +87,16 @@ def resolve_device(setting: str = "auto") -> torch.device:
     return dev
 
 
+def usable_device(setting: str = "auto") -> torch.device:
+    """Where work that no exactness depends on runs: predictions (Serve replicas) and S3T's
+    one-off backbone pre-training on the Train driver. CPU when ``training.device`` is
+    ``cpu``, else what ``auto`` resolves to (a GPU this process may use, else the CPU):
+    never an error, since a run trained on CUDA may serve from CPU-only replicas."""
+    if setting not in DEVICES:
+        raise DeviceError(f"training.device must be one of {', '.join(DEVICES)}; got {setting!r}")
+    return resolve_device("cpu" if setting == "cpu" else "auto")
+
+
 def configure_determinism(device: torch.device) -> None:
     """Deterministic kernels for ``device`` (a no-op for CPU, whose kernels are already
     deterministic for a fixed thread count). Idempotent."""

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ray_unlearn.platform.core.device import module_device
 from ray_unlearn.platform.core.models import (
     ADAPTABLE,
     has_adaptable,
@@ -306,12 +307,15 @@ def renamed(state: dict[str, torch.Tensor], old: str, new: str) -> dict[str, tor
 
 def init_adapter(slot: dict[str, nn.Parameter], seed: int) -> dict[str, torch.Tensor]:
     """Fresh weights of one adapter, a function of ``seed`` only: every A Kaiming-uniform
-    (a = sqrt(5), as peft's default init), every B zero, drawn in parameter-name order."""
+    (a = sqrt(5), as peft's default init), every B zero, drawn in parameter-name order.
+
+    Drawn on the CPU generator and returned on the CPU whatever device the slot is on (the
+    caller moves them), so an adapter starts from the same weights on every device."""
     out = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for n in sorted(slot):
-            t = torch.zeros_like(slot[n])
+            t = torch.zeros(slot[n].shape, dtype=slot[n].dtype)
             if ".lora_B." not in n:
                 nn.init.kaiming_uniform_(t, a=math.sqrt(5))
             out[n] = t
@@ -344,6 +348,22 @@ class StageModel(nn.Module):
     @property
     def base(self) -> nn.Module:
         return self.__dict__["_base"]
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()`` / ``.cpu()`` / ``.cuda()`` act on this model's own tensors (the shared
+        backbone is not ours to move: one base per process and device). Moving them off
+        the backbone's device is refused: the forward would mix devices."""
+        moved = {k: fn(t) for k, t in self.tensors.items()}
+        base_dev = module_device(self.base)
+        off = sorted({str(t.device) for t in moved.values()} - {str(base_dev)})
+        if off:
+            raise ValueError(
+                f"an S3T stage model runs on its shared backbone's device ({base_dev}); it "
+                f"cannot move to {', '.join(off)}: build it over a backbone on that device "
+                "(load_backbone(ctx, device=...), load_serving_model(ctx, vid, device))"
+            )
+        self.tensors = moved
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call
@@ -414,11 +434,13 @@ def model_for(
     """The stage-``prefix`` model of an order over the shared ``backbone`` (never copied):
     the adapters of stages 1..prefix active, with their snapshot weights, and the head of
     stage ``prefix``; later stages' adapters play no part. ``prefix=0`` is the backbone
-    itself (public data only). The snapshot tensors are used as they are, not copied."""
+    itself (public data only). It runs on the backbone's device: the snapshot tensors are
+    moved there (used as they are, not copied, when they are already there, as on CPU)."""
     if not 0 <= prefix <= len(order_snapshots):
         raise ValueError(f"prefix must be in 0..{len(order_snapshots)}, got {prefix}")
     names: list[str] = []
     tensors: dict[str, torch.Tensor] = {}
+    dev = module_device(backbone)  # snapshots are CPU tensors: moved to it (on CPU, no copy)
     for i, snap in enumerate(order_snapshots[:prefix], start=1):
         if snap is None:
             raise ValueError(f"stage {i} was retired (trained on deleted data): it cannot serve")
@@ -434,11 +456,11 @@ def model_for(
                 f"{sorted(snap.adapter_state)} vs {sorted(params)}"
             )
         names.append(slot)
-        tensors.update(state)
+        tensors.update({k: v.to(dev) for k, v in state.items()})
     if prefix:
         head = head_parameters(backbone)
         state = order_snapshots[prefix - 1].head_state  # type: ignore[union-attr]
         if head.keys() != state.keys():
             raise ValueError(f"head snapshot keys {sorted(state)} do not fit {sorted(head)}")
-        tensors.update(state)
+        tensors.update({k: v.to(dev) for k, v in state.items()})
     return StageModel(backbone, names, tensors).eval()

@@ -52,10 +52,14 @@ def pretrain_backbone(
     public: ShardData,
     cfg: S3TConfig,
     seed: int,
+    *,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Build the model (seeded), fully fine-tune it on the public rows for
-    ``pretrain_epochs`` passes at ``pretrain_lr``, and freeze it."""
+    """Build the model (seeded on the CPU generator, then moved to ``device``), fully
+    fine-tune it there on the public rows for ``pretrain_epochs`` passes at
+    ``pretrain_lr``, and freeze it. It stays on ``device``: the shards' orders train there."""
     model = init_model(model_cfg, feature_shape, num_classes, seed, BACKBONE_STREAM)
+    model.to(device)
     if cfg.pretrain_epochs > 0 and len(public):
         train_stage(model, public, 0, _full_weight_cfg(cfg, cfg.pretrain_epochs), seed)
     model.eval()

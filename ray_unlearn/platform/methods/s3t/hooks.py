@@ -65,6 +65,8 @@ def chain_exact(ctx, entry) -> list[bool]:
 
 
 def serving_model(ctx, vid: str):
+    """The stage model of ``vid`` on the device this process serves on (a GPU it may use
+    unless the run says ``training.device: cpu``; the rule of the Serve replicas)."""
     from ray_unlearn.platform.methods.s3t.runtime import load_serving_model
 
     return load_serving_model(ctx, vid)

@@ -9,8 +9,10 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
+from ray_unlearn.platform.core.device import resolve_device, to_cpu_state, usable_device
 from ray_unlearn.platform.core.models import build_model, in_module
 from ray_unlearn.platform.core.run import RunContext
 from ray_unlearn.platform.core.versions import Registry, ShardEntry
@@ -35,6 +37,19 @@ def is_s3t(ctx: RunContext) -> bool:
 
 def s3t_config(ctx: RunContext) -> S3TConfig:
     return ctx.config.s3t or S3TConfig()
+
+
+def training_device(ctx: RunContext) -> torch.device:
+    """Where this process trains the run's orders: ``training.device`` resolved as SISA's
+    loop does (CUDA set up for deterministic kernels; ``cuda`` without a usable GPU is a
+    DeviceError, raised before any training)."""
+    return resolve_device(ctx.config.training.device)
+
+
+def serving_device(ctx: RunContext) -> torch.device:
+    """Where this process serves the run's stage models: a GPU it may use unless the run
+    says ``training.device: cpu``, else the CPU (as the Serve shard replicas decide)."""
+    return usable_device(ctx.config.training.device)
 
 
 def stage_version(shard: int, order_index: int, stage: int, generation: int) -> str:
@@ -109,7 +124,7 @@ def persist_system(ctx: RunContext, system: S3TSystem, created_by: str) -> Regis
         shard=-1,
         stage=0,
         generation=0,
-        state=base_state(system.backbone),
+        state=to_cpu_state(base_state(system.backbone)),
         sample_ids=system.public_ids,
         parent=None,
         metrics={"seconds": system.seconds},
@@ -143,7 +158,11 @@ def _save_orders(
 
 def pretrain_and_save_backbone(ctx: RunContext, created_by: str) -> tuple[nn.Module, list[str]]:
     """Pre-train the backbone on the public split, freeze it, store it; returns it and the
-    adapted block names (what the Ray Train job does before its workers start)."""
+    adapted block names (what the Ray Train job does on its driver before its workers
+    start). It trains on a GPU the driver may use, else on the CPU, whatever
+    ``training.device`` says unless it says ``cpu``: the driver is granted no GPU by Ray
+    and need not have one, and nothing exact depends on where the backbone, trained once
+    and never retrained, was trained (the stored weights are CPU tensors)."""
     from ray_unlearn.platform.core.training import init_model
     from ray_unlearn.platform.methods.s3t.training import (
         BACKBONE_STREAM,
@@ -163,13 +182,19 @@ def pretrain_and_save_backbone(ctx: RunContext, created_by: str) -> tuple[nn.Mod
     recs = ctx.records.subset(ctx.records.index_of(public_ids))
     public = shard_data_from(recs.features, recs.labels, public_ids, BACKBONE_STREAM)
     backbone = pretrain_backbone(
-        run.model, ctx.feature_shape, ctx.num_classes, public, cfg, run.seed
+        run.model,
+        ctx.feature_shape,
+        ctx.num_classes,
+        public,
+        cfg,
+        run.seed,
+        device=serving_device(ctx),
     )
     ctx.model_store.save_version(
         shard=-1,
         stage=0,
         generation=0,
-        state=base_state(backbone),
+        state=to_cpu_state(base_state(backbone)),
         sample_ids=public_ids,
         parent=None,
         metrics={"seconds": time.perf_counter() - t0},
@@ -207,7 +232,13 @@ def train_s3t_run(ctx: RunContext) -> dict[str, Any]:
 # -- loading ----------------------------------------------------------------------------------
 @lru_cache(maxsize=4)
 def _backbone(
-    storage_uri: str, run_id: str, vid: str, model_json: str, feature_shape, num_classes
+    storage_uri: str,
+    run_id: str,
+    vid: str,
+    model_json: str,
+    feature_shape,
+    num_classes,
+    device: str,
 ) -> nn.Module:
     from ray_unlearn.platform.core.config import ModelConfig
     from ray_unlearn.platform.core.storage import RunLayout, Storage
@@ -217,10 +248,14 @@ def _backbone(
     model.load_state_dict(ModelStore(Storage(storage_uri), RunLayout(run_id)).load_state(vid))
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.eval()
+    return model.to(device).eval()  # loaded on the CPU (stored as CPU tensors), then moved
 
 
-def load_backbone(ctx: RunContext, vid: str = BACKBONE) -> nn.Module:
+def load_backbone(
+    ctx: RunContext, vid: str = BACKBONE, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The run's frozen backbone on ``device``: one shared copy per process and device
+    (every order, shard and serving model of the process adapts it, never copies it)."""
     return _backbone(
         ctx.storage.uri,
         ctx.run_id,
@@ -228,6 +263,7 @@ def load_backbone(ctx: RunContext, vid: str = BACKBONE) -> nn.Module:
         ctx.config.model.model_dump_json(),
         ctx.feature_shape,
         ctx.num_classes,
+        str(torch.device(device)),
     )
 
 
@@ -253,14 +289,19 @@ def load_stage(ctx: RunContext, vid: str) -> tuple[S3TStage, dict[str, Any]]:
     return st, m
 
 
-def load_serving_model(ctx: RunContext, vid: str) -> nn.Module:
+def load_serving_model(
+    ctx: RunContext, vid: str, device: torch.device | str | None = None
+) -> nn.Module:
     """The model a version id serves: a SISA slice snapshot, or an S3T stage (its backbone
-    plus the adapters of stages 1..stage of its order, rebuilt by following parents)."""
+    plus the adapters of stages 1..stage of its order, rebuilt by following parents), on
+    ``device`` (default: :func:`serving_device`, the device a Serve replica of this process
+    predicts on)."""
+    device = serving_device(ctx) if device is None else torch.device(device)
     m = ctx.model_store.manifest(vid)
     if m.get("kind") != "s3t-stage":
         model = build_model(ctx.config.model, ctx.feature_shape, ctx.num_classes)
         model.load_state_dict(ctx.model_store.load_state(vid))
-        return model.eval()
+        return model.to(device).eval()
     stages = []
     cur = vid
     while cur != BACKBONE:
@@ -268,7 +309,7 @@ def load_serving_model(ctx: RunContext, vid: str) -> nn.Module:
         stages.append(st)
         cur = man["parent"]
     stages.reverse()
-    return model_for(load_backbone(ctx), stages, len(stages))
+    return model_for(load_backbone(ctx, device=device), stages, len(stages))
 
 
 # -- the executor's shard runtime -------------------------------------------------------------

@@ -48,9 +48,11 @@ from ray_unlearn.platform.methods.s3t.persistence import (  # noqa: F401  (re-ex
     public_sample_ids,
     s3t_config,
     save_stage,
+    serving_device,
     shard_entry,
     stage_version,
     train_s3t_run,
+    training_device,
 )
 from ray_unlearn.platform.methods.s3t.training import (
     S3TShard,
@@ -104,6 +106,9 @@ class S3TShardRuntime:
     def __init__(self, ctx: RunContext, shard: int, deleted=()):
         configure_threads(ctx.config.training.torch_threads)
         self.ctx, self.shard = ctx, shard
+        # where this shard's orders retrain and predict, as SISA's shard runtime: a 'cuda'
+        # run without a GPU fails here, at load, not inside the first restore
+        self.device = training_device(ctx)
         self.public = public_sample_ids(ctx)
         # Guards the shard's state: a restore trains outside it, so deactivations (and
         # predictions) are never held up by retraining.
@@ -133,7 +138,7 @@ class S3TShardRuntime:
         cfg = s3t_config(self.ctx)
         self.s3t = S3TShard(
             self.shard,
-            load_backbone(self.ctx),
+            load_backbone(self.ctx, device=self.device),
             orders,
             snaps,
             ids[keep],
@@ -240,7 +245,7 @@ class S3TShardRuntime:
         data = self.ctx.shard_data(self.shard, exclude=set(self.public.tolist()) | deleted_before)
         blocks = self.ctx.model_store.manifest(BACKBONE)["blocks"]
         new = S3TShard.train(
-            load_backbone(self.ctx),
+            load_backbone(self.ctx, device=self.device),
             data,
             cfg,
             seed=self.ctx.config.seed,
@@ -284,7 +289,7 @@ class S3TShardRuntime:
         )
         blocks = self.ctx.model_store.manifest(BACKBONE)["blocks"]
         S3TShard.train(
-            load_backbone(self.ctx),
+            load_backbone(self.ctx, device=self.device),
             data,
             cfg,
             seed=self.ctx.config.seed,

@@ -32,6 +32,13 @@ Randomness is a function of (seed, shard, order index, stage, pass), as in
 stage), the batch order of (seed, shard, order, stage, pass) over the stage's rows sorted
 by sample id. So a stage-p model is exactly what training the order on its first p
 slices alone would give.
+
+Device. An order trains where the shared backbone is; whoever trains puts it on
+``training.device`` resolved by :func:`~ray_unlearn.platform.core.device.resolve_device`
+(:func:`train_s3t` here; the shard runtime and the Ray Train job via
+``persistence.training_device``), which also turns CUDA's deterministic kernels on. Adapter
+weights are drawn on the CPU generator and moved, so they are the same on every device;
+snapshots are CPU tensors (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -43,14 +50,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ray_unlearn.platform.core.device import module_device, resolve_device, to_cpu_state
 from ray_unlearn.platform.core.training import (
     ShardData,
+    configure_threads,
     derive_seed,
     init_model,
     predict_proba,
+    run_steps,
     stage_batches,
     stage_steps,
 )
@@ -192,6 +201,9 @@ def iter_order_stages(
     order = _check_order(order, R)
     groups = stage_groups(blocks, R)  # raises when fewer blocks than slices
     base = _freeze(backbone)  # shared: adapters are slots in it, weights live in `model`
+    # the order trains where the backbone is (the caller put it on training.device); the
+    # adapters' and head's tensors and each stage's rows go there, snapshots come back
+    dev = module_device(base)
     head = {k: v.detach().clone() for k, v in head_parameters(base).items()}
     model = StageModel(base, [], head)
     batch_seed = derive_seed(seed, _S3T_BATCHES, order_index)
@@ -202,6 +214,7 @@ def iter_order_stages(
         init_seed = derive_seed(seed, data.shard, order_index, stage, _ADAPTER_INIT)
         # drawn under the adapter's own name: the same weights whatever slot it lands in
         own = renamed(init_adapter(renamed(slot, slot_name, name), init_seed), name, slot_name)
+        own = {k: v.to(dev) for k, v in own.items()}  # drawn on the CPU: the same on any device
         model.adapters.append(slot_name)
         for t in model.tensors.values():
             t.requires_grad_(False)  # earlier stages' adapters: fixed from now on
@@ -217,16 +230,10 @@ def iter_order_stages(
         t0 = time.perf_counter()
         opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
         idx_all = torch.from_numpy(rows)
-        x_all, y_all = data.features[idx_all], data.labels[idx_all]
-        loss_sum, seen = 0.0, 0
-        for batch in stage_batches(len(rows), steps, cfg.batch_size, batch_seed, data.shard, stage):
-            idx = torch.from_numpy(batch)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(batch)
-            seen += len(batch)
+        # the stage's rows, once, on the device: batches index them there
+        x_all, y_all = data.features[idx_all].to(dev), data.labels[idx_all].to(dev)
+        batches = stage_batches(len(rows), steps, cfg.batch_size, batch_seed, data.shard, stage)
+        loss_sum, seen = run_steps(model, opt, x_all, y_all, batches)
         for p in params.values():
             p.requires_grad_(False)
         block = "+".join(reversed(group))  # bottom to top, like `blocks`
@@ -238,16 +245,18 @@ def iter_order_stages(
             adapter=name,
             lora_rank=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
+            # CPU copies: checkpoints do not depend on where they were trained
             adapter_state=renamed(
-                {k: model.tensors[k].detach().clone() for k in slot}, slot_name, name
+                to_cpu_state({k: model.tensors[k] for k in slot}), slot_name, name
             ),
-            head_state={k: model.tensors[k].detach().clone() for k in head},
+            head_state=to_cpu_state({k: model.tensors[k] for k in head}),
             sample_ids=data.sample_ids[in_stage].copy(),
             metrics={
                 "loss": loss_sum / seen if seen else float("nan"),
                 "steps": float(steps),
                 "train_rows": float(len(rows)),
                 "seconds": time.perf_counter() - t0,
+                "cuda": float(dev.type == "cuda"),  # where it ran, kept in the manifest
             },
             targets=tuple(targets) if targets != [block] else (),
         )
@@ -460,6 +469,10 @@ def train_s3t(ctx, cfg: S3TConfig, shards: Sequence[int] | None = None) -> S3TSy
     """
     t0 = time.perf_counter()
     run = ctx.config
+    # as SISA's driver: a fixed thread count, and the device resolved (CUDA set up for
+    # deterministic kernels, or a DeviceError) before any training
+    configure_threads(run.training.torch_threads)
+    device = resolve_device(run.training.device)
     blocks = check_s3t(
         cfg,
         init_model(run.model, ctx.feature_shape, ctx.num_classes, run.seed, BACKBONE_STREAM),
@@ -472,7 +485,7 @@ def train_s3t(ctx, cfg: S3TConfig, shards: Sequence[int] | None = None) -> S3TSy
         train.features[is_public], train.labels[is_public], public_ids, BACKBONE_STREAM
     )
     backbone = pretrain_backbone(
-        run.model, ctx.feature_shape, ctx.num_classes, public, cfg, run.seed
+        run.model, ctx.feature_shape, ctx.num_classes, public, cfg, run.seed, device=device
     )
     orders = select_orders(cfg.selection, ctx.plan.num_slices, cfg.budget, cfg.deletion_prior)
     out = {}
