@@ -481,12 +481,15 @@ def _interval(vals) -> dict:
             "per_seed": [float(v) for v in vals]}  # fmt: skip
 
 
-def report(out: Path, seeds: list[int], tune_seed: int | None = None) -> dict:
+def report(
+    out: Path, seeds: list[int], tune_seed: int | None = None, tune_out: Path | None = None
+) -> dict:
     """Means and intervals over ``seeds``. The best proxy (by Spearman with exact) and each
     forget set's best plain algorithm (by ToW) are chosen on ``tune_seed``'s eval, a seed
     that is not reported; without one they are chosen on the reported seeds (optimistic for
-    the chosen ones, and said so in ``targets``)."""
-    if tune_seed is not None and tune_seed in seeds:
+    the chosen ones, and said so in ``targets``). ``tune_out``: where the tuning seed's eval
+    is, when it is another data set's (default ``out``; then the seed must not be reported)."""
+    if tune_seed is not None and tune_seed in seeds and tune_out in (None, out):
         raise ValueError(f"the tuning seed {tune_seed} must not be among the reported {seeds}")
     ex = [json.loads((out / f"exact_seed{s}.json").read_text()) for s in seeds]
     ev = [json.loads((out / f"eval_seed{s}.json").read_text()) for s in seeds]
@@ -510,18 +513,21 @@ def report(out: Path, seeds: list[int], tune_seed: int | None = None) -> dict:
             n: {m: _interval([e["forget"][kind][n][m] for e in ev]) for m in ("tow", "tow_mia")}
             for n in names
         }
-        for n, v in doc["forget"][kind].items():
-            if ul and all(n in u[kind]["methods"] for u in ul):
-                v["ulira"] = {m: _interval([u[kind]["methods"][n][m] for u in ul])
+        for n, v in doc["forget"][kind].items():  # each method over the seeds that scored it
+            have = [(s, u) for s, u in zip(ul_seeds, ul, strict=True) if n in u[kind]["methods"]]
+            if have:
+                v["ulira_seeds"] = [s for s, _ in have]
+                v["ulira"] = {m: _interval([u[kind]["methods"][n][m] for _, u in have])
                               for m in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")}  # fmt: skip
-    tune = json.loads((out / f"eval_seed{tune_seed}.json").read_text()) if tune_seed is not None \
-        else None  # fmt: skip
+    tune_file = (tune_out or out) / f"eval_seed{tune_seed}.json"
+    tune = json.loads(tune_file.read_text()) if tune_seed is not None else None
     proxies = [k for k in SCORES if k != "exact"]
     if tune is None:
         best = max(proxies, key=lambda k: doc["scores"][k]["spearman"]["mean"])
     else:
         best = max(proxies, key=lambda k: tune["scores"][k]["spearman"])
-    chosen_on = "the reported seeds" if tune is None else f"tuning seed {tune_seed}"
+    chosen_on = "the reported seeds" if tune is None else f"tuning seed {tune_seed}" + (
+        f" of {tune_out}" if tune_out not in (None, out) else "")  # fmt: skip
     targets = {"best_proxy": best, "chosen_on": chosen_on,
                "best_proxy_by": "highest Spearman with exact", "best_plain_by": "highest ToW",
                "best_proxy_cpu_ratio": doc["scores"][best]["cpu_ratio"]["mean"],
@@ -603,6 +609,9 @@ def markdown(doc: dict) -> str:
             u = v.get("ulira")
             cells = [f(u[m]) for m in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")] if u \
                 else ["-"] * 3  # fmt: skip
+            if u and v["ulira_seeds"] != doc["ulira_seeds"]:  # fewer seeds than the others
+                cells[0] += " (seed" + ("s " if len(v["ulira_seeds"]) > 1 else " ") + \
+                    ", ".join(map(str, v["ulira_seeds"])) + ")"  # fmt: skip
             lines.append(f"| {n} | {f(v['tow'])} | {f(v['tow_mia'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -629,6 +638,13 @@ def main(argv: list[str] | None = None) -> None:
         help="report: the seed whose eval chooses the best plain algorithm and "
         "the best proxy (not among --seeds)",
     )
+    ap.add_argument(
+        "--tune-out",
+        type=Path,
+        default=None,
+        help="report: the directory of the tuning seed's eval, when another data set chose "
+        "(default --out)",
+    )
     args = ap.parse_args(argv)
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     p = {**PROFILES[args.data][size], "data": args.data, "local": args.local}
@@ -647,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
         rec.update(meta, seconds=time.perf_counter() - t0, settings=p)
         (args.out / f"{args.part}_seed{args.seed}.json").write_text(json.dumps(rec, indent=2))
     else:
-        doc = report(args.out, args.seeds, args.tune_seed)
+        doc = report(args.out, args.seeds, args.tune_seed, args.tune_out)
         doc.update(meta, settings=p)
         (args.out / "rum_mnist1d.json").write_text(json.dumps(doc, indent=2))
         (args.out / "rum_mnist1d.md").write_text(markdown(doc))

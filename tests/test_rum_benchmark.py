@@ -105,6 +105,15 @@ def test_report_chooses_on_the_tuning_seed(run, bench):
         bench.report(run, [0, 1], tune_seed=0)
 
 
+def test_report_can_take_its_choice_from_another_data_sets_tuning_seed(run, bench, tmp_path):
+    # bbcnews takes MNIST-1D's choices: the tuning seed's eval lives in another --out
+    (tmp_path / "eval_seed0.json").write_text((run / "eval_seed0.json").read_text())
+    doc = bench.report(run, [1], tune_seed=0, tune_out=tmp_path)
+    assert doc["targets"]["chosen_on"] == f"tuning seed 0 of {tmp_path}"
+    assert doc["targets"] == {**bench.report(run, [1], tune_seed=0)["targets"],
+                              "chosen_on": doc["targets"]["chosen_on"]}  # fmt: skip
+
+
 def test_bbcnews_split_is_fresh_per_seed_and_disjoint(bench, tmp_path):
     # a stand-in for the MiniLM embeddings (computing them takes minutes)
     rng = np.random.default_rng(0)
