@@ -13,7 +13,8 @@ slices, 20 epochs; quick: smaller), trained once in this process with contributi
 recording (``train_and_record``). Then, for every strategy, from its own copy of that same
 trained run (hard links): a stream of single-owner deletion requests (owners drawn with a
 seed), executed one at a time as they arrive through ``UnlearningEngine`` + ``LocalShards``
-(long-lived shard runtimes, like the executor). The streams are interleaved: every variant
+(long-lived shard runtimes, like the executor's shard actors: every shard's rows and
+snapshots are loaded before the first request is timed). The streams are interleaved: every variant
 executes request i (in a rotating order) before any executes request i + 1, so a busy phase
 of a shared machine slows all of them alike. Evaluated after 1, 10 and 100 requests (the
 shorter streams are the prefixes of the longer one):
@@ -55,7 +56,10 @@ shorter streams are the prefixes of the longer one):
                   attack on an independently seeded retrain, what exact unlearning scores (its
                   TPR is the FPR up to noise). SISA is not attacked: its model is the retrain's
                   bit for bit (``sisa_equals_retrained`` checks it). Untimed, after the streams.
-* decisions       HS/OHS: how many requests went exact vs. DPUS. dpus_refused: requests the
+* decisions       HS/OHS: how many requests went exact vs. DPUS; exact_reasons: the exact
+                  ones by reason ("threshold": the rule; "no-contributions": rows an earlier
+                  DPUS left untracked; "memorized": route_gap); seconds_by_decision: the wall
+                  seconds of each kind. dpus_refused: requests the
                   ``dpus`` variant could not take (an earlier DPUS dropped the steps their
                   rows shared with a revoked sample) and ``hs`` retrained exactly instead.
 
