@@ -13,7 +13,8 @@ slices, 20 epochs; quick: smaller), trained once in this process with contributi
 recording (``train_and_record``). Then, for every strategy, from its own copy of that same
 trained run (hard links): a stream of single-owner deletion requests (owners drawn with a
 seed), executed one at a time as they arrive through ``UnlearningEngine`` + ``LocalShards``
-(long-lived shard runtimes, like the executor). The streams are interleaved: every variant
+(long-lived shard runtimes, like the executor's shard actors: every shard's rows and
+snapshots are loaded before the first request is timed). The streams are interleaved: every variant
 executes request i (in a rotating order) before any executes request i + 1, so a busy phase
 of a shared machine slows all of them alike. Evaluated after 1, 10 and 100 requests (the
 shorter streams are the prefixes of the longer one):
@@ -55,7 +56,10 @@ shorter streams are the prefixes of the longer one):
                   attack on an independently seeded retrain, what exact unlearning scores (its
                   TPR is the FPR up to noise). SISA is not attacked: its model is the retrain's
                   bit for bit (``sisa_equals_retrained`` checks it). Untimed, after the streams.
-* decisions       HS/OHS: how many requests went exact vs. DPUS. dpus_refused: requests the
+* decisions       HS/OHS: how many requests went exact vs. DPUS; exact_reasons: the exact
+                  ones by reason ("threshold": the rule; "no-contributions": rows an earlier
+                  DPUS left untracked; "memorized": route_gap); seconds_by_decision: the wall
+                  seconds of each kind. dpus_refused: requests the
                   ``dpus`` variant could not take (an earlier DPUS dropped the steps their
                   rows shared with a revoked sample) and ``hs`` retrained exactly instead.
 
@@ -86,6 +90,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -304,7 +309,14 @@ class Stream:
         self.ctx = open_run(str(root), run_id)
         for k, v in self.hybrid.items():
             setattr(self.ctx.config.hybrid, k, v)
-        self.engine = UnlearningEngine(self.ctx, LocalShards(self.ctx))
+        shards = LocalShards(self.ctx)
+        # every shard runtime loaded before anything is timed, as the executor's long-lived
+        # shard actors load theirs when they start: otherwise the first request of each
+        # shard pays reading its rows and snapshots (~0.1 s a shard at 8k rows), the same
+        # for every variant, which only dilutes the ratios
+        for k in shards.shard_ids:
+            shards.shard(k)
+        self.engine = UnlearningEngine(self.ctx, shards)
         self.seed = seed
         self.total = self.total_cpu = 0.0
         self.per_request: list[dict] = []
@@ -343,6 +355,9 @@ class Stream:
                 "predicted_s": info.get("predicted_seconds", est.seconds),
                 "prediction_from_log": "predicted_seconds" in info,
                 "decision": info.get("decision", "exact"),
+                # why (hs/ohs): "threshold" (the rule), "no-contributions" (rows an earlier
+                # DPUS left untracked: retrained exactly), "memorized" (route_gap)
+                "reason": info.get("reason", "exact"),
                 "log_actual_s": info.get("actual_seconds"),
                 "train_s": sum(m.get("seconds", 0.0) for m in created),
                 "wall_s": dt,
@@ -370,6 +385,14 @@ class Stream:
                 "decisions": {
                     "exact": sum(r["decision"] == "exact" for r in reqs),
                     "dpus": sum(r["decision"] == "dpus" for r in reqs),
+                },
+                # the exact ones by reason, and the wall seconds each kind of request took
+                "exact_reasons": dict(
+                    Counter(r["reason"] for r in reqs if r["decision"] == "exact")
+                ),
+                "seconds_by_decision": {
+                    d: sum(r["wall_s"] for r in reqs if r["decision"] == d)
+                    for d in ("exact", "dpus")
                 },
                 "exact_requests": sum(r["exact"] for r in reqs),
                 "dpus_refused": sum(r["dpus_refused"] for r in reqs),
@@ -688,6 +711,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--requests", type=int, default=None, help="the longest stream's length")
     ap.add_argument("--rows", type=int, default=None, help="rows generated (train + test)")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (full 20)")
+    ap.add_argument("--shards", type=int, default=None, help="shards (full 8)")
+    ap.add_argument("--slices", type=int, default=None, help="slices a shard (full 5)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--variants",
@@ -700,6 +726,9 @@ def main(argv=None) -> int:
         P["streams"] = sorted({n for n in P["streams"] if n < args.requests} | {args.requests})
     if args.rows:
         P["n_samples"] = args.rows
+    for k in ("epochs", "shards", "slices"):
+        if getattr(args, k):
+            P[k] = getattr(args, k)
     P["shadows"] = P["shadows"] if args.shadows is None else args.shadows
     P["data_seed"] = args.seed if args.data_seed is None else args.data_seed
     if P["shadows"] and P["shadows"] < 4:

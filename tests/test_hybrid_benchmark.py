@@ -1,5 +1,7 @@
-"""Smoke run of benchmarks/hybrid.py --quick: the records its issue names, its plot, and
-U-LiRA of every hybrid variant (4 shadow runs in process)."""
+"""Smoke run of benchmarks/hybrid.py --quick, shrunk to a toy size (1.6k rows, 2 shards x 2
+slices, 4 epochs, 4 requests; ~25 s instead of ~2 min for --quick's own 4k rows, 4x4, 10
+epochs, 10 requests): the records its issue names, its plot, and U-LiRA of every quick
+variant (4 shadow runs in process). The code paths are --quick's: only the sizes differ."""
 
 from __future__ import annotations
 
@@ -9,12 +11,22 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# small enough that every quick variant still takes a DPUS and meets rows an earlier DPUS
+# left untracked (the second request of a shard), in well under a minute
+SMOKE = ["--rows", "1600", "--requests", "4", "--epochs", "4", "--shards", "2", "--slices", "2"]
 
 
 def test_hybrid_benchmark_quick_writes_its_records_and_plot(tmp_path):
     out = tmp_path / "hybrid"
     subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "hybrid.py"), "--quick", "--out", str(out)],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "hybrid.py"),
+            "--quick",
+            "--out",
+            str(out),
+            *SMOKE,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -40,8 +52,19 @@ def test_hybrid_benchmark_quick_writes_its_records_and_plot(tmp_path):
         ]
         assert times == sorted(times) and times[0] > 0
     # what the hybrid strategies decided is counted per request
-    hs = next(r for r in records if r["variant"] == "hs" and r["requests"] == max(streams))
+    assert result["params"]["n_samples"] == 1600 and streams == [1, 4]  # the sizes asked for
+    last = {r["variant"]: r for r in records if r["requests"] == max(streams)}
+    hs = last["hs"]
     assert sum(hs["decisions"].values()) == max(streams)
+    for v in variants - {"retrained", "sisa"}:
+        r = last[v]
+        assert r["decisions"]["dpus"] > 0  # the approximate path ran, not only retrains
+        # every exact request has its reason, and the wall time splits by decision
+        assert sum(r["exact_reasons"].values()) == r["decisions"]["exact"]
+        split = r["seconds_by_decision"]
+        assert abs(split["exact"] + split["dpus"] - r["unlearn_s"]) < 1e-6
+    # sisa predicts and decides nothing: every request is exact
+    assert last["sisa"]["decisions"] == {"exact": max(streams), "dpus": 0}
     assert result["targets"]["requests"] == max(streams)
     assert "speedup_vs_sisa" in result["targets"]["hs"]
     assert (out / "_work").exists() is False  # its working copies are gone

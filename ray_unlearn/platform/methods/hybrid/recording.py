@@ -32,22 +32,37 @@ if TYPE_CHECKING:
 
 class ContributionRecorder:
     """An ``on_step`` hook for :func:`~ray_unlearn.platform.core.training.train_shard` (or any
-    SISA stage): keeps every step's update (in ``dtype``) and batch ids, per stage."""
+    SISA stage): keeps every step's update (in ``dtype``) and batch ids, per stage.
+
+    Each stage's updates go straight into one preallocated (capacity, *param shape) buffer
+    per parameter, doubled when full, so that :meth:`take` hands out its first rows instead
+    of stacking hundreds of per-step tensors: the stack cost ~0.25 s for a 252-step shard
+    of the Purchase MLP (86 MB in float16), a sixth of the retrain it recorded."""
 
     def __init__(self, dtype: str | torch.dtype = "float16"):
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         _dtype_name(self.dtype)
-        self._deltas: dict[int, list[StateDict]] = {}
+        self._deltas: dict[int, dict[str, torch.Tensor]] = {}
+        self._steps: dict[int, int] = {}
         self._ids: dict[int, list[np.ndarray]] = {}
         self._empty: dict[str, torch.Tensor] = {}
 
     def __call__(
         self, stage: int, step: int, sample_ids, before: StateDict, after: StateDict
     ) -> None:
-        self._deltas.setdefault(stage, []).append(
-            # on the CPU whatever the training device: records are stored and hashed there
-            {k: (after[k] - before[k]).to(device="cpu", dtype=self.dtype) for k in after}
-        )
+        n = self._steps.get(stage, 0)
+        buf = self._deltas.get(stage)
+        if buf is None or n == next(iter(buf.values())).shape[0]:
+            cap = max(64, 2 * n)
+            grown = {k: torch.empty((cap, *v.shape), dtype=self.dtype) for k, v in after.items()}
+            for k, v in (buf or {}).items():
+                grown[k][:n] = v[:n]
+            self._deltas[stage] = buf = grown
+        for k in after:
+            # computed in the parameters' dtype, then rounded once into the record, on the
+            # CPU whatever the training device: records are stored and hashed there
+            buf[k][n] = (after[k] - before[k]).to(device="cpu")
+        self._steps[stage] = n + 1
         self._ids.setdefault(stage, []).append(np.asarray(sample_ids, dtype=np.int64))
         if not self._empty:
             self._empty = {
@@ -63,10 +78,12 @@ class ContributionRecorder:
 
     def take(self, stage: int, digest: str = "") -> StageContributions:
         """The stage's contributions (removed from the recorder)."""
-        steps = self._deltas.pop(stage, [])
+        buf = self._deltas.pop(stage, None)
+        n = self._steps.pop(stage, 0)
         ids = self._ids.pop(stage, [])
-        if steps:
-            deltas = {k: torch.stack([s[k] for s in steps]) for k in steps[0]}
+        if buf is not None:
+            # the first n rows of a contiguous buffer: contiguous, no copy
+            deltas = {k: v[:n] for k, v in buf.items()}
         else:
             if not self._empty:
                 raise ValueError(f"stage {stage} took no step and the parameters are unknown")

