@@ -58,7 +58,7 @@ def actor_options(cpus: float, gpus: float, threads: int = 0) -> dict[str, Any]:
     OpenMP (libgomp) otherwise spins a waiting thread for a while at every parallel region's
     end. When another process holds one of the cores (another shard, the executor's data
     compaction, any other job), the spinning thread burns the core its partner needs: the
-    same 2-thread stages of a 12.5k-row purchase shard took 8.5-17 s instead of 1.2-2.2 s
+    same 2-thread stages of a 10k-row purchase shard took 8.5-17 s instead of 1.2-2.2 s
     with one busy process beside them, and 0.75-13 s instead of 0.73-1.9 s under other
     sessions' load (3 runs each on 2 shared cores, 2026-12-04; docs/methods/sisa.md). The policy
     changes when threads sleep, not how work is split: the weights are bit for bit the same
