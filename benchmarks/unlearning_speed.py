@@ -16,8 +16,8 @@ script starts on 127.0.0.1 and stops at the end:
 * speedup          full_retrain_s / unlearn_s; expected_speedup = K * 2R / (R + 1), SISA's
                    expectation for one request hitting a uniformly random slice.
 * plain_torch_s    median over the same requests of the same retraining work in a bare torch
-                   loop in this process (same rows, optimizer, batch size, optimizer steps
-                   and thread count; no Ray, no saving): the compute floor.
+                   loop in this process (same rows, optimizer, batch size, optimizer steps,
+                   thread count and OpenMP wait policy; no Ray, no saving): the compute floor.
                    overhead_ratio = unlearn_s / plain_torch_s.
 * cli_forget_s     median wall-clock time of ``ray-unlearn forget --json`` run as a subprocess
                    for further owners (it attaches to the same detached executor), beside the
@@ -85,7 +85,7 @@ from ray_unlearn.platform.core.run import create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.core.training import stage_steps
 from ray_unlearn.platform.eval.accuracy import model_accuracy, serving_accuracy, train_single_model
-from ray_unlearn.train.executor import executor_actor_name, get_executor
+from ray_unlearn.train.executor import OMP_WAIT_POLICY, executor_actor_name, get_executor
 from ray_unlearn.train.session import NAMESPACE, connect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -659,8 +659,14 @@ def run_cases(cases, p: dict, root: Path, head: LocalRayHead, cases_dir: Path, s
 def main() -> None:
     # `ray start` turns token auth on when ~/.ray/auth_token exists; then every client (this
     # process, the CLI) needs RAY_AUTH_MODE=token, and Ray reads it at import: re-exec with it.
-    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
-        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env = dict(os.environ)
+    if "RAY_AUTH_MODE" not in env and (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    # The bare loop runs under the OpenMP wait policy the shard actors train with
+    # (train/executor.py actor_options): libgomp reads it when it starts, so re-exec. Else
+    # the floor would spin where the executor sleeps, and lose whenever the cores are shared.
+    env.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    if env != os.environ:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     # `timeout` (a bounded hold of a shared machine) sends SIGTERM: end through the finally
     # blocks, so that the Ray head started here is stopped and no process of it is left
@@ -734,6 +740,8 @@ def main() -> None:
             "ray_node_ip": head.node_ip,
             "ray_token_auth": head.auth,
             "ray_auth_mode_env": os.environ.get("RAY_AUTH_MODE"),
+            # the bare loop's and the shard actors' (main() re-execs with it)
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         },
         "params": {
             **p,

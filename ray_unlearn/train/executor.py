@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -37,6 +38,9 @@ from ray_unlearn.train.session import (
 
 log = logging.getLogger(__name__)
 
+# torch's OpenMP threads sleep when idle instead of spinning (see actor_options)
+OMP_WAIT_POLICY = "PASSIVE"
+
 
 def actor_options(cpus: float, gpus: float, threads: int = 0) -> dict[str, Any]:
     """A shard actor's reservation: a sliver of CPU, and resources.gpus_per_worker GPUs (the
@@ -48,13 +52,34 @@ def actor_options(cpus: float, gpus: float, threads: int = 0) -> dict[str, Any]:
     purchase MLP, OMP_NUM_THREADS=1 vs unset, both at 2 threads, twice each). (The
     unlearning-speed benchmark imports torch in a worker setup hook, before Ray sets the
     variable: it never saw this.) The results do not change: the kernels' thread count is
-    ``threads`` either way (tests/train/test_ray_integration.py compares them bit for bit)."""
+    ``threads`` either way (tests/train/test_ray_integration.py compares them bit for bit).
+
+    And OMP_WAIT_POLICY=PASSIVE (unless this process's environment sets a policy): torch's
+    OpenMP (libgomp) otherwise spins a waiting thread for a while at every parallel region's
+    end. When another process holds one of the cores (another shard, the executor's data
+    compaction, any other job), the spinning thread burns the core its partner needs: the
+    same 2-thread stages of a 10k-row purchase shard took 8.5-17 s instead of 1.2-2.2 s
+    with one busy process beside them, and 0.75-13 s instead of 0.73-1.9 s under other
+    sessions' load (3 runs each on 2 shared cores, 2026-12-04; docs/methods/sisa.md). The policy
+    changes when threads sleep, not how work is split: the weights are bit for bit the same
+    (tests/train/test_executor_env.py)."""
     opts: dict[str, Any] = {"num_cpus": cpus}
     if gpus > 0:
         opts["num_gpus"] = gpus
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or OMP_WAIT_POLICY}
     if threads > 0:
-        opts["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+        env["OMP_NUM_THREADS"] = str(threads)
+    opts["runtime_env"] = {"env_vars": env}
     return opts
+
+
+def warm_optimizer_imports() -> None:
+    """Pay torch's one-off lazy imports of its optimizers (``torch._dynamo``: 1-3 s on 2
+    cores, measured 3.1 s under load) when a shard actor starts, not inside the first
+    deletion it retrains."""
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
 @ray.remote(max_concurrency=2)
@@ -71,6 +96,7 @@ class ShardActor:
         ctx = open_run(storage_uri, run_id)
         self._lock = threading.Lock()
         self.rt = make_runtime(ctx, shard, ctx.deletion_log.deleted_sample_ids())
+        warm_optimizer_imports()
 
     def info(self) -> dict[str, Any]:
         with self._lock:

@@ -104,16 +104,22 @@ def test_train_job_scaling_asks_for_gpus_from_config(tmp_path, monkeypatch):
     )  # CPU runs never look at the cluster
 
 
-def test_shard_actors_and_serve_replicas_ask_for_gpus_from_config():
+def test_shard_actors_and_serve_replicas_ask_for_gpus_from_config(monkeypatch):
     from ray_unlearn.serve.app import shard_actor_options
     from ray_unlearn.train.executor import actor_options
 
-    assert actor_options(0.01, 0.0) == {"num_cpus": 0.01}
-    assert actor_options(0.01, 0.5) == {"num_cpus": 0.01, "num_gpus": 0.5}
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # tests/train/test_executor_env.py
+    assert actor_options(0.01, 0.0) == {"num_cpus": 0.01, "runtime_env": {"env_vars": passive}}
+    assert actor_options(0.01, 0.5) == {
+        "num_cpus": 0.01,
+        "num_gpus": 0.5,
+        "runtime_env": {"env_vars": passive},
+    }
     # Ray would set OMP_NUM_THREADS=1 in a worker reserving under a CPU: the run's threads
     assert actor_options(0.01, 0.0, 2) == {
         "num_cpus": 0.01,
-        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
+        "runtime_env": {"env_vars": {**passive, "OMP_NUM_THREADS": "2"}},
     }
     assert shard_actor_options(0.1, 0) == {"num_cpus": 0.1}
     assert shard_actor_options(0.1, 1) == {"num_cpus": 0.1, "num_gpus": 1.0}
