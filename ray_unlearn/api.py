@@ -124,7 +124,8 @@ def forget(
 
     With ``address`` and a running executor for the run, the whole request (checks, log,
     execution) happens in that executor, which has the run open and its shards in memory:
-    this process then imports only Ray (no torch) and reads nothing of the run."""
+    this process reads nothing of the run but the executor's control file, and calls it over
+    HTTP without importing Ray (or through Ray when the endpoint does not answer)."""
     if (owner is None) == (samples is None):
         raise ValueError("give exactly one of owner (--owner) or samples (--samples)")
     if strategy is not None and not wait:
@@ -208,9 +209,43 @@ def _forget_on_running_executor(
     run, storage, address, owner, ids, request_id, deadline, strategy, on_logged
 ) -> dict[str, Any] | None:
     """The whole request in the run's running executor (see :func:`forget`); None when the
-    cluster has none (the caller then logs here and starts one)."""
+    cluster has none (the caller then logs here and starts one).
+
+    Through the executor's control endpoint when the run's storage names one that answers
+    (``ray_unlearn.train.control``: no ``import ray`` here, no Ray connection), else through
+    Ray. The same method runs the request either way (``Executor.forget_request``), and its
+    input errors come back as the same ``ValueError`` / ``OSError``."""
     from types import SimpleNamespace
 
+    from ray_unlearn.train.control import find_executor
+
+    root = _absolute_root(storage)
+    fields = {
+        "owner_id": owner,
+        "sample_ids": ids,
+        "request_id": request_id,
+        "deadline": deadline,
+        "strategy": strategy,
+    }
+    endpoint = find_executor(root, run)
+    if endpoint is not None:
+        doc = endpoint.forget_request(root, **fields)
+    else:
+        doc = _forget_through_ray(run, address, root, fields)
+        if doc is None:
+            return None
+    if on_logged is not None:
+        logged = SimpleNamespace(
+            request=SimpleNamespace(request_id=doc["request_id"], sample_ids=range(doc["samples"])),
+            state=SimpleNamespace(value=doc["logged_state"]),
+        )
+        on_logged(logged, doc["created"])
+    return doc
+
+
+def _forget_through_ray(run, address, root, fields) -> dict[str, Any] | None:
+    """``forget_request`` on the run's executor actor, found by name on the cluster at
+    ``address``; None when there is none."""
     import ray
 
     from ray_unlearn.train.session import connect, running_executor
@@ -219,29 +254,14 @@ def _forget_on_running_executor(
     handle = running_executor(run)
     if handle is None:
         return None
-    call = handle.forget_request.remote(
-        _absolute_root(storage),
-        owner_id=owner,
-        sample_ids=ids,
-        request_id=request_id,
-        deadline=deadline,
-        strategy=strategy,
-    )
     try:
-        doc = ray.get(call)
+        return ray.get(handle.forget_request.remote(root, **fields))
     except ray.exceptions.RayTaskError as e:
         # bad input found in the executor (an unknown owner, a strategy that does not fit):
         # the same error as without a cluster, not Ray's wrapper with the remote traceback
         if isinstance(e.cause, ValueError | OSError):
             raise e.cause from None
         raise
-    if on_logged is not None:
-        logged = SimpleNamespace(
-            request=SimpleNamespace(request_id=doc["request_id"], sample_ids=range(doc["samples"])),
-            state=SimpleNamespace(value=doc["logged_state"]),
-        )
-        on_logged(logged, doc["created"])
-    return doc
 
 
 def record_summary(rec) -> dict[str, Any]:

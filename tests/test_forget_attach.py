@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 # Runs `forget` in a fresh interpreter with ray.init/get_actor/get replaced; prints the
 # command's exit code, the modules it imported and the executor call it made on stderr's
@@ -118,3 +119,94 @@ def test_the_executor_module_ray_loads_to_attach_imports_no_platform():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) == []
+
+
+# `forget --address` with the run's executor control endpoint up: a server in this process
+# (train/control.py's, in front of a stand-in for Executor.forget_request) and its file in
+# the run's storage, as the detached executor publishes them. The command runs in a fresh
+# interpreter, Ray untouched: it must not even import it.
+ENDPOINT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from ray_unlearn.cli import app
+
+    code = 0
+    try:
+        code = app(["forget", "--run", "r", "--owner", sys.argv[1], "--storage", sys.argv[2],
+             "--address", "127.0.0.1:6379", "--request-id", "k1", "--deadline-s", "60",
+             "--json"], standalone_mode=False) or 0
+    except SystemExit as e:
+        code = e.code
+    heavy = [m for m in sys.modules if m in ("ray", "torch", "pyarrow")
+             or m.startswith("ray_unlearn.platform")]
+    print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+    """
+)
+
+
+def _endpoint(tmp_path):
+    from ray_unlearn.platform.core.storage import RunLayout, Storage
+    from ray_unlearn.train.control import ControlServer
+
+    root = str((tmp_path / "store").resolve())
+    calls = []
+
+    def forget_request(storage, **fields):
+        calls.append({"storage": storage, **fields})
+        if fields["owner_id"] == "nobody":
+            raise ValueError("owner 'nobody' is not in run r")
+        return {
+            "run_id": "r", "request_id": fields["request_id"], "created": True,
+            "state": "done", "samples": 3, "logged_state": "pending", "ack_seconds": 0.01,
+            "executed_by": "ray-unlearn-executor:r", "strategy": "sisa", "shards": [1],
+            "first_slices": {"1": 0}, "versions_retired": ["a"], "versions_created": ["b"],
+            "unlearn_seconds": 0.5, "history": [], "executor_seconds": 0.6,
+        }  # fmt: skip
+
+    server = ControlServer("127.0.0.1", forget_request, {"run_id": "r", "storage": root})
+    server.start()
+    Storage(root).write_json(RunLayout("r").executor_control, server.record())
+    return server, root, calls
+
+
+def _run_endpoint_forget(owner: str, root: str):
+    p = subprocess.run(
+        [sys.executable, "-c", ENDPOINT_SCRIPT, owner, root],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    report = json.loads(p.stderr.strip().splitlines()[-1])
+    docs = [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
+    assert len(docs) == 1, p.stdout + p.stderr
+    return report, docs[0], p.stderr
+
+
+def test_forget_through_the_control_endpoint_imports_no_ray(tmp_path):
+    server, root, calls = _endpoint(tmp_path)
+    try:
+        report, doc, stderr = _run_endpoint_forget("owner-1", root)
+        assert report == {"code": 0, "heavy": []}, stderr
+        ((call),) = calls
+        assert call["storage"] == root and call["owner_id"] == "owner-1"
+        assert call["sample_ids"] is None and call["request_id"] == "k1"
+        assert call["strategy"] is None and 0 < call["deadline"] - time.time() <= 60
+        assert doc["state"] == "done" and doc["request_id"] == "k1" and doc["seconds"] >= 0
+        assert doc["executor_seconds"] == 0.6
+        assert "request k1 logged (3 samples, state pending)" in stderr
+
+        report, doc, stderr = _run_endpoint_forget("nobody", root)  # input error: exit 2
+        assert report["code"] == 2 and doc == {"error": "owner 'nobody' is not in run r"}
+        assert "Traceback" not in stderr and report["heavy"] == []
+    finally:
+        server.stop()
+
+
+def test_a_stale_control_file_falls_back_to_ray(tmp_path):
+    """The executor was killed: its file names a closed port. The command does not hang or
+    trust it; it attaches through Ray as before (here Ray's stand-ins find the executor)."""
+    server, root, calls = _endpoint(tmp_path)
+    server.stop()
+    t0 = time.perf_counter()
+    report, (doc,), _ = run_forget("ok", root)
+    assert report["code"] == 0 and doc["request_id"] == "q1" and calls == []
+    assert {"get_actor": "ray-unlearn-executor:r", "namespace": "ray_unlearn"} in report["calls"]
+    assert time.perf_counter() - t0 < 60

@@ -186,7 +186,10 @@ class Executor:
         run_id: str,
         name: str = "embedded",
         background_restore: bool = False,
+        control: bool = False,
     ):
+        """``control``: also serve the HTTP control endpoint and publish it in the run's
+        storage (the detached executor: :func:`executor_handle`)."""
         from ray_unlearn.platform.core.engine import UnlearningEngine
         from ray_unlearn.platform.core.run import open_run
         from ray_unlearn.platform.methods import registry
@@ -221,6 +224,25 @@ class Executor:
             "max_concurrent_shards": concurrent,
             "shards": len(shards),
         }
+        self._control = start_control(self) if control else None
+        if self._control is not None:
+            import atexit
+
+            atexit.register(self.close)  # a graceful exit (not ray.kill) removes the file
+
+    def close(self) -> None:
+        """Stop the control endpoint and remove its file (if it still names this executor:
+        a newer executor of the run may have replaced it). The process's exit does it too."""
+        control, self._control = self._control, None
+        if control is None:
+            return
+        control.stop()
+        rel = self.ctx.layout.executor_control
+        try:
+            if self.ctx.storage.read_json(rel).get("instance") == control.instance:
+                self.ctx.storage.delete(rel)
+        except Exception:  # already gone, or unreadable: clients check liveness anyway
+            log.debug("control file %s not removed", rel, exc_info=True)
 
     def ping(self) -> dict[str, Any]:
         return {"run_id": self.ctx.run_id, **self.settings}
@@ -354,6 +376,46 @@ class Executor:
         return ensemble_accuracy(probs, test.labels, self.ctx.config.unlearning.aggregation)
 
 
+def control_host() -> str | None:
+    """Where the control endpoint listens: ``RAY_UNLEARN_CONTROL_HOST`` if set (``off``: no
+    endpoint; ``127.0.0.1``: clients on this node only), else this Ray node's address, which
+    the cluster's other nodes reach (Ray's own ports are open between them)."""
+    host = os.environ.get("RAY_UNLEARN_CONTROL_HOST", "").strip()
+    if host.lower() == "off":
+        return None
+    return host or ray.util.get_node_ip_address()
+
+
+def start_control(executor: Executor):
+    """Serve ``executor``'s control endpoint (:mod:`ray_unlearn.train.control`) and publish
+    its URL and token in the run's storage; None when ``RAY_UNLEARN_CONTROL_HOST=off`` or it
+    cannot start (clients then attach through Ray, as before)."""
+    from ray_unlearn.train.control import ControlServer
+
+    host = control_host()
+    if host is None:
+        return None
+    ctx = executor.ctx
+    identity = {
+        "run_id": ctx.run_id,
+        "storage": ctx.storage.uri,
+        "executor": executor.engine.executor_name,
+        "pid": os.getpid(),
+    }
+    try:
+        server = ControlServer(host, executor.forget_request, identity).start()
+    except OSError:  # e.g. the address is not this host's: Ray attach still works
+        log.exception("control endpoint on %s not started", host)
+        return None
+    try:
+        ctx.storage.write_json(ctx.layout.executor_control, server.record())
+    except Exception:
+        server.stop()
+        raise
+    log.info("control endpoint of run %s at %s", ctx.run_id, server.url)
+    return server
+
+
 class _ActorProxy:
     """Calls a detached executor actor's methods as if it were local (blocking)."""
 
@@ -368,7 +430,13 @@ class _ActorProxy:
 def executor_handle(storage_uri: str, run_id: str):
     """The run's named detached executor actor, created on first use and shared after that
     by every ``forget`` client and the serving gateway (one executor per run: its calls run
-    one at a time, so two clients never retrain the same shard at once)."""
+    one at a time, so two clients never retrain the same shard at once). It serves the
+    control endpoint (:func:`start_control`) where ``RAY_UNLEARN_CONTROL_HOST`` says, in the
+    environment of the process that creates it (or of the cluster's nodes)."""
+    opts: dict[str, Any] = {}
+    if "RAY_UNLEARN_CONTROL_HOST" in os.environ:
+        env = {"RAY_UNLEARN_CONTROL_HOST": os.environ["RAY_UNLEARN_CONTROL_HOST"]}
+        opts["runtime_env"] = {"env_vars": env}
     return (
         ray.remote(Executor)
         .options(
@@ -378,8 +446,9 @@ def executor_handle(storage_uri: str, run_id: str):
             get_if_exists=True,
             num_cpus=0,
             max_concurrency=1,
+            **opts,
         )
-        .remote(storage_uri, run_id, executor_actor_name(run_id), True)
+        .remote(storage_uri, run_id, executor_actor_name(run_id), True, True)
     )
 
 

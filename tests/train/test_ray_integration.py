@@ -118,20 +118,47 @@ def test_detached_executor_is_named_and_reused(trained):
         ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))
 
 
-def test_forget_attached_to_the_running_executor_runs_the_request_there(trained):
+def test_forget_attached_to_the_running_executor_runs_the_request_there(trained, monkeypatch):
     """`forget --address` with the run's executor up: the request (checks, log, execution)
-    runs whole in the executor; bad input comes back as the platform's own error."""
+    runs whole in the executor, called through its control endpoint without importing Ray
+    (train/control.py); bad input comes back as the platform's own error; the document is
+    the one the Ray path gives."""
     import ray
 
     from ray_unlearn import api
+    from ray_unlearn.train.control import find_executor, read_control
     from ray_unlearn.train.executor import NAMESPACE, executor_actor_name, get_executor
-    from tests.conftest import assert_equals_scratch
+    from tests.conftest import assert_equals_scratch, imported_by
 
     ctx, _ = trained
+    monkeypatch.setenv("RAY_UNLEARN_CONTROL_HOST", "127.0.0.1")  # handed to the new actor
     get_executor(ctx.storage.uri, ctx.run_id, detached=True).ping()
     owners = np.unique(ctx.plan.owner_ids[ctx.plan.shards != TEST])
     logged = []
     try:
+        assert read_control(ctx.storage.uri, ctx.run_id)["url"].startswith("http://127.0.0.1:")
+        # a fresh client: an address that is no cluster, so a fallback to Ray would fail
+        code = (
+            "from ray_unlearn import api\n"
+            f"doc = api.forget({ctx.run_id!r}, owner={str(owners[2])!r}, "
+            f"storage={ctx.storage.uri!r}, address='127.0.0.1:1', request_id='via-http')\n"
+            "assert doc['state'] == 'done', doc"
+        )
+        assert imported_by(code, ["ray", "torch", "pyarrow"]) == []
+        assert ctx.deletion_log.get("via-http").state.value == "done"
+        assert audit(ctx, owner_id=str(owners[2]))["live_versions_containing"] == {}
+        # the same document as through Ray (a repeat: idempotent, nothing re-executed)
+        again = {"owner_id": str(owners[2]), "request_id": "via-http"}
+        handle = ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE)
+        by_ray = ray.get(handle.forget_request.remote(ctx.storage.uri, **again))
+        by_http = find_executor(ctx.storage.uri, ctx.run_id).forget_request(
+            ctx.storage.uri, **again
+        )
+        timings = ("ack_seconds", "executor_seconds")
+        assert {k: v for k, v in by_ray.items() if k not in timings} == {
+            k: v for k, v in by_http.items() if k not in timings
+        }
+        assert by_http["created"] is False and by_http["state"] == "done"
         doc = api.forget(
             ctx.run_id,
             owner=str(owners[3]),
@@ -152,6 +179,12 @@ def test_forget_attached_to_the_running_executor_runs_the_request_there(trained)
             api.forget(ctx.run_id, owner=str(owners[4]), storage="/elsewhere", address="a")
     finally:
         ray.kill(ray.get_actor(executor_actor_name(ctx.run_id), namespace=NAMESPACE))
+    # killed: its file stays, naming a closed port; a client does not follow it
+    assert read_control(ctx.storage.uri, ctx.run_id) is not None
+    t0 = time.perf_counter()
+    while find_executor(ctx.storage.uri, ctx.run_id) is not None:  # until the process is gone
+        assert time.perf_counter() - t0 < 30, "the killed executor still answers"
+        time.sleep(0.2)
 
 
 def test_s3t_train_job_and_instant_forget(ray_session, tmp_path):

@@ -294,6 +294,12 @@ class RunLayout:
         return f"{self.root}/models/publish-intent.json"
 
     @property
+    def executor_control(self) -> str:
+        """Where the run's detached executor publishes its control endpoint (URL, token):
+        ray_unlearn/train/control.py, which builds the same path without this module."""
+        return f"{self.root}/executor/control.json"
+
+    @property
     def lease(self) -> str:
         """The single-executor lease's folder (platform/core/lease.py)."""
         return f"{self.root}/lease"
