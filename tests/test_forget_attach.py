@@ -151,8 +151,9 @@ def _endpoint(tmp_path):
     root = str((tmp_path / "store").resolve())
     calls = []
 
-    def forget_request(storage, **fields):
-        calls.append({"storage": storage, **fields})
+    def forget_request(storage_uri, owner_id, sample_ids, request_id, deadline, strategy):
+        fields = {"owner_id": owner_id, "sample_ids": sample_ids, "request_id": request_id}
+        calls.append({"storage": storage_uri, "deadline": deadline, "strategy": strategy, **fields})
         if fields["owner_id"] == "nobody":
             raise ValueError("owner 'nobody' is not in run r")
         return {

@@ -95,7 +95,8 @@ class BadRequest(ValueError):
 
 
 def check_forget_fields(body: Any) -> dict[str, Any]:
-    """POST /v1/forget's JSON body as ``forget_request``'s keyword arguments; raises
+    """POST /v1/forget's JSON body as ``forget_request``'s arguments (``storage``: its
+    first, ``storage_uri``; the others by name); raises
     :class:`BadRequest` (400) naming the field and what is allowed."""
     if not isinstance(body, dict):
         raise BadRequest(400, f"the body must be a JSON object, got {type(body).__name__}")
@@ -198,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(e.status, {"error": str(e), "kind": "request"})
             return
         try:
-            doc = self.server.forget(**fields)
+            doc = self.server.forget(fields.pop("storage"), **fields)
         except Exception as e:  # answered as an HTTP error; the executor keeps serving
             if not isinstance(e, ValueError | OSError):
                 log.exception("control: forget_request failed")

@@ -35,8 +35,13 @@ class FakeExecutor:
         self.calls: list[dict] = []
         self.error: BaseException | None = None
 
-    def forget_request(self, storage, **fields):
-        self.calls.append({"storage": storage, **fields})
+    def forget_request(
+        self, storage_uri, owner_id=None, sample_ids=None, request_id=None, deadline=None,
+        strategy=None,
+    ):  # fmt: skip
+        fields = {"owner_id": owner_id, "sample_ids": sample_ids, "request_id": request_id}
+        fields.update(deadline=deadline, strategy=strategy)
+        self.calls.append({"storage": storage_uri, **fields})
         if self.error is not None:
             raise self.error
         return {**DOC, "owner": fields["owner_id"]}
@@ -73,6 +78,17 @@ def _auth(server, **more):
 
 def test_the_control_file_path_is_the_layouts():
     assert control.control_path("run-1") == RunLayout("run-1").executor_control
+
+
+def test_the_fields_are_the_executors_parameters():
+    """POST /v1/forget calls Executor.forget_request(storage, **the rest): same names."""
+    import inspect
+
+    from ray_unlearn.train.executor import Executor
+
+    params = list(inspect.signature(Executor.forget_request).parameters)
+    assert params == ["self", "storage_uri", *list(control.FORGET_FIELDS)[1:]]
+    assert list(control.FORGET_FIELDS)[0] == "storage"
 
 
 def test_a_forget_goes_through_with_every_field(served):
