@@ -147,7 +147,8 @@ def _errors(out: _Output):
     Every input error of the platform (ConfigError, DataError, DeletionLogError, PlanError,
     RunError) is a ValueError, caught as such: nothing is imported here, so a bad config is
     reported before torch or Ray are (validation takes a fraction of a second, those imports
-    seconds) and ``forget --address`` imports only Ray."""
+    seconds) and ``forget --address`` attached to a running executor imports nothing of the
+    platform (nor Ray, when the executor's control endpoint answers)."""
     try:
         yield
     except ValueError as e:
