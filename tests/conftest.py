@@ -16,6 +16,10 @@ from ray_unlearn.platform.core.run import create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.core.training import train_shard
 
+# Every executor a test starts serves its control endpoint on the loopback interface only
+# (not the Ray node's address); a test that needs another value sets it with monkeypatch.
+os.environ.setdefault("RAY_UNLEARN_CONTROL_HOST", "127.0.0.1")
+
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))  # the repository
 
