@@ -320,6 +320,29 @@ def test_records_subset_index_of_owners():
     assert rec.to_table().schema.field("features").type == pa.list_(pa.float32(), 3)
 
 
+def test_records_arrays_are_writable_whatever_their_input(tmp_path):
+    """torch.from_numpy shares a Records array's memory and warns on a read-only one (an
+    Arrow column's zero-copy view, as a run's copy of its data gives): Records copies such
+    an input once, and only such an input."""
+    rec = _small(20)
+    write_records(rec, tmp_path / "d.parquet")
+    back = read_records(tmp_path / "d.parquet", DataConfig())
+    # the Parquet reader's float32 list column comes zero-copy, i.e. read-only
+    col = pq.read_table(tmp_path / "d.parquet").column("features").combine_chunks().flatten()
+    assert not col.to_numpy(zero_copy_only=False).flags.writeable
+    for r in (rec, back):
+        assert all(a.flags.writeable for a in (r.sample_ids, r.labels, r.features))
+    frozen = [rec.sample_ids.copy(), rec.labels.copy(), rec.features.copy()]
+    for a in frozen:
+        a.flags.writeable = False
+    r = Records(frozen[0], rec.owner_ids, frozen[1], frozen[2], 2, (3,))
+    assert all(a.flags.writeable for a in (r.sample_ids, r.labels, r.features))
+    assert not any(a.flags.writeable for a in frozen)  # the inputs were copied, not changed
+    np.testing.assert_array_equal(r.features, rec.features)
+    r2 = Records(rec.sample_ids, rec.owner_ids, rec.labels, rec.features, 2, (3,))
+    assert r2.features is rec.features  # a writable float32 input is not copied
+
+
 def test_split_deterministic_and_sorted():
     rec = _small()
     train, test = split_train_test(rec, 0.2, seed=1)
