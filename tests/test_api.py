@@ -20,11 +20,6 @@ def test_import_is_cheap():
     assert set(ru.__all__) >= {"train", "forget", "status", "audit", "serve", "sweep"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="methods/s3t/hooks.py imports numpy at module level for an annotation; under "
-    "TYPE_CHECKING there, a config error costs no numpy (about 0.25 s of the CLI's 0.8 s)",
-)
 def test_a_config_error_imports_no_numpy_or_torch():
     """Validating a config imports every method's registration (base, registry, each
     method's config and hooks); none of them needs numpy or torch for that."""

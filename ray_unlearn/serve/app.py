@@ -27,6 +27,7 @@ from ray_unlearn.platform.core.run import open_run
 from ray_unlearn.platform.serving.policies import get_policy
 from ray_unlearn.serve.gateway import Gateway, GatewaySettings
 from ray_unlearn.serve.shard import ShardModel
+from ray_unlearn.train.worker_env import torch_runtime_env
 
 STORAGE_ENV, RUN_ENV, POLICY_ENV = "RAY_UNLEARN_STORAGE", "RAY_UNLEARN_RUN", "RAY_UNLEARN_POLICY"
 
@@ -46,15 +47,38 @@ def check_storage(storage: str, where: str = "storage") -> str:
     return path
 
 
-def shard_actor_options(cpus: float, gpus: float) -> dict[str, float]:
+def replica_runtime_env() -> dict[str, Any]:
+    """The replicas' ``runtime_env``: sleeping OpenMP threads (train/worker_env.py) on top of
+    the deploying job's runtime_env. ``serve.run`` gives a deployment without a runtime_env
+    the job's, but one with its own only the job's working_dir (Serve's build_app), so the
+    job's (its pip, py_modules, env_vars) is copied in here. Without a Ray connection
+    (``serve build``) there is none to copy: a Serve config's application runtime_env is
+    merged in by Serve itself when deployed."""
+    import ray
+
+    base = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    return torch_runtime_env(base=base)
+
+
+def shard_actor_options(cpus: float, gpus: float) -> dict[str, Any]:
     """A shard replica's ``ray_actor_options``: ``gpus`` (serving.gpus_per_replica; a fraction
     shares a GPU) only when above 0, so a CPU deployment asks Ray for no GPU. The gateway
-    computes no model and never takes a GPU."""
+    computes no model and never takes a GPU. Idle OpenMP threads sleep
+    (:func:`replica_runtime_env`)."""
     if isinstance(gpus, bool) or not isinstance(gpus, int | float) or gpus < 0:
         raise ValueError(
             f"shard_gpus (serving.gpus_per_replica) must be a number >= 0, got {gpus!r}"
         )
-    return {"num_cpus": cpus, "num_gpus": float(gpus)} if gpus > 0 else {"num_cpus": cpus}
+    opts: dict[str, Any] = {"num_cpus": cpus, "runtime_env": replica_runtime_env()}
+    if gpus > 0:
+        opts["num_gpus"] = float(gpus)
+    return opts
+
+
+def gateway_actor_options() -> dict[str, Any]:
+    """A gateway replica's ``ray_actor_options``: the deployment's own (its CPU sliver) and, as
+    for the shards, sleeping OpenMP threads (it imports torch, e.g. for a text tokenizer)."""
+    return {**(Gateway.ray_actor_options or {}), "runtime_env": replica_runtime_env()}
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -86,9 +110,9 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         for k in shards
     ]
-    return Gateway.options(name="gateway", num_replicas=num_replicas).bind(
-        settings.model_dump() | {"storage": ctx.storage.uri}, *handles
-    )
+    return Gateway.options(
+        name="gateway", num_replicas=num_replicas, ray_actor_options=gateway_actor_options()
+    ).bind(settings.model_dump() | {"storage": ctx.storage.uri}, *handles)
 
 
 def app_from_env(env: dict[str, str] | None = None) -> Application:

@@ -32,6 +32,7 @@ from ray_unlearn.platform.core.training import configure_threads, train_run_shar
 from ray_unlearn.platform.core.versions import Registry, ShardEntry
 from ray_unlearn.platform.methods import registry
 from ray_unlearn.train.session import check_cluster_gpus, declare_worker_gpus
+from ray_unlearn.train.worker_env import torch_runtime_env
 
 
 def worker_layout(num_shards: int, num_workers: int, cluster_cpus: float, cpus_per_worker: float):
@@ -143,6 +144,8 @@ def run_training(ctx: RunContext) -> dict[str, Any]:
             storage_path=ctx.storage.full(ctx.layout.train_transport),
             storage_filesystem=ctx.storage.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            # idle OpenMP threads sleep, and torch starts with the run's threads (worker_env)
+            worker_runtime_env=torch_runtime_env(threads),
         ),
     )
     result = trainer.fit()

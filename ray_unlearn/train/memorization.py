@@ -23,6 +23,7 @@ from ray_unlearn.platform.methods.rum.memorization import (
     memorization_from_runs,
     subset_model_correctness,
 )
+from ray_unlearn.train.worker_env import torch_runtime_env
 
 
 @ray.remote(num_cpus=1)
@@ -44,7 +45,8 @@ def exact_memorization_ray(
     ``on_done(finished, models)`` after each model (a progress bar)."""
     check_estimator(models, keep)
     xr, yr = ray.put(np.ascontiguousarray(x)), ray.put(np.asarray(y))
-    refs = [_one.remote(spec, xr, yr, keep, seed, i) for i in range(models)]
+    one = _one.options(runtime_env=torch_runtime_env())  # idle OpenMP threads sleep
+    refs = [one.remote(spec, xr, yr, keep, seed, i) for i in range(models)]
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
@@ -79,7 +81,8 @@ def subset_runs_ray(
         raise ValueError(f"subset_runs_ray: indices ({len(indices)}) must name at least one "
                          f"model and keep must be in (0, 1), got {keep}")  # fmt: skip
     xr, yr = ray.put(np.ascontiguousarray(x)), ray.put(np.asarray(y))
-    runs = ray.get([_timed.remote(spec, xr, yr, keep, seed, int(i)) for i in indices])
+    timed = _timed.options(runtime_env=torch_runtime_env())
+    runs = ray.get([timed.remote(spec, xr, yr, keep, seed, int(i)) for i in indices])
     return (
         np.stack([r[0] for r in runs]),
         np.stack([r[1] for r in runs]),

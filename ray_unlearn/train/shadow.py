@@ -25,6 +25,7 @@ from ray_unlearn.platform.eval.lira import (
     check_masks,
     shadow_confidence,
 )
+from ray_unlearn.train.worker_env import torch_runtime_env
 
 
 @ray.remote
@@ -46,7 +47,7 @@ def shadow_confidences_ray(
     if not cpus_per_shadow > 0:
         raise ValueError(f"cpus_per_shadow must be > 0, got {cpus_per_shadow}")
     fn_ref, x_ref, y_ref = ray.put(train_fn), ray.put(x), ray.put(np.asarray(y))
-    task = _shadow.options(num_cpus=cpus_per_shadow)
+    task = _shadow.options(num_cpus=cpus_per_shadow, runtime_env=torch_runtime_env())
     pending = [task.remote(fn_ref, m, x_ref, y_ref, outputs) for m in masks]
     return np.stack(ray.get(pending))  # in shadow order, whatever order they finished in
 
@@ -73,5 +74,5 @@ def map_shadows_ray(fn: Any, masks: np.ndarray, *, cpus_per_shadow: float = 1.0)
     if not cpus_per_shadow > 0:
         raise ValueError(f"cpus_per_shadow must be > 0, got {cpus_per_shadow}")
     fn_ref = ray.put(fn)
-    task = _call.options(num_cpus=cpus_per_shadow)
+    task = _call.options(num_cpus=cpus_per_shadow, runtime_env=torch_runtime_env())
     return ray.get([task.remote(fn_ref, m) for m in masks])

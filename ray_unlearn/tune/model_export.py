@@ -51,10 +51,14 @@ def export_ensemble(ctx, out: str | Path) -> dict[str, Any]:
         "rule": ctx.config.unlearning.aggregation,
         "feature_width": int(np.prod(ctx.feature_shape)),
         "num_classes": int(ctx.num_classes),
+        # the loader predicts where a Serve replica of this run would (pyfunc_model.py)
+        "training_device": ctx.config.training.device,
         **lineage(ctx),
     }
+    cpu = torch.device("cpu")
     for k, vid in doc["versions"].items():
-        torch.save(load_serving_model(ctx, vid), out / f"shard_{k}.pt")
+        # CPU tensors: the file loads anywhere (the loader maps them to its serving device)
+        torch.save(load_serving_model(ctx, vid, cpu), out / f"shard_{k}.pt")
     (out / ENSEMBLE_FILE).write_text(json.dumps(doc, indent=2))
     return doc
 

@@ -15,6 +15,21 @@ import torch
 ENSEMBLE_FILE = "ensemble.json"
 
 
+def serving_device(doc: dict) -> torch.device:
+    """Where a loaded ensemble predicts: as a Serve shard replica does (a GPU this process
+    may use, else the CPU; the CPU for a run pinned to ``training.device=cpu``)."""
+    from ray_unlearn.platform.core.device import usable_device
+
+    return usable_device(doc.get("training_device", "auto"))
+
+
+def load_shard_module(path: Path, device: torch.device) -> torch.nn.Module:
+    """A pickled shard module onto ``device``: ``map_location`` moves every storage, so a
+    module exported from a CUDA process (an S3T model's backbone, older exports) loads on a
+    CPU-only machine, where a plain ``torch.load`` fails looking for CUDA."""
+    return torch.load(path, map_location=device, weights_only=False).eval()
+
+
 class EnsembleModel(mlflow.pyfunc.PythonModel):
     """pyfunc: rows of ``feature_width`` numbers (a DataFrame or an (n, D) array) -> a
     DataFrame with ``label`` and ``score_<c>`` per class (vote fractions or mean
@@ -23,8 +38,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         d = Path(context.artifacts["ensemble"])
         self.doc = json.loads((d / ENSEMBLE_FILE).read_text())
+        device = serving_device(self.doc)
         self.models = [
-            torch.load(d / f"shard_{k}.pt", weights_only=False).eval()
+            load_shard_module(d / f"shard_{k}.pt", device)
             for k in sorted(self.doc["versions"], key=int)
         ]
 

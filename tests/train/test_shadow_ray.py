@@ -51,3 +51,19 @@ def test_map_shadows_ray_equals_the_in_process_loop(ray_session):
         np.testing.assert_array_equal(r["b"], lo["b"])
     with pytest.raises(ValueError, match="bool"):
         map_shadows_ray(fn, masks.astype(int))
+
+
+def test_shadow_tasks_threads_sleep_when_idle(ray_session, monkeypatch):
+    """The runtime_env the tasks are given (train/worker_env.py) reaches their processes: this
+    driver's own environment has no policy, so a worker could only have it from there."""
+    from ray_unlearn.train.shadow import map_shadows_ray
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+
+    def policy(mask):
+        import os
+
+        return os.environ.get("OMP_WAIT_POLICY")
+
+    masks = membership_matrix(8, 2, seed=0)
+    assert map_shadows_ray(policy, masks, cpus_per_shadow=0.5) == ["PASSIVE", "PASSIVE"]

@@ -87,3 +87,61 @@ def test_registered_ensemble_loads_with_pyfunc_and_predicts_like_the_ensemble(
     again = register_ensemble(client, tmp_path / "ensemble", run, "ru-test")
     assert again["uri"] == "models:/ru-test/2"
     assert client.get_model_version("ru-test", "1").tags["sweep"] == "s1"
+
+
+class _Context:  # what MLflow hands load_context: the artifacts' local paths
+    def __init__(self, d):
+        self.artifacts = {"ensemble": str(d)}
+
+
+def test_the_loader_maps_every_shard_to_its_serving_device(tiny_run, tmp_path, monkeypatch):
+    """A shard module is loaded with map_location = the serving device, so one exported from
+    a CUDA process loads on a CPU-only machine. (No GPU here: the meta device stands in for
+    "another device" to show the storages go where the loader says, not where they were
+    saved.) On the CPU the round trip is bit for bit: every weight and every prediction."""
+    import torch
+
+    from ray_unlearn.platform.core.runtime import load_serving_model
+    from ray_unlearn.tune import pyfunc_model
+    from ray_unlearn.tune.pyfunc_model import EnsembleModel
+
+    ctx = tiny_run
+    doc = export_ensemble(ctx, tmp_path / "ensemble")
+    assert doc["training_device"] == ctx.config.training.device
+    loaded = EnsembleModel()
+    loaded.load_context(_Context(tmp_path / "ensemble"))
+    assert len(loaded.models) == len(doc["versions"])
+    x = ctx.split_records("test").features[:12]
+    for k, m in zip(sorted(doc["versions"], key=int), loaded.models, strict=True):
+        want = load_serving_model(ctx, doc["versions"][k])
+        got_state, want_state = m.state_dict(), want.state_dict()
+        assert got_state.keys() == want_state.keys()
+        assert all(
+            t.device.type == "cpu" and torch.equal(t, want_state[n]) for n, t in got_state.items()
+        )
+        with torch.no_grad():
+            assert torch.equal(m(torch.from_numpy(x)), want(torch.from_numpy(x)))
+
+    seen = []
+    real_load = torch.load
+
+    def recording_load(*args, **kw):
+        seen.append(kw.get("map_location"))
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    monkeypatch.setattr(pyfunc_model, "serving_device", lambda doc: torch.device("meta"))
+    loaded = EnsembleModel()
+    loaded.load_context(_Context(tmp_path / "ensemble"))
+    assert seen == [torch.device("meta")] * len(doc["versions"])
+    assert all(p.device.type == "meta" for m in loaded.models for p in m.parameters())
+
+
+def test_the_serving_device_follows_the_runs_setting(monkeypatch):
+    import torch
+
+    from ray_unlearn.tune.pyfunc_model import serving_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serving_device({"training_device": "cpu"}) == torch.device("cpu")
+    assert serving_device({}) == torch.device("cpu")  # an older export: auto, no GPU here

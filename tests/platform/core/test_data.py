@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +25,7 @@ from ray_unlearn.platform.core.data import (
 from ray_unlearn.platform.core.data import bundled as bundled_mod
 from ray_unlearn.platform.core.data import parquet as parquet_mod
 from ray_unlearn.platform.core.storage import Storage, dataset_path
+from tests.conftest import CONFIGS
 
 
 def _table(n: int = 20, d: int = 4, **columns) -> pa.Table:
@@ -47,8 +50,9 @@ def _write(tmp_path, table: pa.Table, name: str = "d.parquet") -> str:
 
 
 def _problems(tmp_path, table: pa.Table, **cfg) -> DataError:
+    path = _write(tmp_path, table)
     with pytest.raises(DataError) as info:
-        read_records(_write(tmp_path, table), DataConfig(**cfg))
+        read_records(path, DataConfig(source=path, **cfg))
     return info.value
 
 
@@ -162,6 +166,39 @@ def test_config_validation():
     assert DataConfig(source="s3://bucket/key.parquet").source == "s3://bucket/key.parquet"
 
 
+def test_column_settings_with_a_bundled_source_are_config_errors():
+    """A bundled source's columns are its own: a column setting meant for a Parquet source
+    is refused, naming the fields and what is allowed, never silently ignored."""
+    with pytest.raises(ValidationError) as e:
+        DataConfig(features_column="emb", label_column="y")
+    msg = str(e.value)
+    assert "data.source is the bundled 'digits', whose columns are fixed (label 'label')" in msg
+    assert "data.features_column ('emb') and data.label_column ('y') are for a Parquet" in msg
+    assert "unset them, or set data.source to a Parquet file or directory" in msg
+    for source in ("synthetic", "mnist1d"):
+        with pytest.raises(ValidationError, match=r"data.image_column \('img'\) is for a Parq"):
+            DataConfig(source=source, image_column="img")
+    with pytest.raises(ValidationError, match=r"data.text_column \('text'\) is for a Parquet"):
+        DataConfig(text_column="text")  # digits has no texts
+    with pytest.raises(ValidationError, match=r"fixed \(label 'label', texts 'text'\)"):
+        DataConfig(source="bbcnews", text_column="body")
+    # what the bundled tables do hold is allowed, and a Parquet source takes any column
+    assert DataConfig(source="bbcnews", text_column="text").text_column == "text"
+    assert DataConfig(label_column="label").label_column == "label"
+    cfg = DataConfig(source="d.parquet", features_column="emb", label_column="y")
+    assert (cfg.features_column, cfg.label_column) == ("emb", "y")
+    # through a run's config: a config error with every problem at once
+    from ray_unlearn.platform.core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            os.path.join(CONFIGS, "digits.yaml"),
+            ["data.features_column=emb", "partition.shards=0"],
+        )
+    assert "data.features_column ('emb') is for a Parquet source" in str(e.value)
+    assert "partition.shards" in str(e.value)
+
+
 # -- Parquet round trip ------------------------------------------------------------------
 
 
@@ -210,9 +247,16 @@ def test_read_numeric_columns_int_owners_and_float_labels(tmp_path):
 
 def test_explicit_columns_and_num_classes(tmp_path):
     table = _table(y=pa.array(np.arange(20) % 2), emb=pa.array(np.ones((20, 6)).tolist()))
+    path = _write(tmp_path, table)
     rec = read_records(
-        _write(tmp_path, table),
-        DataConfig(label_column="y", features_column="emb", num_classes=5, feature_shape=[2, 3]),
+        path,
+        DataConfig(
+            source=path,
+            label_column="y",
+            features_column="emb",
+            num_classes=5,
+            feature_shape=[2, 3],
+        ),
     )
     assert rec.features.shape == (20, 6) and rec.feature_shape == (2, 3) and rec.num_classes == 5
     np.testing.assert_array_equal(rec.labels, np.arange(20) % 2)
@@ -318,6 +362,29 @@ def test_records_subset_index_of_owners():
     with pytest.raises(DataError, match="unknown owner ids"):
         rec.sample_ids_of_owners(["nobody"])
     assert rec.to_table().schema.field("features").type == pa.list_(pa.float32(), 3)
+
+
+def test_records_arrays_are_writable_whatever_their_input(tmp_path):
+    """torch.from_numpy shares a Records array's memory and warns on a read-only one (an
+    Arrow column's zero-copy view, as a run's copy of its data gives): Records copies such
+    an input once, and only such an input."""
+    rec = _small(20)
+    write_records(rec, tmp_path / "d.parquet")
+    back = read_records(tmp_path / "d.parquet", DataConfig())
+    # the Parquet reader's float32 list column comes zero-copy, i.e. read-only
+    col = pq.read_table(tmp_path / "d.parquet").column("features").combine_chunks().flatten()
+    assert not col.to_numpy(zero_copy_only=False).flags.writeable
+    for r in (rec, back):
+        assert all(a.flags.writeable for a in (r.sample_ids, r.labels, r.features))
+    frozen = [rec.sample_ids.copy(), rec.labels.copy(), rec.features.copy()]
+    for a in frozen:
+        a.flags.writeable = False
+    r = Records(frozen[0], rec.owner_ids, frozen[1], frozen[2], 2, (3,))
+    assert all(a.flags.writeable for a in (r.sample_ids, r.labels, r.features))
+    assert not any(a.flags.writeable for a in frozen)  # the inputs were copied, not changed
+    np.testing.assert_array_equal(r.features, rec.features)
+    r2 = Records(rec.sample_ids, rec.owner_ids, rec.labels, rec.features, 2, (3,))
+    assert r2.features is rec.features  # a writable float32 input is not copied
 
 
 def test_split_deterministic_and_sorted():

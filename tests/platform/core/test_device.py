@@ -121,8 +121,12 @@ def test_shard_actors_and_serve_replicas_ask_for_gpus_from_config(monkeypatch):
         "num_cpus": 0.01,
         "runtime_env": {"env_vars": {**passive, "OMP_NUM_THREADS": "2"}},
     }
-    assert shard_actor_options(0.1, 0) == {"num_cpus": 0.1}
-    assert shard_actor_options(0.1, 1) == {"num_cpus": 0.1, "num_gpus": 1.0}
+    assert shard_actor_options(0.1, 0) == {"num_cpus": 0.1, "runtime_env": {"env_vars": passive}}
+    assert shard_actor_options(0.1, 1) == {
+        "num_cpus": 0.1,
+        "num_gpus": 1.0,
+        "runtime_env": {"env_vars": passive},
+    }
     with pytest.raises(ValueError, match="gpus_per_replica.*>= 0"):
         shard_actor_options(0.1, -1)
 

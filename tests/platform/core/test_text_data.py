@@ -58,11 +58,12 @@ def test_text_problems_are_reported_together_and_name_the_rows(tmp_path):
 
 
 def test_text_column_config(tmp_path):
+    src = str(tmp_path / "news.parquet")
     with pytest.raises(ValidationError, match="each name the features"):
-        DataConfig(text_column="body", features_column="f")
+        DataConfig(source=src, text_column="body", features_column="f")
     # unset, it is not dumped: configs without text keep their digest
     assert "text_column" not in DataConfig().model_dump()
-    assert DataConfig(text_column="body").model_dump()["text_column"] == "body"
+    assert DataConfig(source=src, text_column="body").model_dump()["text_column"] == "body"
 
 
 @pytest.mark.skipif(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +26,7 @@ from ray_unlearn.platform.eval.mia import (
     retrained_predictor,
     serving_predictor,
 )
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 
 
 def _probs(conf: np.ndarray, labels: np.ndarray, classes: int = 4) -> np.ndarray:
@@ -105,6 +109,29 @@ def run1(tmp_path):
     ctx = create_run(tiny_config(tmp_path, "training.torch_threads=1"))
     train_all_shards(ctx)
     return ctx
+
+
+def test_a_reopened_run_evaluates_without_non_writable_warnings(run1):
+    """A fresh process reads the eval rows from the run's copy of its data (Arrow, zero
+    copy); the predictors hand them to torch: no "not writable" warning (torch warns once a
+    process, hence a process of its own), and the arrays are writable."""
+    code = f"""
+import warnings
+warnings.filterwarnings("error", message="The given NumPy array is not writable")
+from ray_unlearn.platform.core.run import open_run
+from ray_unlearn.platform.eval.accuracy import serving_accuracy
+from ray_unlearn.platform.eval.mia import eval_sets, evaluate, serving_predictor
+ctx = open_run({run1.storage.uri!r}, {run1.run_id!r})
+assert "records" not in ctx.__dict__  # not loaded whole: rows come from the copy
+sets = eval_sets(ctx, ctx.split_records("train").sample_ids[:10])
+assert all(s.features.flags.writeable for s in sets)
+evaluate(serving_predictor(ctx), *sets)
+serving_accuracy(ctx)
+print("clean")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "clean" in res.stdout, res.stderr[-2000:]
 
 
 def test_evaluate_the_ensemble_and_one_model(run1):

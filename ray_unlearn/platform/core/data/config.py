@@ -20,6 +20,10 @@ from ray_unlearn.platform.core.config_errors import Problems, did_you_mean
 
 #: Names of the bundled sources accepted by ``DataConfig.source``.
 BUNDLED = ("digits", "synthetic", "bbcnews", "mnist1d")
+#: The bundled sources' own columns (the generated tables': data/bundled.py, data/text.py):
+#: the label, and the texts of a text source (None: the features are a ``features`` column).
+_BUNDLED_LABEL = "label"
+_BUNDLED_TEXT: dict[str, str | None] = {"bbcnews": "text"}
 
 _SOURCE_HELP = (
     "data.source must be 'digits', 'synthetic', 'bbcnews', 'mnist1d', or a Parquet file/directory "
@@ -186,9 +190,34 @@ class DataConfig(BaseModel):
                 resolve_transform(self.image_transform)
             except ValueError as e:
                 problems.append(str(e))
+        problems += self._bundled_columns()
         if problems:
             raise Problems(problems)
         return self
+
+    def _bundled_columns(self) -> list[str]:
+        """A bundled source's columns are its own: a column setting meant for a Parquet
+        source would otherwise be silently ignored."""
+        if self.source not in BUNDLED:
+            return []
+        text = _BUNDLED_TEXT.get(self.source)
+        given = {
+            "features_column": self.features_column,
+            "image_column": self.image_column,
+            # bbcnews reads its texts from text_column, which may name its own column
+            "text_column": None if self.text_column == text else self.text_column,
+            "label_column": None if self.label_column == _BUNDLED_LABEL else self.label_column,
+        }
+        bad = [f"data.{k} ({v!r})" for k, v in given.items() if v is not None]
+        if not bad:
+            return []
+        own = f"label {_BUNDLED_LABEL!r}" + (f", texts {text!r}" if text else "")
+        one = len(bad) == 1
+        return [
+            f"data.source is the bundled {self.source!r}, whose columns are fixed ({own}); "
+            f"{' and '.join(bad)} {'is' if one else 'are'} for a Parquet source: unset "
+            f"{'it' if one else 'them'}, or set data.source to a Parquet file or directory"
+        ]
 
     @field_validator("source")
     @classmethod

@@ -53,6 +53,11 @@ def _raise_problems(source: str, problems: list[str]) -> None:
         raise DataError("\n".join(lines), problems)
 
 
+def _writable(a: Any, dtype: type) -> np.ndarray:
+    """``a`` as a C-contiguous writable ``dtype`` array: no copy unless it is not one."""
+    return np.require(a, dtype, ["C", "W"])
+
+
 # -- records -----------------------------------------------------------------------------
 
 
@@ -61,6 +66,9 @@ class Records:
     """Samples in memory, one row each; all arrays share the row order.
 
     Treat the arrays as read-only (``subset`` copies); :meth:`index_of` caches a lookup.
+    They are writable all the same: a read-only input (an Arrow column's zero-copy view, a
+    Ray object-store array) is copied once here, because torch, which shares their memory
+    (``torch.from_numpy``), has no read-only tensors and warns on every such array.
 
     Attributes:
         sample_ids: int64, shape (N,), unique.
@@ -81,12 +89,12 @@ class Records:
     _lookup: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.sample_ids = np.ascontiguousarray(self.sample_ids, dtype=np.int64).reshape(-1)
+        self.sample_ids = _writable(self.sample_ids, np.int64).reshape(-1)
         owners = np.asarray(self.owner_ids)
         if owners.dtype.kind not in ("U", "O"):
             owners = owners.astype(str)
         self.owner_ids = owners.reshape(-1)
-        self.labels = np.ascontiguousarray(self.labels, dtype=np.int64).reshape(-1)
+        self.labels = _writable(self.labels, np.int64).reshape(-1)
         n = len(self.sample_ids)
         self.num_classes = int(self.num_classes)
         self.feature_shape = tuple(int(s) for s in self.feature_shape)
@@ -95,7 +103,7 @@ class Records:
             feats = feats.reshape(len(feats) if feats.ndim > 2 else 0, -1)
             if feats.shape[1] == 0:
                 feats = feats.reshape(0, math.prod(self.feature_shape))
-        self.features = np.ascontiguousarray(feats)
+        self.features = _writable(feats, np.float32)
         problems = []
         if not (len(self.owner_ids) == len(self.labels) == n == len(self.features)):
             problems.append(
