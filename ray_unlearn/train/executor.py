@@ -31,15 +31,16 @@ from ray_unlearn.train.session import (
     executor_actor_name,
 )
 
+# torch's OpenMP threads sleep when idle instead of spinning (see actor_options): one rule
+# for shard actors, Ray Train workers, tasks and Serve replicas
+from ray_unlearn.train.worker_env import torch_runtime_env
+
 # The platform (torch and all) is imported inside the methods, not here: a client that
 # attaches to the running executor (`ray-unlearn forget --address`) gets its handle from
 # ray.get_actor, which loads this module to rebuild the actor class; at the top it would cost
 # that client ~2.4 s of imports (measured) for nothing it runs.
 
 log = logging.getLogger(__name__)
-
-# torch's OpenMP threads sleep when idle instead of spinning (see actor_options)
-OMP_WAIT_POLICY = "PASSIVE"
 
 
 def actor_options(cpus: float, gpus: float, threads: int = 0) -> dict[str, Any]:
@@ -66,10 +67,7 @@ def actor_options(cpus: float, gpus: float, threads: int = 0) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": cpus}
     if gpus > 0:
         opts["num_gpus"] = gpus
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or OMP_WAIT_POLICY}
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = str(threads)
-    opts["runtime_env"] = {"env_vars": env}
+    opts["runtime_env"] = torch_runtime_env(threads)
     return opts
 
 

@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from ray_unlearn.train.executor import OMP_WAIT_POLICY, actor_options
+from ray_unlearn.train.executor import actor_options
+from ray_unlearn.train.worker_env import OMP_WAIT_POLICY
 
 # Two stages of a Purchase-shaped MLP (600 features, 256 hidden, 100 classes, batch 128) at
 # 2 threads: matmuls large enough that OpenMP splits them over both threads. Prints the
