@@ -6,7 +6,15 @@ import numpy as np
 import torch
 
 from ray_unlearn.platform.core.run import create_run
-from ray_unlearn.platform.core.training import run_steps, train_run_shard, train_shard
+from ray_unlearn.platform.core.training import (
+    init_model,
+    run_steps,
+    stage_batches,
+    stage_steps,
+    train_run_shard,
+    train_shard,
+    train_stage,
+)
 from tests.conftest import tiny_config
 
 
@@ -73,3 +81,38 @@ def test_driver_interleaved_across_shards_equals_one_shard_at_a_time(tmp_path):
             assert _equal(a.state, b.state)
             assert np.array_equal(a.sample_ids, b.sample_ids)
             assert a.metrics["steps"] == b.metrics["steps"] > 0
+
+
+def test_cpu_stage_indexes_the_shard_in_place_and_trains_the_same_steps(tmp_path):
+    """On the CPU a stage's batches read the shard's tensors through its rows instead of a
+    gathered copy of them (train_stage): the weights and the batches' sample ids are those
+    of the loop over the gathered copy, bit for bit, for every stage of a shard."""
+    torch.set_num_threads(1)
+    ctx = create_run(tiny_config(tmp_path, "training.torch_threads=1"))
+    cfg, data = ctx.config, ctx.shard_data(1)
+    model = init_model(cfg.model, ctx.feature_shape, ctx.num_classes, cfg.seed, data.shard)
+    ref = init_model(cfg.model, ctx.feature_shape, ctx.num_classes, cfg.seed, data.shard)
+    got_ids, ref_ids = [], []
+    for stage in range(data.num_slices):
+        train_stage(
+            model,
+            data,
+            stage,
+            cfg.training,
+            cfg.seed,
+            on_step=lambda st, step, ids, b, a: got_ids.append((st, step, ids.tolist())),
+        )
+        # the reference: the stage's rows gathered once, batches of positions into them
+        rows = np.flatnonzero(data.slices <= stage)
+        sel = torch.from_numpy(rows)
+        steps = stage_steps(
+            int((data.slices == stage).sum()), cfg.training.epochs, cfg.training.batch_size
+        )
+        batches = list(stage_batches(len(rows), steps, cfg.training.batch_size, cfg.seed, 1, stage))
+        ref_ids += [(stage, i, data.sample_ids[rows[b]].tolist()) for i, b in enumerate(batches)]
+        opt = torch.optim.Adam(
+            ref.parameters(), lr=cfg.training.lr, weight_decay=cfg.training.weight_decay
+        )
+        run_steps(ref, opt, data.features[sel], data.labels[sel], batches)
+        assert _equal(model.state_dict(), ref.state_dict()), stage
+    assert got_ids == ref_ids and len(got_ids) > data.num_slices
