@@ -7,10 +7,12 @@ import torch
 
 from ray_unlearn.platform.core.run import create_run
 from ray_unlearn.platform.core.training import (
+    ShardData,
     init_model,
     run_steps,
     stage_batches,
     stage_steps,
+    take_rows,
     train_run_shard,
     train_shard,
     train_stage,
@@ -116,3 +118,35 @@ def test_cpu_stage_indexes_the_shard_in_place_and_trains_the_same_steps(tmp_path
         run_steps(ref, opt, data.features[sel], data.labels[sel], batches)
         assert _equal(model.state_dict(), ref.state_dict()), stage
     assert got_ids == ref_ids and len(got_ids) > data.num_slices
+
+
+def test_take_rows_equals_indexing_for_every_kind_of_shard_tensor():
+    """take_rows (numpy's copy, for its huge pages) gives exactly ``t[rows]``: features of
+    any rank and dtype, labels, a non-contiguous tensor; and ShardData.without keeps the
+    other rows, in order."""
+    g = torch.Generator().manual_seed(0)
+    rows = np.array([5, 0, 3, 3, 9])
+    tensors = [
+        torch.randn(10, 6, generator=g),
+        torch.randint(0, 50, (10, 7), generator=g),  # token ids
+        torch.randn(10, 1, 4, 4, generator=g),  # images
+        torch.randn(6, 10, generator=g).t(),  # not contiguous
+        torch.randn(10, 3, generator=g).to(torch.bfloat16),  # no numpy view
+    ]
+    for t in tensors:
+        out = take_rows(t, rows)
+        assert out.dtype == t.dtype and torch.equal(out, t[torch.from_numpy(rows)])
+    data = ShardData(
+        shard=0,
+        sample_ids=np.array([4, 1, 7, 2], dtype=np.int64),
+        slices=np.array([0, 1, 0, 1], dtype=np.int32),
+        features=tensors[0][:4],
+        labels=torch.arange(4),
+        num_slices=2,
+    )
+    assert data.sample_ids.tolist() == [1, 2, 4, 7]  # sorted by id, rows with them
+    assert data.labels.tolist() == [1, 3, 0, 2]
+    assert torch.equal(data.features, tensors[0][[1, 3, 0, 2]])
+    rest = data.without([2, 7])
+    assert rest.sample_ids.tolist() == [1, 4] and rest.slices.tolist() == [1, 0]
+    assert rest.labels.tolist() == [1, 0] and torch.equal(rest.features, tensors[0][[1, 0]])
