@@ -258,6 +258,8 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
                 # done) against the bare loop: the figure the 1.15 target is held to
                 "executor_overhead_ratio": wall / plain,
                 "fixed_cost_s": wall - d["train_seconds"],
+                # where the fixed cost goes (each a part of it, seconds):
+                "fixed_cost_parts": fixed_cost_parts(wall, d, _executing_to_done(rec["history"])),
                 "cpu_s": cpu,
                 "plain_torch_s": plain,
                 "plain_torch_cpu_s": plain_cpu,
@@ -268,8 +270,9 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
             f"[K={K} R={R}] forget {owner}: shard {shard} from slice {first + 1}/{R}, "
             f"request {wall:.2f} s (to the switch {d['seconds']:.2f} s, training "
             f"{d['train_seconds']:.2f} s; {cpu:.1f} CPU-s), plain torch {plain:.2f} s "
-            f"({plain_cpu:.1f} CPU-s): overhead {wall / plain:.2f}, "
-            f"load {os.getloadavg()[0]:.1f}",
+            f"({plain_cpu:.1f} CPU-s): overhead {wall / plain:.2f}, fixed cost "
+            + ", ".join(f"{k} {v:.3f}" for k, v in reqs[-1]["fixed_cost_parts"].items())
+            + f" s, load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
 
@@ -387,6 +390,26 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
         "requests": reqs,
         "cli_requests": cli,
     }
+
+
+def fixed_cost_parts(wall: float, done: dict, executing_to_done: float | None) -> dict:
+    """A request's fixed cost (its time in the executor, less its training) in four parts,
+    seconds: ``shard`` the shard workers' own part (reload check, the remaining rows' copy,
+    saving the new versions); ``dispatch`` the engine's work from the ``executing`` log
+    events to the shard results (the deleted-id fold, the compaction's start, the calls to
+    the shard actors and back); ``publish`` from there to ``done`` (intent, registry switch,
+    retiring, the copy's compaction, the done events); ``outside`` the rest of the call
+    (this driver's round trip to the executor, validation, the request's log entry and fence,
+    the lease, recovery and intent before the execution)."""
+    shard = sum(done.get("shard_seconds", {}).values())
+    parts = {
+        "shard": shard - done["train_seconds"],
+        "dispatch": done["seconds"] - shard,
+    }
+    if executing_to_done is not None:
+        parts["publish"] = executing_to_done - done["seconds"]
+        parts["outside"] = wall - executing_to_done
+    return parts
 
 
 def _executing_to_done(history: list[dict]) -> float | None:
