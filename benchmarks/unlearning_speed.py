@@ -29,7 +29,9 @@ script starts on 127.0.0.1 and stops at the end:
                    log, lease, retraining, publishing, retiring, scrubbing the data copy,
                    done) over plain_torch_s; target <= 1.15 on every request.
                    (``overhead_ratio`` above stops at the registry switch: the time the done
-                   record states.) fixed_cost_s = that request's time minus its training.
+                   record states.) fixed_cost_s = that request's time minus its training,
+                   and fixed_cost_parts the same in four parts (shard, dispatch, publish,
+                   outside: see :func:`fixed_cost_parts`).
   cli_overhead_s   a CLI request's wall time minus the executor's own time for it
                    (``executor_seconds`` of the document): interpreter start, imports,
                    attaching to Ray, exit; target <= 1.5 s.
