@@ -18,6 +18,8 @@ script starts on 127.0.0.1 and stops at the end:
 * plain_torch_s    median over the same requests of the same retraining work in a bare torch
                    loop in this process (same rows, optimizer, batch size, optimizer steps,
                    thread count and OpenMP wait policy; no Ray, no saving): the compute floor.
+                   It runs after the request, or before it (every other request), so that
+                   neither side always follows the other.
                    overhead_ratio = unlearn_s / plain_torch_s.
 * cli_forget_s     median wall-clock time of ``ray-unlearn forget --json`` run as a subprocess
                    for further owners (it attaches to the same detached executor), beside the
@@ -27,7 +29,9 @@ script starts on 127.0.0.1 and stops at the end:
                    log, lease, retraining, publishing, retiring, scrubbing the data copy,
                    done) over plain_torch_s; target <= 1.15 on every request.
                    (``overhead_ratio`` above stops at the registry switch: the time the done
-                   record states.) fixed_cost_s = that request's time minus its training.
+                   record states.) fixed_cost_s = that request's time minus its training,
+                   and fixed_cost_parts the same in four parts (shard, dispatch, publish,
+                   outside: see :func:`fixed_cost_parts`).
   cli_overhead_s   a CLI request's wall time minus the executor's own time for it
                    (``executor_seconds`` of the document): interpreter start, imports,
                    attaching to Ray, exit; target <= 1.5 s.
@@ -115,8 +119,8 @@ QUICK = {
 
 def warm_torch() -> None:
     """Pay torch's one-off lazy imports (``torch._dynamo``, 1-2 s on 2 cores) now: the first
-    optimizer built in a fresh process triggers them, which would otherwise land in the first
-    timed retraining of each shard actor (K of them in full_retrain_s)."""
+    optimizer built in a fresh process triggers them, which would otherwise land in this
+    process's first timed training or bare loop."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
@@ -235,21 +239,36 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
     owners = pick_owners(ctx, p["requests"] + p["cli_requests"], seed=cfg.seed)
     deleted: set[int] = set()
     reqs = []
-    for owner in owners[: p["requests"]]:
+    for i, owner in enumerate(owners[: p["requests"]]):
+        # The request's retraining, known from the plan before it runs: the bare loop can go
+        # first. Every other request it does, so that neither side always runs just after
+        # the other (whatever one leaves behind, or a burst of other sessions' load, falls
+        # on both sides alike).
+        ids = ctx.plan.samples_of_owner(owner)
+        ((shard, first),) = ctx.plan.affected(ids).items()
+        deleted |= {int(v) for v in ids}
+        bare_first = i % 2 == 1
+        if bare_first:
+            plain, plain_cpu = plain_retrain(ctx, shard, first, deleted, settings["torch_threads"])
         t0, c0 = time.perf_counter(), actors_cpu_s(head)
         rec = executor.forget(owner_id=owner)
         wall, cpu = time.perf_counter() - t0, actors_cpu_s(head) - c0
         assert rec["state"] == "done", rec
         d = rec["history"][-1]["details"]
-        deleted |= set(rec["sample_ids"])
-        ((shard, first),) = ((int(k), int(s)) for k, s in d["first_slices"].items())
-        plain, plain_cpu = plain_retrain(ctx, shard, first, deleted, settings["torch_threads"])
+        if d["first_slices"] != {str(shard): first}:  # else the two would time unlike work
+            raise RuntimeError(
+                f"{owner}: the executor retrained {d['first_slices']}, the plan "
+                f"says shard {shard} from slice {first}"
+            )
+        if not bare_first:
+            plain, plain_cpu = plain_retrain(ctx, shard, first, deleted, settings["torch_threads"])
         reqs.append(
             {
                 "owner_id": owner,
                 "samples": len(rec["sample_ids"]),
                 "shard": shard,
                 "first_slices": d["first_slices"],  # shard -> first retrained stage (0-based)
+                "bare_loop_ran": "before" if bare_first else "after",
                 "unlearn_s": d["seconds"],
                 "executor_train_s": d["train_seconds"],
                 "executing_to_done_s": _executing_to_done(rec["history"]),
@@ -258,6 +277,8 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
                 # done) against the bare loop: the figure the 1.15 target is held to
                 "executor_overhead_ratio": wall / plain,
                 "fixed_cost_s": wall - d["train_seconds"],
+                # where the fixed cost goes (each a part of it, seconds):
+                "fixed_cost_parts": fixed_cost_parts(wall, d, _executing_to_done(rec["history"])),
                 "cpu_s": cpu,
                 "plain_torch_s": plain,
                 "plain_torch_cpu_s": plain_cpu,
@@ -268,8 +289,9 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
             f"[K={K} R={R}] forget {owner}: shard {shard} from slice {first + 1}/{R}, "
             f"request {wall:.2f} s (to the switch {d['seconds']:.2f} s, training "
             f"{d['train_seconds']:.2f} s; {cpu:.1f} CPU-s), plain torch {plain:.2f} s "
-            f"({plain_cpu:.1f} CPU-s): overhead {wall / plain:.2f}, "
-            f"load {os.getloadavg()[0]:.1f}",
+            f"({plain_cpu:.1f} CPU-s): overhead {wall / plain:.2f}, fixed cost "
+            + ", ".join(f"{k} {v:.3f}" for k, v in reqs[-1]["fixed_cost_parts"].items())
+            + f" s, load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
 
@@ -387,6 +409,26 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
         "requests": reqs,
         "cli_requests": cli,
     }
+
+
+def fixed_cost_parts(wall: float, done: dict, executing_to_done: float | None) -> dict:
+    """A request's fixed cost (its time in the executor, less its training) in four parts,
+    seconds: ``shard`` the shard workers' own part (reload check, the remaining rows' copy,
+    saving the new versions); ``dispatch`` the engine's work from the ``executing`` log
+    events to the shard results (the deleted-id fold, the compaction's start, the calls to
+    the shard actors and back); ``publish`` from there to ``done`` (intent, registry switch,
+    retiring, the copy's compaction, the done events); ``outside`` the rest of the call
+    (this driver's round trip to the executor, validation, the request's log entry and fence,
+    the lease, recovery and intent before the execution)."""
+    shard = sum(done.get("shard_seconds", {}).values())
+    parts = {
+        "shard": shard - done["train_seconds"],
+        "dispatch": done["seconds"] - shard,
+    }
+    if executing_to_done is not None:
+        parts["publish"] = executing_to_done - done["seconds"]
+        parts["outside"] = wall - executing_to_done
+    return parts
 
 
 def _executing_to_done(history: list[dict]) -> float | None:
@@ -634,13 +676,10 @@ def run_cases(cases, p: dict, root: Path, head: LocalRayHead, cases_dir: Path, s
             f"up in {head.start_s:.1f} s",
             flush=True,
         )
-        # Every worker process (the executor, its shard actors) warms torch up when it starts,
-        # so the timings below hold retraining, not torch's lazy imports (see warm_torch).
-        ray.init(
-            address=head.address,
-            namespace=NAMESPACE,
-            runtime_env={"worker_process_setup_hook": warm_torch},
-        )
+        # The workers start as a user's do (no setup hook): a shard actor pays torch's lazy
+        # imports in its own start (train/executor.py warm_optimizer_imports), before the
+        # timings below; this process, for its bare loop and in-process training, here.
+        ray.init(address=head.address, namespace=NAMESPACE)
         assert connect(head.address)  # the package's own session sees the attached cluster
         warm_torch()
         for K, R in cases:

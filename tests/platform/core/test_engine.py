@@ -43,6 +43,10 @@ def test_forget_owner_end_to_end(tiny_run):
     (shard,) = {int(k) for k in ctx.plan.locate(ids)[0] if k != TEST}
     first = int(min(s for s in ctx.plan.locate(ids)[1] if s != TEST))
     assert rec.details["shards"] == [shard] and rec.details["first_slices"] == {str(shard): first}
+    # where the request's time went: the shard's own part holds its training
+    d = rec.details
+    assert set(d["shard_seconds"]) == {str(shard)}
+    assert 0 < d["train_seconds"] <= d["shard_seconds"][str(shard)] <= d["seconds"]
     assert rec.versions_retired == [f"s{shard:03d}-r{r:02d}-g0000" for r in range(first, 3)]
     reg = ctx.model_store.registry()
     assert reg.shards[shard].chain[first:] == rec.versions_created

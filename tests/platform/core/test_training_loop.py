@@ -6,7 +6,17 @@ import numpy as np
 import torch
 
 from ray_unlearn.platform.core.run import create_run
-from ray_unlearn.platform.core.training import run_steps, train_run_shard, train_shard
+from ray_unlearn.platform.core.training import (
+    ShardData,
+    init_model,
+    run_steps,
+    stage_batches,
+    stage_steps,
+    take_rows,
+    train_run_shard,
+    train_shard,
+    train_stage,
+)
 from tests.conftest import tiny_config
 
 
@@ -73,3 +83,70 @@ def test_driver_interleaved_across_shards_equals_one_shard_at_a_time(tmp_path):
             assert _equal(a.state, b.state)
             assert np.array_equal(a.sample_ids, b.sample_ids)
             assert a.metrics["steps"] == b.metrics["steps"] > 0
+
+
+def test_cpu_stage_indexes_the_shard_in_place_and_trains_the_same_steps(tmp_path):
+    """On the CPU a stage's batches read the shard's tensors through its rows instead of a
+    gathered copy of them (train_stage): the weights and the batches' sample ids are those
+    of the loop over the gathered copy, bit for bit, for every stage of a shard."""
+    torch.set_num_threads(1)
+    ctx = create_run(tiny_config(tmp_path, "training.torch_threads=1"))
+    cfg, data = ctx.config, ctx.shard_data(1)
+    model = init_model(cfg.model, ctx.feature_shape, ctx.num_classes, cfg.seed, data.shard)
+    ref = init_model(cfg.model, ctx.feature_shape, ctx.num_classes, cfg.seed, data.shard)
+    got_ids, ref_ids = [], []
+    for stage in range(data.num_slices):
+        train_stage(
+            model,
+            data,
+            stage,
+            cfg.training,
+            cfg.seed,
+            on_step=lambda st, step, ids, b, a: got_ids.append((st, step, ids.tolist())),
+        )
+        # the reference: the stage's rows gathered once, batches of positions into them
+        rows = np.flatnonzero(data.slices <= stage)
+        sel = torch.from_numpy(rows)
+        steps = stage_steps(
+            int((data.slices == stage).sum()), cfg.training.epochs, cfg.training.batch_size
+        )
+        batches = list(stage_batches(len(rows), steps, cfg.training.batch_size, cfg.seed, 1, stage))
+        ref_ids += [(stage, i, data.sample_ids[rows[b]].tolist()) for i, b in enumerate(batches)]
+        opt = torch.optim.Adam(
+            ref.parameters(), lr=cfg.training.lr, weight_decay=cfg.training.weight_decay
+        )
+        run_steps(ref, opt, data.features[sel], data.labels[sel], batches)
+        assert _equal(model.state_dict(), ref.state_dict()), stage
+    assert got_ids == ref_ids and len(got_ids) > data.num_slices
+
+
+def test_take_rows_equals_indexing_for_every_kind_of_shard_tensor():
+    """take_rows (numpy's copy, for its huge pages) gives exactly ``t[rows]``: features of
+    any rank and dtype, labels, a non-contiguous tensor; and ShardData.without keeps the
+    other rows, in order."""
+    g = torch.Generator().manual_seed(0)
+    rows = np.array([5, 0, 3, 3, 9])
+    tensors = [
+        torch.randn(10, 6, generator=g),
+        torch.randint(0, 50, (10, 7), generator=g),  # token ids
+        torch.randn(10, 1, 4, 4, generator=g),  # images
+        torch.randn(6, 10, generator=g).t(),  # not contiguous
+        torch.randn(10, 3, generator=g).to(torch.bfloat16),  # no numpy view
+    ]
+    for t in tensors:
+        out = take_rows(t, rows)
+        assert out.dtype == t.dtype and torch.equal(out, t[torch.from_numpy(rows)])
+    data = ShardData(
+        shard=0,
+        sample_ids=np.array([4, 1, 7, 2], dtype=np.int64),
+        slices=np.array([0, 1, 0, 1], dtype=np.int32),
+        features=tensors[0][:4],
+        labels=torch.arange(4),
+        num_slices=2,
+    )
+    assert data.sample_ids.tolist() == [1, 2, 4, 7]  # sorted by id, rows with them
+    assert data.labels.tolist() == [1, 3, 0, 2]
+    assert torch.equal(data.features, tensors[0][[1, 3, 0, 2]])
+    rest = data.without([2, 7])
+    assert rest.sample_ids.tolist() == [1, 4] and rest.slices.tolist() == [1, 0]
+    assert rest.labels.tolist() == [1, 0] and torch.equal(rest.features, tensors[0][[1, 0]])
