@@ -107,10 +107,10 @@ def _may_hold(part: dict, ids: np.ndarray) -> bool:
     return lo < len(ids) and ids[lo] <= int(part["max"])
 
 
-def _read_part(storage: Storage, rel: str, columns=None) -> pa.Table:
+def _read_part(storage: Storage, rel: str, columns=None, use_threads: bool = True) -> pa.Table:
     # an Arrow-native file, never a Python buffer: see Storage.read_table
     with storage.fs.open_input_file(storage.full(rel)) as f:
-        return pq.read_table(f, columns=columns)
+        return pq.read_table(f, columns=columns, use_threads=use_threads)
 
 
 # (storage uri, part file) -> its sorted sample ids: a part file is never changed once
@@ -258,7 +258,10 @@ def without_rows(storage: Storage, layout: RunLayout, gone: np.ndarray) -> Parts
         ):
             parts.append(p)
             continue
-        table = _read_part(storage, p["file"])
+        # on the calling thread only: a deletion's compaction is prepared on a niced thread
+        # while the shard retrains, and Arrow's own pool would run at normal priority beside
+        # it (+8 ms median, ~4%, on a 0.22 s retraining on 2 cores)
+        table = _read_part(storage, p["file"], use_threads=False)
         hit = pc.is_in(table[SAMPLE_ID], value_set=value_set)
         n_hit = int(pc.sum(hit).as_py() or 0)
         if not n_hit and man.generation > 0:
