@@ -89,8 +89,9 @@ from ray_unlearn.platform.core.run import create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
 from ray_unlearn.platform.core.training import stage_steps
 from ray_unlearn.platform.eval.accuracy import model_accuracy, serving_accuracy, train_single_model
-from ray_unlearn.train.executor import OMP_WAIT_POLICY, executor_actor_name, get_executor
+from ray_unlearn.train.executor import executor_actor_name, get_executor
 from ray_unlearn.train.session import NAMESPACE, connect
+from ray_unlearn.train.worker_env import OMP_WAIT_POLICY
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
