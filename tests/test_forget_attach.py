@@ -332,3 +332,30 @@ def test_forget_no_wait_without_an_endpoint_logs_in_the_client_without_ray(tmp_p
     assert report["code"] == 0 and "ray" not in report["heavy"], stderr
     log = open_run(ctx.storage.uri, ctx.run_id).deletion_log
     assert log.get("nw1").state.value == log.get("nw2").state.value == "pending"
+
+
+def test_forget_no_wait_is_not_held_up_by_an_execution_in_progress(tmp_path):
+    """An execution holds the executor's lock for minutes; a --no-wait request is only
+    logged, as a client logging it itself would be then, and answers at once."""
+    import threading
+
+    from ray_unlearn.train.control import find_executor
+
+    server, ctx, executions = _executor_endpoint(tmp_path)
+    ex_lock = server.forget.args[0]._lock
+    done = {}
+    try:
+        with ex_lock:  # the execution in progress
+            call = threading.Thread(
+                target=lambda: done.update(
+                    find_executor(ctx.storage.uri, ctx.run_id).forget_request(
+                        ctx.storage.uri, owner_id=_train_owners(ctx)[0], wait=False
+                    )
+                )
+            )
+            call.start()
+            call.join(timeout=60)
+            assert not call.is_alive() and done["state"] == "pending"
+    finally:
+        server.stop()
+    assert executions == []
