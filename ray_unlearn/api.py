@@ -125,21 +125,18 @@ def forget(
     With ``address`` and a running executor for the run, the whole request (checks, log,
     execution) happens in that executor, which has the run open and its shards in memory:
     this process reads nothing of the run but the executor's control file, and calls it over
-    HTTP without importing Ray (or through Ray when the endpoint does not answer)."""
+    HTTP without importing Ray (or through Ray when the endpoint does not answer). With
+    ``wait=False`` too the executor logs the request (and does not execute it) when its
+    endpoint answers; otherwise this process logs it, without Ray, as without ``address``."""
     if (owner is None) == (samples is None):
         raise ValueError("give exactly one of owner (--owner) or samples (--samples)")
-    if strategy is not None and not wait:
-        raise ValueError(
-            "strategy (--strategy) applies to an execution now; without waiting (--no-wait) "
-            "the request is executed later with the run's unlearning.strategy (or the "
-            "executor's): drop one of them"
-        )
+    check_wait(wait, strategy)
     t0 = time.perf_counter()
     ids = list(samples) if samples is not None else None
     deadline = time.time() + deadline_s if deadline_s is not None else None
-    if wait and address:
+    if address:
         doc = _forget_on_running_executor(
-            run, storage, address, owner, ids, request_id, deadline, strategy, on_logged
+            run, storage, address, owner, ids, request_id, deadline, strategy, on_logged, wait
         )
         if doc is not None:
             return {**doc, "seconds": time.perf_counter() - t0}
@@ -181,6 +178,16 @@ def forget(
     }
 
 
+def check_wait(wait: bool, strategy: str | None) -> None:
+    """Refuse (ValueError) a strategy for a request that is not executed now."""
+    if strategy is not None and not wait:
+        raise ValueError(
+            "strategy (--strategy) applies to an execution now; without waiting (--no-wait) "
+            "the request is executed later with the run's unlearning.strategy (or the "
+            "executor's): drop one of them"
+        )
+
+
 def forget_document(run: str, record, final, created: bool, ack_s: float) -> dict[str, Any]:
     """:func:`forget`'s document (less ``seconds``) from the record as logged and as it is now."""
     return {
@@ -206,7 +213,7 @@ def _absolute_root(storage: str | None) -> str:
 
 
 def _forget_on_running_executor(
-    run, storage, address, owner, ids, request_id, deadline, strategy, on_logged
+    run, storage, address, owner, ids, request_id, deadline, strategy, on_logged, wait=True
 ) -> dict[str, Any] | None:
     """The whole request in the run's running executor (see :func:`forget`); None when the
     cluster has none (the caller then logs here and starts one).
@@ -214,7 +221,9 @@ def _forget_on_running_executor(
     Through the executor's control endpoint when the run's storage names one that answers
     (``ray_unlearn.train.control``: no ``import ray`` here, no Ray connection), else through
     Ray. The same method runs the request either way (``Executor.forget_request``), and its
-    input errors come back as the same ``ValueError`` / ``OSError``."""
+    input errors come back as the same ``ValueError`` / ``OSError``. Without ``wait`` only
+    the endpoint is tried (an executor from before ``wait`` existed counts as none): logging
+    here is as cheap as connecting to Ray, and is what ``--no-wait`` always did."""
     from types import SimpleNamespace
 
     from ray_unlearn.train.control import find_executor
@@ -228,8 +237,11 @@ def _forget_on_running_executor(
         "strategy": strategy,
     }
     endpoint = find_executor(root, run)
-    if endpoint is not None:
-        doc = endpoint.forget_request(root, **fields)
+    if endpoint is not None and (wait or endpoint.accepts("wait")):
+        # wait is sent only when false: an executor of any release takes the default
+        doc = endpoint.forget_request(root, **fields, **({} if wait else {"wait": False}))
+    elif not wait:
+        return None
     else:
         doc = _forget_through_ray(run, address, root, fields)
         if doc is None:

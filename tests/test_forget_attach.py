@@ -211,3 +211,151 @@ def test_a_stale_control_file_falls_back_to_ray(tmp_path):
     assert report["code"] == 0 and doc["request_id"] == "q1" and calls == []
     assert {"get_actor": "ray-unlearn-executor:r", "namespace": "ray_unlearn"} in report["calls"]
     assert time.perf_counter() - t0 < 60
+
+
+# `forget --no-wait --address` with the endpoint up: the real Executor.forget_request (on a
+# run made here, untrained: logging needs only its plan) behind the in-process server, with
+# an engine whose execution is counted. The command must log through it, import none of
+# Ray, torch, pyarrow or the platform, and leave the request pending.
+NO_WAIT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from ray_unlearn.cli import app
+
+    code = 0
+    try:
+        code = app(["forget", "--run", sys.argv[1], "--owner", sys.argv[2], "--storage",
+             sys.argv[3], "--address", "127.0.0.1:6379", "--request-id", "nw1", "--no-wait",
+             "--json", *sys.argv[4:]], standalone_mode=False) or 0
+    except SystemExit as e:
+        code = e.code
+    heavy = [m for m in sys.modules if m in ("ray", "torch", "pyarrow", "numpy")
+             or m.startswith("ray_unlearn.platform")]
+    print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+    """
+)
+
+
+def _executor_endpoint(tmp_path):
+    """(server, run context, executions counted): the real ``Executor.forget_request`` of a
+    stand-in executor (its run, a real engine whose executions are counted, its lock)."""
+    import threading
+    from functools import partial
+    from types import SimpleNamespace
+
+    from ray_unlearn.platform.core.engine import LocalShards, UnlearningEngine
+    from ray_unlearn.platform.core.run import create_run
+    from ray_unlearn.train.control import ControlServer
+    from ray_unlearn.train.executor import Executor
+    from tests.conftest import tiny_config
+
+    ctx = create_run(tiny_config(tmp_path))
+    engine = UnlearningEngine(ctx, LocalShards(ctx), executor_name="ray-unlearn-executor:x")
+    executions = []
+    engine.execute_pending = lambda *a, **kw: executions.append(a) or []
+    ex = SimpleNamespace(ctx=ctx, engine=engine, _lock=threading.RLock())
+    identity = {"run_id": ctx.run_id, "storage": ctx.storage.uri}
+    server = ControlServer("127.0.0.1", partial(Executor.forget_request, ex), identity).start()
+    ctx.storage.write_json(ctx.layout.executor_control, server.record())
+    return server, ctx, executions
+
+
+def _run_no_wait(ctx, owner: str, *more: str):
+    p = subprocess.run(
+        [sys.executable, "-c", NO_WAIT_SCRIPT, ctx.run_id, owner, ctx.storage.uri, *more],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    report = json.loads(p.stderr.strip().splitlines()[-1])
+    docs = [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
+    assert len(docs) == 1, p.stdout + p.stderr
+    return report, docs[0], p.stderr
+
+
+def _train_owners(ctx) -> list[str]:
+    return sorted(set(ctx.plan.owner_ids[ctx.plan.shards >= 0].tolist()))
+
+
+def test_forget_no_wait_is_logged_by_the_executor_and_not_executed(tmp_path):
+    from ray_unlearn.platform.core.run import open_run
+
+    server, ctx, executions = _executor_endpoint(tmp_path)
+    owner = _train_owners(ctx)[0]
+    try:
+        report, doc, stderr = _run_no_wait(ctx, owner)
+        assert report == {"code": 0, "heavy": []}, stderr
+        assert doc["request_id"] == "nw1" and doc["created"] is True
+        assert doc["state"] == doc["logged_state"] == "pending"
+        assert doc["samples"] == len(ctx.plan.samples_of_owner(owner))
+        assert doc["versions_created"] == [] and doc["executed_by"] is None
+        assert doc["executor_seconds"] > 0 and doc["seconds"] >= 0
+        assert f"request nw1 logged ({doc['samples']} samples, state pending)" in stderr
+        # durable: another reader of the storage finds it, pending; nothing was executed
+        rec = open_run(ctx.storage.uri, ctx.run_id).deletion_log.get("nw1")
+        assert rec.state.value == "pending" and rec.request.owner_id == owner
+        assert executions == []
+
+        report, doc, _ = _run_no_wait(ctx, owner)  # the same key again: not a second request
+        assert report["code"] == 0 and doc["created"] is False and executions == []
+        assert [r.request.request_id for r in ctx.deletion_log.unfinished()] == ["nw1"]
+
+        report, doc, stderr = _run_no_wait(ctx, "no-such-owner")  # the executor's input error
+        assert report == {"code": 2, "heavy": []}
+        assert "unknown owner id 'no-such-owner'" in doc["error"]
+        assert "Traceback" not in stderr
+
+        report, doc, _ = _run_no_wait(ctx, owner, "--strategy", "sisa")  # refused before
+        assert report["code"] == 2 and doc["error"].startswith("strategy (--strategy) applies")
+    finally:
+        server.stop()
+
+
+def test_forget_no_wait_without_an_endpoint_logs_in_the_client_without_ray(tmp_path, monkeypatch):
+    """A stale control file (the executor was killed), or an executor from before ``wait``
+    (its ping lists no such field): the command logs the request itself, as it always did
+    with --no-wait, and never connects to Ray."""
+    from ray_unlearn.platform.core.run import open_run
+    from ray_unlearn.train import control
+
+    server, ctx, executions = _executor_endpoint(tmp_path)
+    owners = _train_owners(ctx)
+    older = {k: v for k, v in control.FORGET_FIELDS.items() if k != "wait"}
+    monkeypatch.setattr(control, "FORGET_FIELDS", older)  # what this server's ping lists
+    try:
+        report, doc, stderr = _run_no_wait(ctx, owners[0])
+    finally:
+        server.stop()
+    assert report["code"] == 0, stderr
+    assert "ray" not in report["heavy"] and "ray_unlearn.platform.core.engine" in report["heavy"]
+    assert "executor_seconds" not in doc and doc["state"] == "pending"  # logged in the client
+    assert executions == []
+    report, doc, stderr = _run_no_wait(ctx, owners[1], "--request-id", "nw2")  # stale file
+    assert report["code"] == 0 and "ray" not in report["heavy"], stderr
+    log = open_run(ctx.storage.uri, ctx.run_id).deletion_log
+    assert log.get("nw1").state.value == log.get("nw2").state.value == "pending"
+
+
+def test_forget_no_wait_is_not_held_up_by_an_execution_in_progress(tmp_path):
+    """An execution holds the executor's lock for minutes; a --no-wait request is only
+    logged, as a client logging it itself would be then, and answers at once."""
+    import threading
+
+    from ray_unlearn.train.control import find_executor
+
+    server, ctx, executions = _executor_endpoint(tmp_path)
+    ex_lock = server.forget.args[0]._lock
+    done = {}
+    try:
+        with ex_lock:  # the execution in progress
+            call = threading.Thread(
+                target=lambda: done.update(
+                    find_executor(ctx.storage.uri, ctx.run_id).forget_request(
+                        ctx.storage.uri, owner_id=_train_owners(ctx)[0], wait=False
+                    )
+                )
+            )
+            call.start()
+            call.join(timeout=60)
+            assert not call.is_alive() and done["state"] == "pending"
+    finally:
+        server.stop()
+    assert executions == []

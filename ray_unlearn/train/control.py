@@ -5,8 +5,10 @@ connect and disconnect, for one call. So the run's detached executor
 (:mod:`ray_unlearn.train.executor`) also answers two HTTP calls, served by a thread of its
 own process with the standard library's ``http.server``:
 
-* ``GET /v1/ping``: who it is (run id, storage root, instance); never waits on the engine.
-* ``POST /v1/forget``: ``Executor.forget_request``'s arguments as a JSON object; answers its
+* ``GET /v1/ping``: who it is (run id, storage root, instance) and the fields its forget
+  takes (``forget_fields``: a client asks for no more than that); never waits on the engine.
+* ``POST /v1/forget``: ``Executor.forget_request``'s arguments as a JSON object (``wait:
+  false``: log the request durably and answer without executing it); answers its
   document (200), or an input error (422: the platform's ``ValueError`` / ``OSError``, with
   what a client needs to raise the same), a malformed call (400, 411, 413), a wrong or missing
   token (401), an executor failure (500).
@@ -60,6 +62,7 @@ FORGET_FIELDS: dict[str, tuple[type, ...]] = {
     "request_id": (str, type(None)),
     "deadline": (int, float, type(None)),
     "strategy": (str, type(None)),
+    "wait": (bool,),
 }
 
 
@@ -107,10 +110,10 @@ def check_forget_fields(body: Any) -> dict[str, Any]:
         )
     if "storage" not in body:
         raise BadRequest(400, "field storage (the client's storage root) is required")
-    for name, types in FORGET_FIELDS.items():
-        value = body.get(name)
-        # bool is an int in Python, never a valid deadline or id here
-        if not isinstance(value, types) or isinstance(value, bool):
+    for name, value in body.items():  # an absent field is the executor's default
+        types = FORGET_FIELDS[name]
+        # bool is an int in Python: a valid value only where a bool is asked for (wait)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise BadRequest(400, f"field {name} must be {allowed}, got {json.dumps(value)}")
     ids = body.get("sample_ids")
@@ -183,7 +186,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/v1/ping":
             self._send(404, {"error": f"no endpoint GET {self.path}; try GET /v1/ping"})
             return
-        self._send(200, {**self.server.identity, "instance": self.server.instance})
+        fields = list(FORGET_FIELDS)  # what this executor's forget takes (a newer client asks)
+        self._send(
+            200, {**self.server.identity, "instance": self.server.instance, "forget_fields": fields}
+        )
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         if not self._authorized():
@@ -305,6 +311,12 @@ class ControlClient:
         self.record = record
         self.host, self.port = parts.hostname, parts.port
         self._headers = {"Authorization": f"Bearer {record['token']}"}
+        self.ping: dict[str, Any] = {}  # the executor's answer to the ping, once alive()
+
+    def accepts(self, field: str) -> bool:
+        """Whether the executor (as its ping answered) takes ``field`` in a forget: one
+        started from an older release takes no ``wait``, and would refuse it (400)."""
+        return field in (self.ping.get("forget_fields") or ())
 
     def _call(self, method: str, path: str, body: Any, connect_timeout: float, timeout):
         conn = http.client.HTTPConnection(self.host, self.port, timeout=connect_timeout)
@@ -330,6 +342,8 @@ class ControlClient:
             status, doc = self._call("GET", "/v1/ping", None, timeout, timeout)
         except (OSError, ValueError, http.client.HTTPException):
             return False
+        if isinstance(doc, dict):
+            self.ping = doc
         return (
             status == 200
             and isinstance(doc, dict)

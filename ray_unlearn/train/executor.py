@@ -261,16 +261,18 @@ class Executor:
         request_id: str | None = None,
         deadline: float | None = None,
         strategy: str | None = None,
+        wait: bool = True,
     ) -> dict[str, Any]:
         """A client's whole ``forget``: the methods' checks, the durable log entry (and its
-        fences), then every unfinished request executed as one batch; returns
-        :func:`ray_unlearn.api.forget`'s document (less the client's own ``seconds``).
+        fences), then every unfinished request executed as one batch (``wait=False``: not
+        executed, as ``forget --no-wait``); returns :func:`ray_unlearn.api.forget`'s
+        document (less the client's own ``seconds``).
 
         Done here, where the run is open and the shards are loaded, so that a client attached
         to this executor (``ray-unlearn forget --address``) imports and reads nothing of the
         run: no torch, no plan, no log fold in the client. ``storage_uri``: the client's
         storage root (absolute), which must be this executor's."""
-        from ray_unlearn.api import forget_document
+        from ray_unlearn.api import check_wait, forget_document
         from ray_unlearn.platform.methods import check_request
 
         if storage_uri.rstrip("/") != self.ctx.storage.uri.rstrip("/"):
@@ -278,6 +280,20 @@ class Executor:
                 f"run {self.ctx.run_id}'s executor on this cluster serves storage root "
                 f"{self.ctx.storage.uri}, not {storage_uri} (--storage): use that root"
             )
+        check_wait(wait, strategy)
+        if not wait:
+            # Logged without the engine's lock, so an execution in progress (minutes) does
+            # not hold up the acknowledgement: the same concurrency as a --no-wait client
+            # logging from its own process, which the log and the fences are built for (the
+            # DeletionLog is thread-safe; the plan it checks against is never changed).
+            t0 = time.perf_counter()
+            record, created = self.engine.submit(
+                owner_id=owner_id, sample_ids=sample_ids, request_id=request_id, deadline=deadline
+            )
+            ack_s = time.perf_counter() - t0
+            final = self.ctx.deletion_log.get(record.request.request_id)
+            doc = forget_document(self.ctx.run_id, record, final, created, ack_s)
+            return {**doc, "executor_seconds": time.perf_counter() - t0}
         with self._lock:
             t0 = time.perf_counter()
             check_request(self.ctx, strategy, owner_id, sample_ids)

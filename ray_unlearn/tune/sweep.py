@@ -2,8 +2,9 @@
 trial logged to MLflow, ending in a Pareto front and a chosen config.
 
 * Each trial is :func:`ray_unlearn.tune.trial.run_trial` in a Tune function trainable
-  (1 CPU; it trains in process, so no trial waits for a Train worker that could never be
-  placed on a small machine). It reports after every deletion of the stream, which is what
+  (:func:`ray_unlearn.tune.trainable.trainable`; 1 CPU; it trains in process, so no trial
+  waits for a Train worker that could never be placed on a small machine), whose process
+  trains under worker_env's OpenMP rule, as Train workers and Serve replicas do. It reports after every deletion of the stream, which is what
   the stopper (``stop.min_accuracy``) and ASHA (``stop.asha``) act on: both read
   ``val_accuracy``, measured on validation rows that are neither training nor test rows.
 * MLflow: one parent run per sweep; every trial is a child run (tag
@@ -56,7 +57,7 @@ from ray_unlearn.tune.spec import (
     trial_config,
     trial_policy,
 )
-from ray_unlearn.tune.trial import run_trial
+from ray_unlearn.tune.trainable import POINT, trainable, trial_params
 
 MLFLOW_DB = "mlflow/mlflow.db"
 MLFLOW_ARTIFACTS = "mlflow/artifacts"
@@ -248,38 +249,6 @@ def config_params(cfg, policy: str) -> list[Param]:
     return [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000]) for k, v in flat.items()]
 
 
-def _workdir() -> Path:
-    """Where a trial writes its run: the trial's working directory (Tune changes into it,
-    unless RAY_CHDIR_TO_TRIAL_DIR=0; with keep_runs, Tune persists it to the trial's
-    directory in the sweep's storage), else a fresh temporary directory.
-
-    Not ``get_trial_dir()``: for a function trainable that is the driver's staging
-    directory, which the driver copies to storage whenever it saves the experiment state;
-    a run written there (and deleted once measured) raced that copy ("Saving experiment
-    state ... FileNotFoundError") and uploaded every trial's run besides."""
-    if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR", "1") != "0":
-        return Path.cwd()
-    return Path(tempfile.mkdtemp(prefix="ru-trial-"))
-
-
-def _trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
-    spec = SweepSpec.model_validate(spec_json)
-    with tempfile.TemporaryDirectory(prefix="ru-ensemble-") as export:
-
-        def report(metrics: dict[str, Any]) -> None:
-            # the last report carries the ensemble as the trial's checkpoint: Tune copies it
-            # to the sweep's storage, where the driver finds the chosen trial's to register
-            if metrics.get("final"):
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(export))
-            else:
-                tune.report(metrics)
-
-        run_trial(spec, trial_params(config), _workdir(), report=report, export_dir=export)
-
-
-POINT = "point"  # with variants, a trial's config is {POINT: {key: value, ...}}
-
-
 def _param_space(spec: SweepSpec) -> dict[str, Any]:
     """One Tune dimension per key; with variants, or when some grid points repeat a trial
     (:mod:`ray_unlearn.tune.dedupe`), one dimension over the grid's distinct points (so a
@@ -303,12 +272,6 @@ def planned_trials(spec: SweepSpec) -> tuple[int, list[str]]:
         for i, j in skipped
     ]
     return total, lines
-
-
-def trial_params(config: dict[str, Any] | None) -> dict[str, Any]:
-    """The sweep keys of a Tune trial config (see :func:`_param_space`)."""
-    config = dict(config or {})
-    return dict(config[POINT]) if isinstance(config.get(POINT), dict) else config
 
 
 def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
@@ -369,7 +332,7 @@ def run_sweep(spec: SweepSpec, sweep_id: str | None = None) -> dict[str, Any]:
         )
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(_trainable, spec_json=spec.model_dump(mode="json")), {"cpu": 1}
+            tune.with_parameters(trainable, spec_json=spec.model_dump(mode="json")), {"cpu": 1}
         ),
         param_space=_param_space(spec),
         tune_config=tune.TuneConfig(

@@ -37,10 +37,12 @@ class FakeExecutor:
 
     def forget_request(
         self, storage_uri, owner_id=None, sample_ids=None, request_id=None, deadline=None,
-        strategy=None,
+        strategy=None, wait=True,
     ):  # fmt: skip
         fields = {"owner_id": owner_id, "sample_ids": sample_ids, "request_id": request_id}
         fields.update(deadline=deadline, strategy=strategy)
+        if not wait:  # recorded only when given: a client of any release omits the default
+            fields["wait"] = wait
         self.calls.append({"storage": storage_uri, **fields})
         if self.error is not None:
             raise self.error
@@ -113,6 +115,21 @@ def test_a_forget_goes_through_with_every_field(served):
     assert ex.calls[-1]["sample_ids"] == [4, 5] and ex.calls[-1]["owner_id"] is None
 
 
+def test_wait_false_is_passed_and_announced_by_the_ping(served):
+    """``forget --no-wait`` sends ``wait: false`` (and only to an executor whose ping lists
+    it: an older one would refuse the field)."""
+    ex, _, root = served
+    client = find_executor(root, "r")
+    assert client.accepts("wait") and client.ping["forget_fields"] == list(control.FORGET_FIELDS)
+    assert not client.accepts("nothing")
+    client.forget_request(root, owner_id="o1", request_id="k2", wait=False)
+    assert ex.calls[-1] == {
+        "storage": root, "owner_id": "o1", "sample_ids": None, "request_id": "k2",
+        "deadline": None, "strategy": None, "wait": False,
+    }  # fmt: skip
+    assert not ControlClient(client.record).accepts("wait")  # not pinged: nothing known
+
+
 def test_the_published_file_is_the_storages_own_kind_of_file(served):
     _, server, root = served
     path = os.path.join(root, RunLayout("r").executor_control)
@@ -142,6 +159,8 @@ def test_a_missing_or_wrong_token_is_refused(served, token):
         (b'{"storage": "/x", "sample_ids": "1,2"}', 400, "sample_ids must be list or null"),
         (b'{"storage": "/x", "sample_ids": [1, "2"]}', 400, "integer sample ids"),
         (b'{"storage": "/x", "deadline": true}', 400, "deadline must be int or float or null"),
+        (b'{"storage": "/x", "wait": 0}', 400, "wait must be bool, got 0"),
+        (b'{"storage": "/x", "wait": null}', 400, "wait must be bool, got null"),
     ],
 )
 def test_a_malformed_body_is_a_4xx_with_the_message(served, body, status, message):

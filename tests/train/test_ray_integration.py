@@ -159,6 +159,13 @@ def test_forget_attached_to_the_running_executor_runs_the_request_there(trained,
             k: v for k, v in by_http.items() if k not in timings
         }
         assert by_http["created"] is False and by_http["state"] == "done"
+        # --no-wait through the endpoint: logged by the executor, left for the next execution
+        nw = api.forget(
+            ctx.run_id, owner=str(owners[5]), storage=ctx.storage.uri, address="127.0.0.1:1",
+            request_id="no-wait", wait=False,
+        )  # fmt: skip
+        assert nw["state"] == "pending" and nw["executor_seconds"] > 0
+        assert ctx.deletion_log.get("no-wait").state.value == "pending"
         doc = api.forget(
             ctx.run_id,
             owner=str(owners[3]),
@@ -169,6 +176,7 @@ def test_forget_attached_to_the_running_executor_runs_the_request_there(trained,
         assert doc["state"] == "done" and doc["executed_by"] == executor_actor_name(ctx.run_id)
         assert 0 < doc["executor_seconds"] <= doc["seconds"]
         assert logged == [(doc["request_id"], True)]
+        assert ctx.deletion_log.get("no-wait").state.value == "done"  # executed in that batch
         assert audit(ctx, owner_id=str(owners[3]))["live_versions_containing"] == {}
         for k in doc["shards"]:
             assert_equals_scratch(ctx, k, ctx.deletion_log.deleted_sample_ids())
