@@ -77,10 +77,10 @@ def test_a_compaction_reads_and_rewrites_only_the_parts_holding_the_rows(tiny_ru
     reads, writes = [], []
     real_read, real_write = copy_parts._read_part, type(ctx.storage).write_bytes
 
-    def read_part(storage, rel, columns=None):
+    def read_part(storage, rel, columns=None, **kw):
         if columns is None:  # a whole part (an id column alone is read once per process)
             reads.append(rel)
-        return real_read(storage, rel, columns)
+        return real_read(storage, rel, columns, **kw)
 
     def write(self, rel, data, **kw):
         writes.append(rel)
