@@ -14,7 +14,7 @@ import torch
 from ray_unlearn.platform.core.config import load_config
 from ray_unlearn.platform.core.run import create_run
 from ray_unlearn.platform.core.runtime import train_all_shards
-from ray_unlearn.platform.core.training import train_shard
+from ray_unlearn.platform.core.training import ShardData, train_shard
 
 # Every executor a test starts serves its control endpoint on the loopback interface only
 # (not the Ray node's address); a test that needs another value sets it with monkeypatch.
@@ -132,3 +132,30 @@ _NO_CUDA = pytest.mark.skipif(
 
 def needs_cuda(test):
     return pytest.mark.gpu(_NO_CUDA(test))
+
+
+@pytest.fixture
+def no_ray_grant():
+    """The test runs as a process Ray said nothing about (no GPU grant recorded); use with
+    ``pytestmark = pytest.mark.usefixtures("no_ray_grant")``."""
+    from ray_unlearn.platform.core import device as dev
+
+    before = dev._ray_gpus
+    dev._ray_gpus = None
+    yield
+    dev._ray_gpus = before
+
+
+def sliced_shard_data(per_slice: int, seed: int, shard: int, num_slices: int = 3) -> ShardData:
+    """A shard of ``per_slice`` random rows (5 features, 3 classes) in each of ``num_slices``
+    slices, sample ids from 100."""
+    g = torch.Generator().manual_seed(seed)
+    n = per_slice * num_slices
+    return ShardData(
+        shard=shard,
+        sample_ids=np.arange(100, 100 + n, dtype=np.int64),
+        slices=np.repeat(np.arange(num_slices, dtype=np.int32), per_slice),
+        features=torch.randn(n, 5, generator=g),
+        labels=torch.randint(0, 3, (n,), generator=g),
+        num_slices=num_slices,
+    )

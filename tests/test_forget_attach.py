@@ -170,15 +170,19 @@ def _endpoint(tmp_path):
     return server, root, calls
 
 
-def _run_endpoint_forget(owner: str, root: str):
+def _run_script(script: str, *args: str):
+    """Run ``script`` in a fresh interpreter: (its import report, its one document, stderr)."""
     p = subprocess.run(
-        [sys.executable, "-c", ENDPOINT_SCRIPT, owner, root],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120
+    )
     report = json.loads(p.stderr.strip().splitlines()[-1])
     docs = [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
     assert len(docs) == 1, p.stdout + p.stderr
     return report, docs[0], p.stderr
+
+
+def _run_endpoint_forget(owner: str, root: str):
+    return _run_script(ENDPOINT_SCRIPT, owner, root)
 
 
 def test_forget_through_the_control_endpoint_imports_no_ray(tmp_path):
@@ -261,14 +265,7 @@ def _executor_endpoint(tmp_path):
 
 
 def _run_no_wait(ctx, owner: str, *more: str):
-    p = subprocess.run(
-        [sys.executable, "-c", NO_WAIT_SCRIPT, ctx.run_id, owner, ctx.storage.uri, *more],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    report = json.loads(p.stderr.strip().splitlines()[-1])
-    docs = [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
-    assert len(docs) == 1, p.stdout + p.stderr
-    return report, docs[0], p.stderr
+    return _run_script(NO_WAIT_SCRIPT, ctx.run_id, owner, ctx.storage.uri, *more)
 
 
 def _train_owners(ctx) -> list[str]:

@@ -13,14 +13,8 @@ from ray_unlearn.platform.core.config import ConfigError, config_to_yaml
 from ray_unlearn.platform.core.device import DeviceError, resolve_device
 from tests.conftest import needs_cuda, tiny_config
 
-
-@pytest.fixture(autouse=True)
-def _no_ray_grant():
-    """Each test starts as a process Ray said nothing about."""
-    before = dev._ray_gpus
-    dev._ray_gpus = None
-    yield
-    dev._ray_gpus = before
+# each test starts as a process Ray said nothing about
+pytestmark = pytest.mark.usefixtures("no_ray_grant")
 
 
 def _cuda(monkeypatch, available: bool) -> None:

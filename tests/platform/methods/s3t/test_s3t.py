@@ -41,6 +41,7 @@ from ray_unlearn.platform.methods.s3t.training import (
     train_order,
     train_s3t,
 )
+from tests.conftest import sliced_shard_data
 
 torch.set_num_threads(1)
 
@@ -191,16 +192,7 @@ L = 3
 
 
 def _data(shard: int = 0, per_slice: int = 12, seed: int = 0) -> ShardData:
-    g = torch.Generator().manual_seed(seed)
-    n = per_slice * L
-    return ShardData(
-        shard=shard,
-        sample_ids=np.arange(100, 100 + n, dtype=np.int64),
-        slices=np.repeat(np.arange(L, dtype=np.int32), per_slice),
-        features=torch.randn(n, 5, generator=g),
-        labels=torch.randint(0, 3, (n,), generator=g),
-        num_slices=L,
-    )
+    return sliced_shard_data(per_slice, seed, shard, L)
 
 
 CFG = S3TConfig(budget=3, epochs=2, pretrain_epochs=2, batch_size=8, lr=0.01, lora_rank=2)

@@ -34,7 +34,7 @@ from ray_unlearn.platform.methods.s3t.training import (
     shard_data_from,
     train_order,
 )
-from tests.conftest import needs_cuda, tiny_config
+from tests.conftest import needs_cuda, sliced_shard_data, tiny_config
 
 REAL_CUDA = torch.cuda.is_available()
 S3T = [
@@ -46,13 +46,8 @@ S3T = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _no_ray_grant():
-    """Each test starts as a process Ray said nothing about."""
-    before = dev._ray_gpus
-    dev._ray_gpus = None
-    yield
-    dev._ray_gpus = before
+# each test starts as a process Ray said nothing about
+pytestmark = pytest.mark.usefixtures("no_ray_grant")
 
 
 def _pretend_a_gpu(monkeypatch) -> None:
@@ -170,16 +165,7 @@ CFG = S3TConfig(budget=1, epochs=2, pretrain_epochs=2, batch_size=8, lr=0.01, lo
 
 
 def _data(per_slice: int = 10, seed: int = 0, shard: int = 0) -> ShardData:
-    g = torch.Generator().manual_seed(seed)
-    n = per_slice * L
-    return ShardData(
-        shard=shard,
-        sample_ids=np.arange(100, 100 + n, dtype=np.int64),
-        slices=np.repeat(np.arange(L, dtype=np.int32), per_slice),
-        features=torch.randn(n, 5, generator=g),
-        labels=torch.randint(0, 3, (n,), generator=g),
-        num_slices=L,
-    )
+    return sliced_shard_data(per_slice, seed, shard, L)
 
 
 def _mlp_backbone(d: torch.device):
