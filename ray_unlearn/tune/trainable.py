@@ -39,8 +39,7 @@ def trial_threads(spec, params: dict[str, Any]) -> int:
     or, for 0, what ``create_run`` pins it to (this machine's CPUs, at most 4)."""
     from ray_unlearn.tune.spec import trial_config
 
-    threads = trial_config(spec, params).training.torch_threads
-    return threads or min(4, os.cpu_count() or 1)
+    return trial_config(spec, params).training.pinned_threads()
 
 
 def prepare_trial_process(threads: int) -> bool:

@@ -267,6 +267,11 @@ class TrainingConfig(_Strict):
         "cuda = a GPU or a clear error. Deterministic kernels on CUDA (docs/gpu.md).",
     )
 
+    def pinned_threads(self) -> int:
+        """The thread count a run created with this config trains with: ``torch_threads``,
+        or for 0 this machine's CPUs, at most 4."""
+        return self.torch_threads or min(4, os.cpu_count() or 1)
+
 
 class ResourcesConfig(_Strict):
     """What each Ray process of a run reserves beyond CPUs."""

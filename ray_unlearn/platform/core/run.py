@@ -7,7 +7,6 @@ the storage root; ``open_run`` rebuilds the same context from there, in any proc
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -179,7 +178,7 @@ def _pin_threads(cfg: RunConfig) -> RunConfig:
     if cfg.training.torch_threads:
         return cfg
     cfg = cfg.model_copy(deep=True)
-    cfg.training.torch_threads = min(4, os.cpu_count() or 1)
+    cfg.training.torch_threads = cfg.training.pinned_threads()
     return cfg
 
 
