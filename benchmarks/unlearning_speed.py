@@ -18,8 +18,8 @@ script starts on 127.0.0.1 and stops at the end:
 * plain_torch_s    median over the same requests of the same retraining work in a bare torch
                    loop in this process (same rows, optimizer, batch size, optimizer steps,
                    thread count and OpenMP wait policy; no Ray, no saving): the compute floor.
-                   It runs after the request, or before it (every other request), so that
-                   neither side always follows the other.
+                   It runs just before and just after each request and the floor is the
+                   mean of the two (both kept), so that neither side always follows the other.
                    overhead_ratio = unlearn_s / plain_torch_s.
 * cli_forget_s     median wall-clock time of ``ray-unlearn forget --json`` run as a subprocess
                    for further owners (it attaches to the same detached executor), beside the
@@ -248,9 +248,11 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
         ids = ctx.plan.samples_of_owner(owner)
         ((shard, first),) = ctx.plan.affected(ids).items()
         deleted |= {int(v) for v in ids}
-        bare_first = i % 2 == 1
-        if bare_first:
-            plain, plain_cpu = plain_retrain(ctx, shard, first, deleted, settings["torch_threads"])
+        # The bare loop runs just before and just after the request; the floor is the mean of
+        # the two, so that neither side always runs just after the other (whatever one leaves
+        # behind, or a burst of other sessions' load, falls on both sides alike).
+        threads = settings["torch_threads"]
+        before, before_cpu = plain_retrain(ctx, shard, first, deleted, threads)
         t0, c0 = time.perf_counter(), actors_cpu_s(head)
         rec = executor.forget(owner_id=owner)
         wall, cpu = time.perf_counter() - t0, actors_cpu_s(head) - c0
@@ -261,15 +263,16 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
                 f"{owner}: the executor retrained {d['first_slices']}, the plan "
                 f"says shard {shard} from slice {first}"
             )
-        if not bare_first:
-            plain, plain_cpu = plain_retrain(ctx, shard, first, deleted, settings["torch_threads"])
+        after, after_cpu = plain_retrain(ctx, shard, first, deleted, threads)
+        plain, plain_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
         reqs.append(
             {
                 "owner_id": owner,
                 "samples": len(rec["sample_ids"]),
                 "shard": shard,
                 "first_slices": d["first_slices"],  # shard -> first retrained stage (0-based)
-                "bare_loop_ran": "before" if bare_first else "after",
+                "plain_torch_before_s": before,
+                "plain_torch_after_s": after,
                 "unlearn_s": d["seconds"],
                 "executor_train_s": d["train_seconds"],
                 "executing_to_done_s": _executing_to_done(rec["history"]),
@@ -290,7 +293,7 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
             f"[K={K} R={R}] forget {owner}: shard {shard} from slice {first + 1}/{R}, "
             f"request {wall:.2f} s (to the switch {d['seconds']:.2f} s, training "
             f"{d['train_seconds']:.2f} s; {cpu:.1f} CPU-s), plain torch {plain:.2f} s "
-            f"({plain_cpu:.1f} CPU-s): overhead {wall / plain:.2f}, fixed cost "
+            f"({plain_cpu:.1f} CPU-s; before {before:.2f}, after {after:.2f}): overhead {wall / plain:.2f}, fixed cost "
             + ", ".join(f"{k} {v:.3f}" for k, v in reqs[-1]["fixed_cost_parts"].items())
             + f" s, load {os.getloadavg()[0]:.1f}",
             flush=True,
