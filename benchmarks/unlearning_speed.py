@@ -240,11 +240,9 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
     owners = pick_owners(ctx, p["requests"] + p["cli_requests"], seed=cfg.seed)
     deleted: set[int] = set()
     reqs = []
-    for i, owner in enumerate(owners[: p["requests"]]):
-        # The request's retraining, known from the plan before it runs: the bare loop can go
-        # first. Every other request it does, so that neither side always runs just after
-        # the other (whatever one leaves behind, or a burst of other sessions' load, falls
-        # on both sides alike).
+    for owner in owners[: p["requests"]]:
+        # The request's retraining, known from the plan before it runs: the bare loop can run
+        # on both sides of it.
         ids = ctx.plan.samples_of_owner(owner)
         ((shard, first),) = ctx.plan.affected(ids).items()
         deleted |= {int(v) for v in ids}
