@@ -281,6 +281,10 @@ def run_case(K: int, R: int, p: dict, root: Path, head: LocalRayHead, single: di
                 "fixed_cost_s": wall - d["train_seconds"],
                 # where the fixed cost goes (each a part of it, seconds):
                 "fixed_cost_parts": fixed_cost_parts(wall, d, _executing_to_done(rec["history"])),
+                # the shard part's own split (reload check, remaining rows, saving), and
+                # whether the shard reloaded its rows (another process had published)
+                "shard_parts": d.get("shard_parts_seconds", {}),
+                "shards_reloaded": d.get("shards_reloaded", []),
                 "cpu_s": cpu,
                 "plain_torch_s": plain,
                 "plain_torch_cpu_s": plain_cpu,

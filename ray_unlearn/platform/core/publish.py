@@ -126,6 +126,11 @@ def done_details(
         # retraining, saving the new versions): with train_seconds and ``seconds``, where a
         # request's fixed cost goes (benchmarks/unlearning_speed.py splits it)
         "shard_seconds": {str(k): t["seconds"] for k, t in results.items() if "seconds" in t},
+        # of that, beyond training: reload check, remaining rows' copy, saving (SISA shards)
+        "shard_parts_seconds": {
+            str(k): t["parts_seconds"] for k, t in results.items() if "parts_seconds" in t
+        },
+        "shards_reloaded": sorted(int(k) for k, t in results.items() if t.get("reloaded")),
         "exact": all(t.get("exact", True) for t in touched),
         "strategy_info": {str(t["shard"]): t["info"] for t in touched if t.get("info")},
     }

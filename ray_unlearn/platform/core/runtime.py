@@ -176,17 +176,24 @@ class ShardRuntime:
     def unlearn(self, deleted, strategy: str, request_ids: list[str]) -> dict[str, Any]:
         """Remove ``deleted`` ids (those live in this shard) and publish new versions."""
         t0 = time.perf_counter()
-        self.refresh()
+        reloaded = self.refresh()
+        t_reload = time.perf_counter() - t0
         deleted = np.asarray(deleted, dtype=np.int64)
         deleted = deleted[np.isin(deleted, self.data.sample_ids)]
         out: dict[str, Any] = {
             "shard": self.shard,
             "strategy": strategy,
             "deleted": int(len(deleted)),
+            "reloaded": reloaded,
         }
         if not len(deleted):
             return {**out, "changed": False, "seconds": time.perf_counter() - t0}
+        t1 = time.perf_counter()
         remaining = self.data.without(deleted)
+        # where the shard's own time beyond training goes (the done record keeps it): the
+        # reload check (a reload when another process published), the remaining rows' copy,
+        # saving the new versions
+        out["parts_seconds"] = {"reload": t_reload, "rows": time.perf_counter() - t1}
         if len(remaining) == 0:
             # Nothing left to learn from: the shard leaves the ensemble until new data comes.
             retired, self.chain, self.snapshots, self.empty = self.chain, [], [], True
@@ -213,9 +220,11 @@ class ShardRuntime:
         gen = self.generation + 1
         first = update.first_stage
         parent = self.chain[first - 1] if first > 0 else None
+        t2 = time.perf_counter()
         created = persist_stages(
             self.ctx, self.shard, gen, update.stages, parent, created_by=",".join(request_ids)
         )
+        out["parts_seconds"]["save"] = time.perf_counter() - t2
         retired = self.chain[first:]
         self.chain = self.chain[:first] + created
         self.snapshots = self.snapshots[:first] + [s.state for s in update.stages]

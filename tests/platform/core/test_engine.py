@@ -47,6 +47,10 @@ def test_forget_owner_end_to_end(tiny_run):
     d = rec.details
     assert set(d["shard_seconds"]) == {str(shard)}
     assert 0 < d["train_seconds"] <= d["shard_seconds"][str(shard)] <= d["seconds"]
+    parts = d["shard_parts_seconds"][str(shard)]
+    assert set(parts) == {"reload", "rows", "save"} and min(parts.values()) >= 0
+    assert d["train_seconds"] + sum(parts.values()) <= d["shard_seconds"][str(shard)]
+    assert d["shards_reloaded"] == []  # nothing else published: the runtime's chain is current
     assert rec.versions_retired == [f"s{shard:03d}-r{r:02d}-g0000" for r in range(first, 3)]
     reg = ctx.model_store.registry()
     assert reg.shards[shard].chain[first:] == rec.versions_created
