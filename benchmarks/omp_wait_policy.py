@@ -30,7 +30,6 @@ beside a busy process. Nothing here is a test; figures are this node's, now.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -71,6 +70,7 @@ def worker(storage: str, run_id: str, threads: int, reps: int) -> dict:
 
     from ray_unlearn.platform.core.run import open_run
     from ray_unlearn.platform.core.training import init_model, train_shard
+    from ray_unlearn.platform.methods.hybrid.updates import state_digest
 
     ctx = open_run(storage, run_id)
     cfg = ctx.config
@@ -99,15 +99,11 @@ def worker(storage: str, run_id: str, threads: int, reps: int) -> dict:
         w, c, state = once()
         walls.append(w)
         cpus.append(c)
-    digest = hashlib.sha256()
-    for k in sorted(state):
-        digest.update(k.encode())
-        digest.update(state[k].contiguous().numpy().tobytes())
     return {
         "wall_s": statistics.median(walls),
         "walls_s": walls,
         "cpu_s": statistics.median(cpus),
-        "weights_sha256": digest.hexdigest(),
+        "weights_sha256": state_digest(state),
         "torch_threads": torch.get_num_threads(),
     }
 

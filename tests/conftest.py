@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -25,6 +26,17 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))  # the rep
 
 # Small and quick: digits, 3 shards x 3 slices, 2 epochs.
 TINY = ["training.epochs=2", "partition.shards=3", "partition.slices=3", "model.hidden=[32]"]
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (benchmarks are scripts, not a package),
+    so that a test can call its functions."""
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_bench", os.path.join(ROOT, "benchmarks", f"{name}.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny_config(tmp_path, *overrides: str):

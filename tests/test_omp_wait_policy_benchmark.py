@@ -4,22 +4,14 @@ same threads: same digest; a different stage's training: a different one)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "omp_wait_policy_bench", REPO / "benchmarks" / "omp_wait_policy.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("omp_wait_policy")
 
 
 def test_worker_times_the_stage_and_digests_its_weights(bench, tmp_path):

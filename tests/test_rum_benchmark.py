@@ -4,7 +4,6 @@ best plain algorithm and proxy on the tuning seed, not on the reported one."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,16 +12,12 @@ import pytest
 
 from ray_unlearn.platform.methods.approximate import ALGORITHMS
 from ray_unlearn.platform.methods.rum.memorization import SCORES
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("rum_bench", REPO / "benchmarks/rum_mnist1d.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("rum_mnist1d")
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,16 @@ head and minutes): a request's fixed cost split into parts that add up to it."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "unlearning_speed_bench", REPO / "benchmarks" / "unlearning_speed.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("unlearning_speed")
 
 
 def test_fixed_cost_parts_add_up_to_the_fixed_cost(bench):
